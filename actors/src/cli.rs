@@ -1,0 +1,156 @@
+//! Command-line arguments of the two binaries, `ringkv-node` and `ringkv`, as DESIGN.md §3
+//! fixes them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ringkv-node: one node of a ringkv cluster.
+#[derive(Debug, Parser)]
+#[command(name = "ringkv-node", version, about = "Run a ringkv node, or a local dev cluster")]
+pub struct NodeArgs {
+    /// The node's TOML config.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<NodeCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Write configs for a local cluster, start one node per config on loopback, stop them on Ctrl-C.
+    Dev {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+        nodes: u32,
+        /// Directory for configs and data (default: a fresh temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// ringkv: the client of a ringkv cluster.
+#[derive(Debug, Parser)]
+#[command(name = "ringkv", version, about = "Read, write and administer a ringkv cluster")]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// A node config: the node's address and the cluster secret.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The node to talk to, overriding the config's address.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub node: Option<String>,
+    /// Print one JSON document.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Read a key: every concurrent value and the context to write back with.
+    Get {
+        key: String,
+        /// Read quorum for this request (1..=N).
+        #[arg(long)]
+        r: Option<u8>,
+    },
+    /// Write a value; VALUE `-` reads standard input.
+    Put {
+        key: String,
+        value: String,
+        /// The context of the read this write supersedes.
+        #[arg(long)]
+        context: Option<String>,
+        /// Write quorum for this request (1..=N).
+        #[arg(long)]
+        w: Option<u8>,
+    },
+    /// Write a tombstone (reads the context first when none is given).
+    Delete {
+        key: String,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        w: Option<u8>,
+    },
+    /// This node's view of the cluster.
+    Status,
+    /// Each partition's preference list.
+    Ring,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Load generator: YCSB-style workloads against the cluster.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Partitions this node stores, with key counts and Merkle roots.
+    Partitions,
+    /// Hints this node holds, by intended node.
+    Hints,
+    /// Make NODE_ID hand its partitions away, then leave the ring.
+    Leave { node_id: String },
+    /// Read background admission limits, or change them: `limits set NAME=VALUE ...`.
+    Limits {
+        #[command(subcommand)]
+        command: Option<LimitsCommand>,
+    },
+    /// Fault injection (needs testing.fault_injection): drop traffic with peers.
+    Fault {
+        #[command(subcommand)]
+        command: FaultCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LimitsCommand {
+    /// Change limits at once, e.g. `anti_entropy.max_inflight=0`.
+    Set {
+        #[arg(required = true, value_name = "NAME=VALUE")]
+        pairs: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FaultCommand {
+    /// Drop all traffic to and from these peers.
+    Block {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Restore traffic with every peer.
+    Unblock,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// a: 50/50 read/update; b: 95/5; c: read only.
+    #[arg(long, default_value = "a", value_parser = ["a", "b", "c"])]
+    pub workload: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub clients: u32,
+    /// Operations in all.
+    #[arg(long, default_value_t = 20000)]
+    pub ops: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// More node addresses to spread requests over (default: every member the node reports).
+    #[arg(long, value_name = "ADDR")]
+    pub nodes: Vec<String>,
+}

@@ -1,0 +1,534 @@
+//! A node's configuration: the TOML schema of DESIGN.md §3, parsed and validated.
+//!
+//! Every section and key is checked: an unknown key, a wrong type or an impossible value
+//! (R > N, Q not a power of two, an interval of 0, ...) is a [`ConfigError`] naming the key,
+//! so a node refuses to start rather than run with a setting it misread. Every key but the
+//! node's identity and the cluster's name and secret has a default. Parsing is pure: reading
+//! the file and a `secret_file` is the caller's job.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::{PARTITIONS_MAX, PARTITIONS_MIN};
+
+/// A configuration that cannot be used: the key at fault and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("config key {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        ConfigError { key: key.to_string(), message: message.into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub gossip: GossipConfig,
+    #[serde(default)]
+    pub failure_detector: FailureDetectorConfig,
+    #[serde(default)]
+    pub coordinator: CoordinatorConfig,
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+    #[serde(default)]
+    pub anti_entropy: AntiEntropyConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub testing: TestingConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique and stable across restarts.
+    pub id: String,
+    /// QUIC address for peers and clients.
+    pub listen: String,
+    pub data_dir: String,
+    /// At least one; a new node joins through them.
+    pub seeds: Vec<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<String>,
+    /// Q: fixed when the cluster is created.
+    #[serde(default = "partitions_default")]
+    pub partitions: u32,
+    /// N.
+    #[serde(default = "three")]
+    pub replicas: u32,
+    /// R.
+    #[serde(default = "two")]
+    pub read_quorum: u32,
+    /// W.
+    #[serde(default = "two")]
+    pub write_quorum: u32,
+    /// Clock entries past which a write prunes the oldest.
+    #[serde(default = "prune_default")]
+    pub clock_prune_threshold: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// A write is on disk before it is acknowledged.
+    Sync,
+    /// Writes are flushed every `flush_interval_ms`; a crash may lose the last interval.
+    Buffered,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "durability_default")]
+    pub durability: Durability,
+    #[serde(default = "flush_default")]
+    pub flush_interval_ms: u64,
+    /// Most writes committed in one transaction (group commit).
+    #[serde(default = "batch_default")]
+    pub commit_batch_max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipConfig {
+    #[serde(default = "gossip_interval_default")]
+    pub interval_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureDetectorConfig {
+    /// First probe of an unreachable peer after this long; doubles up to the max.
+    #[serde(default = "probe_min_default")]
+    pub probe_interval_ms: u64,
+    #[serde(default = "probe_max_default")]
+    pub probe_interval_max_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// A request not answered by its quorum in this time fails as unavailable.
+    #[serde(default = "request_timeout_default")]
+    pub request_timeout_ms: u64,
+    /// A replica that has not answered in this time is replaced by the next fallback.
+    #[serde(default = "replica_timeout_default")]
+    pub replica_timeout_ms: u64,
+    /// Client requests in flight on this node; more are refused as overloaded.
+    #[serde(default = "inflight_default")]
+    pub max_inflight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffConfig {
+    #[serde(default = "handoff_interval_default")]
+    pub interval_ms: u64,
+    /// Initial run-time limit on concurrent handoff batches; 0 pauses.
+    #[serde(default = "two")]
+    pub max_inflight: u32,
+    /// Keys in one handoff or transfer batch.
+    #[serde(default = "handoff_batch_default")]
+    pub batch_keys: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AntiEntropyConfig {
+    #[serde(default = "ae_interval_default")]
+    pub interval_ms: u64,
+    /// Initial run-time limit on concurrent Merkle exchanges; 0 pauses.
+    #[serde(default = "one")]
+    pub max_inflight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Foreground p99 latency above which background budgets shrink.
+    #[serde(default = "latency_target_default")]
+    pub latency_target_ms: u64,
+    /// Sliding window the foreground p99 is measured over.
+    #[serde(default = "latency_window_default")]
+    pub latency_window_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "value_bytes_default")]
+    pub max_value_bytes: u64,
+    #[serde(default = "key_bytes_default")]
+    pub max_key_bytes: u64,
+    /// Siblings a key may hold before writes to it are refused.
+    #[serde(default = "siblings_default")]
+    pub max_siblings: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Enables `ringkv admin fault`.
+    #[serde(default)]
+    pub fault_injection: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+fn partitions_default() -> u32 {
+    64
+}
+fn prune_default() -> u32 {
+    crate::version::PRUNE_THRESHOLD_DEFAULT as u32
+}
+fn durability_default() -> Durability {
+    Durability::Sync
+}
+fn flush_default() -> u64 {
+    100
+}
+fn batch_default() -> u32 {
+    256
+}
+fn gossip_interval_default() -> u64 {
+    1000
+}
+fn probe_min_default() -> u64 {
+    250
+}
+fn probe_max_default() -> u64 {
+    5000
+}
+fn request_timeout_default() -> u64 {
+    5000
+}
+fn replica_timeout_default() -> u64 {
+    1000
+}
+fn inflight_default() -> u32 {
+    2048
+}
+fn handoff_interval_default() -> u64 {
+    5000
+}
+fn handoff_batch_default() -> u32 {
+    100
+}
+fn ae_interval_default() -> u64 {
+    30000
+}
+fn latency_target_default() -> u64 {
+    50
+}
+fn latency_window_default() -> u64 {
+    10000
+}
+fn value_bytes_default() -> u64 {
+    1024 * 1024
+}
+fn key_bytes_default() -> u64 {
+    4096
+}
+fn siblings_default() -> u32 {
+    100
+}
+
+macro_rules! section_default {
+    ($t:ty) => {
+        impl Default for $t {
+            fn default() -> Self {
+                // An empty table takes every key's default.
+                toml::from_str("").expect("every key of this section has a default")
+            }
+        }
+    };
+}
+section_default!(StorageConfig);
+section_default!(GossipConfig);
+section_default!(FailureDetectorConfig);
+section_default!(CoordinatorConfig);
+section_default!(HandoffConfig);
+section_default!(AntiEntropyConfig);
+section_default!(AdmissionConfig);
+section_default!(LimitsConfig);
+
+/// Largest value size a node accepts: a value must fit in one frame with room to spare.
+pub const VALUE_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
+
+impl Config {
+    /// Parse and validate a config file's text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let mut message = inner.message().to_string();
+            if let Some(l) = line {
+                message = format!("{message} (line {l})");
+            }
+            let key = if path == "." || path.is_empty() { "(top level)".to_string() } else { path };
+            ConfigError { key, message }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every value against what the node can run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.id.is_empty() {
+            return Err(ConfigError::new("node.id", "must not be empty"));
+        }
+        if n.id.len() > 64 || !n.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ConfigError::new("node.id", "use at most 64 letters, digits, '-', '_' or '.'"));
+        }
+        parse_addr("node.listen", &n.listen)?;
+        if n.data_dir.is_empty() {
+            return Err(ConfigError::new("node.data_dir", "must not be empty"));
+        }
+        if n.seeds.is_empty() {
+            return Err(ConfigError::new("node.seeds", "list at least one seed address (this node's own is fine)"));
+        }
+        for s in &n.seeds {
+            parse_addr("node.seeds", s)?;
+        }
+        if matches!(&n.zone, Some(z) if z.is_empty()) {
+            return Err(ConfigError::new("node.zone", "must not be empty when given"));
+        }
+        if n.weight == 0 || n.weight > 1000 {
+            return Err(ConfigError::new("node.weight", "must be in 1..=1000"));
+        }
+
+        let c = &self.cluster;
+        if c.name.is_empty() {
+            return Err(ConfigError::new("cluster.name", "must not be empty"));
+        }
+        match (&c.secret, &c.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new("cluster.secret", "give secret or secret_file, not both"));
+            }
+            (None, None) => return Err(ConfigError::new("cluster.secret", "give secret or secret_file")),
+            (Some(s), None) if s.is_empty() => return Err(ConfigError::new("cluster.secret", "must not be empty")),
+            (None, Some(f)) if f.is_empty() => {
+                return Err(ConfigError::new("cluster.secret_file", "must not be empty"));
+            }
+            _ => {}
+        }
+        if !c.partitions.is_power_of_two() || !(PARTITIONS_MIN..=PARTITIONS_MAX).contains(&c.partitions) {
+            return Err(ConfigError::new(
+                "cluster.partitions",
+                format!("{} is not a power of two in {PARTITIONS_MIN}..={PARTITIONS_MAX}", c.partitions),
+            ));
+        }
+        if c.replicas == 0 || c.replicas > 16 {
+            return Err(ConfigError::new("cluster.replicas", format!("{} is not in 1..=16", c.replicas)));
+        }
+        for (key, q) in [("cluster.read_quorum", c.read_quorum), ("cluster.write_quorum", c.write_quorum)] {
+            if q == 0 || q > c.replicas {
+                return Err(ConfigError::new(key, format!("{q} is not in 1..=cluster.replicas ({})", c.replicas)));
+            }
+        }
+        if c.clock_prune_threshold < 2 {
+            return Err(ConfigError::new("cluster.clock_prune_threshold", "must be at least 2"));
+        }
+
+        positive("storage.flush_interval_ms", self.storage.flush_interval_ms)?;
+        positive("storage.commit_batch_max", self.storage.commit_batch_max as u64)?;
+        positive("gossip.interval_ms", self.gossip.interval_ms)?;
+        positive("failure_detector.probe_interval_ms", self.failure_detector.probe_interval_ms)?;
+        if self.failure_detector.probe_interval_max_ms < self.failure_detector.probe_interval_ms {
+            return Err(ConfigError::new(
+                "failure_detector.probe_interval_max_ms",
+                "must be at least failure_detector.probe_interval_ms",
+            ));
+        }
+        positive("coordinator.request_timeout_ms", self.coordinator.request_timeout_ms)?;
+        positive("coordinator.replica_timeout_ms", self.coordinator.replica_timeout_ms)?;
+        positive("coordinator.max_inflight", self.coordinator.max_inflight as u64)?;
+        positive("handoff.interval_ms", self.handoff.interval_ms)?;
+        positive("handoff.batch_keys", self.handoff.batch_keys as u64)?;
+        positive("anti_entropy.interval_ms", self.anti_entropy.interval_ms)?;
+        positive("admission.latency_target_ms", self.admission.latency_target_ms)?;
+        positive("admission.latency_window_ms", self.admission.latency_window_ms)?;
+        let l = &self.limits;
+        if l.max_value_bytes == 0 || l.max_value_bytes > VALUE_BYTES_LIMIT {
+            return Err(ConfigError::new("limits.max_value_bytes", format!("must be in 1..={VALUE_BYTES_LIMIT}")));
+        }
+        if l.max_key_bytes == 0 || l.max_key_bytes > 65536 {
+            return Err(ConfigError::new("limits.max_key_bytes", "must be in 1..=65536"));
+        }
+        positive("limits.max_siblings", l.max_siblings as u64)?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        // Validated at parse time.
+        self.node.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn seed_addrs(&self) -> Vec<SocketAddr> {
+        self.node.seeds.iter().filter_map(|s| s.parse().ok()).collect()
+    }
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| ConfigError::new(key, format!("{text:?} is not an IP:port address")))
+}
+
+fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        Err(ConfigError::new(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+id = "n1"
+listen = "127.0.0.1:7101"
+data_dir = "data/n1"
+seeds = ["127.0.0.1:7101"]
+
+[cluster]
+name = "dev"
+secret = "change-me"
+"#;
+
+    fn with(section_edit: &str) -> String {
+        format!("{GOOD}\n{section_edit}\n")
+    }
+
+    fn err_key(text: &str) -> String {
+        Config::parse(text).unwrap_err().key
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.cluster.partitions, 64);
+        assert_eq!((c.cluster.replicas, c.cluster.read_quorum, c.cluster.write_quorum), (3, 2, 2));
+        assert_eq!(c.storage.durability, Durability::Sync);
+        assert_eq!(c.handoff.max_inflight, 2);
+        assert_eq!(c.anti_entropy.max_inflight, 1);
+        assert_eq!(c.limits.max_value_bytes, 1 << 20);
+        assert!(!c.testing.fault_injection);
+        assert_eq!(c.node.weight, 1);
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let text = include_str!("../config/node.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.node.id, "n1");
+        for f in ["n1", "n2", "n3"] {
+            let text =
+                std::fs::read_to_string(format!("{}/config/cluster/{f}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            assert_eq!(Config::parse(&text).unwrap().node.id, f);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse(&GOOD.replace("name = \"dev\"", "name = \"dev\"\nreplcas = 3")).unwrap_err();
+        assert_eq!(e.key, "cluster.replcas");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(err_key(&with("[gossip]\nintervall_ms = 5")), "gossip.intervall_ms");
+        assert_eq!(err_key(&with("[nonsense]\nx = 1")), "nonsense");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = Config::parse(&GOOD.replace("secret = \"change-me\"", "secret = \"x\"\npartitions = \"many\""))
+            .unwrap_err();
+        assert_eq!(e.key, "cluster.partitions");
+        assert_eq!(err_key(&with("[storage]\ndurability = \"sometimes\"")), "storage.durability");
+        assert_eq!(err_key(&with("[handoff]\nmax_inflight = -1")), "handoff.max_inflight");
+    }
+
+    #[test]
+    fn impossible_values_are_named() {
+        let cases: Vec<(String, &str)> = vec![
+            (GOOD.replace("id = \"n1\"", "id = \"\""), "node.id"),
+            (GOOD.replace("id = \"n1\"", "id = \"n 1\""), "node.id"),
+            (GOOD.replace("listen = \"127.0.0.1:7101\"", "listen = \"localhost\""), "node.listen"),
+            (GOOD.replace("seeds = [\"127.0.0.1:7101\"]", "seeds = []"), "node.seeds"),
+            (GOOD.replace("seeds = [\"127.0.0.1:7101\"]", "seeds = [\"x\"]"), "node.seeds"),
+            (GOOD.replace("secret = \"change-me\"", ""), "cluster.secret"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"\""), "cluster.secret"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"a\"\nsecret_file = \"b\""), "cluster.secret"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"a\"\npartitions = 48"), "cluster.partitions"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"a\"\npartitions = 8192"), "cluster.partitions"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"a\"\nreplicas = 0"), "cluster.replicas"),
+            (GOOD.replace("secret = \"change-me\"", "secret = \"a\"\nread_quorum = 4"), "cluster.read_quorum"),
+            (
+                GOOD.replace(
+                    "secret = \"change-me\"",
+                    "secret = \"a\"\nreplicas = 1\nwrite_quorum = 2\nread_quorum = 1",
+                ),
+                "cluster.write_quorum",
+            ),
+            (with("[gossip]\ninterval_ms = 0"), "gossip.interval_ms"),
+            (with("[handoff]\ninterval_ms = 0"), "handoff.interval_ms"),
+            (with("[anti_entropy]\ninterval_ms = 0"), "anti_entropy.interval_ms"),
+            (with("[limits]\nmax_value_bytes = 0"), "limits.max_value_bytes"),
+            (with("[storage]\nflush_interval_ms = 0"), "storage.flush_interval_ms"),
+            (with("[node2]\n"), "node2"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(err_key(&text), key, "{text}");
+        }
+    }
+
+    #[test]
+    fn zero_inflight_is_allowed_and_pauses() {
+        let c = Config::parse(&with("[anti_entropy]\nmax_inflight = 0\n[handoff]\nmax_inflight = 0")).unwrap();
+        assert_eq!((c.anti_entropy.max_inflight, c.handoff.max_inflight), (0, 0));
+    }
+
+    #[test]
+    fn error_message_says_key_and_line() {
+        let e = Config::parse(&GOOD.replace("secret = \"change-me\"", "secret = \"x\"\npartitions = \"many\""))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("config key cluster.partitions:"), "{text}");
+        assert!(text.contains("line"), "{text}");
+    }
+}

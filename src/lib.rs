@@ -1,0 +1,10 @@
+//! ringkv's core: the algorithms of Amazon's Dynamo (DeCandia et al., SOSP 2007) as pure
+//! code. Nothing here opens a socket, touches a disk, reads the clock or draws randomness:
+//! time and random numbers are arguments, and protocol state machines take inputs and hand
+//! back the actions to carry out. The node in `actors/` moves bytes and time in and out.
+
+pub mod config;
+pub mod merkle;
+pub mod ring;
+pub mod version;
+pub mod wire;

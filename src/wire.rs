@@ -1,0 +1,424 @@
+//! The wire format: every message nodes and clients exchange, as one serde enum in
+//! MessagePack (rmp-serde), carried in length-prefixed frames.
+//!
+//! A frame is `[PROTOCOL_VERSION: u8][length: u32 big-endian][payload: length bytes]`. The
+//! decoder checks the version and the length against a maximum before it buffers anything,
+//! and a payload that is not a valid message is an error value: random, truncated or
+//! oversized bytes never panic and never allocate more than the limit.
+//!
+//! The message set follows the paper's roles: client requests to any node; the replica
+//! protocol a coordinator speaks with the preference list (§4.5, with hints for sloppy
+//! quorum §4.6); membership gossip (§4.8); Merkle exchanges for anti-entropy (§4.7).
+
+use serde::{Deserialize, Serialize};
+
+use crate::merkle::{DiffReply, DiffRequest};
+use crate::ring::NodeId;
+use crate::version::Object;
+
+/// The protocol version every frame starts with.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Bytes before the payload: version and length.
+pub const FRAME_HEADER_BYTES: usize = 5;
+/// Default maximum payload of one frame.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+
+/// A byte string (keys, values): MessagePack bin, not an array of integers.
+pub type Bytes = serde_bytes::ByteBuf;
+
+/// Why bytes could not be read as a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame has protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    BadVersion(u8),
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// How a request failed, as clients see it (the CLI maps these to exit codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Malformed request, oversized value, bad context, bad parameter (exit 2).
+    BadRequest,
+    /// The quorum was not reached in time (exit 3).
+    Unavailable,
+    /// Authentication failed or the operation is not permitted (exit 4).
+    Refused,
+    /// Too many requests in flight; try again (exit 3).
+    Overloaded,
+    /// Anything else (exit 5).
+    Internal,
+}
+
+/// First message on every connection, from the side that opened it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u8,
+    pub cluster: String,
+    /// The connecting node's id; None for a client.
+    pub node: Option<NodeId>,
+    /// Proof of the cluster secret bound to this TLS session.
+    pub proof: Bytes,
+}
+
+/// A client's request to any node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Get {
+        key: Bytes,
+        r: Option<u8>,
+    },
+    /// `value` None writes a tombstone (delete). `context` is the client's opaque context.
+    Put {
+        key: Bytes,
+        context: Option<String>,
+        value: Option<Bytes>,
+        w: Option<u8>,
+    },
+    Status,
+    Ring,
+    Partitions,
+    Hints,
+    Limits,
+    SetLimits {
+        pairs: Vec<(String, i64)>,
+    },
+    Leave {
+        node: NodeId,
+    },
+    FaultBlock {
+        peers: Vec<NodeId>,
+    },
+    FaultUnblock,
+}
+
+/// A node's answer to a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// Values of a get (empty when not found) and the context to write back with.
+    Values {
+        values: Vec<Bytes>,
+        context: Option<String>,
+    },
+    /// A put or delete was acknowledged by W replicas.
+    Written {
+        context: String,
+    },
+    /// An admin answer, as a JSON document the CLI prints.
+    Document {
+        json: String,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Membership state of one member, as gossiped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub id: NodeId,
+    pub addr: String,
+    pub zone: Option<String>,
+    pub weight: u32,
+    pub state: u8,
+    pub incarnation: u64,
+}
+
+/// One message, any direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Welcome {
+        node: NodeId,
+    },
+    Refused {
+        reason: String,
+    },
+
+    Client {
+        id: u64,
+        request: ClientRequest,
+    },
+    ClientReply {
+        id: u64,
+        response: ClientResponse,
+    },
+
+    /// Coordinator to replica: send your state of `key`.
+    ReplicaRead {
+        id: u64,
+        key: Bytes,
+    },
+    ReplicaReadReply {
+        id: u64,
+        object: Option<Object>,
+    },
+    /// Coordinator to replica: merge `object` into your state of `key`. `hint` names the
+    /// intended node when this replica is a fallback standing in for it.
+    ReplicaWrite {
+        id: u64,
+        key: Bytes,
+        object: Object,
+        hint: Option<NodeId>,
+    },
+    ReplicaWriteAck {
+        id: u64,
+        ok: bool,
+    },
+    /// Forward a put to a replica of the key to coordinate it there.
+    CoordinatePut {
+        id: u64,
+        key: Bytes,
+        context: Option<String>,
+        value: Option<Bytes>,
+        w: Option<u8>,
+    },
+
+    /// Gossip: the sender's membership and ring epoch.
+    Gossip {
+        members: Vec<MemberRecord>,
+        epoch: u64,
+    },
+
+    /// Anti-entropy: compare trees of one partition, then exchange key digests and objects.
+    MerkleRequest {
+        id: u64,
+        partition: u32,
+        request: DiffRequest,
+    },
+    MerkleReply {
+        id: u64,
+        partition: u32,
+        reply: DiffReply,
+    },
+    KeyDigests {
+        id: u64,
+        partition: u32,
+        leaves: Vec<u32>,
+        digests: Vec<(Bytes, [u8; 16])>,
+    },
+    Objects {
+        id: u64,
+        partition: u32,
+        objects: Vec<(Bytes, Object)>,
+    },
+
+    /// A probe of liveness and its answer.
+    Ping {
+        id: u64,
+    },
+    Pong {
+        id: u64,
+    },
+    Error {
+        id: u64,
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Encode one message as a frame.
+pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
+    let mut out = vec![PROTOCOL_VERSION, 0, 0, 0, 0];
+    rmp_serde::encode::write(&mut out, msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = out.len() - FRAME_HEADER_BYTES;
+    let len32 = u32::try_from(len).map_err(|_| WireError::TooLarge { len, max: u32::MAX as usize })?;
+    out[1..5].copy_from_slice(&len32.to_be_bytes());
+    Ok(out)
+}
+
+/// Read the header of a frame: its payload length, checked against `max`.
+pub fn frame_length(header: &[u8; FRAME_HEADER_BYTES], max: usize) -> Result<usize, WireError> {
+    if header[0] != PROTOCOL_VERSION {
+        return Err(WireError::BadVersion(header[0]));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > max {
+        return Err(WireError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decode a payload (the bytes after a frame header).
+pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
+    rmp_serde::from_slice(payload).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Decode one whole frame from the start of `bytes`: the message and the bytes it used, or
+/// `Ok(None)` when more bytes are needed.
+pub fn decode_frame(bytes: &[u8], max: usize) -> Result<Option<(Message, usize)>, WireError> {
+    let Some(header) = bytes.get(..FRAME_HEADER_BYTES) else { return Ok(None) };
+    let mut h = [0u8; FRAME_HEADER_BYTES];
+    h.copy_from_slice(header);
+    let len = frame_length(&h, max)?;
+    let Some(payload) = bytes.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len) else { return Ok(None) };
+    Ok(Some((decode_payload(payload)?, FRAME_HEADER_BYTES + len)))
+}
+
+/// Buffers a byte stream and yields whole messages.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        FrameDecoder { buf: Vec::new(), max }
+    }
+
+    /// Append bytes from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, if one is buffered. After an error the stream is unusable.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        match decode_frame(&self.buf, self.max)? {
+            Some((msg, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(msg))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Call at end of stream: an error if a partial frame is left.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Truncated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::{Actor, VersionVector};
+    use proptest::prelude::*;
+
+    fn b(s: &[u8]) -> Bytes {
+        Bytes::from(s.to_vec())
+    }
+
+    fn object() -> Object {
+        let mut o = Object::new();
+        o.update(&VersionVector::new(), Actor(7), Some(vec![0; 100]), 5, 10);
+        o
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello { protocol: 1, cluster: "dev".into(), node: Some("n1".into()), proof: b(&[1, 2]) }),
+            Message::Client { id: 1, request: ClientRequest::Get { key: b(b"k"), r: Some(2) } },
+            Message::Client {
+                id: 2,
+                request: ClientRequest::Put { key: b(b"k"), context: None, value: Some(b(b"v")), w: None },
+            },
+            Message::ClientReply {
+                id: 2,
+                response: ClientResponse::Values { values: vec![b(b"a"), b(b"b")], context: Some("AQ".into()) },
+            },
+            Message::ReplicaWrite { id: 3, key: b(b"k"), object: object(), hint: Some("n3".into()) },
+            Message::ReplicaReadReply { id: 3, object: Some(object()) },
+            Message::MerkleRequest { id: 4, partition: 9, request: DiffRequest { level: 1, nodes: vec![(3, 77)] } },
+            Message::KeyDigests { id: 5, partition: 9, leaves: vec![1], digests: vec![(b(b"k"), [3; 16])] },
+            Message::Error { id: 6, kind: ErrorKind::Unavailable, message: "no quorum".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trip_through_a_stream_in_pieces() {
+        let msgs = samples();
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            bytes.extend(encode_frame(m).unwrap());
+        }
+        let mut dec = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(7) {
+            dec.push(chunk);
+            while let Some(m) = dec.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        dec.finish().unwrap();
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn values_are_binary_not_integer_arrays() {
+        let msg = Message::ReplicaWrite { id: 1, key: b(b"k"), object: object(), hint: None };
+        // 100 value bytes as msgpack bin cost ~102 bytes; as an integer array they would cost 100+.
+        assert!(encode_frame(&msg).unwrap().len() < 100 + 80);
+    }
+
+    #[test]
+    fn oversized_and_wrong_version_frames_are_refused_before_buffering() {
+        let mut frame = encode_frame(&samples()[0]).unwrap();
+        assert!(matches!(decode_frame(&frame, 4), Err(WireError::TooLarge { .. })));
+        frame[0] = 9;
+        assert_eq!(decode_frame(&frame, 1 << 20), Err(WireError::BadVersion(9)));
+        let huge = [PROTOCOL_VERSION, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(decode_frame(&huge, FRAME_BYTES_MAX_DEFAULT), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn truncated_stream_is_reported() {
+        let frame = encode_frame(&samples()[1]).unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&frame[..frame.len() - 1]);
+        assert_eq!(dec.next_message(), Ok(None));
+        assert_eq!(dec.finish(), Err(WireError::Truncated));
+    }
+
+    #[test]
+    fn malformed_payload_is_an_error() {
+        let mut frame = vec![PROTOCOL_VERSION, 0, 0, 0, 3];
+        frame.extend([0xc1, 0xc1, 0xc1]);
+        assert!(matches!(decode_frame(&frame, 1 << 20), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes, 1 << 16);
+            let _ = decode_payload(&bytes);
+        }
+
+        #[test]
+        fn random_payload_in_valid_frame_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut frame = vec![PROTOCOL_VERSION];
+            frame.extend((payload.len() as u32).to_be_bytes());
+            frame.extend(&payload);
+            let _ = decode_frame(&frame, 1 << 16);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(which in 0usize..9, pos in any::<usize>(), byte in any::<u8>()) {
+            let mut frame = encode_frame(&samples()[which]).unwrap();
+            let i = pos % frame.len();
+            frame[i] = byte;
+            let _ = decode_frame(&frame, 1 << 16);
+        }
+
+        #[test]
+        fn put_round_trips(key in proptest::collection::vec(any::<u8>(), 0..64),
+                           value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256)),
+                           w in proptest::option::of(1u8..5), id in any::<u64>()) {
+            let msg = Message::Client { id, request: ClientRequest::Put {
+                key: Bytes::from(key), context: None, value: value.map(Bytes::from), w } };
+            let frame = encode_frame(&msg).unwrap();
+            let (back, used) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, msg);
+        }
+    }
+}
