@@ -3,10 +3,11 @@
 //! Run: `cargo bench -p ringkv --bench core`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
+use ringkv::coordinator::ReplicaRequest;
 use ringkv::merkle::{respond, DiffInitiator, DiffStep, MerkleTree};
 use ringkv::ring::{NodeSpec, Ring};
 use ringkv::version::{Actor, Object, VersionVector};
-use ringkv::wire::{decode_frame, encode_frame, Bytes, Message, FRAME_BYTES_MAX_DEFAULT};
+use ringkv::wire::{decode_frame, encode_frame, Message, FRAME_BYTES_MAX_DEFAULT};
 
 fn placement(c: &mut Criterion) {
     let members: Vec<NodeSpec> = (0..16).map(|i| NodeSpec::new(format!("n{i}"))).collect();
@@ -92,7 +93,8 @@ fn merkle(c: &mut Criterion) {
 
 fn wire(c: &mut Criterion) {
     let (a, _) = diverged(3);
-    let msg = Message::ReplicaWrite { id: 42, key: Bytes::from(b"user:00000001".to_vec()), object: a, hint: None };
+    let request = ReplicaRequest::Write { key: b"user:00000001".to_vec(), object: a, hint: None };
+    let msg = Message::Replica { id: 42, request };
     c.bench_function("wire/encode_replica_write_100B", |b| b.iter(|| black_box(encode_frame(&msg).unwrap())));
     let frame = encode_frame(&msg).unwrap();
     c.bench_function("wire/decode_replica_write_100B", |b| {

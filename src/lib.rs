@@ -4,7 +4,9 @@
 //! back the actions to carry out. The node in `actors/` moves bytes and time in and out.
 
 pub mod config;
+pub mod coordinator;
 pub mod merkle;
+pub mod replica;
 pub mod ring;
 pub mod version;
 pub mod wire;

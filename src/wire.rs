@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::coordinator::{ReplicaReply, ReplicaRequest};
 use crate::merkle::{DiffReply, DiffRequest};
 use crate::ring::NodeId;
 use crate::version::Object;
@@ -149,34 +150,14 @@ pub enum Message {
         response: ClientResponse,
     },
 
-    /// Coordinator to replica: send your state of `key`.
-    ReplicaRead {
+    /// Coordinator to replica (Dynamo §4.5): read, merge, coordinate or forward.
+    Replica {
         id: u64,
-        key: Bytes,
+        request: ReplicaRequest,
     },
-    ReplicaReadReply {
+    ReplicaReply {
         id: u64,
-        object: Option<Object>,
-    },
-    /// Coordinator to replica: merge `object` into your state of `key`. `hint` names the
-    /// intended node when this replica is a fallback standing in for it.
-    ReplicaWrite {
-        id: u64,
-        key: Bytes,
-        object: Object,
-        hint: Option<NodeId>,
-    },
-    ReplicaWriteAck {
-        id: u64,
-        ok: bool,
-    },
-    /// Forward a put to a replica of the key to coordinate it there.
-    CoordinatePut {
-        id: u64,
-        key: Bytes,
-        context: Option<String>,
-        value: Option<Bytes>,
-        w: Option<u8>,
+        reply: ReplicaReply,
     },
 
     /// Gossip: the sender's membership and ring epoch.
@@ -301,6 +282,7 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::ReplicaOutcome;
     use crate::version::{Actor, VersionVector};
     use proptest::prelude::*;
 
@@ -326,8 +308,11 @@ mod tests {
                 id: 2,
                 response: ClientResponse::Values { values: vec![b(b"a"), b(b"b")], context: Some("AQ".into()) },
             },
-            Message::ReplicaWrite { id: 3, key: b(b"k"), object: object(), hint: Some("n3".into()) },
-            Message::ReplicaReadReply { id: 3, object: Some(object()) },
+            Message::Replica {
+                id: 3,
+                request: ReplicaRequest::Write { key: b"k".to_vec(), object: object(), hint: Some("n3".into()) },
+            },
+            Message::ReplicaReply { id: 3, reply: ReplicaReply::Outcome(ReplicaOutcome::Read(Some(object()))) },
             Message::MerkleRequest { id: 4, partition: 9, request: DiffRequest { level: 1, nodes: vec![(3, 77)] } },
             Message::KeyDigests { id: 5, partition: 9, leaves: vec![1], digests: vec![(b(b"k"), [3; 16])] },
             Message::Error { id: 6, kind: ErrorKind::Unavailable, message: "no quorum".into() },
@@ -355,7 +340,10 @@ mod tests {
 
     #[test]
     fn values_are_binary_not_integer_arrays() {
-        let msg = Message::ReplicaWrite { id: 1, key: b(b"k"), object: object(), hint: None };
+        let msg = Message::Replica {
+            id: 1,
+            request: ReplicaRequest::Write { key: b"k".to_vec(), object: object(), hint: None },
+        };
         // 100 value bytes as msgpack bin cost ~102 bytes; as an integer array they would cost 100+.
         assert!(encode_frame(&msg).unwrap().len() < 100 + 80);
     }

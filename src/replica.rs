@@ -1,0 +1,244 @@
+//! The replica side of a request (Dynamo §4.5-4.6): what a node does with its own copy of a
+//! key when a coordinator asks it to read, merge or coordinate a write.
+//!
+//! The logic is pure and runs against the [`Store`] trait, which the node implements over
+//! redb inside one transaction (so a read-modify-write is atomic) and the simulation over
+//! maps. Owned data and hinted data (replicas held for an unreachable node, §4.6) live in
+//! separate tables; a read on a fallback sees both.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::NodeId;
+use crate::version::{Actor, Object, VersionVector};
+
+/// Where a replica's state for a key lives.
+pub trait Store {
+    /// The owned copy of `key`.
+    fn object(&self, key: &[u8]) -> Option<Object>;
+    /// Replace the owned copy of `key`. Implementations keep Merkle trees in step.
+    fn set_object(&mut self, key: &[u8], object: Object);
+    /// Remove the owned copy of `key` (reaping, or data handed off).
+    fn remove_object(&mut self, key: &[u8]);
+    /// The copy held for `intended` under a hint.
+    fn hint(&self, intended: &str, key: &[u8]) -> Option<Object>;
+    /// Replace the hinted copy held for `intended`.
+    fn set_hint(&mut self, intended: &str, key: &[u8], object: Object);
+    /// Every hinted copy of `key`, whoever it is for.
+    fn hints_of_key(&self, key: &[u8]) -> Vec<Object>;
+}
+
+/// Limits a replica enforces on writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaLimits {
+    pub max_siblings: usize,
+    pub prune_threshold: usize,
+}
+
+impl Default for ReplicaLimits {
+    fn default() -> Self {
+        ReplicaLimits { max_siblings: 100, prune_threshold: crate::version::PRUNE_THRESHOLD_DEFAULT }
+    }
+}
+
+/// Why a replica refused a write.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ReplicaError {
+    #[error("key has {0} siblings, over the limit: read it and write back with its context to resolve them")]
+    TooManySiblings(usize),
+}
+
+/// An operation on one replica's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaOp {
+    /// The replica's state of a key: owned and hinted copies merged.
+    Read { key: Vec<u8> },
+    /// Merge a coordinator's object; with `hint`, into the hinted table for that node.
+    Write { key: Vec<u8>, object: Object, hint: Option<NodeId> },
+    /// Coordinate a client's write here: apply it under a new dot of `actor`.
+    Coordinate {
+        key: Vec<u8>,
+        context: VersionVector,
+        value: Option<Vec<u8>>,
+        hint: Option<NodeId>,
+        actor: Actor,
+        now_ms: u64,
+    },
+}
+
+/// What an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaOutcome {
+    Read(Option<Object>),
+    /// The write merged; `changed` is false when the replica already had it all.
+    Written {
+        changed: bool,
+    },
+    /// The coordinated object to replicate, or why it was refused.
+    Coordinated(Result<Object, ReplicaError>),
+}
+
+fn stored<S: Store>(store: &S, key: &[u8], hint: Option<&str>) -> Option<Object> {
+    match hint {
+        Some(h) => store.hint(h, key),
+        None => store.object(key),
+    }
+}
+
+fn save<S: Store>(store: &mut S, key: &[u8], hint: Option<&str>, object: Object) {
+    match hint {
+        Some(h) => store.set_hint(h, key, object),
+        None => store.set_object(key, object),
+    }
+}
+
+/// Carry out one operation against a store.
+pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) -> ReplicaOutcome {
+    match op {
+        ReplicaOp::Read { key } => {
+            let mut found = store.object(&key);
+            for h in store.hints_of_key(&key) {
+                found = Some(match found {
+                    Some(o) => o.merge(&h),
+                    None => h,
+                });
+            }
+            ReplicaOutcome::Read(found)
+        }
+        ReplicaOp::Write { key, object, hint } => {
+            let old = stored(store, &key, hint.as_deref());
+            let merged = match &old {
+                Some(o) => o.merge(&object),
+                None => object,
+            };
+            let changed = old.as_ref() != Some(&merged);
+            if changed {
+                save(store, &key, hint.as_deref(), merged);
+            }
+            ReplicaOutcome::Written { changed }
+        }
+        ReplicaOp::Coordinate { key, context, value, hint, actor, now_ms } => {
+            let mut object = stored(store, &key, hint.as_deref()).unwrap_or_default();
+            let survivors = object.siblings().iter().filter(|s| !context.covers(s.dot)).count();
+            if survivors + 1 > limits.max_siblings {
+                return ReplicaOutcome::Coordinated(Err(ReplicaError::TooManySiblings(survivors)));
+            }
+            object.update(&context, actor, value, now_ms, limits.prune_threshold);
+            save(store, &key, hint.as_deref(), object.clone());
+            ReplicaOutcome::Coordinated(Ok(object))
+        }
+    }
+}
+
+/// An in-memory [`Store`], for tests and the simulation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemStore {
+    pub objects: std::collections::BTreeMap<Vec<u8>, Object>,
+    pub hints: std::collections::BTreeMap<(NodeId, Vec<u8>), Object>,
+}
+
+impl Store for MemStore {
+    fn object(&self, key: &[u8]) -> Option<Object> {
+        self.objects.get(key).cloned()
+    }
+    fn set_object(&mut self, key: &[u8], object: Object) {
+        self.objects.insert(key.to_vec(), object);
+    }
+    fn remove_object(&mut self, key: &[u8]) {
+        self.objects.remove(key);
+    }
+    fn hint(&self, intended: &str, key: &[u8]) -> Option<Object> {
+        self.hints.get(&(intended.to_string(), key.to_vec())).cloned()
+    }
+    fn set_hint(&mut self, intended: &str, key: &[u8], object: Object) {
+        self.hints.insert((intended.to_string(), key.to_vec()), object);
+    }
+    fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
+        self.hints.iter().filter(|((_, k), _)| k == key).map(|(_, o)| o.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coordinate(store: &mut MemStore, ctx: &VersionVector, value: &[u8], hint: Option<&str>) -> Object {
+        let op = ReplicaOp::Coordinate {
+            key: b"k".to_vec(),
+            context: ctx.clone(),
+            value: Some(value.to_vec()),
+            hint: hint.map(str::to_string),
+            actor: Actor(9),
+            now_ms: 1,
+        };
+        match execute(store, op, ReplicaLimits::default()) {
+            ReplicaOutcome::Coordinated(Ok(o)) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn coordinate_then_replicate_then_read() {
+        let (mut a, mut b) = (MemStore::default(), MemStore::default());
+        let o = coordinate(&mut a, &VersionVector::new(), b"v", None);
+        let w = ReplicaOp::Write { key: b"k".to_vec(), object: o.clone(), hint: None };
+        assert_eq!(execute(&mut b, w.clone(), ReplicaLimits::default()), ReplicaOutcome::Written { changed: true });
+        assert_eq!(execute(&mut b, w, ReplicaLimits::default()), ReplicaOutcome::Written { changed: false });
+        assert_eq!(
+            execute(&mut b, ReplicaOp::Read { key: b"k".to_vec() }, ReplicaLimits::default()),
+            ReplicaOutcome::Read(Some(o))
+        );
+    }
+
+    #[test]
+    fn hinted_writes_are_kept_apart_but_read() {
+        let mut f = MemStore::default();
+        let o = coordinate(&mut MemStore::default(), &VersionVector::new(), b"v", None);
+        let w = ReplicaOp::Write { key: b"k".to_vec(), object: o.clone(), hint: Some("n3".into()) };
+        execute(&mut f, w, ReplicaLimits::default());
+        assert!(f.objects.is_empty());
+        assert_eq!(f.hint("n3", b"k"), Some(o.clone()));
+        assert_eq!(
+            execute(&mut f, ReplicaOp::Read { key: b"k".to_vec() }, ReplicaLimits::default()),
+            ReplicaOutcome::Read(Some(o))
+        );
+    }
+
+    #[test]
+    fn sibling_limit_refuses_and_changes_nothing() {
+        let mut s = MemStore::default();
+        let limits = ReplicaLimits { max_siblings: 2, prune_threshold: 10 };
+        for v in [b"a", b"b"] {
+            let op = ReplicaOp::Coordinate {
+                key: b"k".to_vec(),
+                context: VersionVector::new(),
+                value: Some(v.to_vec()),
+                hint: None,
+                actor: Actor(1),
+                now_ms: 1,
+            };
+            assert!(matches!(execute(&mut s, op, limits), ReplicaOutcome::Coordinated(Ok(_))));
+        }
+        let before = s.clone();
+        let blind = ReplicaOp::Coordinate {
+            key: b"k".to_vec(),
+            context: VersionVector::new(),
+            value: Some(b"c".to_vec()),
+            hint: None,
+            actor: Actor(1),
+            now_ms: 2,
+        };
+        assert_eq!(execute(&mut s, blind, limits), ReplicaOutcome::Coordinated(Err(ReplicaError::TooManySiblings(2))));
+        assert_eq!(s, before);
+        // A write that resolves them is accepted.
+        let ctx = s.objects[b"k".as_slice()].context();
+        let fix = ReplicaOp::Coordinate {
+            key: b"k".to_vec(),
+            context: ctx,
+            value: Some(b"c".to_vec()),
+            hint: None,
+            actor: Actor(1),
+            now_ms: 3,
+        };
+        assert!(matches!(execute(&mut s, fix, limits), ReplicaOutcome::Coordinated(Ok(_))));
+    }
+}
