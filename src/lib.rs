@@ -3,8 +3,11 @@
 //! time and random numbers are arguments, and protocol state machines take inputs and hand
 //! back the actions to carry out. The node in `actors/` moves bytes and time in and out.
 
+pub mod admission;
 pub mod config;
 pub mod coordinator;
+pub mod failure_detector;
+pub mod membership;
 pub mod merkle;
 pub mod replica;
 pub mod ring;

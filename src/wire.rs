@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::{ReplicaReply, ReplicaRequest};
+use crate::membership::Member;
 use crate::merkle::{DiffReply, DiffRequest};
 use crate::ring::NodeId;
 use crate::version::Object;
@@ -119,17 +120,6 @@ pub enum ClientResponse {
     },
 }
 
-/// Membership state of one member, as gossiped.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberRecord {
-    pub id: NodeId,
-    pub addr: String,
-    pub zone: Option<String>,
-    pub weight: u32,
-    pub state: u8,
-    pub incarnation: u64,
-}
-
 /// One message, any direction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -160,10 +150,13 @@ pub enum Message {
         reply: ReplicaReply,
     },
 
-    /// Gossip: the sender's membership and ring epoch.
+    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull).
     Gossip {
-        members: Vec<MemberRecord>,
-        epoch: u64,
+        from: Option<NodeId>,
+        members: Vec<Member>,
+    },
+    GossipReply {
+        members: Vec<Member>,
     },
 
     /// Anti-entropy: compare trees of one partition, then exchange key digests and objects.

@@ -1,0 +1,233 @@
+//! Admission control for background work (Dynamo §6.5): hinted handoff, partition transfer
+//! and anti-entropy each ask before starting a unit of work, so that they never starve
+//! client traffic.
+//!
+//! The controller holds run-time limits an operator can read and change
+//! (`handoff.max_inflight`, `anti_entropy.max_inflight`, `admission.latency_target_ms`;
+//! 0 pauses a kind of work). It also watches foreground latency: every client request's
+//! latency is a sample in a sliding window, and while the window's p99 is above the target
+//! the effective budget of every background kind is halved (down to one unit, never zero
+//! unless paused by the operator), growing back by one unit per window once latency
+//! recovers. Time comes in as arguments.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// Kinds of background work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Work {
+    Handoff,
+    AntiEntropy,
+}
+
+impl Work {
+    pub const ALL: [Work; 2] = [Work::Handoff, Work::AntiEntropy];
+
+    fn limit_name(self) -> &'static str {
+        match self {
+            Work::Handoff => "handoff.max_inflight",
+            Work::AntiEntropy => "anti_entropy.max_inflight",
+        }
+    }
+}
+
+/// Most samples the latency window keeps.
+pub const LATENCY_SAMPLES_MAX: usize = 4096;
+/// Largest value any limit may be set to.
+pub const LIMIT_MAX: i64 = 1_000_000;
+
+/// Why a limit change was refused; nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("unknown limit {0:?}; known limits: handoff.max_inflight, anti_entropy.max_inflight, admission.latency_target_ms")]
+    Unknown(String),
+    #[error("limit {name} cannot be {value}: use 0..={LIMIT_MAX}{extra}")]
+    Invalid { name: String, value: i64, extra: &'static str },
+}
+
+/// The admission controller.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    max_inflight: BTreeMap<Work, u32>,
+    /// Effective budget under latency feedback.
+    budget: BTreeMap<Work, u32>,
+    inflight: BTreeMap<Work, u32>,
+    latency_target_ms: u64,
+    window_ms: u64,
+    samples: VecDeque<(u64, u64)>,
+    next_adjust_ms: u64,
+}
+
+impl Admission {
+    pub fn new(handoff_max: u32, anti_entropy_max: u32, latency_target_ms: u64, window_ms: u64) -> Self {
+        let max_inflight: BTreeMap<Work, u32> =
+            [(Work::Handoff, handoff_max), (Work::AntiEntropy, anti_entropy_max)].into();
+        Admission {
+            budget: max_inflight.clone(),
+            max_inflight,
+            inflight: Work::ALL.iter().map(|w| (*w, 0)).collect(),
+            latency_target_ms: latency_target_ms.max(1),
+            window_ms: window_ms.max(1),
+            samples: VecDeque::new(),
+            next_adjust_ms: 0,
+        }
+    }
+
+    /// Every limit by name, as `ringkv admin limits` prints them.
+    pub fn limits(&self) -> BTreeMap<String, i64> {
+        let mut out: BTreeMap<String, i64> =
+            self.max_inflight.iter().map(|(w, v)| (w.limit_name().to_string(), *v as i64)).collect();
+        out.insert("admission.latency_target_ms".into(), self.latency_target_ms as i64);
+        out
+    }
+
+    /// The budgets in force now (after latency feedback).
+    pub fn budgets(&self) -> BTreeMap<String, i64> {
+        self.budget
+            .iter()
+            .map(|(w, v)| (format!("{}.budget", w.limit_name().trim_end_matches(".max_inflight")), *v as i64))
+            .collect()
+    }
+
+    /// Change several limits at once: all are checked first, and none is applied unless all
+    /// are valid.
+    pub fn set_limits(&mut self, pairs: &[(String, i64)]) -> Result<(), LimitError> {
+        for (name, value) in pairs {
+            let known = self.limits().contains_key(name.as_str());
+            if !known {
+                return Err(LimitError::Unknown(name.clone()));
+            }
+            let (lo, extra) = if name == "admission.latency_target_ms" { (1, " (at least 1)") } else { (0, "") };
+            if *value < lo || *value > LIMIT_MAX {
+                return Err(LimitError::Invalid { name: name.clone(), value: *value, extra });
+            }
+        }
+        for (name, value) in pairs {
+            match Work::ALL.iter().find(|w| w.limit_name() == name) {
+                Some(w) => {
+                    self.max_inflight.insert(*w, *value as u32);
+                    self.budget.insert(*w, *value as u32);
+                }
+                None => self.latency_target_ms = *value as u64,
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask to start one unit of `work`; true means go, and [`release`](Self::release) when done.
+    pub fn try_admit(&mut self, work: Work) -> bool {
+        let budget = self.budget.get(&work).copied().unwrap_or(0);
+        let n = self.inflight.entry(work).or_default();
+        if *n < budget {
+            *n += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn release(&mut self, work: Work) {
+        let n = self.inflight.entry(work).or_default();
+        *n = n.saturating_sub(1);
+    }
+
+    pub fn inflight(&self, work: Work) -> u32 {
+        self.inflight.get(&work).copied().unwrap_or(0)
+    }
+
+    /// A client request took `latency_ms`.
+    pub fn record_latency(&mut self, now_ms: u64, latency_ms: u64) {
+        if self.samples.len() == LATENCY_SAMPLES_MAX {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now_ms, latency_ms));
+    }
+
+    /// p99 of the samples in the window, if any.
+    pub fn p99_ms(&self) -> Option<u64> {
+        let mut v: Vec<u64> = self.samples.iter().map(|s| s.1).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        Some(v[(v.len() * 99).div_ceil(100).saturating_sub(1)])
+    }
+
+    /// Time passed: drop old samples and, once per window, adjust budgets.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        while self.samples.front().is_some_and(|s| s.0 + self.window_ms < now_ms) {
+            self.samples.pop_front();
+        }
+        if now_ms < self.next_adjust_ms {
+            return;
+        }
+        self.next_adjust_ms = now_ms + self.window_ms;
+        let suffering = self.p99_ms().is_some_and(|p| p > self.latency_target_ms);
+        for w in Work::ALL {
+            let max = self.max_inflight[&w];
+            let b = self.budget.entry(w).or_insert(max);
+            *b = if max == 0 {
+                0
+            } else if suffering {
+                (*b / 2).max(1)
+            } else {
+                (*b + 1).min(max)
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_bound_inflight_and_zero_pauses() {
+        let mut a = Admission::new(2, 0, 50, 1000);
+        assert!(a.try_admit(Work::Handoff));
+        assert!(a.try_admit(Work::Handoff));
+        assert!(!a.try_admit(Work::Handoff));
+        assert!(!a.try_admit(Work::AntiEntropy), "0 pauses");
+        a.release(Work::Handoff);
+        assert!(a.try_admit(Work::Handoff));
+        a.set_limits(&[("anti_entropy.max_inflight".into(), 1)]).unwrap();
+        assert!(a.try_admit(Work::AntiEntropy));
+    }
+
+    #[test]
+    fn invalid_changes_change_nothing() {
+        let mut a = Admission::new(2, 1, 50, 1000);
+        let before = a.limits();
+        assert!(matches!(
+            a.set_limits(&[("handoff.max_inflight".into(), 5), ("nope".into(), 1)]),
+            Err(LimitError::Unknown(_))
+        ));
+        assert!(matches!(a.set_limits(&[("handoff.max_inflight".into(), -1)]), Err(LimitError::Invalid { .. })));
+        assert!(matches!(a.set_limits(&[("admission.latency_target_ms".into(), 0)]), Err(LimitError::Invalid { .. })));
+        assert_eq!(a.limits(), before);
+        a.set_limits(&[("handoff.max_inflight".into(), 3), ("admission.latency_target_ms".into(), 20)]).unwrap();
+        assert_eq!(a.limits()["handoff.max_inflight"], 3);
+        assert_eq!(a.limits()["admission.latency_target_ms"], 20);
+    }
+
+    #[test]
+    fn slow_foreground_shrinks_budgets_and_recovery_grows_them() {
+        let mut a = Admission::new(8, 4, 50, 1000);
+        a.handle_tick(0);
+        for t in 0..100 {
+            a.record_latency(t, 200);
+        }
+        a.handle_tick(1000);
+        assert_eq!(a.budgets()["handoff.budget"], 4);
+        a.handle_tick(2000);
+        a.record_latency(2000, 300);
+        a.handle_tick(3000);
+        assert_eq!(a.budgets()["anti_entropy.budget"], 1, "never below one");
+        // Latency recovers: the old samples age out and budgets grow back one per window.
+        for w in 4..20u64 {
+            a.record_latency(w * 1000, 5);
+            a.handle_tick(w * 1000);
+        }
+        assert_eq!(a.budgets()["handoff.budget"], 8);
+        assert_eq!(a.budgets()["anti_entropy.budget"], 4);
+    }
+}

@@ -1,0 +1,552 @@
+//! Membership and gossip (Dynamo §4.8): who is in the cluster and which ring they agree on.
+//!
+//! Each node holds a table of member records. A record changes only by its owner (or an
+//! admin acting for it) raising its `incarnation`; merging two tables keeps, per member, the
+//! greatest record in one total order, so the merge is commutative, associative and
+//! idempotent and any gossip order converges. Departed members stay as `Left` tombstones so
+//! an old record cannot bring them back.
+//!
+//! The ring is not gossiped: every node derives it from the table. Each join and leave is an
+//! event stamped with a Lamport sequence number; the ring is the fold of those events in
+//! (sequence, id) order, each step a minimal-movement [`Ring::rebalance`]. Nodes with the
+//! same table therefore compute the same ring, and the *epoch* is the number of events.
+//!
+//! A node with no saved membership that is one of its own seeds founds (or re-founds) the
+//! cluster at once; any other new node waits until gossip from a seed shows it the cluster,
+//! then joins with a sequence number after every event it has seen, so its join moves only
+//! the partitions it takes. Every interval a node gossips with one random live peer, and
+//! every few rounds with a seed as well, so no logical partition of the ring persists.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::{NodeId, NodeSpec, Ring, RingError};
+
+/// A member's state as the cluster records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum MemberState {
+    /// In the ring; receiving the partitions it now owns.
+    Joining,
+    Up,
+    /// Out of the ring; handing its data to the new owners.
+    Leaving,
+    /// Gone. Kept as a tombstone.
+    Left,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Joining => "joining",
+            MemberState::Up => "up",
+            MemberState::Leaving => "leaving",
+            MemberState::Left => "left",
+        }
+    }
+
+    /// Whether a member in this state owns partitions.
+    pub fn in_ring(self) -> bool {
+        matches!(self, MemberState::Joining | MemberState::Up)
+    }
+}
+
+/// One member's record. Field order is the merge order: the greatest record wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Member {
+    pub incarnation: u64,
+    pub state: MemberState,
+    /// Lamport stamp of the join event.
+    pub join_seq: u64,
+    /// Lamport stamp of the leave event, once leaving.
+    pub leave_seq: Option<u64>,
+    pub id: NodeId,
+    pub addr: String,
+    pub zone: Option<String>,
+    pub weight: u32,
+}
+
+impl Member {
+    pub fn spec(&self) -> NodeSpec {
+        NodeSpec { id: self.id.clone(), zone: self.zone.clone(), weight: self.weight }
+    }
+}
+
+/// How this node stands in its own table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinStatus {
+    /// Not yet a member: waiting to hear the cluster from a seed.
+    Waiting,
+    Member,
+}
+
+/// Something the gossiper wants done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GossipAction {
+    /// Send our table to this address (a member's, or a seed's).
+    Send { to_addr: String, to: Option<NodeId>, members: Vec<Member> },
+    /// The table changed: persist it, and the ring may have changed.
+    Changed,
+}
+
+/// The membership state machine of one node.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    me: Member,
+    seeds: Vec<String>,
+    members: BTreeMap<NodeId, Member>,
+    status: JoinStatus,
+    partitions: u32,
+    replicas: u32,
+    interval_ms: u64,
+    next_round_ms: u64,
+    round: u64,
+    ring: Option<(u64, Ring)>,
+    outbox: Vec<GossipAction>,
+}
+
+/// Every how many rounds a node also gossips with a seed.
+const SEED_EVERY_ROUNDS: u64 = 3;
+
+/// A node's identity as its config gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub id: NodeId,
+    pub addr: String,
+    pub zone: Option<String>,
+    pub weight: u32,
+}
+
+impl Membership {
+    /// A node starting with `saved` (its persisted table, empty when new). A new node that is
+    /// one of its own seeds founds the cluster; other new nodes wait to learn it.
+    pub fn new(
+        identity: Identity,
+        seeds: Vec<String>,
+        saved: Vec<Member>,
+        partitions: u32,
+        replicas: u32,
+        interval_ms: u64,
+        now_ms: u64,
+    ) -> Membership {
+        let Identity { id, addr, zone, weight } = identity;
+        let me = Member {
+            incarnation: 0,
+            state: MemberState::Up,
+            join_seq: 0,
+            leave_seq: None,
+            id: id.clone(),
+            addr,
+            zone,
+            weight,
+        };
+        let mut m = Membership {
+            me,
+            seeds,
+            members: BTreeMap::new(),
+            status: JoinStatus::Waiting,
+            partitions,
+            replicas,
+            interval_ms,
+            next_round_ms: now_ms,
+            round: 0,
+            ring: None,
+            outbox: Vec::new(),
+        };
+        for rec in saved {
+            m.absorb(rec);
+        }
+        if m.members.contains_key(&id) {
+            m.status = JoinStatus::Member;
+            m.reassert();
+        } else if m.seeds.contains(&m.me.addr) && m.members.is_empty() {
+            m.join();
+        }
+        m
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.me.id
+    }
+
+    pub fn status(&self) -> JoinStatus {
+        self.status
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.get(id)
+    }
+
+    /// The table as gossiped and persisted.
+    pub fn table(&self) -> Vec<Member> {
+        self.members.values().cloned().collect()
+    }
+
+    fn max_seq(&self) -> u64 {
+        self.members.values().map(|m| m.join_seq.max(m.leave_seq.unwrap_or(0))).max().unwrap_or(0)
+    }
+
+    fn join(&mut self) {
+        let mut rec = self.me.clone();
+        rec.join_seq = self.max_seq() + 1;
+        rec.state = MemberState::Up;
+        self.members.insert(rec.id.clone(), rec);
+        self.status = JoinStatus::Member;
+        self.changed();
+    }
+
+    /// Our own record came back with an older address or a state we did not choose (a
+    /// restart, a wiped disk): take the cluster's record and raise it past what was seen.
+    fn reassert(&mut self) {
+        let Some(cur) = self.members.get(&self.me.id).cloned() else { return };
+        let state = match cur.state {
+            MemberState::Leaving | MemberState::Left => cur.state,
+            _ => MemberState::Up,
+        };
+        if cur.addr != self.me.addr || cur.zone != self.me.zone || cur.weight != self.me.weight || cur.state != state {
+            let rec = Member {
+                incarnation: cur.incarnation + 1,
+                state,
+                addr: self.me.addr.clone(),
+                zone: self.me.zone.clone(),
+                weight: self.me.weight,
+                ..cur
+            };
+            self.members.insert(rec.id.clone(), rec);
+            self.changed();
+        }
+    }
+
+    fn changed(&mut self) {
+        self.ring = None;
+        if !self.outbox.contains(&GossipAction::Changed) {
+            self.outbox.push(GossipAction::Changed);
+        }
+    }
+
+    /// Merge one record; true when the table changed.
+    fn absorb(&mut self, rec: Member) -> bool {
+        match self.members.get(&rec.id) {
+            Some(cur) if *cur >= rec => false,
+            _ => {
+                self.members.insert(rec.id.clone(), rec);
+                true
+            }
+        }
+    }
+
+    /// Merge a table received by gossip. Returns whether anything changed; a node that was
+    /// waiting joins once it sees another member.
+    pub fn handle_gossip(&mut self, _now_ms: u64, members: Vec<Member>) -> bool {
+        let mut changed = false;
+        for rec in members {
+            changed |= self.absorb(rec);
+        }
+        if changed {
+            self.changed();
+        }
+        match self.status {
+            JoinStatus::Waiting if self.members.keys().any(|k| *k != self.me.id) => {
+                if self.members.contains_key(&self.me.id) {
+                    self.status = JoinStatus::Member;
+                    self.reassert();
+                } else {
+                    self.join();
+                }
+                true
+            }
+            JoinStatus::Member => {
+                self.reassert();
+                changed
+            }
+            JoinStatus::Waiting => changed,
+        }
+    }
+
+    /// Mark `node` as leaving (an admin's `leave`, on any node). Its partitions go to others.
+    pub fn leave(&mut self, node: &str) -> Result<(), MembershipError> {
+        let seq = self.max_seq() + 1;
+        let cur = self.members.get(node).cloned().ok_or_else(|| MembershipError::NotMember(node.to_string()))?;
+        if !cur.state.in_ring() {
+            return Ok(());
+        }
+        let others = self.members.values().filter(|m| m.state.in_ring() && m.id != node).count();
+        if others == 0 {
+            return Err(MembershipError::LastMember(node.to_string()));
+        }
+        let rec = Member { incarnation: cur.incarnation + 1, state: MemberState::Leaving, leave_seq: Some(seq), ..cur };
+        self.members.insert(rec.id.clone(), rec);
+        self.changed();
+        Ok(())
+    }
+
+    /// A leaving node has handed everything away: record it as gone.
+    pub fn mark_left(&mut self, node: &str) {
+        if let Some(cur) = self.members.get(node).cloned() {
+            if cur.state == MemberState::Leaving {
+                let rec = Member { incarnation: cur.incarnation + 1, state: MemberState::Left, ..cur };
+                self.members.insert(rec.id.clone(), rec);
+                self.changed();
+            }
+        }
+    }
+
+    /// Time passed: one gossip round when due. `random` picks the peer.
+    pub fn handle_tick(&mut self, now_ms: u64, random: u64, is_live: impl Fn(&str) -> bool) {
+        if now_ms < self.next_round_ms {
+            return;
+        }
+        self.next_round_ms = now_ms + self.interval_ms;
+        self.round += 1;
+        let table = self.table();
+        let peers: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| m.id != self.me.id && m.state != MemberState::Left && is_live(&m.id))
+            .collect();
+        let mut sent_to: Option<String> = None;
+        if !peers.is_empty() {
+            let p = peers[(random % peers.len() as u64) as usize];
+            sent_to = Some(p.addr.clone());
+            self.outbox.push(GossipAction::Send {
+                to_addr: p.addr.clone(),
+                to: Some(p.id.clone()),
+                members: table.clone(),
+            });
+        }
+        let seeds: Vec<&String> = self.seeds.iter().filter(|s| **s != self.me.addr).collect();
+        let want_seed = self.status == JoinStatus::Waiting || self.round % SEED_EVERY_ROUNDS == 0 || peers.is_empty();
+        if want_seed && !seeds.is_empty() {
+            let s = seeds[((random >> 32) % seeds.len() as u64) as usize];
+            if sent_to.as_deref() != Some(s.as_str()) {
+                let to = self.members.values().find(|m| m.addr == *s).map(|m| m.id.clone());
+                self.outbox.push(GossipAction::Send { to_addr: s.clone(), to, members: table });
+            }
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<GossipAction> {
+        if self.outbox.is_empty() {
+            None
+        } else {
+            Some(self.outbox.remove(0))
+        }
+    }
+
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_round_ms
+    }
+
+    /// The ring epoch: the number of join and leave events in the table.
+    pub fn epoch(&self) -> u64 {
+        self.members.values().map(|m| 1 + m.leave_seq.is_some() as u64).sum()
+    }
+
+    /// The ring every node with this table computes, or None before this node knows any.
+    pub fn ring(&mut self) -> Option<Ring> {
+        if let Some((epoch, ring)) = &self.ring {
+            if *epoch == self.epoch() {
+                return Some(ring.clone());
+            }
+        }
+        let ring = ring_of(&self.table(), self.partitions, self.replicas).ok()?;
+        self.ring = Some((self.epoch(), ring.clone()));
+        Some(ring)
+    }
+}
+
+/// Why a membership change was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("{0} is not a member of this cluster")]
+    NotMember(NodeId),
+    #[error("{0} is the last member: a cluster cannot be left empty")]
+    LastMember(NodeId),
+}
+
+/// The ring a member table describes: join and leave events folded in (sequence, id) order.
+pub fn ring_of(members: &[Member], partitions: u32, replicas: u32) -> Result<Ring, RingError> {
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum Ev {
+        Join,
+        Leave,
+    }
+    let mut events: Vec<(u64, &str, Ev, &Member)> = Vec::new();
+    for m in members {
+        events.push((m.join_seq, &m.id, Ev::Join, m));
+        if let Some(l) = m.leave_seq {
+            events.push((l, &m.id, Ev::Leave, m));
+        }
+    }
+    events.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+    let mut current: Vec<NodeSpec> = Vec::new();
+    let mut ring: Option<Ring> = None;
+    for (_, id, ev, m) in events {
+        match ev {
+            Ev::Join => current.push(m.spec()),
+            Ev::Leave => current.retain(|s| s.id != id),
+        }
+        if current.is_empty() {
+            continue;
+        }
+        ring = Some(match ring {
+            None => Ring::new(partitions, replicas, &current)?,
+            Some(r) => r.rebalance(&current)?,
+        });
+    }
+    ring.ok_or(RingError::NoMembers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(i: u32, seeds: &[u32]) -> Membership {
+        Membership::new(
+            Identity { id: format!("n{i}"), addr: format!("127.0.0.1:{}", 7100 + i), zone: None, weight: 1 },
+            seeds.iter().map(|s| format!("127.0.0.1:{}", 7100 + s)).collect(),
+            Vec::new(),
+            64,
+            3,
+            100,
+            0,
+        )
+    }
+
+    /// Deliver every pending gossip send among `nodes` (push and pull).
+    fn exchange(nodes: &mut [Membership], now: u64, random: u64) {
+        for i in 0..nodes.len() {
+            nodes[i].handle_tick(now, random.wrapping_mul(i as u64 + 1), |_| true);
+            while let Some(a) = nodes[i].poll_action() {
+                if let GossipAction::Send { to_addr, members, .. } = a {
+                    if let Some(j) = nodes.iter().position(|n| n.me.addr == to_addr) {
+                        nodes[j].handle_gossip(now, members);
+                        let back = nodes[j].table();
+                        nodes[i].handle_gossip(now, back);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn seeds_found_and_others_join_then_all_agree() {
+        let mut nodes: Vec<Membership> = (1..=5).map(|i| node(i, &[1, 2])).collect();
+        assert_eq!(nodes[0].status(), JoinStatus::Member);
+        assert_eq!(nodes[1].status(), JoinStatus::Member);
+        assert_eq!(nodes[2].status(), JoinStatus::Waiting);
+        assert!(nodes[2].ring().is_none());
+        for round in 0..20 {
+            exchange(&mut nodes, round * 100, round * 7919 + 13);
+        }
+        let epoch = nodes[0].epoch();
+        assert_eq!(epoch, 5);
+        let ring = nodes[0].ring().unwrap();
+        for n in nodes.iter_mut() {
+            assert_eq!(n.status(), JoinStatus::Member);
+            assert_eq!(n.epoch(), epoch);
+            assert_eq!(n.ring().unwrap(), ring);
+        }
+        assert_eq!(ring.members().len(), 5);
+    }
+
+    #[test]
+    fn a_late_joiner_moves_only_its_share() {
+        let mut nodes: Vec<Membership> = (1..=4).map(|i| node(i, &[1])).collect();
+        for round in 0..20 {
+            exchange(&mut nodes, round * 100, round * 31 + 1);
+        }
+        let before = nodes[0].ring().unwrap();
+        nodes.push(node(5, &[1]));
+        for round in 20..40 {
+            exchange(&mut nodes, round * 100, round * 31 + 1);
+        }
+        let after = nodes[0].ring().unwrap();
+        let moved = (0..64).filter(|&p| before.owner(p) != after.owner(p)).count();
+        assert!(moved <= 14, "moved {moved}, n5's share is ~13");
+        assert!((0..64).filter(|&p| before.owner(p) != after.owner(p)).all(|p| after.owner(p) == "n5"));
+    }
+
+    #[test]
+    fn leave_removes_from_ring_and_left_is_final() {
+        let mut nodes: Vec<Membership> = (1..=3).map(|i| node(i, &[1])).collect();
+        for round in 0..20 {
+            exchange(&mut nodes, round * 100, round + 5);
+        }
+        nodes[0].leave("n3").unwrap();
+        assert_eq!(nodes[0].leave("n9"), Err(MembershipError::NotMember("n9".into())));
+        for round in 20..40 {
+            exchange(&mut nodes, round * 100, round + 5);
+        }
+        for n in nodes.iter_mut() {
+            assert_eq!(n.member("n3").unwrap().state, MemberState::Leaving);
+            assert!(!n.ring().unwrap().is_member("n3"));
+        }
+        nodes[2].mark_left("n3");
+        // An old record of n3 as up does not bring it back.
+        let stale = nodes[1].table();
+        for round in 40..60 {
+            exchange(&mut nodes, round * 100, round + 5);
+        }
+        nodes[0].handle_gossip(0, stale);
+        assert_eq!(nodes[0].member("n3").unwrap().state, MemberState::Left);
+        let mut solo = node(1, &[1]);
+        assert_eq!(solo.leave("n1"), Err(MembershipError::LastMember("n1".into())));
+    }
+
+    #[test]
+    fn restart_with_wiped_table_rejoins_under_same_id() {
+        let mut nodes: Vec<Membership> = (1..=3).map(|i| node(i, &[1])).collect();
+        for round in 0..20 {
+            exchange(&mut nodes, round * 100, round + 3);
+        }
+        let ring = nodes[0].ring().unwrap();
+        nodes[2] = node(3, &[1]); // data dir wiped
+        for round in 20..40 {
+            exchange(&mut nodes, round * 100, round + 3);
+        }
+        assert_eq!(nodes[2].ring().unwrap(), ring, "same ring: the id kept its place");
+        assert_eq!(nodes[2].epoch(), 3);
+    }
+
+    fn arb_member() -> impl Strategy<Value = Member> {
+        (0u64..3, 0usize..4, 0u64..4, proptest::option::of(0u64..4), 0u32..3, 0u32..2).prop_map(
+            |(inc, st, js, ls, id, a)| Member {
+                incarnation: inc,
+                state: [MemberState::Joining, MemberState::Up, MemberState::Leaving, MemberState::Left][st],
+                join_seq: js,
+                leave_seq: ls,
+                id: format!("n{id}"),
+                addr: format!("a{a}"),
+                zone: None,
+                weight: 1,
+            },
+        )
+    }
+
+    fn merged(tables: &[&Vec<Member>]) -> Vec<Member> {
+        let mut m = node(9, &[]);
+        for t in tables {
+            for r in t.iter() {
+                m.absorb(r.clone());
+            }
+        }
+        m.table()
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_a_join(a in proptest::collection::vec(arb_member(), 0..6),
+                           b in proptest::collection::vec(arb_member(), 0..6),
+                           c in proptest::collection::vec(arb_member(), 0..6)) {
+            prop_assert_eq!(merged(&[&a, &b]), merged(&[&b, &a]));
+            prop_assert_eq!(merged(&[&merged(&[&a, &b]), &c]), merged(&[&a, &merged(&[&b, &c])]));
+            prop_assert_eq!(merged(&[&a, &a]), merged(&[&a]));
+        }
+    }
+}
