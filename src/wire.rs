@@ -124,8 +124,10 @@ pub enum ClientResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
+    /// The acceptor's answer to `Hello`, with its own proof of the secret.
     Welcome {
         node: NodeId,
+        proof: Bytes,
     },
     Refused {
         reason: String,

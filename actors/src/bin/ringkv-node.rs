@@ -1,8 +1,30 @@
 use clap::Parser;
-use ringkv_node::cli::NodeArgs;
+use ringkv_node::cli::{NodeArgs, NodeCommand};
+use ringkv_node::node::{self, StartError};
 
 fn main() {
-    let _args = NodeArgs::parse();
-    eprintln!("ringkv-node: the node is not built yet");
-    std::process::exit(5);
+    let args = NodeArgs::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let status = match (args.command, args.config) {
+        (Some(NodeCommand::Dev { nodes, dir }), _) => ringkv_node::dev::run(nodes, dir),
+        (None, Some(config)) => match node::run(&config) {
+            Ok(()) => 0,
+            Err(StartError::Config(m)) => {
+                eprintln!("ringkv-node: {m}");
+                2
+            }
+            Err(StartError::Other(m)) => {
+                eprintln!("ringkv-node: {m}");
+                5
+            }
+        },
+        (None, None) => {
+            eprintln!("ringkv-node: give --config FILE to run a node, or `dev` to run a local cluster");
+            2
+        }
+    };
+    std::process::exit(status);
 }

@@ -2,7 +2,10 @@ use clap::Parser;
 use ringkv_node::cli::ClientArgs;
 
 fn main() {
-    let _args = ClientArgs::parse();
-    eprintln!("ringkv: the node is not built yet");
-    std::process::exit(5);
+    let args = ClientArgs::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    std::process::exit(ringkv_node::client::main_with(args));
 }

@@ -1,0 +1,289 @@
+//! The client side: an authenticated QUIC connection to one node, and the `ringkv` commands
+//! built on it, with the output shapes and exit statuses of DESIGN.md §3.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use base64::Engine;
+use ringkv::config::Config;
+use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message, FRAME_BYTES_MAX_DEFAULT};
+use serde_json::{json, Value};
+
+use crate::cli::{AdminCommand, ClientArgs, ClientCommand, FaultCommand, LimitsCommand};
+use crate::net::{self, Credentials, NetError};
+
+/// Exit statuses.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const NOT_FOUND: i32 = 1;
+    pub const BAD_INPUT: i32 = 2;
+    pub const UNAVAILABLE: i32 = 3;
+    pub const REFUSED: i32 = 4;
+    pub const OTHER: i32 = 5;
+}
+
+/// A failed command: what to print and the exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(status: i32, message: impl Into<String>) -> Self {
+        Failure { status, message: message.into() }
+    }
+}
+
+impl From<NetError> for Failure {
+    fn from(e: NetError) -> Self {
+        let status = match &e {
+            NetError::Refused(_) | NetError::BadServerProof => exit::REFUSED,
+            NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout => exit::UNAVAILABLE,
+            NetError::Wire(_) | NetError::Unexpected(_) => exit::OTHER,
+        };
+        let hint = match &e {
+            NetError::Refused(_) | NetError::BadServerProof => "; check cluster.name and the secret in --config",
+            NetError::Connect(..) | NetError::Timeout => "; is the node running? (--node ADDR picks another)",
+            _ => "",
+        };
+        Failure::new(status, format!("{e}{hint}"))
+    }
+}
+
+fn status_of(kind: ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::BadRequest => exit::BAD_INPUT,
+        ErrorKind::Unavailable | ErrorKind::Overloaded => exit::UNAVAILABLE,
+        ErrorKind::Refused => exit::REFUSED,
+        ErrorKind::Internal => exit::OTHER,
+    }
+}
+
+/// One authenticated connection to a node.
+pub struct Client {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    next_id: std::cell::Cell<u64>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, creds: &Credentials) -> Result<Client, NetError> {
+        let local: SocketAddr =
+            if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        let endpoint = net::endpoint(local, None).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
+        let conn = net::connect(&endpoint, addr, creds).await?;
+        Ok(Client { _endpoint: endpoint, conn, next_id: std::cell::Cell::new(1) })
+    }
+
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, NetError> {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        match net::call(&self.conn, &Message::Client { id, request }, FRAME_BYTES_MAX_DEFAULT).await? {
+            Message::ClientReply { response, .. } => Ok(response),
+            Message::Error { kind, message, .. } => Ok(ClientResponse::Error { kind, message }),
+            other => Err(NetError::Unexpected(format!("{other:?}").chars().take(80).collect())),
+        }
+    }
+}
+
+/// Where to connect and how to authenticate, from `--config` and `--node`.
+pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, Credentials, Config), Failure> {
+    let Some(path) = config else {
+        return Err(Failure::new(
+            exit::BAD_INPUT,
+            "give --config FILE (a node config: its address and the cluster secret)",
+        ));
+    };
+    let (config, secret) = crate::node::load_config(path).map_err(|e| match e {
+        crate::node::StartError::Config(m) | crate::node::StartError::Other(m) => Failure::new(exit::BAD_INPUT, m),
+    })?;
+    let addr = match node {
+        Some(n) => {
+            n.parse().map_err(|_| Failure::new(exit::BAD_INPUT, format!("--node {n:?} is not an IP:port address")))?
+        }
+        None => config.listen_addr(),
+    };
+    let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: None };
+    Ok((addr, creds, config))
+}
+
+/// A value as JSON: a string when it is UTF-8, else `{"base64": ...}`.
+pub fn value_json(v: &[u8]) -> Value {
+    match std::str::from_utf8(v) {
+        Ok(s) => json!(s),
+        Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(v)}),
+    }
+}
+
+/// What a command printed and its status.
+pub struct Outcome {
+    pub doc: Value,
+    pub human: String,
+    pub status: i32,
+}
+
+fn expect_values(r: ClientResponse) -> Result<(Vec<Bytes>, Option<String>), Failure> {
+    match r {
+        ClientResponse::Values { values, context } => Ok((values, context)),
+        ClientResponse::Error { kind, message } => Err(Failure::new(status_of(kind), message)),
+        other => Err(Failure::new(exit::OTHER, format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn expect_written(r: ClientResponse) -> Result<String, Failure> {
+    match r {
+        ClientResponse::Written { context } => Ok(context),
+        ClientResponse::Error { kind, message } => Err(Failure::new(status_of(kind), message)),
+        other => Err(Failure::new(exit::OTHER, format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn expect_document(r: ClientResponse) -> Result<Value, Failure> {
+    match r {
+        ClientResponse::Document { json } => {
+            serde_json::from_str(&json).map_err(|e| Failure::new(exit::OTHER, format!("bad document from node: {e}")))
+        }
+        ClientResponse::Error { kind, message } => Err(Failure::new(status_of(kind), message)),
+        other => Err(Failure::new(exit::OTHER, format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn doc_outcome(doc: Value) -> Outcome {
+    let human = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    Outcome { doc, human, status: exit::OK }
+}
+
+fn parse_pair(p: &str) -> Result<(String, i64), Failure> {
+    let (name, value) =
+        p.split_once('=').ok_or_else(|| Failure::new(exit::BAD_INPUT, format!("{p:?}: write NAME=VALUE")))?;
+    let v: i64 = value
+        .trim()
+        .parse()
+        .map_err(|_| Failure::new(exit::BAD_INPUT, format!("{p:?}: {value:?} is not an integer")))?;
+    Ok((name.trim().to_string(), v))
+}
+
+/// Run one command against the connected node.
+pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -> Result<Outcome, Failure> {
+    match command {
+        ClientCommand::Get { key, r } => {
+            let (values, context) =
+                expect_values(client.request(ClientRequest::Get { key: key.clone().into_bytes().into(), r }).await?)?;
+            let status = if values.is_empty() { exit::NOT_FOUND } else { exit::OK };
+            let doc = json!({"key": key, "values": values.iter().map(|v| value_json(v)).collect::<Vec<_>>(), "context": context});
+            let mut human: Vec<String> = values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            if values.is_empty() {
+                human.push(format!("{key}: not found"));
+            } else if values.len() > 1 {
+                human.push(format!("({} siblings: write back with the context to resolve them)", values.len()));
+            }
+            if let Some(c) = &context {
+                human.push(format!("context: {c}"));
+            }
+            Ok(Outcome { doc, human: human.join("\n"), status })
+        }
+        ClientCommand::Put { key, value, context, w } => {
+            let bytes = if value == "-" {
+                let mut buf = Vec::new();
+                let limit = config.limits.max_value_bytes;
+                std::io::stdin()
+                    .take(limit + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Failure::new(exit::BAD_INPUT, format!("cannot read the value from stdin: {e}")))?;
+                buf
+            } else {
+                value.into_bytes()
+            };
+            if bytes.len() as u64 > config.limits.max_value_bytes {
+                return Err(Failure::new(
+                    exit::BAD_INPUT,
+                    format!(
+                        "the value is over limits.max_value_bytes ({} bytes); nothing was stored",
+                        config.limits.max_value_bytes
+                    ),
+                ));
+            }
+            let req =
+                ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: Some(bytes.into()), w };
+            let context = expect_written(client.request(req).await?)?;
+            Ok(Outcome {
+                doc: json!({"key": key, "context": context}),
+                human: format!("ok\ncontext: {context}"),
+                status: exit::OK,
+            })
+        }
+        ClientCommand::Delete { key, context, w } => {
+            let context = match context {
+                Some(c) => Some(c),
+                None => {
+                    let (values, ctx) = expect_values(
+                        client.request(ClientRequest::Get { key: key.clone().into_bytes().into(), r: None }).await?,
+                    )?;
+                    if values.is_empty() {
+                        return Ok(Outcome {
+                            doc: json!({"key": key, "context": ctx}),
+                            human: format!("{key}: not found"),
+                            status: exit::NOT_FOUND,
+                        });
+                    }
+                    ctx
+                }
+            };
+            let req = ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: None, w };
+            let context = expect_written(client.request(req).await?)?;
+            Ok(Outcome { doc: json!({"key": key, "context": context}), human: "deleted".into(), status: exit::OK })
+        }
+        ClientCommand::Status => Ok(doc_outcome(expect_document(client.request(ClientRequest::Status).await?)?)),
+        ClientCommand::Ring => Ok(doc_outcome(expect_document(client.request(ClientRequest::Ring).await?)?)),
+        ClientCommand::Admin { command } => {
+            let req = match command {
+                AdminCommand::Partitions => ClientRequest::Partitions,
+                AdminCommand::Hints => ClientRequest::Hints,
+                AdminCommand::Leave { node_id } => ClientRequest::Leave { node: node_id },
+                AdminCommand::Limits { command: None } => ClientRequest::Limits,
+                AdminCommand::Limits { command: Some(LimitsCommand::Set { pairs }) } => {
+                    ClientRequest::SetLimits { pairs: pairs.iter().map(|p| parse_pair(p)).collect::<Result<_, _>>()? }
+                }
+                AdminCommand::Fault { command: FaultCommand::Block { peers } } => ClientRequest::FaultBlock { peers },
+                AdminCommand::Fault { command: FaultCommand::Unblock } => ClientRequest::FaultUnblock,
+            };
+            Ok(doc_outcome(expect_document(client.request(req).await?)?))
+        }
+        ClientCommand::Bench(_) => Err(Failure::new(exit::OTHER, "bench runs through crate::bench")),
+    }
+}
+
+/// The `ringkv` binary: run the command, print, and return the exit status.
+pub fn main_with(args: ClientArgs) -> i32 {
+    let json = args.global.json;
+    let result = (|| -> Result<Outcome, Failure> {
+        let (addr, creds, config) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::new(exit::OTHER, format!("cannot start the runtime: {e}")))?;
+        rt.block_on(async {
+            if let ClientCommand::Bench(b) = &args.command {
+                return crate::bench::run(b.clone(), addr, &creds).await;
+            }
+            let client = Client::connect(addr, &creds).await?;
+            execute(&client, args.command, &config).await
+        })
+    })();
+    match result {
+        Ok(out) => {
+            if json {
+                println!("{}", out.doc);
+            } else if !out.human.is_empty() {
+                println!("{}", out.human);
+            }
+            out.status
+        }
+        Err(f) => {
+            eprintln!("ringkv: {}", f.message);
+            f.status
+        }
+    }
+}

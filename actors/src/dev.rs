@@ -1,0 +1,175 @@
+//! `ringkv-node dev`: the one-command local cluster. Writes one config per node into a
+//! directory, starts one node process per config on loopback, prints how to use the CLI
+//! against them, and stops every node it started on Ctrl-C (or SIGTERM).
+
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A free loopback UDP port (QUIC listens on UDP).
+fn free_port() -> std::io::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The text of node `i`'s config.
+pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, secret: &str) -> String {
+    let n = nodes.min(3);
+    let quorum = n / 2 + 1;
+    let seeds: Vec<String> = ports.iter().take(2).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    format!(
+        r#"# Node n{i} of a local ringkv dev cluster, written by `ringkv-node dev`.
+[node]
+id = "n{i}"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+seeds = [{seeds}]
+
+[cluster]
+name = "dev"
+secret = "{secret}"
+partitions = 64
+replicas = {n}
+read_quorum = {quorum}
+write_quorum = {quorum}
+
+[gossip]
+interval_ms = 500
+
+[handoff]
+interval_ms = 2000
+max_inflight = 2
+
+[anti_entropy]
+interval_ms = 10000
+max_inflight = 1
+"#,
+        port = ports[(i - 1) as usize],
+        data = dir.join("data").join(format!("n{i}")).display(),
+        seeds = seeds.join(", "),
+    )
+}
+
+fn fresh_dir() -> PathBuf {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    std::env::temp_dir().join(format!("ringkv-dev-{}-{stamp}", std::process::id()))
+}
+
+fn stop(children: &mut [(String, Child)]) {
+    for (_, c) in children.iter() {
+        // SIGTERM lets each node finish in-flight commits.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    for (name, c) in children.iter_mut() {
+        let mut waited = 0;
+        while waited < 100 {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            waited += 1;
+        }
+        if waited == 100 {
+            eprintln!("{name} did not stop in 5 s; killing it");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Run the dev cluster; returns the exit status.
+pub fn run(nodes: u32, dir: Option<PathBuf>) -> i32 {
+    let dir = dir.unwrap_or_else(fresh_dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("ringkv-node dev: cannot create {}: {e}", dir.display());
+        return 5;
+    }
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("ringkv-node dev: cannot find this program's path");
+        return 5;
+    };
+    let mut ports = Vec::new();
+    for _ in 0..nodes {
+        match free_port() {
+            Ok(p) if !ports.contains(&p) => ports.push(p),
+            _ => {
+                eprintln!("ringkv-node dev: no free loopback port");
+                return 5;
+            }
+        }
+    }
+    let secret = format!("dev-{:016x}", rand::random::<u64>());
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for i in 1..=nodes {
+        let cfg = dir.join(format!("n{i}.toml"));
+        let log = dir.join(format!("n{i}.log"));
+        let written = std::fs::File::create(&cfg)
+            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &secret).as_bytes()));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
+        let (Ok(()), Ok(log_file)) = (written, log_file) else {
+            eprintln!("ringkv-node dev: cannot write into {}", dir.display());
+            stop(&mut children);
+            return 5;
+        };
+        let err_file = log_file.try_clone();
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--config").arg(&cfg).stdin(Stdio::null()).stdout(log_file);
+        if let Ok(e) = err_file {
+            cmd.stderr(e);
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push((format!("n{i}"), c)),
+            Err(e) => {
+                eprintln!("ringkv-node dev: cannot start node n{i}: {e}");
+                stop(&mut children);
+                return 5;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cli = exe.with_file_name("ringkv");
+    let c1 = dir.join("n1.toml");
+    println!("ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?}");
+    println!("configs, data and logs in {}", dir.display());
+    println!();
+    println!("try, in another terminal:");
+    println!("  {} --config {} status", cli.display(), c1.display());
+    println!("  {} --config {} put hello world", cli.display(), c1.display());
+    println!("  {} --config {} get hello", cli.display(), dir.join(format!("n{nodes}.toml")).display());
+    println!();
+    println!("Ctrl-C stops every node.");
+
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ringkv-node dev: {e}");
+            stop(&mut children);
+            return 5;
+        }
+    };
+    let status = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return 0,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return 0,
+                _ = tick.tick() => {
+                    for (name, c) in children.iter_mut() {
+                        if let Ok(Some(st)) = c.try_wait() {
+                            eprintln!("node {name} exited ({st}); see {}", dir.join(format!("{name}.log")).display());
+                            return 5;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    println!("stopping {} node(s)", children.len());
+    stop(&mut children);
+    status
+}

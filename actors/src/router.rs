@@ -1,0 +1,66 @@
+//! Hands each incoming message to the stage that owns it and turns the stage's answer into
+//! the reply message.
+
+use actix::prelude::*;
+use ringkv::coordinator::{ReplicaReply, ReplicaRequest};
+use ringkv::ring::NodeId;
+use ringkv::wire::{ClientResponse, ErrorKind, Message};
+
+use crate::client_api::{ClientApi, ClientCall, Forwarded};
+use crate::failure_detector::{FailureDetectorActor, Report};
+use crate::gossiper::{Gossiper, IncomingGossip};
+use crate::storage::{Execute, Storage};
+
+#[derive(Clone)]
+pub struct Router {
+    pub client_api: Addr<ClientApi>,
+    pub storage: Addr<Storage>,
+    pub gossiper: Addr<Gossiper>,
+    pub failure_detector: Addr<FailureDetectorActor>,
+}
+
+fn internal(id: u64, e: impl ToString) -> Message {
+    Message::Error { id, kind: ErrorKind::Internal, message: e.to_string() }
+}
+
+impl Router {
+    /// Serve one request from `peer` (None: a client).
+    pub async fn dispatch(&self, peer: Option<NodeId>, msg: Message) -> Message {
+        if let Some(p) = &peer {
+            self.failure_detector.do_send(Report { peer: p.clone(), ok: true });
+        }
+        match msg {
+            Message::Client { id, request } => match self.client_api.send(ClientCall(request)).await {
+                Ok(response) => Message::ClientReply { id, response },
+                Err(e) => internal(id, e),
+            },
+            Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
+                match self.client_api.send(Forwarded { key, context, value, w }).await {
+                    Ok(response) => Message::ReplicaReply { id, reply: ReplicaReply::Forwarded(response) },
+                    Err(e) => Message::ReplicaReply {
+                        id,
+                        reply: ReplicaReply::Forwarded(ClientResponse::Error {
+                            kind: ErrorKind::Internal,
+                            message: e.to_string(),
+                        }),
+                    },
+                }
+            }
+            Message::Replica { id, request } => match self.storage.send(Execute(request)).await {
+                Ok(Ok(outcome)) => Message::ReplicaReply { id, reply: ReplicaReply::Outcome(outcome) },
+                Ok(Err(e)) => internal(id, e),
+                Err(e) => internal(id, e),
+            },
+            Message::Gossip { from, members } => match self.gossiper.send(IncomingGossip { from, members }).await {
+                Ok(members) => Message::GossipReply { members },
+                Err(e) => internal(0, e),
+            },
+            Message::Ping { id } => Message::Pong { id },
+            other => Message::Error {
+                id: 0,
+                kind: ErrorKind::BadRequest,
+                message: format!("not a request: {}", format!("{other:?}").chars().take(40).collect::<String>()),
+            },
+        }
+    }
+}

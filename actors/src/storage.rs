@@ -1,0 +1,462 @@
+//! The Storage stage: one redb file per node, behind two actors.
+//!
+//! `StorageWorker` runs on a `SyncArbiter` thread because redb blocks. It executes the core's
+//! replica logic (`ringkv::replica::execute`) against a redb write transaction, so each
+//! read-modify-write is atomic, and keeps one Merkle tree per partition in step with every
+//! write (rebuilt from the objects table at start). `Storage` is the front: it collects
+//! operations that arrive while a commit is running and sends them as one batch, so
+//! concurrent durable writes share one fsync (group commit). A caller hears back only after
+//! the batch holding its write committed, with `Durability::Immediate` in "sync" mode.
+//! In "buffered" mode commits are not flushed and a timer makes them durable every
+//! `storage.flush_interval_ms`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use ringkv::config::Durability as DurabilityMode;
+use ringkv::coordinator::ReplicaRequest;
+use ringkv::membership::Member;
+use ringkv::merkle::MerkleTree;
+use ringkv::replica::{self, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
+use ringkv::ring::partition_of_position;
+use ringkv::version::{Actor as DotActor, Object};
+use tokio::sync::oneshot;
+
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+const HINTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hints");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_MEMBERS: &str = "members";
+
+/// The hints table key: intended node's id (length-prefixed), then the key.
+fn hint_key(intended: &str, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + intended.len() + key.len());
+    out.extend_from_slice(&(intended.len() as u16).to_be_bytes());
+    out.extend_from_slice(intended.as_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+fn split_hint_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u16::from_be_bytes([*k.first()?, *k.get(1)?]) as usize;
+    let intended = std::str::from_utf8(k.get(2..2 + len)?).ok()?;
+    Some((intended, k.get(2 + len..)?))
+}
+
+fn partition_of(key: &[u8], q: u32) -> usize {
+    partition_of_position(ringkv::ring::key_position(key), q) as usize
+}
+
+fn decode(bytes: &[u8]) -> Result<Object, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable stored object: {e}"))
+}
+
+fn encode(o: &Object) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec(o).map_err(|e| e.to_string())
+}
+
+/// A change to apply to a partition's Merkle tree once the transaction commits.
+type TreeDelta = (usize, Vec<u8>, Option<[u8; 16]>, Option<[u8; 16]>);
+
+/// The core's `Store` over one redb write transaction.
+struct TxnStore<'a> {
+    txn: &'a redb::WriteTransaction,
+    deltas: Vec<TreeDelta>,
+    q: u32,
+    error: Option<String>,
+}
+
+impl TxnStore<'_> {
+    fn fail(&mut self, e: impl ToString) {
+        if self.error.is_none() {
+            self.error = Some(e.to_string());
+        }
+    }
+
+    fn get(&mut self, def: TableDefinition<&[u8], &[u8]>, key: &[u8]) -> Option<Object> {
+        let found = self
+            .txn
+            .open_table(def)
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.get(key).map_err(|e| e.to_string()).map(|g| g.map(|v| decode(v.value()))));
+        match found {
+            Ok(Some(Ok(o))) => Some(o),
+            Ok(None) => None,
+            Ok(Some(Err(e))) | Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+
+    fn put(&mut self, def: TableDefinition<&[u8], &[u8]>, key: &[u8], o: &Object) {
+        let res = encode(o).and_then(|bytes| {
+            let mut t = self.txn.open_table(def).map_err(|e| e.to_string())?;
+            t.insert(key, bytes.as_slice()).map(|_| ()).map_err(|e| e.to_string())
+        });
+        if let Err(e) = res {
+            self.fail(e);
+        }
+    }
+}
+
+impl Store for TxnStore<'_> {
+    fn object(&self, key: &[u8]) -> Option<Object> {
+        // A read inside the write transaction; errors surface through `set_object` paths.
+        let t = self.txn.open_table(OBJECTS).ok()?;
+        let g = t.get(key).ok()??;
+        decode(g.value()).ok()
+    }
+
+    fn set_object(&mut self, key: &[u8], object: Object) {
+        let old = self.get(OBJECTS, key).map(|o| o.digest());
+        self.put(OBJECTS, key, &object);
+        self.deltas.push((partition_of(key, self.q), key.to_vec(), old, Some(object.digest())));
+    }
+
+    fn remove_object(&mut self, key: &[u8]) {
+        let old = self.get(OBJECTS, key).map(|o| o.digest());
+        match self.txn.open_table(OBJECTS) {
+            Ok(mut t) => {
+                if let Err(e) = t.remove(key) {
+                    self.fail(e);
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+        self.deltas.push((partition_of(key, self.q), key.to_vec(), old, None));
+    }
+
+    fn hint(&self, intended: &str, key: &[u8]) -> Option<Object> {
+        let t = self.txn.open_table(HINTS).ok()?;
+        let g = t.get(hint_key(intended, key).as_slice()).ok()??;
+        decode(g.value()).ok()
+    }
+
+    fn set_hint(&mut self, intended: &str, key: &[u8], object: Object) {
+        self.put(HINTS, &hint_key(intended, key), &object);
+    }
+
+    fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
+        let Ok(t) = self.txn.open_table(HINTS) else { return Vec::new() };
+        let Ok(iter) = t.iter() else { return Vec::new() };
+        iter.filter_map(|r| r.ok())
+            .filter(|(k, _)| split_hint_key(k.value()).is_some_and(|(_, kk)| kk == key))
+            .filter_map(|(_, v)| decode(v.value()).ok())
+            .collect()
+    }
+}
+
+/// The redb side: executes batches in one transaction each.
+pub struct StorageWorker {
+    db: Arc<Database>,
+    trees: Vec<MerkleTree>,
+    q: u32,
+    durability: DurabilityMode,
+    limits: ReplicaLimits,
+}
+
+impl Actor for StorageWorker {
+    type Context = SyncContext<Self>;
+}
+
+/// Open (or create) the node's database and rebuild the Merkle trees from it.
+pub fn open(path: &Path, q: u32, durability: DurabilityMode, limits: ReplicaLimits) -> Result<StorageWorker, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.open_table(OBJECTS).map_err(|e| e.to_string())?;
+        txn.open_table(HINTS).map_err(|e| e.to_string())?;
+        txn.open_table(META).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+    }
+    let mut trees = vec![MerkleTree::new(); q as usize];
+    let mut bad = 0u64;
+    {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let t = txn.open_table(OBJECTS).map_err(|e| e.to_string())?;
+        for row in t.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            match decode(v.value()) {
+                Ok(o) => trees[partition_of(k.value(), q)].insert(k.value(), &o.digest()),
+                Err(_) => bad += 1,
+            }
+        }
+    }
+    if bad > 0 {
+        tracing::warn!(bad, "objects that cannot be decoded were skipped; anti-entropy will refill them");
+    }
+    Ok(StorageWorker { db: Arc::new(db), trees, q, durability, limits })
+}
+
+impl StorageWorker {
+    /// The saved member table, if any.
+    pub fn load_members(&self) -> Result<Vec<Member>, String> {
+        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+        let t = txn.open_table(META).map_err(|e| e.to_string())?;
+        match t.get(META_MEMBERS).map_err(|e| e.to_string())? {
+            Some(v) => rmp_serde::from_slice(v.value()).map_err(|e| format!("saved membership is unreadable: {e}")),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn begin(&self) -> Result<redb::WriteTransaction, String> {
+        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let d = match self.durability {
+            DurabilityMode::Sync => Durability::Immediate,
+            DurabilityMode::Buffered => Durability::None,
+        };
+        txn.set_durability(d).map_err(|e| e.to_string())?;
+        Ok(txn)
+    }
+
+    fn run_batch(&mut self, ops: Vec<ReplicaOp>) -> Result<Vec<ReplicaOutcome>, String> {
+        let txn = self.begin()?;
+        let (outcomes, deltas) = {
+            let mut store = TxnStore { txn: &txn, deltas: Vec::new(), q: self.q, error: None };
+            let outcomes: Vec<ReplicaOutcome> =
+                ops.into_iter().map(|op| replica::execute(&mut store, op, self.limits)).collect();
+            if let Some(e) = store.error {
+                return Err(e);
+            }
+            (outcomes, store.deltas)
+        };
+        txn.commit().map_err(|e| e.to_string())?;
+        for (p, key, old, new) in deltas {
+            self.trees[p].update(&key, old.as_ref(), new.as_ref());
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Execute a batch of operations in one transaction.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ReplicaOutcome>, String>")]
+struct Batch(Vec<ReplicaOp>);
+
+impl Handler<Batch> for StorageWorker {
+    type Result = Result<Vec<ReplicaOutcome>, String>;
+    fn handle(&mut self, msg: Batch, _: &mut Self::Context) -> Self::Result {
+        self.run_batch(msg.0)
+    }
+}
+
+/// Read-only and maintenance requests.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Answer, String>")]
+pub enum Query {
+    /// Key count and Merkle root of each listed partition.
+    Partitions(Vec<u32>),
+    /// Hints held, counted by intended node.
+    HintCounts,
+    SaveMembers(Vec<Member>),
+    /// Make buffered commits durable.
+    Flush,
+}
+
+#[derive(Debug)]
+pub enum Answer {
+    Partitions(Vec<(u32, u64, String)>),
+    HintCounts(BTreeMap<String, u64>),
+    Done,
+}
+
+impl Handler<Query> for StorageWorker {
+    type Result = Result<Answer, String>;
+    fn handle(&mut self, q: Query, _: &mut Self::Context) -> Self::Result {
+        match q {
+            Query::Partitions(ps) => Ok(Answer::Partitions(
+                ps.into_iter()
+                    .filter_map(|p| self.trees.get(p as usize).map(|t| (p, t.keys(), t.root_hex())))
+                    .collect(),
+            )),
+            Query::HintCounts => {
+                let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+                let t = txn.open_table(HINTS).map_err(|e| e.to_string())?;
+                let mut counts = BTreeMap::new();
+                if t.len().map_err(|e| e.to_string())? > 0 {
+                    for row in t.iter().map_err(|e| e.to_string())? {
+                        let (k, _) = row.map_err(|e| e.to_string())?;
+                        if let Some((intended, _)) = split_hint_key(k.value()) {
+                            *counts.entry(intended.to_string()).or_insert(0) += 1;
+                        }
+                    }
+                }
+                Ok(Answer::HintCounts(counts))
+            }
+            Query::SaveMembers(members) => {
+                let bytes = rmp_serde::to_vec(&members).map_err(|e| e.to_string())?;
+                let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+                txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+                txn.open_table(META)
+                    .map_err(|e| e.to_string())?
+                    .insert(META_MEMBERS, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+                txn.commit().map_err(|e| e.to_string())?;
+                Ok(Answer::Done)
+            }
+            Query::Flush => {
+                let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+                txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+                txn.commit().map_err(|e| e.to_string())?;
+                Ok(Answer::Done)
+            }
+        }
+    }
+}
+
+/// The front of the Storage stage: group commit.
+pub struct Storage {
+    worker: Addr<StorageWorker>,
+    /// This node's dot issuer for writes it coordinates (a fresh epoch per start).
+    actor: DotActor,
+    pending: VecDeque<(ReplicaOp, oneshot::Sender<Result<ReplicaOutcome, String>>)>,
+    busy: bool,
+    batch_max: usize,
+    pending_max: usize,
+    flush_interval: Option<Duration>,
+}
+
+impl Storage {
+    pub fn new(
+        worker: Addr<StorageWorker>,
+        actor: DotActor,
+        batch_max: usize,
+        flush_interval: Option<Duration>,
+    ) -> Self {
+        Storage {
+            worker,
+            actor,
+            pending: VecDeque::new(),
+            busy: false,
+            batch_max: batch_max.max(1),
+            pending_max: 64 * 1024,
+            flush_interval,
+        }
+    }
+
+    fn kick(&mut self, ctx: &mut Context<Self>) {
+        if self.busy || self.pending.is_empty() {
+            return;
+        }
+        self.busy = true;
+        let n = self.pending.len().min(self.batch_max);
+        let (ops, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).unzip();
+        self.worker
+            .send(Batch(ops))
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let res = res.unwrap_or_else(|e| Err(format!("storage worker gone: {e}")));
+                match res {
+                    Ok(outcomes) => {
+                        for (tx, out) in replies.into_iter().zip(outcomes) {
+                            let _ = tx.send(Ok(out));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "storage commit failed");
+                        for tx in replies {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+                act.busy = false;
+                act.kick(ctx);
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Actor for Storage {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(64 * 1024);
+        if let Some(every) = self.flush_interval {
+            ctx.run_interval(every, |act, _| {
+                act.worker.do_send(Query::Flush);
+            });
+        }
+    }
+}
+
+/// Carry out a replica request on this node's data.
+#[derive(Message)]
+#[rtype(result = "Result<ReplicaOutcome, String>")]
+pub struct Execute(pub ReplicaRequest);
+
+impl Handler<Execute> for Storage {
+    type Result = ResponseFuture<Result<ReplicaOutcome, String>>;
+
+    fn handle(&mut self, msg: Execute, ctx: &mut Context<Self>) -> Self::Result {
+        let op = match msg.0 {
+            ReplicaRequest::Read { key } => ReplicaOp::Read { key },
+            ReplicaRequest::Write { key, object, hint } => ReplicaOp::Write { key, object, hint },
+            ReplicaRequest::Coordinate { key, context, value, hint } => {
+                ReplicaOp::Coordinate { key, context, value, hint, actor: self.actor, now_ms: crate::clock::wall_ms() }
+            }
+            ReplicaRequest::Forward { .. } => {
+                return Box::pin(async { Err("a forwarded put is not a storage operation".into()) })
+            }
+        };
+        if self.pending.len() >= self.pending_max {
+            return Box::pin(async { Err("storage overloaded".into()) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.push_back((op, tx));
+        self.kick(ctx);
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err("storage stopped".into())) })
+    }
+}
+
+/// Pass a query through to the worker.
+impl Handler<Query> for Storage {
+    type Result = ResponseFuture<Result<Answer, String>>;
+    fn handle(&mut self, q: Query, _: &mut Context<Self>) -> Self::Result {
+        let worker = self.worker.clone();
+        Box::pin(async move { worker.send(q).await.unwrap_or_else(|e| Err(e.to_string())) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_keys_round_trip() {
+        let k = hint_key("n3", b"user:1");
+        assert_eq!(split_hint_key(&k), Some(("n3", b"user:1".as_slice())));
+        assert_eq!(split_hint_key(&[0, 9, b'a']), None);
+        assert_eq!(split_hint_key(&[]), None);
+    }
+
+    #[test]
+    fn batch_writes_survive_reopen_and_rebuild_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let mut w = open(&path, 16, DurabilityMode::Sync, ReplicaLimits::default()).unwrap();
+        let ops = (0..50u32)
+            .map(|i| ReplicaOp::Coordinate {
+                key: format!("k{i}").into_bytes(),
+                context: Default::default(),
+                value: Some(vec![1; 10]),
+                hint: None,
+                actor: DotActor(1),
+                now_ms: 1,
+            })
+            .collect();
+        let out = w.run_batch(ops).unwrap();
+        assert_eq!(out.len(), 50);
+        let roots: Vec<u128> = w.trees.iter().map(|t| t.root()).collect();
+        drop(w);
+        let w = open(&path, 16, DurabilityMode::Sync, ReplicaLimits::default()).unwrap();
+        assert_eq!(w.trees.iter().map(|t| t.root()).collect::<Vec<_>>(), roots);
+        assert_eq!(w.trees.iter().map(|t| t.keys()).sum::<u64>(), 50);
+    }
+}
