@@ -31,19 +31,37 @@ const HINTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hints");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_MEMBERS: &str = "members";
 
-/// The hints table key: intended node's id (length-prefixed), then the key.
+/// The hints table key: the key (length-prefixed), then the intended node's id, so the
+/// hints of one key are one range.
 fn hint_key(intended: &str, key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + intended.len() + key.len());
-    out.extend_from_slice(&(intended.len() as u16).to_be_bytes());
+    let mut out = hint_prefix(key);
     out.extend_from_slice(intended.as_bytes());
+    out
+}
+
+fn hint_prefix(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + 8);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
     out.extend_from_slice(key);
     out
 }
 
 fn split_hint_key(k: &[u8]) -> Option<(&str, &[u8])> {
-    let len = u16::from_be_bytes([*k.first()?, *k.get(1)?]) as usize;
-    let intended = std::str::from_utf8(k.get(2..2 + len)?).ok()?;
-    Some((intended, k.get(2 + len..)?))
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    let key = k.get(4..4 + len)?;
+    let intended = std::str::from_utf8(k.get(4 + len..)?).ok()?;
+    Some((intended, key))
+}
+
+/// Hinted objects of `key` in a hints table.
+fn hints_in<T: ReadableTable<&'static [u8], &'static [u8]>>(t: &T, key: &[u8]) -> Vec<Object> {
+    let prefix = hint_prefix(key);
+    let Ok(range) = t.range(prefix.as_slice()..) else { return Vec::new() };
+    range
+        .filter_map(|r| r.ok())
+        .take_while(|(k, _)| k.value().starts_with(&prefix))
+        .filter_map(|(_, v)| decode(v.value()).ok())
+        .collect()
 }
 
 fn partition_of(key: &[u8], q: u32) -> usize {
@@ -141,12 +159,37 @@ impl Store for TxnStore<'_> {
     }
 
     fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
-        let Ok(t) = self.txn.open_table(HINTS) else { return Vec::new() };
-        let Ok(iter) = t.iter() else { return Vec::new() };
-        iter.filter_map(|r| r.ok())
-            .filter(|(k, _)| split_hint_key(k.value()).is_some_and(|(_, kk)| kk == key))
-            .filter_map(|(_, v)| decode(v.value()).ok())
-            .collect()
+        match self.txn.open_table(HINTS) {
+            Ok(t) => hints_in(&t, key),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// The core's `Store` over a redb read transaction, for batches of reads only.
+struct ReadStore {
+    objects: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    hints: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl Store for ReadStore {
+    fn object(&self, key: &[u8]) -> Option<Object> {
+        decode(self.objects.get(key).ok()??.value()).ok()
+    }
+    fn set_object(&mut self, _: &[u8], _: Object) {
+        debug_assert!(false, "a read batch never writes");
+    }
+    fn remove_object(&mut self, _: &[u8]) {
+        debug_assert!(false, "a read batch never writes");
+    }
+    fn hint(&self, intended: &str, key: &[u8]) -> Option<Object> {
+        decode(self.hints.get(hint_key(intended, key).as_slice()).ok()??.value()).ok()
+    }
+    fn set_hint(&mut self, _: &str, _: &[u8], _: Object) {
+        debug_assert!(false, "a read batch never writes");
+    }
+    fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
+        hints_in(&self.hints, key)
     }
 }
 
@@ -217,6 +260,15 @@ impl StorageWorker {
     }
 
     fn run_batch(&mut self, ops: Vec<ReplicaOp>) -> Result<Vec<ReplicaOutcome>, String> {
+        if ops.iter().all(|op| matches!(op, ReplicaOp::Read { .. })) {
+            // Reads alone need no commit, and so no fsync.
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let mut store = ReadStore {
+                objects: txn.open_table(OBJECTS).map_err(|e| e.to_string())?,
+                hints: txn.open_table(HINTS).map_err(|e| e.to_string())?,
+            };
+            return Ok(ops.into_iter().map(|op| replica::execute(&mut store, op, self.limits)).collect());
+        }
         let txn = self.begin()?;
         let (outcomes, deltas) = {
             let mut store = TxnStore { txn: &txn, deltas: Vec::new(), q: self.q, error: None };
@@ -432,7 +484,8 @@ mod tests {
     fn hint_keys_round_trip() {
         let k = hint_key("n3", b"user:1");
         assert_eq!(split_hint_key(&k), Some(("n3", b"user:1".as_slice())));
-        assert_eq!(split_hint_key(&[0, 9, b'a']), None);
+        assert_eq!(split_hint_key(&[0, 0, 0, 9, b'a']), None);
+        assert_eq!(split_hint_key(&hint_key("n3", b"")), Some(("n3", b"".as_slice())));
         assert_eq!(split_hint_key(&[]), None);
     }
 

@@ -1,0 +1,242 @@
+//! Real node processes on loopback for process-level tests: configs in a temp dir, one
+//! child process per node, every process killed when the harness is dropped.
+
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NODE: &str = env!("CARGO_BIN_EXE_ringkv-node");
+pub const CLI: &str = env!("CARGO_BIN_EXE_ringkv");
+
+pub struct Node {
+    pub id: String,
+    pub port: u16,
+    pub config: PathBuf,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub secret: String,
+    pub replicas: u32,
+    pub quorum: (u32, u32),
+    pub extra: String,
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// `n` nodes (not started), N = `replicas`, R and W as given.
+    pub fn new(n: usize, replicas: u32, r: u32, w: u32, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            dir,
+            nodes: Vec::new(),
+            secret: format!("test-{}", std::process::id()),
+            replicas,
+            quorum: (r, w),
+            extra: extra.to_string(),
+        };
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        for (i, port) in ports.iter().enumerate() {
+            let id = format!("n{}", i + 1);
+            let node = Node {
+                config: c.dir.path().join(format!("{id}.toml")),
+                data: c.dir.path().join("data").join(&id),
+                log: c.dir.path().join(format!("{id}.log")),
+                id,
+                port: *port,
+                child: None,
+            };
+            c.nodes.push(node);
+        }
+        for i in 0..n {
+            c.write_config(i, &c.secret.clone());
+        }
+        c
+    }
+
+    pub fn write_config(&self, i: usize, secret: &str) {
+        let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("\"127.0.0.1:{}\"", n.port)).collect();
+        let n = &self.nodes[i];
+        let text = format!(
+            r#"[node]
+id = "{id}"
+listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+seeds = [{seeds}]
+
+[cluster]
+name = "test"
+secret = "{secret}"
+partitions = 16
+replicas = {replicas}
+read_quorum = {r}
+write_quorum = {w}
+
+[gossip]
+interval_ms = 100
+
+[failure_detector]
+probe_interval_ms = 100
+probe_interval_max_ms = 500
+
+[coordinator]
+request_timeout_ms = 3000
+replica_timeout_ms = 500
+
+{extra}
+"#,
+            id = n.id,
+            port = n.port,
+            data = n.data.display(),
+            seeds = seeds.join(", "),
+            replicas = self.replicas,
+            r = self.quorum.0,
+            w = self.quorum.1,
+            extra = self.extra,
+        );
+        std::fs::write(&n.config, text).unwrap();
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).unwrap();
+        let child = Command::new(NODE)
+            .arg("--config")
+            .arg(&n.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        n.child = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: i32) {
+        if let Some(c) = &self.nodes[i].child {
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        self.cli_with(&self.nodes[i].config, args, None)
+    }
+
+    pub fn cli_with(&self, config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(CLI);
+        cmd.arg("--config").arg(config).arg("--json").args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(bytes) = stdin {
+            use std::io::Write;
+            let mut s = child.stdin.take().unwrap();
+            let _ = s.write_all(bytes);
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn json(&self, i: usize, args: &[&str]) -> (i32, serde_json::Value) {
+        let out = self.cli(i, args);
+        let doc = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.code().unwrap_or(-1), doc)
+    }
+
+    /// Sorted string values of a key through node `i`; None when the get failed.
+    pub fn values(&self, i: usize, key: &str) -> Option<Vec<String>> {
+        let (code, doc) = self.json(i, &["get", key]);
+        match code {
+            0 => {
+                let mut v: Vec<String> =
+                    doc["values"].as_array()?.iter().map(|v| v.as_str().unwrap_or("?").to_string()).collect();
+                v.sort();
+                Some(v)
+            }
+            1 => Some(Vec::new()),
+            _ => None,
+        }
+    }
+
+    /// Wait until every listed node sees all of them up with one ring epoch.
+    pub fn wait_settled(&self, which: &[usize], timeout: Duration) {
+        let ids: Vec<String> = which.iter().map(|&i| self.nodes[i].id.clone()).collect();
+        let ok = wait_until(timeout, || {
+            let mut epochs = Vec::new();
+            for &i in which {
+                let (code, st) = self.json(i, &["status"]);
+                if code != 0 {
+                    return false;
+                }
+                let up: Vec<&str> = st["members"]
+                    .as_array()
+                    .map(|ms| ms.iter().filter(|m| m["state"] == "up").filter_map(|m| m["id"].as_str()).collect())
+                    .unwrap_or_default();
+                if ids.iter().any(|id| !up.contains(&id.as_str())) {
+                    return false;
+                }
+                epochs.push(st["ring_epoch"].clone());
+            }
+            epochs.windows(2).all(|w| w[0] == w[1])
+        });
+        assert!(ok, "cluster did not settle:\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let t = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                format!("--- {} ---\n{}", n.id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.signal(i, libc::SIGCONT);
+            self.kill(i);
+        }
+    }
+}
+
+/// Poll `f` every 100 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

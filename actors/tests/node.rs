@@ -1,0 +1,182 @@
+//! Process-level tests of the node and the CLI: real `ringkv-node` processes on loopback.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{wait_until, Cluster, CLI, NODE};
+
+#[test]
+fn three_nodes_put_get_delete_and_siblings() {
+    let mut c = Cluster::new(3, 3, 2, 2, "");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+
+    let (code, doc) = c.json(0, &["put", "k1", "v1"]);
+    assert_eq!(code, 0, "{doc}");
+    assert!(doc["context"].is_string());
+    assert_eq!(c.values(1, "k1"), Some(vec!["v1".to_string()]));
+    assert_eq!(c.values(2, "nope"), Some(vec![]));
+
+    // Two blind writes, coordinated by different nodes and by the same node, stay siblings.
+    assert_eq!(c.json(0, &["put", "s", "a"]).0, 0);
+    assert_eq!(c.json(0, &["put", "s", "b"]).0, 0);
+    assert_eq!(c.json(2, &["put", "s", "c"]).0, 0);
+    assert_eq!(c.values(1, "s"), Some(vec!["a".into(), "b".into(), "c".into()]));
+    let (_, doc) = c.json(1, &["get", "s"]);
+    let ctx = doc["context"].as_str().unwrap().to_string();
+    assert_eq!(c.json(2, &["put", "s", "resolved", "--context", &ctx]).0, 0);
+    assert_eq!(c.values(0, "s"), Some(vec!["resolved".into()]));
+
+    // Delete without a context reads it first; the key is then missing everywhere.
+    assert_eq!(c.json(1, &["delete", "s"]).0, 0);
+    for i in 0..3 {
+        assert_eq!(c.values(i, "s"), Some(vec![]), "node {i}");
+    }
+    assert_eq!(c.json(1, &["delete", "s"]).0, 1, "deleting a missing key is not found");
+
+    // Values from stdin; binary values come back as base64.
+    let out = c.cli_with(&c.nodes[0].config, &["put", "bin", "-"], Some(&[0xff, 0x00, 0x01]));
+    assert_eq!(out.status.code(), Some(0));
+    let (_, doc) = c.json(2, &["get", "bin"]);
+    assert_eq!(doc["values"][0]["base64"], "/wAB");
+
+    // Bad input changes nothing and exits 2.
+    let big = vec![b'x'; (1 << 20) + 1];
+    assert_eq!(c.cli_with(&c.nodes[0].config, &["put", "big", "-"], Some(&big)).status.code(), Some(2));
+    assert_eq!(c.values(0, "big"), Some(vec![]));
+    assert_eq!(c.json(0, &["put", "k1", "x", "--context", "%%"]).0, 2);
+    assert_eq!(c.json(0, &["get", "k1", "--r", "4"]).0, 2);
+    assert_eq!(c.values(0, "k1"), Some(vec!["v1".to_string()]));
+
+    // Every partition has N distinct replicas and the replicas of k1's partition agree.
+    let (_, ring) = c.json(0, &["ring"]);
+    assert_eq!(ring["partitions"].as_array().unwrap().len(), 16);
+    let roots: Vec<serde_json::Value> = (0..3).map(|i| c.json(i, &["admin", "partitions"]).1).collect();
+    for p in 0..16u64 {
+        let rs: Vec<&serde_json::Value> = roots
+            .iter()
+            .filter_map(|d| d["partitions"].as_array().unwrap().iter().find(|e| e["partition"] == p))
+            .map(|e| &e["merkle_root"])
+            .collect();
+        assert_eq!(rs.len(), 3, "partition {p} listed by all three");
+    }
+}
+
+#[test]
+fn durable_node_killed_mid_writes_keeps_every_acknowledged_write() {
+    let mut c = Cluster::new(1, 1, 1, 1, "");
+    c.start(0);
+    c.wait_settled(&[0], Duration::from_secs(20));
+    // A writer in the background; kill the node while it runs.
+    let config = c.nodes[0].config.clone();
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0..400 {
+            let out = Command::new(CLI)
+                .arg("--config")
+                .arg(&config)
+                .args(["put", &format!("key{i}"), &format!("value{i}")])
+                .output()
+                .unwrap();
+            match out.status.code() {
+                Some(0) => acked.push(i),
+                _ => break,
+            }
+        }
+        acked
+    });
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&c.nodes[0].log).is_ok() && c.values(0, "key20").is_some_and(|v| !v.is_empty())
+    });
+    c.kill(0);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() >= 20, "the writer got some writes in before the kill");
+    c.start(0);
+    c.wait_settled(&[0], Duration::from_secs(20));
+    for i in acked {
+        assert_eq!(c.values(0, &format!("key{i}")), Some(vec![format!("value{i}")]), "acked write {i} lost");
+    }
+}
+
+#[test]
+fn wrong_secret_is_refused_and_garbage_does_not_stop_the_node() {
+    let mut c = Cluster::new(1, 1, 1, 1, "");
+    c.start(0);
+    c.wait_settled(&[0], Duration::from_secs(20));
+
+    let bad = c.dir.path().join("bad.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&c.nodes[0].config).unwrap().replace(&c.secret, "wrong")).unwrap();
+    let out = c.cli_with(&bad, &["get", "k"], None);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("secret"));
+
+    // Random datagrams at the QUIC port.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for len in [1usize, 20, 1200, 1500, 60000] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = sock.send_to(&bytes, ("127.0.0.1", c.nodes[0].port));
+    }
+    // A malformed frame on an authenticated connection is answered with an error.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (addr, creds, _) = ringkv_node::client::target(Some(&c.nodes[0].config), None).unwrap();
+        let ep = ringkv_node::net::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let conn = ringkv_node::net::connect(&ep, addr, &creds).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[1, 0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
+        send.finish().unwrap();
+        let reply = ringkv_node::net::read_message(&mut recv, 1 << 20).await.unwrap();
+        assert!(matches!(reply, ringkv::wire::Message::Error { .. }), "{reply:?}");
+        // An oversized frame header too.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[1, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        send.finish().unwrap();
+        let reply = ringkv_node::net::read_message(&mut recv, 1 << 20).await.unwrap();
+        assert!(matches!(reply, ringkv::wire::Message::Error { .. }), "{reply:?}");
+    });
+    assert_eq!(c.json(0, &["put", "after", "garbage"]).0, 0);
+    assert_eq!(c.values(0, "after"), Some(vec!["garbage".to_string()]));
+}
+
+#[test]
+fn bad_config_exits_non_zero_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("partitions = 64", "partitions = 48", "cluster.partitions"),
+        ("read_quorum = 2", "read_quorum = 5", "cluster.read_quorum"),
+        ("name = \"dev\"", "name = \"dev\"\nbogus = 1", "cluster.bogus"),
+    ];
+    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/cluster/n1.toml")).unwrap();
+    for (from, to, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, base.replace(from, to)).unwrap();
+        let out = Command::new(NODE).arg("--config").arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{key}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    // The client refuses the same file the same way.
+    let out = Command::new(CLI).arg("--config").arg(dir.path().join("bad.toml")).args(["get", "k"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // A port in use is a clear error, not a panic.
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = base.replace("listen = \"127.0.0.1:7101\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let cfg = cfg.replace("data_dir = \"data/n1\"", &format!("data_dir = \"{}\"", dir.path().join("d").display()));
+    let path = dir.path().join("port.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = Command::new(NODE).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"), "{}", String::from_utf8_lossy(&out.stderr));
+}
