@@ -4,9 +4,11 @@
 //! back the actions to carry out. The node in `actors/` moves bytes and time in and out.
 
 pub mod admission;
+pub mod anti_entropy;
 pub mod config;
 pub mod coordinator;
 pub mod failure_detector;
+pub mod handoff;
 pub mod membership;
 pub mod merkle;
 pub mod replica;

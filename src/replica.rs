@@ -6,9 +6,12 @@
 //! maps. Owned data and hinted data (replicas held for an unreachable node, §4.6) live in
 //! separate tables; a read on a fallback sees both.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::ring::NodeId;
+use crate::merkle::{leaf_of, MerkleTree};
+use crate::ring::{key_position, partition_of_position, NodeId};
 use crate::version::{Actor, Object, VersionVector};
 
 /// Where a replica's state for a key lives.
@@ -25,6 +28,16 @@ pub trait Store {
     fn set_hint(&mut self, intended: &str, key: &[u8], object: Object);
     /// Every hinted copy of `key`, whoever it is for.
     fn hints_of_key(&self, key: &[u8]) -> Vec<Object>;
+    /// Remove the hinted copy held for `intended`.
+    fn remove_hint(&mut self, intended: &str, key: &[u8]);
+    /// Up to `limit` hinted copies, in a stable order: (intended, key, object).
+    fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)>;
+    /// Owned objects of `partition` whose keys fall in `leaves` (all of them when None).
+    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)>;
+    /// The Merkle tree of `partition`.
+    fn tree(&self, partition: u32) -> MerkleTree;
+    /// Partitions holding at least one owned key.
+    fn partitions_held(&self) -> Vec<u32>;
 }
 
 /// Limits a replica enforces on writes.
@@ -54,6 +67,19 @@ pub enum ReplicaOp {
     Read { key: Vec<u8> },
     /// Merge a coordinator's object; with `hint`, into the hinted table for that node.
     Write { key: Vec<u8>, object: Object, hint: Option<NodeId> },
+    /// Anti-entropy responder: merge `objects`, then return every owned object of the
+    /// partition in `leaves`, so both sides end with the union.
+    Exchange { partition: u32, leaves: Vec<u32>, objects: Vec<(Vec<u8>, Object)> },
+    /// Objects of a partition in some leaves (or all).
+    ReadLeaves { partition: u32, leaves: Option<Vec<u32>> },
+    /// A partition's Merkle tree.
+    Tree { partition: u32 },
+    /// Up to `limit` held hints.
+    ScanHints { limit: usize },
+    /// Drop the hint held for `intended` if it still has this digest (it was delivered).
+    RemoveHint { intended: NodeId, key: Vec<u8>, digest: [u8; 16] },
+    /// Drop an owned key if it still has this digest (it was transferred to its owners).
+    RemoveObject { key: Vec<u8>, digest: [u8; 16] },
     /// Coordinate a client's write here: apply it under a new dot of `actor`.
     Coordinate {
         key: Vec<u8>,
@@ -66,6 +92,10 @@ pub enum ReplicaOp {
 }
 
 /// What an operation produced.
+///
+/// `Removed(true)` means local data was dropped: the caller must retire its dot-issuing
+/// [`Actor`] and use a fresh one, since a later coordination for that key could otherwise
+/// reissue a dot it already gave to a write that lives on elsewhere.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicaOutcome {
     Read(Option<Object>),
@@ -75,6 +105,11 @@ pub enum ReplicaOutcome {
     },
     /// The coordinated object to replicate, or why it was refused.
     Coordinated(Result<Object, ReplicaError>),
+    Objects(Vec<(Vec<u8>, Object)>),
+    Tree(MerkleTree),
+    Hints(Vec<(NodeId, Vec<u8>, Object)>),
+    /// Whether a conditional removal happened.
+    Removed(bool),
 }
 
 fn stored<S: Store>(store: &S, key: &[u8], hint: Option<&str>) -> Option<Object> {
@@ -91,9 +126,48 @@ fn save<S: Store>(store: &mut S, key: &[u8], hint: Option<&str>, object: Object)
     }
 }
 
+fn merge_into<S: Store>(store: &mut S, key: &[u8], hint: Option<&str>, object: Object) -> bool {
+    let old = stored(store, key, hint);
+    let merged = match &old {
+        Some(o) => o.merge(&object),
+        None => object,
+    };
+    let changed = old.as_ref() != Some(&merged);
+    if changed {
+        save(store, key, hint, merged);
+    }
+    changed
+}
+
 /// Carry out one operation against a store.
 pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) -> ReplicaOutcome {
     match op {
+        ReplicaOp::Exchange { partition, leaves, objects } => {
+            for (k, o) in objects {
+                merge_into(store, &k, None, o);
+            }
+            ReplicaOutcome::Objects(store.objects_in(partition, Some(&leaves)))
+        }
+        ReplicaOp::ReadLeaves { partition, leaves } => {
+            ReplicaOutcome::Objects(store.objects_in(partition, leaves.as_deref()))
+        }
+        ReplicaOp::Tree { partition } => ReplicaOutcome::Tree(store.tree(partition)),
+        ReplicaOp::ScanHints { limit } => ReplicaOutcome::Hints(store.scan_hints(limit)),
+        ReplicaOp::RemoveHint { intended, key, digest } => {
+            let current = store.hint(&intended, &key).map(|o| o.digest());
+            let remove = current == Some(digest);
+            if remove {
+                store.remove_hint(&intended, &key);
+            }
+            ReplicaOutcome::Removed(remove)
+        }
+        ReplicaOp::RemoveObject { key, digest } => {
+            let remove = store.object(&key).map(|o| o.digest()) == Some(digest);
+            if remove {
+                store.remove_object(&key);
+            }
+            ReplicaOutcome::Removed(remove)
+        }
         ReplicaOp::Read { key } => {
             let mut found = store.object(&key);
             for h in store.hints_of_key(&key) {
@@ -105,19 +179,15 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
             ReplicaOutcome::Read(found)
         }
         ReplicaOp::Write { key, object, hint } => {
-            let old = stored(store, &key, hint.as_deref());
-            let merged = match &old {
-                Some(o) => o.merge(&object),
-                None => object,
-            };
-            let changed = old.as_ref() != Some(&merged);
-            if changed {
-                save(store, &key, hint.as_deref(), merged);
-            }
-            ReplicaOutcome::Written { changed }
+            ReplicaOutcome::Written { changed: merge_into(store, &key, hint.as_deref(), object) }
         }
         ReplicaOp::Coordinate { key, context, value, hint, actor, now_ms } => {
-            let mut object = stored(store, &key, hint.as_deref()).unwrap_or_default();
+            // The new dot's counter must exceed every dot this actor issued for the key, and
+            // those may sit in the owned copy or in any hinted copy: start from all of them.
+            let mut object = store.object(&key).unwrap_or_default();
+            for h in store.hints_of_key(&key) {
+                object = object.merge(&h);
+            }
             let survivors = object.siblings().iter().filter(|s| !context.covers(s.dot)).count();
             if survivors + 1 > limits.max_siblings {
                 return ReplicaOutcome::Coordinated(Err(ReplicaError::TooManySiblings(survivors)));
@@ -129,11 +199,29 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
     }
 }
 
-/// An in-memory [`Store`], for tests and the simulation.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// An in-memory [`Store`], for tests and the simulation, with Merkle trees kept in step.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemStore {
-    pub objects: std::collections::BTreeMap<Vec<u8>, Object>,
-    pub hints: std::collections::BTreeMap<(NodeId, Vec<u8>), Object>,
+    pub q: u32,
+    pub objects: BTreeMap<Vec<u8>, Object>,
+    pub hints: BTreeMap<(NodeId, Vec<u8>), Object>,
+    pub trees: BTreeMap<u32, MerkleTree>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new(64)
+    }
+}
+
+impl MemStore {
+    pub fn new(q: u32) -> Self {
+        MemStore { q, objects: BTreeMap::new(), hints: BTreeMap::new(), trees: BTreeMap::new() }
+    }
+
+    pub fn partition(&self, key: &[u8]) -> u32 {
+        partition_of_position(key_position(key), self.q)
+    }
 }
 
 impl Store for MemStore {
@@ -141,10 +229,16 @@ impl Store for MemStore {
         self.objects.get(key).cloned()
     }
     fn set_object(&mut self, key: &[u8], object: Object) {
+        let p = self.partition(key);
+        let old = self.objects.get(key).map(|o| o.digest());
+        self.trees.entry(p).or_default().update(key, old.as_ref(), Some(&object.digest()));
         self.objects.insert(key.to_vec(), object);
     }
     fn remove_object(&mut self, key: &[u8]) {
-        self.objects.remove(key);
+        let p = self.partition(key);
+        if let Some(old) = self.objects.remove(key) {
+            self.trees.entry(p).or_default().update(key, Some(&old.digest()), None);
+        }
     }
     fn hint(&self, intended: &str, key: &[u8]) -> Option<Object> {
         self.hints.get(&(intended.to_string(), key.to_vec())).cloned()
@@ -154,6 +248,25 @@ impl Store for MemStore {
     }
     fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
         self.hints.iter().filter(|((_, k), _)| k == key).map(|(_, o)| o.clone()).collect()
+    }
+    fn remove_hint(&mut self, intended: &str, key: &[u8]) {
+        self.hints.remove(&(intended.to_string(), key.to_vec()));
+    }
+    fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)> {
+        self.hints.iter().take(limit).map(|((n, k), o)| (n.clone(), k.clone(), o.clone())).collect()
+    }
+    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| self.partition(k) == partition && leaves.is_none_or(|l| l.contains(&leaf_of(k))))
+            .map(|(k, o)| (k.clone(), o.clone()))
+            .collect()
+    }
+    fn tree(&self, partition: u32) -> MerkleTree {
+        self.trees.get(&partition).cloned().unwrap_or_default()
+    }
+    fn partitions_held(&self) -> Vec<u32> {
+        self.trees.iter().filter(|(_, t)| t.keys() > 0).map(|(p, _)| *p).collect()
     }
 }
 
@@ -201,6 +314,17 @@ mod tests {
             execute(&mut f, ReplicaOp::Read { key: b"k".to_vec() }, ReplicaLimits::default()),
             ReplicaOutcome::Read(Some(o))
         );
+    }
+
+    #[test]
+    fn coordination_counts_dots_in_every_local_copy() {
+        // The node held a hint for n3 that it coordinated; now it coordinates as owner.
+        let mut s = MemStore::default();
+        let first = coordinate(&mut s, &VersionVector::new(), b"x", Some("n3"));
+        let second = coordinate(&mut s, &VersionVector::new(), b"y", None);
+        let d1 = first.siblings()[0].dot;
+        assert!(second.siblings().iter().any(|x| x.dot == d1 && x.value.as_deref() == Some(b"x".as_slice())));
+        assert_eq!(second.siblings().len(), 2, "distinct dots, both values kept");
     }
 
     #[test]

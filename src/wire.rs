@@ -12,9 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::anti_entropy::AeMessage;
 use crate::coordinator::{ReplicaReply, ReplicaRequest};
 use crate::membership::Member;
-use crate::merkle::{DiffReply, DiffRequest};
 use crate::ring::NodeId;
 use crate::version::Object;
 
@@ -161,27 +161,19 @@ pub enum Message {
         members: Vec<Member>,
     },
 
-    /// Anti-entropy: compare trees of one partition, then exchange key digests and objects.
-    MerkleRequest {
+    /// Anti-entropy (Dynamo §4.7): one step of a Merkle exchange, and its answer.
+    AntiEntropy {
         id: u64,
-        partition: u32,
-        request: DiffRequest,
+        msg: AeMessage,
     },
-    MerkleReply {
+    /// Hinted handoff or partition transfer: merge these objects as owned data, durably.
+    Handoff {
         id: u64,
-        partition: u32,
-        reply: DiffReply,
-    },
-    KeyDigests {
-        id: u64,
-        partition: u32,
-        leaves: Vec<u32>,
-        digests: Vec<(Bytes, [u8; 16])>,
-    },
-    Objects {
-        id: u64,
-        partition: u32,
         objects: Vec<(Bytes, Object)>,
+    },
+    HandoffAck {
+        id: u64,
+        ok: bool,
     },
 
     /// A probe of liveness and its answer.
@@ -308,8 +300,14 @@ mod tests {
                 request: ReplicaRequest::Write { key: b"k".to_vec(), object: object(), hint: Some("n3".into()) },
             },
             Message::ReplicaReply { id: 3, reply: ReplicaReply::Outcome(ReplicaOutcome::Read(Some(object()))) },
-            Message::MerkleRequest { id: 4, partition: 9, request: DiffRequest { level: 1, nodes: vec![(3, 77)] } },
-            Message::KeyDigests { id: 5, partition: 9, leaves: vec![1], digests: vec![(b(b"k"), [3; 16])] },
+            Message::AntiEntropy {
+                id: 4,
+                msg: AeMessage::Diff {
+                    partition: 9,
+                    request: crate::merkle::DiffRequest { level: 1, nodes: vec![(3, 77)] },
+                },
+            },
+            Message::Handoff { id: 5, objects: vec![(b(b"k"), object())] },
             Message::Error { id: 6, kind: ErrorKind::Unavailable, message: "no quorum".into() },
         ]
     }

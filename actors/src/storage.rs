@@ -20,7 +20,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use ringkv::config::Durability as DurabilityMode;
 use ringkv::coordinator::ReplicaRequest;
 use ringkv::membership::Member;
-use ringkv::merkle::MerkleTree;
+use ringkv::merkle::{leaf_of, MerkleTree};
 use ringkv::replica::{self, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
 use ringkv::ring::partition_of_position;
 use ringkv::version::{Actor as DotActor, Object};
@@ -68,6 +68,49 @@ fn partition_of(key: &[u8], q: u32) -> usize {
     partition_of_position(ringkv::ring::key_position(key), q) as usize
 }
 
+/// The objects table key: the partition (so a partition is one range), then the key.
+fn object_key(key: &[u8], q: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len());
+    out.extend_from_slice(&(partition_of(key, q) as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// Owned objects of a partition, optionally only those in some Merkle leaves.
+fn objects_in_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    partition: u32,
+    leaves: Option<&[u32]>,
+) -> Vec<(Vec<u8>, Object)> {
+    let (lo, hi) = (partition.to_be_bytes(), (partition as u64 + 1).to_be_bytes());
+    let hi = if partition == u32::MAX { vec![0xff; 5] } else { hi[4..].to_vec() };
+    let Ok(range) = t.range(lo.as_slice()..hi.as_slice()) else { return Vec::new() };
+    range
+        .filter_map(|r| r.ok())
+        .filter_map(|(k, v)| {
+            let key = k.value().get(4..)?.to_vec();
+            if leaves.is_some_and(|l| !l.contains(&leaf_of(&key))) {
+                return None;
+            }
+            decode(v.value()).ok().map(|o| (key, o))
+        })
+        .collect()
+}
+
+fn scan_hints_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    limit: usize,
+) -> Vec<(String, Vec<u8>, Object)> {
+    let Ok(iter) = t.iter() else { return Vec::new() };
+    iter.filter_map(|r| r.ok())
+        .filter_map(|(k, v)| {
+            let (intended, key) = split_hint_key(k.value())?;
+            decode(v.value()).ok().map(|o| (intended.to_string(), key.to_vec(), o))
+        })
+        .take(limit)
+        .collect()
+}
+
 fn decode(bytes: &[u8]) -> Result<Object, String> {
     rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable stored object: {e}"))
 }
@@ -82,6 +125,7 @@ type TreeDelta = (usize, Vec<u8>, Option<[u8; 16]>, Option<[u8; 16]>);
 /// The core's `Store` over one redb write transaction.
 struct TxnStore<'a> {
     txn: &'a redb::WriteTransaction,
+    trees: &'a [MerkleTree],
     deltas: Vec<TreeDelta>,
     q: u32,
     error: Option<String>,
@@ -125,21 +169,23 @@ impl Store for TxnStore<'_> {
     fn object(&self, key: &[u8]) -> Option<Object> {
         // A read inside the write transaction; errors surface through `set_object` paths.
         let t = self.txn.open_table(OBJECTS).ok()?;
-        let g = t.get(key).ok()??;
+        let g = t.get(object_key(key, self.q).as_slice()).ok()??;
         decode(g.value()).ok()
     }
 
     fn set_object(&mut self, key: &[u8], object: Object) {
-        let old = self.get(OBJECTS, key).map(|o| o.digest());
-        self.put(OBJECTS, key, &object);
+        let ok = object_key(key, self.q);
+        let old = self.get(OBJECTS, &ok).map(|o| o.digest());
+        self.put(OBJECTS, &ok, &object);
         self.deltas.push((partition_of(key, self.q), key.to_vec(), old, Some(object.digest())));
     }
 
     fn remove_object(&mut self, key: &[u8]) {
-        let old = self.get(OBJECTS, key).map(|o| o.digest());
+        let ok = object_key(key, self.q);
+        let old = self.get(OBJECTS, &ok).map(|o| o.digest());
         match self.txn.open_table(OBJECTS) {
             Ok(mut t) => {
-                if let Err(e) = t.remove(key) {
+                if let Err(e) = t.remove(ok.as_slice()) {
                     self.fail(e);
                 }
             }
@@ -164,17 +210,56 @@ impl Store for TxnStore<'_> {
             Err(_) => Vec::new(),
         }
     }
+
+    fn remove_hint(&mut self, intended: &str, key: &[u8]) {
+        match self.txn.open_table(HINTS) {
+            Ok(mut t) => {
+                if let Err(e) = t.remove(hint_key(intended, key).as_slice()) {
+                    self.fail(e);
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn scan_hints(&self, limit: usize) -> Vec<(String, Vec<u8>, Object)> {
+        match self.txn.open_table(HINTS) {
+            Ok(t) => scan_hints_table(&t, limit),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
+        match self.txn.open_table(OBJECTS) {
+            Ok(t) => objects_in_table(&t, partition, leaves),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn tree(&self, partition: u32) -> MerkleTree {
+        self.trees.get(partition as usize).cloned().unwrap_or_default()
+    }
+
+    fn partitions_held(&self) -> Vec<u32> {
+        held(self.trees)
+    }
+}
+
+fn held(trees: &[MerkleTree]) -> Vec<u32> {
+    trees.iter().enumerate().filter(|(_, t)| t.keys() > 0).map(|(p, _)| p as u32).collect()
 }
 
 /// The core's `Store` over a redb read transaction, for batches of reads only.
-struct ReadStore {
+struct ReadStore<'a> {
     objects: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     hints: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    trees: &'a [MerkleTree],
+    q: u32,
 }
 
-impl Store for ReadStore {
+impl Store for ReadStore<'_> {
     fn object(&self, key: &[u8]) -> Option<Object> {
-        decode(self.objects.get(key).ok()??.value()).ok()
+        decode(self.objects.get(object_key(key, self.q).as_slice()).ok()??.value()).ok()
     }
     fn set_object(&mut self, _: &[u8], _: Object) {
         debug_assert!(false, "a read batch never writes");
@@ -190,6 +275,21 @@ impl Store for ReadStore {
     }
     fn hints_of_key(&self, key: &[u8]) -> Vec<Object> {
         hints_in(&self.hints, key)
+    }
+    fn remove_hint(&mut self, _: &str, _: &[u8]) {
+        debug_assert!(false, "a read batch never writes");
+    }
+    fn scan_hints(&self, limit: usize) -> Vec<(String, Vec<u8>, Object)> {
+        scan_hints_table(&self.hints, limit)
+    }
+    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
+        objects_in_table(&self.objects, partition, leaves)
+    }
+    fn tree(&self, partition: u32) -> MerkleTree {
+        self.trees.get(partition as usize).cloned().unwrap_or_default()
+    }
+    fn partitions_held(&self) -> Vec<u32> {
+        held(self.trees)
     }
 }
 
@@ -226,9 +326,9 @@ pub fn open(path: &Path, q: u32, durability: DurabilityMode, limits: ReplicaLimi
         let t = txn.open_table(OBJECTS).map_err(|e| e.to_string())?;
         for row in t.iter().map_err(|e| e.to_string())? {
             let (k, v) = row.map_err(|e| e.to_string())?;
-            match decode(v.value()) {
-                Ok(o) => trees[partition_of(k.value(), q)].insert(k.value(), &o.digest()),
-                Err(_) => bad += 1,
+            match (k.value().get(4..), decode(v.value())) {
+                (Some(key), Ok(o)) => trees[partition_of(key, q)].insert(key, &o.digest()),
+                _ => bad += 1,
             }
         }
     }
@@ -260,18 +360,29 @@ impl StorageWorker {
     }
 
     fn run_batch(&mut self, ops: Vec<ReplicaOp>) -> Result<Vec<ReplicaOutcome>, String> {
-        if ops.iter().all(|op| matches!(op, ReplicaOp::Read { .. })) {
+        let read_only = |op: &ReplicaOp| {
+            matches!(
+                op,
+                ReplicaOp::Read { .. }
+                    | ReplicaOp::ReadLeaves { .. }
+                    | ReplicaOp::Tree { .. }
+                    | ReplicaOp::ScanHints { .. }
+            )
+        };
+        if ops.iter().all(read_only) {
             // Reads alone need no commit, and so no fsync.
             let txn = self.db.begin_read().map_err(|e| e.to_string())?;
             let mut store = ReadStore {
                 objects: txn.open_table(OBJECTS).map_err(|e| e.to_string())?,
                 hints: txn.open_table(HINTS).map_err(|e| e.to_string())?,
+                trees: &self.trees,
+                q: self.q,
             };
             return Ok(ops.into_iter().map(|op| replica::execute(&mut store, op, self.limits)).collect());
         }
         let txn = self.begin()?;
         let (outcomes, deltas) = {
-            let mut store = TxnStore { txn: &txn, deltas: Vec::new(), q: self.q, error: None };
+            let mut store = TxnStore { txn: &txn, trees: &self.trees, deltas: Vec::new(), q: self.q, error: None };
             let outcomes: Vec<ReplicaOutcome> =
                 ops.into_iter().map(|op| replica::execute(&mut store, op, self.limits)).collect();
             if let Some(e) = store.error {
@@ -407,6 +518,10 @@ impl Storage {
                 let res = res.unwrap_or_else(|e| Err(format!("storage worker gone: {e}")));
                 match res {
                     Ok(outcomes) => {
+                        if outcomes.iter().any(|o| matches!(o, ReplicaOutcome::Removed(true))) {
+                            // Local data was dropped: never issue dots from this epoch again.
+                            act.actor = DotActor(rand::random());
+                        }
                         for (tx, out) in replies.into_iter().zip(outcomes) {
                             let _ = tx.send(Ok(out));
                         }
