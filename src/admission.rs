@@ -113,6 +113,11 @@ impl Admission {
         Ok(())
     }
 
+    /// The number of units of `work` that may run at once now.
+    pub fn budget(&self, work: Work) -> u32 {
+        self.budget.get(&work).copied().unwrap_or(0)
+    }
+
     /// Ask to start one unit of `work`; true means go, and [`release`](Self::release) when done.
     pub fn try_admit(&mut self, work: Work) -> bool {
         let budget = self.budget.get(&work).copied().unwrap_or(0);

@@ -367,11 +367,22 @@ impl Coordinator {
             return;
         }
         let late: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| matches!(self.slots[i].state, SlotState::Waiting { since_ms } if now_ms >= since_ms + self.timeouts.replica_ms))
+            .filter(|&i| matches!(self.slots[i].state, SlotState::Waiting { since_ms } if now_ms >= self.slot_deadline(since_ms)))
             .collect();
         for i in late {
             self.replace(i, now_ms);
         }
+    }
+
+    /// When a slot that has waited since `since_ms` counts as failed. A forwarded put runs a
+    /// whole put remotely (which may itself wait out a replica), so it gets half of what is
+    /// left of the request's time, leaving the other half for one retry elsewhere.
+    fn slot_deadline(&self, since_ms: u64) -> u64 {
+        let wait = match self.phase {
+            Phase::Forwarding => self.timeouts.replica_ms.max(self.timeouts.deadline_ms.saturating_sub(since_ms) / 2),
+            _ => self.timeouts.replica_ms,
+        };
+        since_ms + wait
     }
 
     /// Slot `i` failed: mark it and send its work to the next spare node.
@@ -381,6 +392,16 @@ impl Coordinator {
             // The local write failed: nothing was stored, so nothing can be acknowledged.
             self.fail(ErrorKind::Internal, "the local replica could not apply the write");
             return;
+        }
+        if self.phase == Phase::Forwarding {
+            // Forward to the next chosen target before any fallback.
+            if let Some(j) = self.slots.iter().position(|s| s.state == SlotState::Idle) {
+                let Operation::Put { context, value, w, .. } = self.op.clone() else { return };
+                self.slots[j].state = SlotState::Waiting { since_ms: now_ms };
+                let request = ReplicaRequest::Forward { key: self.key.clone(), context, value, w: w as u8 };
+                self.outbox.push_back(Action::Send { to: self.slots[j].node.clone(), request });
+                return;
+            }
         }
         let Some(next) = self.spare.pop_front() else {
             self.check_hopeless();
@@ -487,7 +508,7 @@ impl Coordinator {
             .slots
             .iter()
             .filter_map(|s| match s.state {
-                SlotState::Waiting { since_ms } => Some(since_ms + self.timeouts.replica_ms),
+                SlotState::Waiting { since_ms } => Some(self.slot_deadline(since_ms)),
                 _ => None,
             })
             .min();
@@ -655,11 +676,26 @@ mod tests {
         assert!(matches!(&a[..], [Action::Send { to, request: ReplicaRequest::Forward { w: 2, .. } }] if to == "a"));
         c.handle_failure(1, "a");
         let a = drain(&mut c);
-        assert!(matches!(&a[..], [Action::Send { to, request: ReplicaRequest::Forward { .. } }] if to == "d"));
+        assert!(matches!(&a[..], [Action::Send { to, request: ReplicaRequest::Forward { .. } }] if to == "b"));
         let ok = ClientResponse::Written { context: "x".into() };
-        c.handle_reply(2, "d", ReplicaReply::Forwarded(ok.clone()));
+        c.handle_reply(2, "b", ReplicaReply::Forwarded(ok.clone()));
         assert_eq!(replies(&drain(&mut c)), vec![ok]);
         assert!(c.is_finished());
+    }
+
+    #[test]
+    fn a_slow_forward_gets_half_the_remaining_time_before_a_retry() {
+        let mut c = put("z", 2, &[]);
+        drain(&mut c);
+        // The replica timeout (100) is not enough for a whole remote put.
+        c.handle_timeout(100);
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.poll_timeout(), Some(500));
+        c.handle_timeout(500);
+        let a = drain(&mut c);
+        assert!(matches!(&a[..], [Action::Send { to, request: ReplicaRequest::Forward { .. } }] if to == "b"));
+        c.handle_reply(600, "b", ReplicaReply::Forwarded(ClientResponse::Written { context: "x".into() }));
+        assert!(matches!(replies(&drain(&mut c))[..], [ClientResponse::Written { .. }]));
     }
 
     #[test]

@@ -87,3 +87,15 @@ impl Handler<Release> for AdmissionActor {
         self.core.release(m.0)
     }
 }
+
+/// The budget in force now for one kind of work (limits and latency feedback).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Budget(pub Work);
+
+impl Handler<Budget> for AdmissionActor {
+    type Result = usize;
+    fn handle(&mut self, m: Budget, _: &mut Context<Self>) -> usize {
+        self.core.budget(m.0) as usize
+    }
+}

@@ -24,6 +24,7 @@ use crate::clock::{mono_ms, wall_ms};
 use crate::coordinator::{CoordinatorActor, Stages};
 use crate::failure_detector::Unreachable;
 use crate::gossiper::{Gossiper, Leave, View};
+use crate::handoff::PendingTransfers;
 use crate::storage::{Answer, Query};
 use crate::transport::Block;
 
@@ -53,6 +54,7 @@ pub struct ClientApi {
     unreachable: BTreeSet<NodeId>,
     inflight: Rc<Cell<u32>>,
     next_id: u64,
+    transfers: u64,
 }
 
 impl ClientApi {
@@ -69,6 +71,7 @@ impl ClientApi {
             unreachable: BTreeSet::new(),
             inflight: Rc::new(Cell::new(0)),
             next_id: 1,
+            transfers: 0,
         }
     }
 
@@ -190,13 +193,14 @@ impl ClientApi {
             .collect();
         let head = json!({"node": self.me, "ring_epoch": self.epoch, "members": members});
         let storage = self.stages.storage.clone();
+        let transfers = self.transfers;
         Box::pin(async move {
             let hints = match storage.send(Query::HintCounts).await {
                 Ok(Ok(Answer::HintCounts(c))) => c.values().sum::<u64>(),
                 _ => 0,
             };
             let mut doc = head;
-            doc["pending"] = json!({"hints": hints, "transfers": 0});
+            doc["pending"] = json!({"hints": hints, "transfers": transfers});
             document(doc)
         })
     }
@@ -299,13 +303,14 @@ impl Handler<ClientCall> for ClientApi {
                 })
             }
             ClientRequest::Leave { node } => {
-                // Leaving needs partition transfer (hand the data away first); until that
-                // lands, refuse rather than drop a replica's data.
-                let _ = (&self.gossiper, Leave(node));
-                ready(error(
-                    ErrorKind::Refused,
-                    "leave is not available yet: partition transfer is not built; the node keeps its data",
-                ))
+                let Some(g) = self.gossiper.clone() else { return ready(error(ErrorKind::Internal, "no gossiper")) };
+                Box::pin(async move {
+                    match g.send(Leave(node.clone())).await {
+                        Ok(Ok(())) => document(json!({"leaving": node})),
+                        Ok(Err(e)) => error(ErrorKind::BadRequest, e.to_string()),
+                        Err(e) => error(ErrorKind::Internal, e.to_string()),
+                    }
+                })
             }
             ClientRequest::FaultBlock { .. } | ClientRequest::FaultUnblock if !self.config.testing.fault_injection => {
                 ready(error(
@@ -367,5 +372,12 @@ impl Handler<SetGossiper> for ClientApi {
     type Result = ();
     fn handle(&mut self, m: SetGossiper, _: &mut Context<Self>) {
         self.gossiper = Some(m.0);
+    }
+}
+
+impl Handler<PendingTransfers> for ClientApi {
+    type Result = ();
+    fn handle(&mut self, m: PendingTransfers, _: &mut Context<Self>) {
+        self.transfers = m.0;
     }
 }

@@ -168,3 +168,30 @@ impl Handler<Leave> for Gossiper {
         Ok(())
     }
 }
+
+/// This node handed every partition away: record it as left.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MarkLeft;
+
+impl Handler<MarkLeft> for Gossiper {
+    type Result = ();
+    fn handle(&mut self, _: MarkLeft, ctx: &mut Context<Self>) {
+        let me = self.core.id().clone();
+        self.core.mark_left(&me);
+        self.drain(ctx);
+    }
+}
+
+/// Another stage that routes by the view.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe(pub Recipient<View>);
+
+impl Handler<Subscribe> for Gossiper {
+    type Result = ();
+    fn handle(&mut self, m: Subscribe, _: &mut Context<Self>) {
+        self.listeners.push(m.0);
+        self.publish();
+    }
+}

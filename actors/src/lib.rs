@@ -9,6 +9,7 @@
 //! the CLI uses, [`dev`] the one-command local cluster.
 
 pub mod admission;
+pub mod anti_entropy;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod coordinator;
 pub mod dev;
 pub mod failure_detector;
 pub mod gossiper;
+pub mod handoff;
 pub mod net;
 pub mod node;
 pub mod router;

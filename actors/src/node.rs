@@ -8,18 +8,22 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use ringkv::admission::Admission;
+use ringkv::anti_entropy::AntiEntropy;
 use ringkv::config::{Config, Durability};
 use ringkv::failure_detector::FailureDetector;
+use ringkv::handoff::Handoff;
 use ringkv::membership::{Identity, Membership};
 use ringkv::replica::ReplicaLimits;
 use ringkv::version::Actor as DotActor;
 use ringkv::wire::FRAME_BYTES_MAX_DEFAULT;
 
 use crate::admission::AdmissionActor;
+use crate::anti_entropy::AntiEntropyActor;
 use crate::client_api::{ClientApi, SetGossiper};
 use crate::coordinator::Stages;
 use crate::failure_detector::FailureDetectorActor;
-use crate::gossiper::{Gossiper, SetFailureDetector};
+use crate::gossiper::{Gossiper, SetFailureDetector, Subscribe};
+use crate::handoff::HandoffActor;
 use crate::net::{self, Credentials};
 use crate::router::Router;
 use crate::storage::{self, Query, Storage, StorageWorker};
@@ -161,12 +165,41 @@ async fn start_and_wait(
     );
     let gossiper =
         Gossiper::new(membership, transport.clone(), storage.clone(), vec![client_api.clone().recipient()]).start();
+    let now = crate::clock::mono_ms();
+    let n = config.cluster.replicas as usize;
+    let handoff = HandoffActor::new(
+        Handoff::new(config.handoff.interval_ms, 30_000, config.handoff.batch_keys as usize, now),
+        me.clone(),
+        n,
+        storage.clone(),
+        transport.clone(),
+        admission.clone(),
+        gossiper.clone(),
+        vec![client_api.clone().recipient()],
+    )
+    .start();
+    let anti_entropy = AntiEntropyActor::new(
+        AntiEntropy::new(config.anti_entropy.interval_ms, 30_000, now),
+        me.clone(),
+        n,
+        storage.clone(),
+        transport.clone(),
+        admission.clone(),
+    )
+    .start();
+    gossiper.do_send(Subscribe(handoff.clone().recipient()));
+    gossiper.do_send(Subscribe(anti_entropy.clone().recipient()));
     let fd_core =
         FailureDetector::new(config.failure_detector.probe_interval_ms, config.failure_detector.probe_interval_max_ms);
     fd_ctx.run(FailureDetectorActor::new(
         fd_core,
         transport.clone(),
-        vec![client_api.clone().recipient(), gossiper.clone().recipient()],
+        vec![
+            client_api.clone().recipient(),
+            gossiper.clone().recipient(),
+            handoff.clone().recipient(),
+            anti_entropy.clone().recipient(),
+        ],
     ));
     gossiper.do_send(SetFailureDetector(fd_addr.clone()));
     client_api.do_send(SetGossiper(gossiper.clone()));

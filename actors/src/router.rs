@@ -9,7 +9,10 @@ use ringkv::wire::{ClientResponse, ErrorKind, Message};
 use crate::client_api::{ClientApi, ClientCall, Forwarded};
 use crate::failure_detector::{FailureDetectorActor, Report};
 use crate::gossiper::{Gossiper, IncomingGossip};
-use crate::storage::{Execute, Storage};
+use crate::storage::{Execute, Run, Storage};
+use ringkv::anti_entropy::AeMessage;
+use ringkv::merkle::respond;
+use ringkv::replica::{ReplicaOp, ReplicaOutcome};
 
 #[derive(Clone)]
 pub struct Router {
@@ -56,6 +59,31 @@ impl Router {
                 Err(e) => internal(0, e),
             },
             Message::Ping { id } => Message::Pong { id },
+            Message::Handoff { id, objects } => {
+                // Merge every object as owned data; acknowledge once all are durable.
+                let writes = objects.into_iter().map(|(key, object)| {
+                    self.storage.send(Run(ReplicaOp::Write { key: key.into_vec(), object, hint: None }))
+                });
+                let results = futures::future::join_all(writes).await;
+                let ok = results.iter().all(|r| matches!(r, Ok(Ok(ReplicaOutcome::Written { .. }))));
+                Message::HandoffAck { id, ok }
+            }
+            Message::AntiEntropy { id, msg: AeMessage::Diff { partition, request } } => {
+                match self.storage.send(Run(ReplicaOp::Tree { partition })).await {
+                    Ok(Ok(ReplicaOutcome::Tree(tree))) => {
+                        Message::AntiEntropy { id, msg: AeMessage::DiffReply { reply: respond(&tree, &request) } }
+                    }
+                    other => internal(id, format!("{other:?}")),
+                }
+            }
+            Message::AntiEntropy { id, msg: AeMessage::Exchange { partition, leaves, objects } } => {
+                match self.storage.send(Run(ReplicaOp::Exchange { partition, leaves, objects })).await {
+                    Ok(Ok(ReplicaOutcome::Objects(objects))) => {
+                        Message::AntiEntropy { id, msg: AeMessage::ExchangeReply { objects } }
+                    }
+                    other => internal(id, format!("{other:?}")),
+                }
+            }
             other => Message::Error {
                 id: 0,
                 kind: ErrorKind::BadRequest,

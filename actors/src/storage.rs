@@ -421,12 +421,15 @@ pub enum Query {
     SaveMembers(Vec<Member>),
     /// Make buffered commits durable.
     Flush,
+    /// Partitions holding at least one owned key.
+    Held,
 }
 
 #[derive(Debug)]
 pub enum Answer {
     Partitions(Vec<(u32, u64, String)>),
     HintCounts(BTreeMap<String, u64>),
+    Held(Vec<u32>),
     Done,
 }
 
@@ -464,6 +467,7 @@ impl Handler<Query> for StorageWorker {
                 txn.commit().map_err(|e| e.to_string())?;
                 Ok(Answer::Done)
             }
+            Query::Held => Ok(Answer::Held(held(&self.trees))),
             Query::Flush => {
                 let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
                 txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
@@ -558,6 +562,30 @@ impl Actor for Storage {
 #[rtype(result = "Result<ReplicaOutcome, String>")]
 pub struct Execute(pub ReplicaRequest);
 
+impl Storage {
+    fn enqueue(&mut self, op: ReplicaOp, ctx: &mut Context<Self>) -> ResponseFuture<Result<ReplicaOutcome, String>> {
+        if self.pending.len() >= self.pending_max {
+            return Box::pin(async { Err("storage overloaded".into()) });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.push_back((op, tx));
+        self.kick(ctx);
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err("storage stopped".into())) })
+    }
+}
+
+/// Run any replica operation (background stages use these).
+#[derive(Message)]
+#[rtype(result = "Result<ReplicaOutcome, String>")]
+pub struct Run(pub ReplicaOp);
+
+impl Handler<Run> for Storage {
+    type Result = ResponseFuture<Result<ReplicaOutcome, String>>;
+    fn handle(&mut self, msg: Run, ctx: &mut Context<Self>) -> Self::Result {
+        self.enqueue(msg.0, ctx)
+    }
+}
+
 impl Handler<Execute> for Storage {
     type Result = ResponseFuture<Result<ReplicaOutcome, String>>;
 
@@ -572,13 +600,7 @@ impl Handler<Execute> for Storage {
                 return Box::pin(async { Err("a forwarded put is not a storage operation".into()) })
             }
         };
-        if self.pending.len() >= self.pending_max {
-            return Box::pin(async { Err("storage overloaded".into()) });
-        }
-        let (tx, rx) = oneshot::channel();
-        self.pending.push_back((op, tx));
-        self.kick(ctx);
-        Box::pin(async move { rx.await.unwrap_or_else(|_| Err("storage stopped".into())) })
+        self.enqueue(op, ctx)
     }
 }
 

@@ -240,3 +240,86 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+impl Cluster {
+    /// Each partition's replicas (as node `via` sees the ring), among `live`, list it with
+    /// one Merkle root. Returns why not, when not.
+    pub fn converged(&self, live: &[usize]) -> Result<(), String> {
+        let (code, ring) = self.json(live[0], &["ring"]);
+        if code != 0 {
+            return Err("no ring".into());
+        }
+        let mut roots: std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>> = Default::default();
+        for &i in live {
+            let (code, doc) = self.json(i, &["admin", "partitions"]);
+            if code != 0 {
+                return Err(format!("{}: admin partitions failed", self.nodes[i].id));
+            }
+            for p in doc["partitions"].as_array().into_iter().flatten() {
+                let part = p["partition"].as_u64().unwrap_or(u64::MAX);
+                let root = p["merkle_root"].as_str().unwrap_or_default().to_string();
+                roots.entry(part).or_default().insert(self.nodes[i].id.clone(), root);
+            }
+        }
+        let live_ids: Vec<String> = live.iter().map(|&i| self.nodes[i].id.clone()).collect();
+        for p in ring["partitions"].as_array().into_iter().flatten() {
+            let part = p["partition"].as_u64().unwrap_or(u64::MAX);
+            let want: Vec<String> = p["preference_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(String::from))
+                .filter(|x| live_ids.contains(x))
+                .collect();
+            let have = roots.get(&part).cloned().unwrap_or_default();
+            let rs: BTreeSet<Option<&String>> = want.iter().map(|n| have.get(n)).collect();
+            if rs.len() != 1 || rs.contains(&None) {
+                return Err(format!("partition {part}: roots differ across {want:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status_pending(&self, i: usize) -> (u64, u64) {
+        let (_, st) = self.json(i, &["status"]);
+        (st["pending"]["hints"].as_u64().unwrap_or(u64::MAX), st["pending"]["transfers"].as_u64().unwrap_or(u64::MAX))
+    }
+
+    /// Wait for `cond`, failing with the logs and the last reason.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<(), String>) -> Duration {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match cond() {
+                Ok(()) => return start.elapsed(),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("{what} not reached in {timeout:?}: {last}\n{}", self.logs());
+    }
+
+    /// Write keys `prefix0..prefixN` through rotating nodes in `via`; returns the acknowledged ones.
+    /// Values are `v-{prefix}{k}{tag}`; failures are printed with their error.
+    pub fn write_keys(&self, via: &[usize], prefix: &str, n: usize, tag: &str) -> Vec<(String, String)> {
+        let mut acked = Vec::new();
+        for k in 0..n {
+            let (key, value) = (format!("{prefix}{k}"), format!("v-{prefix}{k}{tag}"));
+            let i = via[k % via.len()];
+            let out = self.cli(i, &["put", &key, &value]);
+            if out.status.code() == Some(0) {
+                acked.push((key, value));
+            } else {
+                eprintln!(
+                    "put {key} via {} failed ({:?}): {}",
+                    self.nodes[i].id,
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        acked
+    }
+}
+
+use std::collections::BTreeSet;

@@ -1,0 +1,208 @@
+//! The Handoff stage: drives the core's `Handoff` machine. Every tick it asks Admission for
+//! the handoff budget, lists the partitions this node holds but no longer replicates
+//! (transfers pending after a join or leave), and carries out the machine's actions: scan
+//! hints or a foreign partition in storage, send batches to their targets, and drop what was
+//! delivered once every target acknowledged. A leaving node that has handed everything away
+//! records itself as left.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use actix::prelude::*;
+use ringkv::admission::Work;
+use ringkv::handoff::{Handoff, HandoffAction};
+use ringkv::membership::MemberState;
+use ringkv::replica::{ReplicaOp, ReplicaOutcome};
+use ringkv::ring::{NodeId, Ring};
+use ringkv::wire::{Bytes, Message};
+
+use crate::admission::{AdmissionActor, Budget};
+use crate::clock::mono_ms;
+use crate::failure_detector::Unreachable;
+use crate::gossiper::{Gossiper, MarkLeft, View};
+use crate::storage::{Answer, Query, Run, Storage};
+use crate::transport::{Call, Dest, Transport};
+
+/// Partitions waiting to be transferred away, for `ringkv status`.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct PendingTransfers(pub u64);
+
+pub struct HandoffActor {
+    core: Handoff,
+    me: NodeId,
+    n: usize,
+    ring: Option<Ring>,
+    leaving: bool,
+    unreachable: BTreeSet<NodeId>,
+    storage: Addr<Storage>,
+    transport: Addr<Transport>,
+    admission: Addr<AdmissionActor>,
+    gossiper: Addr<Gossiper>,
+    listeners: Vec<Recipient<PendingTransfers>>,
+    tick_busy: bool,
+    call_timeout: Duration,
+}
+
+impl HandoffActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Handoff,
+        me: NodeId,
+        n: usize,
+        storage: Addr<Storage>,
+        transport: Addr<Transport>,
+        admission: Addr<AdmissionActor>,
+        gossiper: Addr<Gossiper>,
+        listeners: Vec<Recipient<PendingTransfers>>,
+    ) -> Self {
+        HandoffActor {
+            core,
+            me,
+            n,
+            ring: None,
+            leaving: false,
+            unreachable: BTreeSet::new(),
+            storage,
+            transport,
+            admission,
+            gossiper,
+            listeners,
+            tick_busy: false,
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.tick_busy {
+            return;
+        }
+        self.tick_busy = true;
+        let storage = self.storage.clone();
+        let admission = self.admission.clone();
+        async move {
+            let budget = admission.send(Budget(Work::Handoff)).await.unwrap_or(0);
+            let held = match storage.send(Query::Held).await {
+                Ok(Ok(Answer::Held(h))) => h,
+                _ => Vec::new(),
+            };
+            (budget, held)
+        }
+        .into_actor(self)
+        .map(|(budget, held), act, ctx| {
+            act.tick_busy = false;
+            let Some(ring) = &act.ring else { return };
+            let mine: BTreeSet<u32> = ring.replicated_by(&act.me, act.n).into_iter().collect();
+            let foreign: Vec<u32> = held.iter().copied().filter(|p| !mine.contains(p)).collect();
+            for l in &act.listeners {
+                l.do_send(PendingTransfers(foreign.len() as u64));
+            }
+            if act.leaving && held.is_empty() && act.core.inflight() == 0 {
+                tracing::info!("every partition handed away: leaving the ring");
+                act.gossiper.do_send(MarkLeft);
+            }
+            act.core.handle_tick(mono_ms(), &foreign, budget);
+            act.drain(ctx);
+        })
+        .spawn(ctx);
+    }
+
+    fn run(&self, op: ReplicaOp) -> impl std::future::Future<Output = Option<ReplicaOutcome>> {
+        let s = self.storage.clone();
+        async move { s.send(Run(op)).await.ok().and_then(|r| r.ok()) }
+    }
+
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                HandoffAction::ScanHints { limit } => {
+                    self.run(ReplicaOp::ScanHints { limit })
+                        .into_actor(self)
+                        .map(|out, act, ctx| {
+                            let hints = match out {
+                                Some(ReplicaOutcome::Hints(h)) => h,
+                                _ => Vec::new(),
+                            };
+                            let unreachable = act.unreachable.clone();
+                            act.core.handle_hints(mono_ms(), hints, |n| !unreachable.contains(n));
+                            act.drain(ctx);
+                        })
+                        .spawn(ctx);
+                }
+                HandoffAction::ScanPartition { partition, limit } => {
+                    self.run(ReplicaOp::ReadLeaves { partition, leaves: None })
+                        .into_actor(self)
+                        .map(move |out, act, ctx| {
+                            let mut objects = match out {
+                                Some(ReplicaOutcome::Objects(o)) => o,
+                                _ => Vec::new(),
+                            };
+                            objects.truncate(limit);
+                            let owners = act
+                                .ring
+                                .as_ref()
+                                .map(|r| r.preference_list(partition, act.n).primaries)
+                                .unwrap_or_default();
+                            let unreachable = act.unreachable.clone();
+                            act.core
+                                .handle_foreign(mono_ms(), partition, objects, owners, |n| !unreachable.contains(n));
+                            act.drain(ctx);
+                        })
+                        .spawn(ctx);
+                }
+                HandoffAction::Send { id, to, objects } => {
+                    let objects: Vec<(Bytes, ringkv::version::Object)> =
+                        objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
+                    for target in to {
+                        let msg = Message::Handoff { id, objects: objects.clone() };
+                        self.transport
+                            .send(Call { to: Dest::Node(target.clone()), msg, timeout: self.call_timeout })
+                            .into_actor(self)
+                            .map(move |res, act, ctx| {
+                                let ok = matches!(res, Ok(Ok(Message::HandoffAck { ok: true, .. })));
+                                act.core.handle_ack(id, &target, ok);
+                                act.drain(ctx);
+                            })
+                            .spawn(ctx);
+                    }
+                }
+                HandoffAction::RemoveHints { intended, keys } => {
+                    tracing::info!(%intended, keys = keys.len(), "hints delivered");
+                    for (key, digest) in keys {
+                        self.storage.do_send(Run(ReplicaOp::RemoveHint { intended: intended.clone(), key, digest }));
+                    }
+                }
+                HandoffAction::RemoveObjects { keys } => {
+                    tracing::info!(keys = keys.len(), "keys transferred to their new owners");
+                    for (key, digest) in keys {
+                        self.storage.do_send(Run(ReplicaOp::RemoveObject { key, digest }));
+                    }
+                }
+                HandoffAction::Finished { .. } => {}
+            }
+        }
+    }
+}
+
+impl Actor for HandoffActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(64 * 1024);
+        ctx.run_interval(Duration::from_millis(100), |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<View> for HandoffActor {
+    type Result = ();
+    fn handle(&mut self, v: View, _: &mut Context<Self>) {
+        self.leaving = v.members.iter().any(|m| m.id == self.me && m.state == MemberState::Leaving);
+        self.ring = v.ring;
+    }
+}
+
+impl Handler<Unreachable> for HandoffActor {
+    type Result = ();
+    fn handle(&mut self, m: Unreachable, _: &mut Context<Self>) {
+        self.unreachable = m.0;
+    }
+}

@@ -1,0 +1,190 @@
+//! The paper's failure handling on real node processes: sloppy quorum and hinted handoff,
+//! anti-entropy refilling a wiped node, join and leave moving partitions, a network
+//! partition healed, a paused node. Each scenario checks data, and prints how long
+//! convergence took.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+
+const AE_PAUSED: &str = "[anti_entropy]\ninterval_ms = 500\nmax_inflight = 0\n[handoff]\ninterval_ms = 300\n";
+const AE_ON: &str = "[anti_entropy]\ninterval_ms = 500\nmax_inflight = 2\n[handoff]\ninterval_ms = 300\n";
+
+fn all_read_back(c: &Cluster, via: usize, acked: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in acked {
+        match c.values(via, k) {
+            Some(vals) if vals.contains(v) => {}
+            other => return Err(format!("{k}: expected {v}, read {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn killed_node_gets_its_writes_back_through_hinted_handoff() {
+    let mut c = Cluster::new(5, 3, 2, 3, AE_PAUSED);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let before = c.write_keys(&[0, 1, 2, 3], "pre", 30, "");
+    assert_eq!(before.len(), 30);
+    c.kill(4);
+    // W=3 with a primary down: fallbacks take hinted replicas and the writes succeed.
+    let during = c.write_keys(&[0, 1, 2, 3], "during", 40, "");
+    assert_eq!(during.len(), 40, "every write succeeded through fallbacks\n{}", c.logs());
+    let hinted: u64 = (0..4)
+        .map(|i| {
+            let (_, doc) = c.json(i, &["admin", "hints"]);
+            doc["hints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["for"] == "n5")
+                .map(|h| h["count"].as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(hinted > 0, "hints for n5 are listed");
+    c.start(4);
+    let took = c.wait_for("hints drained and replicas equal", Duration::from_secs(60), || {
+        for i in 0..5 {
+            let (hints, _) = c.status_pending(i);
+            if hints != 0 {
+                return Err(format!("{} holds {hints} hints", c.nodes[i].id));
+            }
+        }
+        c.converged(&[0, 1, 2, 3, 4])
+    });
+    println!("hinted handoff: converged {took:?} after the restart");
+    all_read_back(&c, 4, &before).unwrap();
+    all_read_back(&c, 4, &during).unwrap();
+}
+
+#[test]
+fn wiped_node_is_refilled_by_anti_entropy_once_allowed() {
+    let mut c = Cluster::new(4, 3, 2, 2, AE_PAUSED);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    let acked = c.write_keys(&[0, 1, 2, 3], "k", 60, "");
+    assert_eq!(acked.len(), 60);
+    c.kill(3);
+    std::fs::remove_dir_all(&c.nodes[3].data).unwrap();
+    c.start(3);
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.converged(&[0, 1, 2, 3]).is_err(), "with anti-entropy paused the wiped replica stays empty");
+    for i in 0..4 {
+        let (code, doc) = c.json(i, &["admin", "limits", "set", "anti_entropy.max_inflight=2"]);
+        assert_eq!((code, doc["anti_entropy.max_inflight"].as_i64()), (0, Some(2)));
+    }
+    let took = c.wait_for("anti-entropy convergence", Duration::from_secs(60), || c.converged(&[0, 1, 2, 3]));
+    println!("anti-entropy: converged {took:?} after the limit was raised");
+    // Read with R=1 from the wiped node's point of view: every key is there.
+    for (k, v) in &acked {
+        let (code, doc) = c.json(3, &["get", k, "--r", "3"]);
+        assert_eq!(code, 0, "{k}");
+        assert!(doc["values"].as_array().unwrap().iter().any(|x| x == v.as_str()));
+    }
+}
+
+#[test]
+fn a_node_joins_a_loaded_cluster_and_later_leaves() {
+    let mut c = Cluster::new(5, 3, 2, 2, AE_ON);
+    for i in 0..4 {
+        c.start(i);
+    }
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    let acked = c.write_keys(&[0, 1, 2, 3], "j", 80, "");
+    assert_eq!(acked.len(), 80);
+    c.start(4);
+    c.wait_settled(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let took = c.wait_for("join: transfers done and replicas equal", Duration::from_secs(90), || {
+        for i in 0..5 {
+            let (hints, transfers) = c.status_pending(i);
+            if transfers != 0 || hints != 0 {
+                return Err(format!("{} pending hints {hints} transfers {transfers}", c.nodes[i].id));
+            }
+        }
+        c.converged(&[0, 1, 2, 3, 4])
+    });
+    println!("join: converged {took:?} after n5 was up");
+    let (_, st) = c.json(4, &["admin", "partitions"]);
+    assert!(st["partitions"].as_array().unwrap().iter().any(|p| p["keys"].as_u64().unwrap() > 0), "n5 received data");
+    all_read_back(&c, 4, &acked).unwrap();
+
+    // n5 leaves: it hands everything away, then is recorded as left.
+    let (code, _) = c.json(0, &["admin", "leave", "n5"]);
+    assert_eq!(code, 0);
+    let took = c.wait_for("leave: n5 left and the rest converged", Duration::from_secs(90), || {
+        let (_, st) = c.json(0, &["status"]);
+        let n5 = st["members"].as_array().unwrap().iter().find(|m| m["id"] == "n5").cloned();
+        if n5.is_some() {
+            return Err(format!("n5 still listed: {n5:?}"));
+        }
+        c.converged(&[0, 1, 2, 3])
+    });
+    println!("leave: converged {took:?} after the command");
+    c.kill(4);
+    all_read_back(&c, 0, &acked).unwrap();
+}
+
+#[test]
+fn partitioned_cluster_keeps_every_acknowledged_write_after_healing() {
+    let mut c = Cluster::new(5, 3, 2, 2, &format!("{AE_ON}[testing]\nfault_injection = true\n"));
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let (left, right) = (["n1", "n2"], ["n3", "n4", "n5"]);
+    for i in 0..2 {
+        let mut args = vec!["admin", "fault", "block"];
+        args.extend(right);
+        assert_eq!(c.json(i, &args).0, 0);
+    }
+    for i in 2..5 {
+        let mut args = vec!["admin", "fault", "block"];
+        args.extend(left);
+        assert_eq!(c.json(i, &args).0, 0);
+    }
+    // Blind writes to the same keys on both sides.
+    let mut acked = c.write_keys(&[0, 1], "p", 30, "-left");
+    acked.extend(c.write_keys(&[2, 3, 4], "p", 30, "-right"));
+    assert!(acked.len() >= 30, "writes succeed on both sides (sloppy quorum): {}", acked.len());
+    for i in 0..5 {
+        assert_eq!(c.json(i, &["admin", "fault", "unblock"]).0, 0);
+    }
+    let took = c.wait_for("healed partition converges", Duration::from_secs(90), || {
+        for i in 0..5 {
+            if c.status_pending(i).0 != 0 {
+                return Err("hints pending".into());
+            }
+        }
+        c.converged(&[0, 1, 2, 3, 4])
+    });
+    println!("partition: converged {took:?} after healing");
+    all_read_back(&c, 0, &acked).unwrap();
+}
+
+#[test]
+fn a_paused_node_does_not_stall_requests_and_catches_up() {
+    let mut c = Cluster::new(4, 3, 2, 2, AE_ON);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    c.signal(3, libc::SIGSTOP);
+    let start = std::time::Instant::now();
+    let acked = c.write_keys(&[0, 1, 2], "s", 40, "");
+    assert_eq!(acked.len(), 40, "every write succeeded with a node paused");
+    for (k, v) in &acked {
+        assert_eq!(c.values(0, k), Some(vec![v.clone()]));
+    }
+    println!("40 writes and 40 reads with a paused node took {:?}", start.elapsed());
+    c.signal(3, libc::SIGCONT);
+    let took = c.wait_for("paused node catches up", Duration::from_secs(90), || {
+        for i in 0..4 {
+            if c.status_pending(i).0 != 0 {
+                return Err("hints pending".into());
+            }
+        }
+        c.converged(&[0, 1, 2, 3])
+    });
+    println!("SIGSTOP: converged {took:?} after SIGCONT");
+}
