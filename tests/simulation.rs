@@ -20,7 +20,7 @@ use ringkv::anti_entropy::{AeAction, AeMessage, AntiEntropy};
 use ringkv::coordinator::{Action, Coordinator, Operation, ReplicaReply, ReplicaRequest, Request, Timeouts};
 use ringkv::failure_detector::FailureDetector;
 use ringkv::handoff::{Handoff, HandoffAction};
-use ringkv::membership::{GossipAction, Identity, Member, Membership};
+use ringkv::membership::{GossipAction, Identity, Member, MemberState, Membership};
 use ringkv::merkle::respond;
 use ringkv::replica::{execute, MemStore, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
 use ringkv::ring::NodeId;
@@ -197,6 +197,8 @@ struct Sim {
     rmw_keys: BTreeSet<String>,
     /// Read-modify-writes between their read and their write: the value being written.
     pending_value: BTreeMap<(usize, u64), PendingWrite>,
+    /// Nodes told to leave.
+    left: Vec<NodeId>,
 }
 
 fn dots_in(store: &MemStore) -> BTreeSet<(Vec<u8>, Dot)> {
@@ -232,6 +234,7 @@ impl Sim {
             contexts: BTreeMap::new(),
             rmw_keys: BTreeSet::new(),
             pending_value: BTreeMap::new(),
+            left: Vec::new(),
         };
         for _ in 0..nodes {
             sim.add_node();
@@ -664,8 +667,16 @@ impl Sim {
                 .filter(|(_, n)| fd.is_reachable(n))
                 .collect();
             v.ae.handle_tick(now, &pairs, ae_allowed);
+            let leaving = v.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving);
             let foreign: Vec<u32> =
                 self.nodes[i].store.partitions_held().into_iter().filter(|p| !mine.contains(p)).collect();
+            let empty = self.nodes[i].store.objects.is_empty() && self.nodes[i].store.hints.is_empty();
+            let v = self.nodes[i].volatile.as_mut().expect("alive");
+            if leaving && empty && v.handoff.inflight() == 0 {
+                // Everything handed away: record this node as left.
+                v.membership.mark_left(&me);
+                self.log(|| format!("{me} handed everything away and leaves"));
+            }
             self.nodes[i].volatile.as_mut().expect("alive").handoff.handle_tick(now, &foreign, ho_allowed);
         } else {
             v.handoff.handle_tick(now, &[], ho_allowed);
@@ -857,6 +868,7 @@ struct Stats {
     acked: usize,
     nodes: usize,
     joined: bool,
+    left: usize,
     converged_at_ms: u64,
 }
 
@@ -881,8 +893,31 @@ fn check(sim: &mut Sim) -> Result<(), String> {
         return Err(format!("rings differ: epochs {epochs:?}"));
     }
     let ring = rings[0].clone();
-    if ring.members().len() != sim.nodes.len() {
-        return Err(format!("ring has {} members, cluster {}", ring.members().len(), sim.nodes.len()));
+    let left: Vec<NodeId> = sim.left.clone();
+    if ring.members().len() != sim.nodes.len() - left.len() || left.iter().any(|l| ring.is_member(l)) {
+        return Err(format!(
+            "ring has {} members, cluster {} of which left {left:?}",
+            ring.members().len(),
+            sim.nodes.len()
+        ));
+    }
+    for &i in &live {
+        let v = sim.nodes[i].volatile.as_ref().expect("alive");
+        for l in &left {
+            if v.membership.member(l).map(|m| m.state) != Some(MemberState::Left) {
+                let li = sim.index_of(l).expect("member");
+                let (st, lv) = (&sim.nodes[li].store, sim.nodes[li].volatile.as_ref().expect("alive"));
+                return Err(format!(
+                    "{} does not see {l} as left ({l} sees itself {:?}, holds {} objects in {:?}, {} hints, {} batches in flight)",
+                    sim.nodes[i].id,
+                    lv.membership.member(l).map(|m| m.state),
+                    st.objects.len(),
+                    st.partitions_held(),
+                    st.hints.len(),
+                    lv.handoff.inflight()
+                ));
+            }
+        }
     }
     for n in &sim.nodes {
         if !n.store.hints.is_empty() {
@@ -985,6 +1020,20 @@ fn run_seed(seed: u64, bug: Bug, harsh: bool, trace: bool) -> Result<Stats, Stri
         let i = sim.add_node();
         sim.log(|| format!("join {}", sim.nodes[i].id));
     }
+    // Some runs also make a member leave (an admin command on some live node).
+    let leaver = (nodes >= 4 && setup.chance(0.4)).then(|| setup.below(nodes as u64) as usize);
+    sim.run_until(8000, true);
+    if let Some(l) = leaver {
+        let id = sim.nodes[l].id.clone();
+        if let Some(&via) = sim.live_nodes().first() {
+            let v = sim.nodes[via].volatile.as_mut().expect("alive");
+            if v.membership.leave(&id).is_ok() {
+                sim.log(|| format!("admin: {id} leaves (via {})", sim.nodes[via].id));
+                sim.left.push(id);
+                sim.drain(via);
+            }
+        }
+    }
     sim.run_until(12_000, true);
     // Heal: faults off, every node back.
     sim.faults = CALM;
@@ -1013,7 +1062,13 @@ fn run_seed(seed: u64, bug: Bug, harsh: bool, trace: bool) -> Result<Stats, Stri
             break;
         }
     }
-    last.map(|()| Stats { acked: sim.acked.len(), nodes: sim.nodes.len(), joined, converged_at_ms: t - heal_start })
+    last.map(|()| Stats {
+        acked: sim.acked.len(),
+        nodes: sim.nodes.len(),
+        joined,
+        left: sim.left.len(),
+        converged_at_ms: t - heal_start,
+    })
 }
 
 fn seeds_from_env(default: u64) -> Vec<u64> {
@@ -1031,11 +1086,14 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     let started = std::time::Instant::now();
     let mut acked = 0;
     let mut slowest = 0;
+    let (mut joins, mut leaves) = (0, 0);
     for &seed in &seeds {
         match run_seed(seed, Bug::None, false, trace) {
             Ok(stats) => {
                 acked += stats.acked;
                 slowest = slowest.max(stats.converged_at_ms);
+                joins += stats.joined as usize;
+                leaves += stats.left;
             }
             Err(e) => panic!(
                 "seed {seed} failed: {e}\nreplay: RINGKV_SIM_SEED={seed} cargo test --test simulation -- --nocapture"
@@ -1043,7 +1101,8 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
         }
     }
     println!(
-        "{} seeds passed in {:.1}s: {acked} acknowledged writes checked, slowest convergence {slowest} ms of virtual time",
+        "{} seeds passed in {:.1}s: {acked} acknowledged writes checked, {joins} joins, {leaves} leaves, \
+         slowest convergence {slowest} ms of virtual time",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );
