@@ -11,6 +11,7 @@ pub mod failure_detector;
 pub mod handoff;
 pub mod membership;
 pub mod merkle;
+pub mod reaper;
 pub mod replica;
 pub mod ring;
 pub mod version;

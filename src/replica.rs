@@ -78,6 +78,10 @@ pub enum ReplicaOp {
     ScanHints { limit: usize },
     /// Drop the hint held for `intended` if it still has this digest (it was delivered).
     RemoveHint { intended: NodeId, key: Vec<u8>, digest: [u8; 16] },
+    /// Owned tombstone-only keys of a partition last written before `before_wall_ms`.
+    Tombstones { partition: u32, before_wall_ms: u64, limit: usize },
+    /// The digest of the owned copy of a key.
+    Digest { key: Vec<u8> },
     /// Drop an owned key if it still has this digest (it was transferred to its owners).
     RemoveObject { key: Vec<u8>, digest: [u8; 16] },
     /// Coordinate a client's write here: apply it under a new dot of `actor`.
@@ -110,6 +114,9 @@ pub enum ReplicaOutcome {
     Hints(Vec<(NodeId, Vec<u8>, Object)>),
     /// Whether a conditional removal happened.
     Removed(bool),
+    /// (digest, key) of each tombstone found.
+    Tombstones(Vec<([u8; 16], Vec<u8>)>),
+    Digest(Option<[u8; 16]>),
 }
 
 fn stored<S: Store>(store: &S, key: &[u8], hint: Option<&str>) -> Option<Object> {
@@ -152,6 +159,16 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
             ReplicaOutcome::Objects(store.objects_in(partition, leaves.as_deref()))
         }
         ReplicaOp::Tree { partition } => ReplicaOutcome::Tree(store.tree(partition)),
+        ReplicaOp::Tombstones { partition, before_wall_ms, limit } => ReplicaOutcome::Tombstones(
+            store
+                .objects_in(partition, None)
+                .into_iter()
+                .filter(|(_, o)| o.is_deleted() && o.last_modified_ms() < before_wall_ms)
+                .take(limit)
+                .map(|(k, o)| (o.digest(), k))
+                .collect(),
+        ),
+        ReplicaOp::Digest { key } => ReplicaOutcome::Digest(store.object(&key).map(|o| o.digest())),
         ReplicaOp::ScanHints { limit } => ReplicaOutcome::Hints(store.scan_hints(limit)),
         ReplicaOp::RemoveHint { intended, key, digest } => {
             let current = store.hint(&intended, &key).map(|o| o.digest());

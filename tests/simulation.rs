@@ -22,6 +22,7 @@ use ringkv::failure_detector::FailureDetector;
 use ringkv::handoff::{Handoff, HandoffAction};
 use ringkv::membership::{GossipAction, Identity, Member, MemberState, Membership};
 use ringkv::merkle::respond;
+use ringkv::reaper::{ReapAction, ReapStep, Reaper};
 use ringkv::replica::{execute, MemStore, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
 use ringkv::ring::NodeId;
 use ringkv::version::{Actor, Dot, Object, VersionVector};
@@ -33,6 +34,8 @@ const TICK_MS: u64 = 10;
 const REQUEST_MS: u64 = 2000;
 const REPLICA_MS: u64 = 300;
 const FAIL_NOTICE_MS: u64 = 150;
+/// Tombstones younger than this are kept.
+const GRACE_MS: u64 = 2000;
 
 /// SplitMix64: the simulation's only source of randomness.
 struct Rng(u64);
@@ -66,6 +69,8 @@ enum Msg {
     AeReply { id: u64, msg: AeMessage },
     Handoff { id: u64, objects: Vec<(Vec<u8>, Object)> },
     HandoffAck { id: u64, ok: bool },
+    Reap { id: u64, step: ReapStep },
+    ReapReply { id: u64, yes: bool },
 }
 
 #[derive(Debug)]
@@ -115,6 +120,7 @@ struct Volatile {
     ae: AntiEntropy,
     handoff: Handoff,
     admission: Admission,
+    reaper: Reaper,
     coordinators: BTreeMap<u64, (Coordinator, Waiter)>,
     next_coord: u64,
     actor: Actor,
@@ -189,8 +195,8 @@ struct Sim {
     acked: Vec<(String, Vec<u8>, usize, VersionVector)>,
     /// Nodes that held a dot when their disk was wiped.
     wiped_holders: BTreeMap<(Vec<u8>, Dot), BTreeSet<usize>>,
-    /// Values every copy of which was destroyed by wipes: how many wiped nodes had held it.
-    destroyed: BTreeMap<Vec<u8>, usize>,
+    /// Dots every copy of which was destroyed by wipes: how many wiped nodes had held each.
+    destroyed: BTreeMap<(Vec<u8>, Dot), usize>,
     /// (key, value) -> the dots it was written under (a retried put may have two).
     dots_of: BTreeMap<(String, Vec<u8>), Vec<Dot>>,
     contexts: BTreeMap<String, Vec<VersionVector>>,
@@ -282,6 +288,7 @@ impl Sim {
             ae: AntiEntropy::new(500, 2000, self.now),
             handoff: Handoff::new(300, 2000, 50, self.now),
             admission: Admission::new(2, 2, 50, 10_000),
+            reaper: Reaper::new(500, GRACE_MS, 50, self.now),
             coordinators: BTreeMap::new(),
             next_coord: 1,
             actor,
@@ -328,13 +335,13 @@ impl Sim {
     /// After a wipe: values none of whose copies survive anywhere.
     fn note_destroyed(&mut self) {
         let live = self.live_dots();
-        for ((k, v), dots) in &self.dots_of {
-            let kd = |d: &Dot| (k.as_bytes().to_vec(), *d);
-            if self.destroyed.contains_key(v) || dots.iter().any(|d| live.contains(&kd(d))) {
-                continue;
+        let all: Vec<(Vec<u8>, Dot)> =
+            self.dots_of.iter().flat_map(|((k, _), ds)| ds.iter().map(move |d| (k.as_bytes().to_vec(), *d))).collect();
+        for kd in all {
+            if !live.contains(&kd) && !self.destroyed.contains_key(&kd) {
+                let wipes = self.wiped_holders.get(&kd).map_or(0, BTreeSet::len);
+                self.destroyed.insert(kd, wipes);
             }
-            let wipes = dots.iter().map(|d| self.wiped_holders.get(&kd(d)).map_or(0, BTreeSet::len)).min().unwrap_or(0);
-            self.destroyed.insert(v.clone(), wipes);
         }
     }
 
@@ -532,6 +539,26 @@ impl Sim {
                 }
                 self.send(to, from, Msg::HandoffAck { id, ok: true });
             }
+            Msg::Reap { id, step } => {
+                let yes = match step {
+                    ReapStep::Check { key, digest } => {
+                        matches!(self.store_op(to, ReplicaOp::Digest { key }), ReplicaOutcome::Digest(Some(d)) if d == digest)
+                    }
+                    ReapStep::Remove { key, digest } => {
+                        let removed = self.store_op(to, ReplicaOp::RemoveObject { key: key.clone(), digest });
+                        if removed == ReplicaOutcome::Removed(true) {
+                            let fresh = Actor(self.rng.next());
+                            self.nodes[to].volatile.as_mut().expect("alive").actor = fresh;
+                        }
+                        removed == ReplicaOutcome::Removed(true) || self.nodes[to].store.object(&key).is_none()
+                    }
+                };
+                self.send(to, from, Msg::ReapReply { id, yes });
+            }
+            Msg::ReapReply { id, yes } => {
+                self.nodes[to].volatile.as_mut().expect("alive").reaper.handle_answer(id, &from_id, yes);
+                self.drain(to);
+            }
             Msg::HandoffAck { id, ok } => {
                 self.nodes[to].volatile.as_mut().expect("alive").handoff.handle_ack(id, &from_id, ok);
                 self.drain(to);
@@ -578,6 +605,24 @@ impl Sim {
                         }
                     }
                     AeAction::Finished { .. } => {}
+                }
+                continue;
+            }
+            if let Some(a) = v.reaper.poll_action() {
+                match a {
+                    ReapAction::Scan { partition, before_wall_ms, limit } => {
+                        let found = match self.store_op(i, ReplicaOp::Tombstones { partition, before_wall_ms, limit }) {
+                            ReplicaOutcome::Tombstones(t) => t,
+                            _ => Vec::new(),
+                        };
+                        let now = self.now;
+                        self.nodes[i].volatile.as_mut().expect("alive").reaper.handle_tombstones(now, found);
+                    }
+                    ReapAction::Send { id, to, step } => {
+                        if let Some(j) = self.index_of(&to) {
+                            self.send(i, j, Msg::Reap { id, step });
+                        }
+                    }
                 }
                 continue;
             }
@@ -667,6 +712,12 @@ impl Sim {
                 .filter(|(_, n)| fd.is_reachable(n))
                 .collect();
             v.ae.handle_tick(now, &pairs, ae_allowed);
+            let reapable: Vec<(u32, Vec<NodeId>)> = mine
+                .iter()
+                .map(|&p| (p, ring.preference_list(p, N as usize).primaries))
+                .filter(|(_, ps)| ps.iter().all(|n| fd.is_reachable(n)))
+                .collect();
+            v.reaper.handle_tick(now, now, &reapable);
             let leaving = v.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving);
             let foreign: Vec<u32> =
                 self.nodes[i].store.partitions_held().into_iter().filter(|p| !mine.contains(p)).collect();
@@ -869,6 +920,8 @@ struct Stats {
     nodes: usize,
     joined: bool,
     left: usize,
+    /// Tombstones reaped (counted since each node's last restart).
+    reaped: u64,
     converged_at_ms: u64,
 }
 
@@ -928,6 +981,12 @@ fn check(sim: &mut Sim) -> Result<(), String> {
             return Err(format!("{} still holds partition {p}, which it does not replicate", n.id));
         }
     }
+    let old = sim.now.saturating_sub(GRACE_MS + 5000);
+    for n in &sim.nodes {
+        if let Some((k, _)) = n.store.objects.iter().find(|(_, o)| o.is_deleted() && o.last_modified_ms() < old) {
+            return Err(format!("{} keeps an old tombstone for {}", n.id, String::from_utf8_lossy(k)));
+        }
+    }
     for p in 0..Q {
         let prim = ring.preference_list(p, N as usize).primaries;
         let roots: BTreeSet<u128> =
@@ -951,7 +1010,13 @@ fn check(sim: &mut Sim) -> Result<(), String> {
         }
         // Allowed by the contract: W durable copies, and at least W of the nodes holding
         // them lost their disks before the write spread further.
-        if sim.destroyed.get(v).is_some_and(|wipes| wipes >= w) {
+        let dots_here = sim.dots_of.get(&(key.clone(), v.clone())).cloned().unwrap_or_default();
+        let acked_here: Vec<&Dot> = dots_here.iter().filter(|d| ack.covers(**d)).collect();
+        if !acked_here.is_empty()
+            && acked_here
+                .iter()
+                .all(|d| sim.destroyed.get(&(key.as_bytes().to_vec(), **d)).is_some_and(|wipes| wipes >= w))
+        {
             continue;
         }
         let dots = sim.dots_of.get(&(key.clone(), v.clone())).cloned().unwrap_or_default();
@@ -1062,11 +1127,13 @@ fn run_seed(seed: u64, bug: Bug, harsh: bool, trace: bool) -> Result<Stats, Stri
             break;
         }
     }
+    let reaped = sim.nodes.iter().filter_map(|n| n.volatile.as_ref()).map(|v| v.reaper.reaped).sum();
     last.map(|()| Stats {
         acked: sim.acked.len(),
         nodes: sim.nodes.len(),
         joined,
         left: sim.left.len(),
+        reaped,
         converged_at_ms: t - heal_start,
     })
 }
@@ -1086,7 +1153,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     let started = std::time::Instant::now();
     let mut acked = 0;
     let mut slowest = 0;
-    let (mut joins, mut leaves) = (0, 0);
+    let (mut joins, mut leaves, mut reaped) = (0, 0, 0);
     for &seed in &seeds {
         match run_seed(seed, Bug::None, false, trace) {
             Ok(stats) => {
@@ -1094,6 +1161,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
                 slowest = slowest.max(stats.converged_at_ms);
                 joins += stats.joined as usize;
                 leaves += stats.left;
+                reaped += stats.reaped;
             }
             Err(e) => panic!(
                 "seed {seed} failed: {e}\nreplay: RINGKV_SIM_SEED={seed} cargo test --test simulation -- --nocapture"
@@ -1102,6 +1170,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     }
     println!(
         "{} seeds passed in {:.1}s: {acked} acknowledged writes checked, {joins} joins, {leaves} leaves, \
+         {reaped} tombstones reaped, \
          slowest convergence {slowest} ms of virtual time",
         seeds.len(),
         started.elapsed().as_secs_f64()
