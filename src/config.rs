@@ -111,6 +111,9 @@ pub struct StorageConfig {
     /// Most writes committed in one transaction (group commit).
     #[serde(default = "batch_default")]
     pub commit_batch_max: u32,
+    /// A tombstone is reaped once every replica holds it and it is older than this.
+    #[serde(default = "grace_default")]
+    pub tombstone_grace_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +224,9 @@ fn flush_default() -> u64 {
 }
 fn batch_default() -> u32 {
     256
+}
+fn grace_default() -> u64 {
+    3_600_000
 }
 fn gossip_interval_default() -> u64 {
     1000
@@ -367,6 +373,7 @@ impl Config {
 
         positive("storage.flush_interval_ms", self.storage.flush_interval_ms)?;
         positive("storage.commit_batch_max", self.storage.commit_batch_max as u64)?;
+        positive("storage.tombstone_grace_ms", self.storage.tombstone_grace_ms)?;
         positive("gossip.interval_ms", self.gossip.interval_ms)?;
         positive("failure_detector.probe_interval_ms", self.failure_detector.probe_interval_ms)?;
         if self.failure_detector.probe_interval_max_ms < self.failure_detector.probe_interval_ms {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::anti_entropy::AeMessage;
 use crate::coordinator::{ReplicaReply, ReplicaRequest};
 use crate::membership::Member;
+use crate::reaper::ReapStep;
 use crate::ring::NodeId;
 use crate::version::Object;
 
@@ -174,6 +175,15 @@ pub enum Message {
     HandoffAck {
         id: u64,
         ok: bool,
+    },
+    /// Tombstone reaping: check or remove one key's tombstone; `yes` answers.
+    Reap {
+        id: u64,
+        step: ReapStep,
+    },
+    ReapReply {
+        id: u64,
+        yes: bool,
     },
 
     /// A probe of liveness and its answer.

@@ -12,12 +12,13 @@ use actix::prelude::*;
 use ringkv::admission::Work;
 use ringkv::handoff::{Handoff, HandoffAction};
 use ringkv::membership::MemberState;
+use ringkv::reaper::{ReapAction, Reaper};
 use ringkv::replica::{ReplicaOp, ReplicaOutcome};
 use ringkv::ring::{NodeId, Ring};
 use ringkv::wire::{Bytes, Message};
 
 use crate::admission::{AdmissionActor, Budget};
-use crate::clock::mono_ms;
+use crate::clock::{mono_ms, wall_ms};
 use crate::failure_detector::Unreachable;
 use crate::gossiper::{Gossiper, MarkLeft, View};
 use crate::storage::{Answer, Query, Run, Storage};
@@ -30,6 +31,7 @@ pub struct PendingTransfers(pub u64);
 
 pub struct HandoffActor {
     core: Handoff,
+    reaper: Reaper,
     me: NodeId,
     n: usize,
     ring: Option<Ring>,
@@ -48,6 +50,7 @@ impl HandoffActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Handoff,
+        reaper: Reaper,
         me: NodeId,
         n: usize,
         storage: Addr<Storage>,
@@ -58,6 +61,7 @@ impl HandoffActor {
     ) -> Self {
         HandoffActor {
             core,
+            reaper,
             me,
             n,
             ring: None,
@@ -91,7 +95,7 @@ impl HandoffActor {
         .into_actor(self)
         .map(|(budget, held), act, ctx| {
             act.tick_busy = false;
-            let Some(ring) = &act.ring else { return };
+            let Some(ring) = act.ring.clone() else { return };
             let mine: BTreeSet<u32> = ring.replicated_by(&act.me, act.n).into_iter().collect();
             let foreign: Vec<u32> = held.iter().copied().filter(|p| !mine.contains(p)).collect();
             for l in &act.listeners {
@@ -103,6 +107,16 @@ impl HandoffActor {
             }
             act.core.handle_tick(mono_ms(), &foreign, budget);
             act.drain(ctx);
+            // Tombstones, in partitions whose replicas are all reachable.
+            let reapable: Vec<(u32, Vec<NodeId>)> = mine
+                .iter()
+                .map(|&p| (p, ring.preference_list(p, act.n).primaries))
+                .filter(|(_, ps)| ps.iter().all(|n| !act.unreachable.contains(n)))
+                .collect();
+            if budget > 0 {
+                act.reaper.handle_tick(mono_ms(), wall_ms(), &reapable);
+            }
+            act.drain_reaper(ctx);
         })
         .spawn(ctx);
     }
@@ -110,6 +124,45 @@ impl HandoffActor {
     fn run(&self, op: ReplicaOp) -> impl std::future::Future<Output = Option<ReplicaOutcome>> {
         let s = self.storage.clone();
         async move { s.send(Run(op)).await.ok().and_then(|r| r.ok()) }
+    }
+
+    fn drain_reaper(&mut self, ctx: &mut Context<Self>) {
+        while let Some(action) = self.reaper.poll_action() {
+            match action {
+                ReapAction::Scan { partition, before_wall_ms, limit } => {
+                    self.run(ReplicaOp::Tombstones { partition, before_wall_ms, limit })
+                        .into_actor(self)
+                        .map(|out, act, ctx| {
+                            let found = match out {
+                                Some(ReplicaOutcome::Tombstones(t)) => t,
+                                _ => Vec::new(),
+                            };
+                            act.reaper.handle_tombstones(mono_ms(), found);
+                            act.drain_reaper(ctx);
+                        })
+                        .spawn(ctx);
+                }
+                ReapAction::Send { id, to, step } => {
+                    let call = Call {
+                        to: Dest::Node(to.clone()),
+                        msg: Message::Reap { id, step },
+                        timeout: self.call_timeout,
+                    };
+                    self.transport
+                        .send(call)
+                        .into_actor(self)
+                        .map(move |res, act, ctx| {
+                            let yes = matches!(res, Ok(Ok(Message::ReapReply { yes: true, .. })));
+                            act.reaper.handle_answer(id, &to, yes);
+                            if act.reaper.reaped > 0 {
+                                tracing::debug!(reaped = act.reaper.reaped, "tombstones reaped");
+                            }
+                            act.drain_reaper(ctx);
+                        })
+                        .spawn(ctx);
+                }
+            }
+        }
     }
 
     fn drain(&mut self, ctx: &mut Context<Self>) {

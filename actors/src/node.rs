@@ -13,6 +13,7 @@ use ringkv::config::{Config, Durability};
 use ringkv::failure_detector::FailureDetector;
 use ringkv::handoff::Handoff;
 use ringkv::membership::{Identity, Membership};
+use ringkv::reaper::Reaper;
 use ringkv::replica::ReplicaLimits;
 use ringkv::version::Actor as DotActor;
 use ringkv::wire::FRAME_BYTES_MAX_DEFAULT;
@@ -169,6 +170,12 @@ async fn start_and_wait(
     let n = config.cluster.replicas as usize;
     let handoff = HandoffActor::new(
         Handoff::new(config.handoff.interval_ms, 30_000, config.handoff.batch_keys as usize, now),
+        Reaper::new(
+            config.handoff.interval_ms,
+            config.storage.tombstone_grace_ms,
+            config.handoff.batch_keys as usize,
+            now,
+        ),
         me.clone(),
         n,
         storage.clone(),

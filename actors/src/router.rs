@@ -12,6 +12,7 @@ use crate::gossiper::{Gossiper, IncomingGossip};
 use crate::storage::{Execute, Run, Storage};
 use ringkv::anti_entropy::AeMessage;
 use ringkv::merkle::respond;
+use ringkv::reaper::ReapStep;
 use ringkv::replica::{ReplicaOp, ReplicaOutcome};
 
 #[derive(Clone)]
@@ -67,6 +68,22 @@ impl Router {
                 let results = futures::future::join_all(writes).await;
                 let ok = results.iter().all(|r| matches!(r, Ok(Ok(ReplicaOutcome::Written { .. }))));
                 Message::HandoffAck { id, ok }
+            }
+            Message::Reap { id, step } => {
+                let yes = match step {
+                    ReapStep::Check { key, digest } => matches!(
+                        self.storage.send(Run(ReplicaOp::Digest { key })).await,
+                        Ok(Ok(ReplicaOutcome::Digest(Some(d)))) if d == digest
+                    ),
+                    ReapStep::Remove { key, digest } => {
+                        let removed =
+                            self.storage.send(Run(ReplicaOp::RemoveObject { key: key.clone(), digest })).await;
+                        let gone = self.storage.send(Run(ReplicaOp::Digest { key })).await;
+                        matches!(removed, Ok(Ok(ReplicaOutcome::Removed(true))))
+                            || matches!(gone, Ok(Ok(ReplicaOutcome::Digest(None))))
+                    }
+                };
+                Message::ReapReply { id, yes }
             }
             Message::AntiEntropy { id, msg: AeMessage::Diff { partition, request } } => {
                 match self.storage.send(Run(ReplicaOp::Tree { partition })).await {

@@ -188,3 +188,34 @@ fn a_paused_node_does_not_stall_requests_and_catches_up() {
     });
     println!("SIGSTOP: converged {took:?} after SIGCONT");
 }
+
+#[test]
+fn tombstones_are_reaped_after_the_grace_period() {
+    let mut c = Cluster::new(3, 3, 2, 2, "[storage]\ntombstone_grace_ms = 500\n[handoff]\ninterval_ms = 200\n");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    let acked = c.write_keys(&[0, 1, 2], "t", 10, "");
+    assert_eq!(acked.len(), 10);
+    for (k, _) in acked.iter().take(5) {
+        assert_eq!(c.json(0, &["delete", k]).0, 0);
+    }
+    let keys_held = |i: usize| -> u64 {
+        let (_, doc) = c.json(i, &["admin", "partitions"]);
+        doc["partitions"].as_array().unwrap().iter().map(|p| p["keys"].as_u64().unwrap()).sum()
+    };
+    let took = c.wait_for("tombstones reaped on every replica", Duration::from_secs(60), || {
+        let held: Vec<u64> = (0..3).map(keys_held).collect();
+        if held.iter().all(|&h| h == 5) {
+            Ok(())
+        } else {
+            Err(format!("keys held {held:?}"))
+        }
+    });
+    println!("reaping: done {took:?} after the deletes");
+    for (k, v) in &acked[5..] {
+        assert_eq!(c.values(1, k), Some(vec![v.clone()]));
+    }
+    for (k, _) in &acked[..5] {
+        assert_eq!(c.values(2, k), Some(vec![]));
+    }
+}
