@@ -11,7 +11,7 @@
 //! write. The responder side is stateless: [`crate::merkle::respond`] and the replica's
 //! `Exchange` operation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ pub struct AntiEntropy {
     cursor: usize,
     next_id: u64,
     exchanges: BTreeMap<u64, Exchange>,
-    outbox: Vec<AeAction>,
+    outbox: VecDeque<AeAction>,
     /// Exchanges completed, and how many of them found differences.
     pub completed: u64,
     pub repaired: u64,
@@ -76,7 +76,7 @@ impl AntiEntropy {
             cursor: 0,
             next_id: 1,
             exchanges: BTreeMap::new(),
-            outbox: Vec::new(),
+            outbox: VecDeque::new(),
             completed: 0,
             repaired: 0,
         }
@@ -113,7 +113,7 @@ impl AntiEntropy {
             let id = self.next_id;
             self.next_id += 1;
             self.exchanges.insert(id, Exchange { partition, peer, started_ms: now_ms, diff: None, leaves: Vec::new() });
-            self.outbox.push(AeAction::ReadTree { id, partition });
+            self.outbox.push_back(AeAction::ReadTree { id, partition });
         }
         // A full pass over the pairs ends the round.
         if self.cursor % pairs.len() == 0 || self.exchanges.len() >= allowed {
@@ -123,7 +123,12 @@ impl AntiEntropy {
 
     fn fail(&mut self, id: u64) {
         if let Some(e) = self.exchanges.remove(&id) {
-            self.outbox.push(AeAction::Finished { id, partition: e.partition, peer: e.peer, differing_leaves: None });
+            self.outbox.push_back(AeAction::Finished {
+                id,
+                partition: e.partition,
+                peer: e.peer,
+                differing_leaves: None,
+            });
         }
     }
 
@@ -133,7 +138,7 @@ impl AntiEntropy {
         let mut diff = DiffInitiator::new(tree);
         if let DiffStep::Send(request) = diff.start() {
             let msg = AeMessage::Diff { partition: e.partition, request };
-            self.outbox.push(AeAction::Send { id, to: e.peer.clone(), msg });
+            self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
         }
         e.diff = Some(diff);
     }
@@ -142,7 +147,7 @@ impl AntiEntropy {
     pub fn handle_leaves(&mut self, id: u64, objects: Vec<(Vec<u8>, Object)>) {
         let Some(e) = self.exchanges.get(&id) else { return };
         let msg = AeMessage::Exchange { partition: e.partition, leaves: e.leaves.clone(), objects };
-        self.outbox.push(AeAction::Send { id, to: e.peer.clone(), msg });
+        self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
     }
 
     /// The peer answered.
@@ -154,12 +159,12 @@ impl AntiEntropy {
                 match diff.handle_reply(&reply) {
                     Ok(DiffStep::Send(request)) => {
                         let msg = AeMessage::Diff { partition: e.partition, request };
-                        self.outbox.push(AeAction::Send { id, to: e.peer.clone(), msg });
+                        self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
                     }
                     Ok(DiffStep::Done(leaves)) if leaves.is_empty() => {
                         let e = self.exchanges.remove(&id).expect("present");
                         self.completed += 1;
-                        self.outbox.push(AeAction::Finished {
+                        self.outbox.push_back(AeAction::Finished {
                             id,
                             partition: e.partition,
                             peer: e.peer,
@@ -168,7 +173,7 @@ impl AntiEntropy {
                     }
                     Ok(DiffStep::Done(leaves)) => {
                         e.leaves = leaves.clone();
-                        self.outbox.push(AeAction::ReadLeaves { id, partition: e.partition, leaves });
+                        self.outbox.push_back(AeAction::ReadLeaves { id, partition: e.partition, leaves });
                     }
                     Err(_) => self.fail(id),
                 }
@@ -177,9 +182,9 @@ impl AntiEntropy {
                 let e = self.exchanges.remove(&id).expect("present");
                 self.completed += 1;
                 self.repaired += 1;
-                self.outbox.push(AeAction::Merge { objects });
+                self.outbox.push_back(AeAction::Merge { objects });
                 let n = e.leaves.len();
-                self.outbox.push(AeAction::Finished {
+                self.outbox.push_back(AeAction::Finished {
                     id,
                     partition: e.partition,
                     peer: e.peer,
@@ -196,11 +201,7 @@ impl AntiEntropy {
     }
 
     pub fn poll_action(&mut self) -> Option<AeAction> {
-        if self.outbox.is_empty() {
-            None
-        } else {
-            Some(self.outbox.remove(0))
-        }
+        self.outbox.pop_front()
     }
 
     pub fn poll_timeout(&self) -> u64 {

@@ -10,7 +10,7 @@
 //!
 //! [`Handoff`] schedules both, one batch per admitted unit of work, every `interval_ms`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::ring::NodeId;
 use crate::version::Object;
@@ -75,7 +75,7 @@ pub struct Handoff {
     batches: BTreeMap<u64, Batch>,
     scanning_hints: bool,
     scanning: BTreeSet<u32>,
-    outbox: Vec<HandoffAction>,
+    outbox: VecDeque<HandoffAction>,
     /// Keys delivered and acknowledged so far.
     pub moved_keys: u64,
 }
@@ -91,7 +91,7 @@ impl Handoff {
             batches: BTreeMap::new(),
             scanning_hints: false,
             scanning: BTreeSet::new(),
-            outbox: Vec::new(),
+            outbox: VecDeque::new(),
             moved_keys: 0,
         }
     }
@@ -107,7 +107,7 @@ impl Handoff {
             self.batches.iter().filter(|(_, b)| now_ms >= b.started_ms + self.timeout_ms).map(|(id, _)| *id).collect();
         for id in expired {
             self.batches.remove(&id);
-            self.outbox.push(HandoffAction::Finished { id, delivered: false });
+            self.outbox.push_back(HandoffAction::Finished { id, delivered: false });
         }
         if now_ms < self.next_round_ms {
             return;
@@ -118,7 +118,7 @@ impl Handoff {
             && !self.batches.values().any(|b| matches!(b.kind, BatchKind::Hints { .. }))
         {
             self.scanning_hints = true;
-            self.outbox.push(HandoffAction::ScanHints { limit: self.batch_keys * 4 });
+            self.outbox.push_back(HandoffAction::ScanHints { limit: self.batch_keys * 4 });
         }
         for &p in foreign {
             if self.inflight() >= allowed {
@@ -128,7 +128,7 @@ impl Handoff {
                 || self.batches.values().any(|b| b.kind == BatchKind::Transfer { partition: p });
             if !busy {
                 self.scanning.insert(p);
-                self.outbox.push(HandoffAction::ScanPartition { partition: p, limit: self.batch_keys });
+                self.outbox.push_back(HandoffAction::ScanPartition { partition: p, limit: self.batch_keys });
             }
         }
     }
@@ -141,7 +141,7 @@ impl Handoff {
         self.next_id += 1;
         let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
         self.batches.insert(id, Batch { kind, waiting: to.iter().cloned().collect(), keys, started_ms: now_ms });
-        self.outbox.push(HandoffAction::Send { id, to, objects });
+        self.outbox.push_back(HandoffAction::Send { id, to, objects });
     }
 
     /// Hints read from storage: one batch for the first intended node that is reachable.
@@ -185,27 +185,23 @@ impl Handoff {
         let Some(b) = self.batches.get_mut(&id) else { return };
         if !ok {
             self.batches.remove(&id);
-            self.outbox.push(HandoffAction::Finished { id, delivered: false });
+            self.outbox.push_back(HandoffAction::Finished { id, delivered: false });
             return;
         }
         b.waiting.remove(from);
         if b.waiting.is_empty() {
             let b = self.batches.remove(&id).expect("present");
             self.moved_keys += b.keys.len() as u64;
-            self.outbox.push(match b.kind {
+            self.outbox.push_back(match b.kind {
                 BatchKind::Hints { intended } => HandoffAction::RemoveHints { intended, keys: b.keys },
                 BatchKind::Transfer { .. } => HandoffAction::RemoveObjects { keys: b.keys },
             });
-            self.outbox.push(HandoffAction::Finished { id, delivered: true });
+            self.outbox.push_back(HandoffAction::Finished { id, delivered: true });
         }
     }
 
     pub fn poll_action(&mut self) -> Option<HandoffAction> {
-        if self.outbox.is_empty() {
-            None
-        } else {
-            Some(self.outbox.remove(0))
-        }
+        self.outbox.pop_front()
     }
 
     pub fn poll_timeout(&self) -> u64 {

@@ -17,7 +17,7 @@
 //! the partitions it takes. Every interval a node gossips with one random live peer, and
 //! every few rounds with a seed as well, so no logical partition of the ring persists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -102,7 +102,7 @@ pub struct Membership {
     next_round_ms: u64,
     round: u64,
     ring: Option<(u64, Ring)>,
-    outbox: Vec<GossipAction>,
+    outbox: VecDeque<GossipAction>,
 }
 
 /// Every how many rounds a node also gossips with a seed.
@@ -151,7 +151,7 @@ impl Membership {
             next_round_ms: now_ms,
             round: 0,
             ring: None,
-            outbox: Vec::new(),
+            outbox: VecDeque::new(),
         };
         for rec in saved {
             m.absorb(rec);
@@ -224,7 +224,7 @@ impl Membership {
     fn changed(&mut self) {
         self.ring = None;
         if !self.outbox.contains(&GossipAction::Changed) {
-            self.outbox.push(GossipAction::Changed);
+            self.outbox.push_back(GossipAction::Changed);
         }
     }
 
@@ -312,7 +312,7 @@ impl Membership {
         if !peers.is_empty() {
             let p = peers[(random % peers.len() as u64) as usize];
             sent_to = Some(p.addr.clone());
-            self.outbox.push(GossipAction::Send {
+            self.outbox.push_back(GossipAction::Send {
                 to_addr: p.addr.clone(),
                 to: Some(p.id.clone()),
                 members: table.clone(),
@@ -324,17 +324,13 @@ impl Membership {
             let s = seeds[((random >> 32) % seeds.len() as u64) as usize];
             if sent_to.as_deref() != Some(s.as_str()) {
                 let to = self.members.values().find(|m| m.addr == *s).map(|m| m.id.clone());
-                self.outbox.push(GossipAction::Send { to_addr: s.clone(), to, members: table });
+                self.outbox.push_back(GossipAction::Send { to_addr: s.clone(), to, members: table });
             }
         }
     }
 
     pub fn poll_action(&mut self) -> Option<GossipAction> {
-        if self.outbox.is_empty() {
-            None
-        } else {
-            Some(self.outbox.remove(0))
-        }
+        self.outbox.pop_front()
     }
 
     pub fn poll_timeout(&self) -> u64 {

@@ -9,7 +9,7 @@
 //! (by digest), and only if all say yes asks each to remove the key if still unchanged.
 //! Removing local data retires the node's dot actor (see `crate::replica`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +64,7 @@ pub struct Reaper {
     next_id: u64,
     scanning: Option<(u32, Vec<NodeId>)>,
     candidates: BTreeMap<u64, Candidate>,
-    outbox: Vec<ReapAction>,
+    outbox: VecDeque<ReapAction>,
     /// Keys every replica removed.
     pub reaped: u64,
 }
@@ -81,7 +81,7 @@ impl Reaper {
             next_id: 1,
             scanning: None,
             candidates: BTreeMap::new(),
-            outbox: Vec::new(),
+            outbox: VecDeque::new(),
             reaped: 0,
         }
     }
@@ -103,7 +103,7 @@ impl Reaper {
         self.cursor = self.cursor.wrapping_add(1);
         self.scanning = Some((partition, replicas));
         let before_wall_ms = wall_ms.saturating_sub(self.grace_ms);
-        self.outbox.push(ReapAction::Scan { partition, before_wall_ms, limit: self.batch });
+        self.outbox.push_back(ReapAction::Scan { partition, before_wall_ms, limit: self.batch });
     }
 
     /// Tombstones found by a scan: (key, digest of its state).
@@ -114,7 +114,7 @@ impl Reaper {
             self.next_id += 1;
             for to in &replicas {
                 let step = ReapStep::Check { key: key.clone(), digest };
-                self.outbox.push(ReapAction::Send { id, to: to.clone(), step });
+                self.outbox.push_back(ReapAction::Send { id, to: to.clone(), step });
             }
             let waiting = replicas.iter().cloned().collect();
             self.candidates.insert(
@@ -146,16 +146,12 @@ impl Reaper {
         c.waiting = c.replicas.iter().cloned().collect();
         for to in c.replicas.clone() {
             let step = ReapStep::Remove { key: c.key.clone(), digest: c.digest };
-            self.outbox.push(ReapAction::Send { id, to, step });
+            self.outbox.push_back(ReapAction::Send { id, to, step });
         }
     }
 
     pub fn poll_action(&mut self) -> Option<ReapAction> {
-        if self.outbox.is_empty() {
-            None
-        } else {
-            Some(self.outbox.remove(0))
-        }
+        self.outbox.pop_front()
     }
 }
 

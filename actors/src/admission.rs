@@ -65,29 +65,6 @@ impl Handler<Latency> for AdmissionActor {
     }
 }
 
-/// Ask to start one unit of background work; `Release` it when done.
-#[derive(Message)]
-#[rtype(result = "bool")]
-pub struct Admit(pub Work);
-
-impl Handler<Admit> for AdmissionActor {
-    type Result = bool;
-    fn handle(&mut self, m: Admit, _: &mut Context<Self>) -> bool {
-        self.core.try_admit(m.0)
-    }
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Release(pub Work);
-
-impl Handler<Release> for AdmissionActor {
-    type Result = ();
-    fn handle(&mut self, m: Release, _: &mut Context<Self>) {
-        self.core.release(m.0)
-    }
-}
-
 /// The budget in force now for one kind of work (limits and latency feedback).
 #[derive(Message)]
 #[rtype(result = "usize")]

@@ -17,7 +17,7 @@ use crate::admission::{AdmissionActor, Budget};
 use crate::clock::mono_ms;
 use crate::failure_detector::Unreachable;
 use crate::gossiper::View;
-use crate::storage::{Run, Storage};
+use crate::storage::{self, Run, Storage};
 use crate::transport::{Call, Dest, Transport};
 
 pub struct AntiEntropyActor {
@@ -54,16 +54,11 @@ impl AntiEntropyActor {
         }
     }
 
-    fn run(&self, op: ReplicaOp) -> impl std::future::Future<Output = Option<ReplicaOutcome>> {
-        let s = self.storage.clone();
-        async move { s.send(Run(op)).await.ok().and_then(|r| r.ok()) }
-    }
-
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while let Some(action) = self.core.poll_action() {
             match action {
                 AeAction::ReadTree { id, partition } => {
-                    self.run(ReplicaOp::Tree { partition })
+                    storage::run(&self.storage, ReplicaOp::Tree { partition })
                         .into_actor(self)
                         .map(move |out, act, ctx| {
                             match out {
@@ -75,7 +70,7 @@ impl AntiEntropyActor {
                         .spawn(ctx);
                 }
                 AeAction::ReadLeaves { id, partition, leaves } => {
-                    self.run(ReplicaOp::ReadLeaves { partition, leaves: Some(leaves) })
+                    storage::run(&self.storage, ReplicaOp::ReadLeaves { partition, leaves: Some(leaves) })
                         .into_actor(self)
                         .map(move |out, act, ctx| {
                             match out {

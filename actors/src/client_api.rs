@@ -101,7 +101,7 @@ impl ClientApi {
     }
 
     /// Start a coordinator for `key` and wait for its answer.
-    fn coordinate(&mut self, key: Vec<u8>, op: Operation, ctx: &mut Context<Self>) -> Response {
+    fn coordinate(&mut self, key: Vec<u8>, op: Operation) -> Response {
         let Some(ring) = &self.ring else {
             return ready(error(ErrorKind::Unavailable, "this node has not joined a cluster yet: check its seeds"));
         };
@@ -128,7 +128,6 @@ impl ClientApi {
             Duration::from_millis(c.request_timeout_ms),
         )
         .start();
-        let _ = ctx;
         let inflight = self.inflight.clone();
         inflight.set(inflight.get() + 1);
         let admission = self.admission.clone();
@@ -140,14 +139,7 @@ impl ClientApi {
         })
     }
 
-    fn put(
-        &mut self,
-        key: Bytes,
-        context: Option<String>,
-        value: Option<Bytes>,
-        w: Option<u8>,
-        ctx: &mut Context<Self>,
-    ) -> Response {
+    fn put(&mut self, key: Bytes, context: Option<String>, value: Option<Bytes>, w: Option<u8>) -> Response {
         if let Err(e) = self.check_key(&key) {
             return ready(e);
         }
@@ -175,7 +167,7 @@ impl ClientApi {
             },
         };
         let op = Operation::Put { w, context, value: value.map(|v| v.into_vec()), forwarded: false };
-        self.coordinate(key.into_vec(), op, ctx)
+        self.coordinate(key.into_vec(), op)
     }
 
     fn status(&self) -> Response {
@@ -267,18 +259,18 @@ pub struct ClientCall(pub ClientRequest);
 impl Handler<ClientCall> for ClientApi {
     type Result = Response;
 
-    fn handle(&mut self, ClientCall(req): ClientCall, ctx: &mut Context<Self>) -> Response {
+    fn handle(&mut self, ClientCall(req): ClientCall, _: &mut Context<Self>) -> Response {
         match req {
             ClientRequest::Get { key, r } => {
                 if let Err(e) = self.check_key(&key) {
                     return ready(e);
                 }
                 match self.quorum(r, self.config.cluster.read_quorum, "r") {
-                    Ok(r) => self.coordinate(key.into_vec(), Operation::Get { r }, ctx),
+                    Ok(r) => self.coordinate(key.into_vec(), Operation::Get { r }),
                     Err(e) => ready(e),
                 }
             }
-            ClientRequest::Put { key, context, value, w } => self.put(key, context, value, w, ctx),
+            ClientRequest::Put { key, context, value, w } => self.put(key, context, value, w),
             ClientRequest::Status => self.status(),
             ClientRequest::Ring => ready(self.ring_doc()),
             ClientRequest::Partitions => self.partitions(),
@@ -342,9 +334,9 @@ pub struct Forwarded {
 
 impl Handler<Forwarded> for ClientApi {
     type Result = Response;
-    fn handle(&mut self, f: Forwarded, ctx: &mut Context<Self>) -> Response {
+    fn handle(&mut self, f: Forwarded, _: &mut Context<Self>) -> Response {
         let w = (f.w as usize).clamp(1, self.n());
-        self.coordinate(f.key, Operation::Put { w, context: f.context, value: f.value, forwarded: true }, ctx)
+        self.coordinate(f.key, Operation::Put { w, context: f.context, value: f.value, forwarded: true })
     }
 }
 

@@ -21,7 +21,7 @@ use crate::admission::{AdmissionActor, Budget};
 use crate::clock::{mono_ms, wall_ms};
 use crate::failure_detector::Unreachable;
 use crate::gossiper::{Gossiper, MarkLeft, View};
-use crate::storage::{Answer, Query, Run, Storage};
+use crate::storage::{self, Answer, Query, Run, Storage};
 use crate::transport::{Call, Dest, Transport};
 
 /// Partitions waiting to be transferred away, for `ringkv status`.
@@ -121,16 +121,11 @@ impl HandoffActor {
         .spawn(ctx);
     }
 
-    fn run(&self, op: ReplicaOp) -> impl std::future::Future<Output = Option<ReplicaOutcome>> {
-        let s = self.storage.clone();
-        async move { s.send(Run(op)).await.ok().and_then(|r| r.ok()) }
-    }
-
     fn drain_reaper(&mut self, ctx: &mut Context<Self>) {
         while let Some(action) = self.reaper.poll_action() {
             match action {
                 ReapAction::Scan { partition, before_wall_ms, limit } => {
-                    self.run(ReplicaOp::Tombstones { partition, before_wall_ms, limit })
+                    storage::run(&self.storage, ReplicaOp::Tombstones { partition, before_wall_ms, limit })
                         .into_actor(self)
                         .map(|out, act, ctx| {
                             let found = match out {
@@ -169,7 +164,7 @@ impl HandoffActor {
         while let Some(action) = self.core.poll_action() {
             match action {
                 HandoffAction::ScanHints { limit } => {
-                    self.run(ReplicaOp::ScanHints { limit })
+                    storage::run(&self.storage, ReplicaOp::ScanHints { limit })
                         .into_actor(self)
                         .map(|out, act, ctx| {
                             let hints = match out {
@@ -183,7 +178,7 @@ impl HandoffActor {
                         .spawn(ctx);
                 }
                 HandoffAction::ScanPartition { partition, limit } => {
-                    self.run(ReplicaOp::ReadLeaves { partition, leaves: None })
+                    storage::run(&self.storage, ReplicaOp::ReadLeaves { partition, leaves: None })
                         .into_actor(self)
                         .map(move |out, act, ctx| {
                             let mut objects = match out {

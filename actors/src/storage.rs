@@ -579,6 +579,12 @@ impl Storage {
 #[rtype(result = "Result<ReplicaOutcome, String>")]
 pub struct Run(pub ReplicaOp);
 
+/// Run `op` on `storage`; None if it failed (the failure is logged by the storage stage).
+pub fn run(storage: &Addr<Storage>, op: ReplicaOp) -> impl std::future::Future<Output = Option<ReplicaOutcome>> {
+    let s = storage.clone();
+    async move { s.send(Run(op)).await.ok().and_then(|r| r.ok()) }
+}
+
 impl Handler<Run> for Storage {
     type Result = ResponseFuture<Result<ReplicaOutcome, String>>;
     fn handle(&mut self, msg: Run, ctx: &mut Context<Self>) -> Self::Result {
