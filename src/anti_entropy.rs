@@ -236,7 +236,7 @@ mod tests {
             match action {
                 AeAction::ReadTree { id, partition } => ae.handle_tree(id, a.tree(partition)),
                 AeAction::ReadLeaves { id, partition, leaves } => {
-                    ae.handle_leaves(id, a.objects_in(partition, Some(&leaves)))
+                    ae.handle_leaves(id, a.objects_in(partition, Some(&leaves), usize::MAX, &|_| true))
                 }
                 AeAction::Merge { objects } => {
                     for (key, object) in objects {

@@ -32,8 +32,15 @@ pub trait Store {
     fn remove_hint(&mut self, intended: &str, key: &[u8]);
     /// Up to `limit` hinted copies, in a stable order: (intended, key, object).
     fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)>;
-    /// Owned objects of `partition` whose keys fall in `leaves` (all of them when None).
-    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)>;
+    /// Up to `limit` owned objects of `partition` whose keys fall in `leaves` (any leaf when
+    /// None) and which `keep` accepts, in key order; the scan stops at the limit.
+    fn objects_in(
+        &self,
+        partition: u32,
+        leaves: Option<&[u32]>,
+        limit: usize,
+        keep: &dyn Fn(&Object) -> bool,
+    ) -> Vec<(Vec<u8>, Object)>;
     /// The Merkle tree of `partition`.
     fn tree(&self, partition: u32) -> MerkleTree;
     /// Partitions holding at least one owned key.
@@ -70,8 +77,8 @@ pub enum ReplicaOp {
     /// Anti-entropy responder: merge `objects`, then return every owned object of the
     /// partition in `leaves`, so both sides end with the union.
     Exchange { partition: u32, leaves: Vec<u32>, objects: Vec<(Vec<u8>, Object)> },
-    /// Objects of a partition in some leaves (or all).
-    ReadLeaves { partition: u32, leaves: Option<Vec<u32>> },
+    /// Up to `limit` objects of a partition in some leaves (or all).
+    ReadLeaves { partition: u32, leaves: Option<Vec<u32>>, limit: usize },
     /// A partition's Merkle tree.
     Tree { partition: u32 },
     /// Up to `limit` held hints.
@@ -153,18 +160,16 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
             for (k, o) in objects {
                 merge_into(store, &k, None, o);
             }
-            ReplicaOutcome::Objects(store.objects_in(partition, Some(&leaves)))
+            ReplicaOutcome::Objects(store.objects_in(partition, Some(&leaves), usize::MAX, &|_| true))
         }
-        ReplicaOp::ReadLeaves { partition, leaves } => {
-            ReplicaOutcome::Objects(store.objects_in(partition, leaves.as_deref()))
+        ReplicaOp::ReadLeaves { partition, leaves, limit } => {
+            ReplicaOutcome::Objects(store.objects_in(partition, leaves.as_deref(), limit, &|_| true))
         }
         ReplicaOp::Tree { partition } => ReplicaOutcome::Tree(store.tree(partition)),
         ReplicaOp::Tombstones { partition, before_wall_ms, limit } => ReplicaOutcome::Tombstones(
             store
-                .objects_in(partition, None)
+                .objects_in(partition, None, limit, &|o| o.is_deleted() && o.last_modified_ms() < before_wall_ms)
                 .into_iter()
-                .filter(|(_, o)| o.is_deleted() && o.last_modified_ms() < before_wall_ms)
-                .take(limit)
                 .map(|(k, o)| (o.digest(), k))
                 .collect(),
         ),
@@ -272,10 +277,19 @@ impl Store for MemStore {
     fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)> {
         self.hints.iter().take(limit).map(|((n, k), o)| (n.clone(), k.clone(), o.clone())).collect()
     }
-    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
+    fn objects_in(
+        &self,
+        partition: u32,
+        leaves: Option<&[u32]>,
+        limit: usize,
+        keep: &dyn Fn(&Object) -> bool,
+    ) -> Vec<(Vec<u8>, Object)> {
         self.objects
             .iter()
-            .filter(|(k, _)| self.partition(k) == partition && leaves.is_none_or(|l| l.contains(&leaf_of(k))))
+            .filter(|(k, o)| {
+                self.partition(k) == partition && leaves.is_none_or(|l| l.contains(&leaf_of(k))) && keep(o)
+            })
+            .take(limit)
             .map(|(k, o)| (k.clone(), o.clone()))
             .collect()
     }

@@ -591,7 +591,7 @@ impl Sim {
                         self.nodes[i].volatile.as_mut().expect("alive").ae.handle_tree(id, t);
                     }
                     AeAction::ReadLeaves { id, partition, leaves } => {
-                        let objs = self.nodes[i].store.objects_in(partition, Some(&leaves));
+                        let objs = self.nodes[i].store.objects_in(partition, Some(&leaves), usize::MAX, &|_| true);
                         self.nodes[i].volatile.as_mut().expect("alive").ae.handle_leaves(id, objs);
                     }
                     AeAction::Send { id, to, msg } => {
@@ -636,8 +636,7 @@ impl Sim {
                         v.handoff.handle_hints(now, hints, |n| fd.is_reachable(n));
                     }
                     HandoffAction::ScanPartition { partition, limit } => {
-                        let mut objs = self.nodes[i].store.objects_in(partition, None);
-                        objs.truncate(limit);
+                        let objs = self.nodes[i].store.objects_in(partition, None, limit, &|_| true);
                         let now = self.now;
                         let v = self.nodes[i].volatile.as_mut().expect("alive");
                         let owners = v

@@ -70,16 +70,19 @@ impl AntiEntropyActor {
                         .spawn(ctx);
                 }
                 AeAction::ReadLeaves { id, partition, leaves } => {
-                    storage::run(&self.storage, ReplicaOp::ReadLeaves { partition, leaves: Some(leaves) })
-                        .into_actor(self)
-                        .map(move |out, act, ctx| {
-                            match out {
-                                Some(ReplicaOutcome::Objects(o)) => act.core.handle_leaves(id, o),
-                                _ => act.core.handle_failure(id),
-                            }
-                            act.drain(ctx);
-                        })
-                        .spawn(ctx);
+                    storage::run(
+                        &self.storage,
+                        ReplicaOp::ReadLeaves { partition, leaves: Some(leaves), limit: usize::MAX },
+                    )
+                    .into_actor(self)
+                    .map(move |out, act, ctx| {
+                        match out {
+                            Some(ReplicaOutcome::Objects(o)) => act.core.handle_leaves(id, o),
+                            _ => act.core.handle_failure(id),
+                        }
+                        act.drain(ctx);
+                    })
+                    .spawn(ctx);
                 }
                 AeAction::Send { id, to, msg } => {
                     let call =

@@ -178,14 +178,13 @@ impl HandoffActor {
                         .spawn(ctx);
                 }
                 HandoffAction::ScanPartition { partition, limit } => {
-                    storage::run(&self.storage, ReplicaOp::ReadLeaves { partition, leaves: None })
+                    storage::run(&self.storage, ReplicaOp::ReadLeaves { partition, leaves: None, limit })
                         .into_actor(self)
                         .map(move |out, act, ctx| {
-                            let mut objects = match out {
+                            let objects = match out {
                                 Some(ReplicaOutcome::Objects(o)) => o,
                                 _ => Vec::new(),
                             };
-                            objects.truncate(limit);
                             let owners = act
                                 .ring
                                 .as_ref()

@@ -81,6 +81,8 @@ fn objects_in_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     partition: u32,
     leaves: Option<&[u32]>,
+    limit: usize,
+    keep: &dyn Fn(&Object) -> bool,
 ) -> Vec<(Vec<u8>, Object)> {
     let (lo, hi) = (partition.to_be_bytes(), (partition as u64 + 1).to_be_bytes());
     let hi = if partition == u32::MAX { vec![0xff; 5] } else { hi[4..].to_vec() };
@@ -92,8 +94,9 @@ fn objects_in_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
             if leaves.is_some_and(|l| !l.contains(&leaf_of(&key))) {
                 return None;
             }
-            decode(v.value()).ok().map(|o| (key, o))
+            decode(v.value()).ok().filter(|o| keep(o)).map(|o| (key, o))
         })
+        .take(limit)
         .collect()
 }
 
@@ -229,9 +232,15 @@ impl Store for TxnStore<'_> {
         }
     }
 
-    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
+    fn objects_in(
+        &self,
+        partition: u32,
+        leaves: Option<&[u32]>,
+        limit: usize,
+        keep: &dyn Fn(&Object) -> bool,
+    ) -> Vec<(Vec<u8>, Object)> {
         match self.txn.open_table(OBJECTS) {
-            Ok(t) => objects_in_table(&t, partition, leaves),
+            Ok(t) => objects_in_table(&t, partition, leaves, limit, keep),
             Err(_) => Vec::new(),
         }
     }
@@ -282,8 +291,14 @@ impl Store for ReadStore<'_> {
     fn scan_hints(&self, limit: usize) -> Vec<(String, Vec<u8>, Object)> {
         scan_hints_table(&self.hints, limit)
     }
-    fn objects_in(&self, partition: u32, leaves: Option<&[u32]>) -> Vec<(Vec<u8>, Object)> {
-        objects_in_table(&self.objects, partition, leaves)
+    fn objects_in(
+        &self,
+        partition: u32,
+        leaves: Option<&[u32]>,
+        limit: usize,
+        keep: &dyn Fn(&Object) -> bool,
+    ) -> Vec<(Vec<u8>, Object)> {
+        objects_in_table(&self.objects, partition, leaves, limit, keep)
     }
     fn tree(&self, partition: u32) -> MerkleTree {
         self.trees.get(partition as usize).cloned().unwrap_or_default()
@@ -649,6 +664,13 @@ mod tests {
             .collect();
         let out = w.run_batch(ops).unwrap();
         assert_eq!(out.len(), 50);
+        // A partition scan stops at its limit, in key order, within the partition.
+        let p = (0..16).find(|&p| w.trees[p as usize].keys() >= 3).unwrap();
+        let scan = w.run_batch(vec![ReplicaOp::ReadLeaves { partition: p, leaves: None, limit: 2 }]).unwrap();
+        let ReplicaOutcome::Objects(objs) = &scan[0] else { panic!("{scan:?}") };
+        assert_eq!(objs.len(), 2);
+        assert!(objs.windows(2).all(|x| x[0].0 < x[1].0));
+        assert!(objs.iter().all(|(k, _)| partition_of(k, 16) == p as usize));
         let roots: Vec<u128> = w.trees.iter().map(|t| t.root()).collect();
         drop(w);
         let w = open(&path, 16, DurabilityMode::Sync, ReplicaLimits::default()).unwrap();
