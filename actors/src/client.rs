@@ -150,6 +150,29 @@ fn expect_document(r: ClientResponse) -> Result<Value, Failure> {
     }
 }
 
+/// `ringkv status` for people: one line per member.
+fn status_table(doc: &Value) -> String {
+    let mut out = format!(
+        "node {}  ring epoch {}  pending: {} hints, {} transfers\n",
+        doc["node"].as_str().unwrap_or("?"),
+        doc["ring_epoch"],
+        doc["pending"]["hints"],
+        doc["pending"]["transfers"]
+    );
+    out.push_str(&format!("{:<12} {:<22} {:<8} {:>10}  {}\n", "ID", "ADDRESS", "STATE", "PARTITIONS", "ZONE"));
+    for m in doc["members"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<12} {:<22} {:<8} {:>10}  {}\n",
+            m["id"].as_str().unwrap_or("?"),
+            m["addr"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["partitions"].as_u64().unwrap_or(0),
+            m["zone"].as_str().unwrap_or("-")
+        ));
+    }
+    out.trim_end().to_string()
+}
+
 fn doc_outcome(doc: Value) -> Outcome {
     let human = serde_json::to_string_pretty(&doc).unwrap_or_default();
     Outcome { doc, human, status: exit::OK }
@@ -235,7 +258,11 @@ pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -
             let context = expect_written(client.request(req).await?)?;
             Ok(Outcome { doc: json!({"key": key, "context": context}), human: "deleted".into(), status: exit::OK })
         }
-        ClientCommand::Status => Ok(doc_outcome(expect_document(client.request(ClientRequest::Status).await?)?)),
+        ClientCommand::Status => {
+            let doc = expect_document(client.request(ClientRequest::Status).await?)?;
+            let human = status_table(&doc);
+            Ok(Outcome { doc, human, status: exit::OK })
+        }
         ClientCommand::Ring => Ok(doc_outcome(expect_document(client.request(ClientRequest::Ring).await?)?)),
         ClientCommand::Admin { command } => {
             let req = match command {

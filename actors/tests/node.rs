@@ -180,3 +180,27 @@ fn bad_config_exits_non_zero_naming_the_key() {
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn buffered_node_flushes_on_graceful_stop() {
+    let mut c = Cluster::new(1, 1, 1, 1, "[storage]\ndurability = \"buffered\"\nflush_interval_ms = 50\n");
+    c.start(0);
+    c.wait_settled(&[0], Duration::from_secs(20));
+    let acked = c.write_keys(&[0], "b", 30, "");
+    assert_eq!(acked.len(), 30);
+    // SIGTERM: the node stops taking work and makes buffered commits durable before exiting.
+    c.signal(0, libc::SIGTERM);
+    let exited = wait_until(Duration::from_secs(15), || {
+        c.nodes[0].child.as_mut().map(|ch| ch.try_wait().ok().flatten().is_some()).unwrap_or(true)
+    });
+    assert!(exited, "the node stops on SIGTERM");
+    assert!(
+        std::fs::read_to_string(&c.nodes[0].log).unwrap().contains("buffered"),
+        "the start-up log says writes are buffered"
+    );
+    c.start(0);
+    c.wait_settled(&[0], Duration::from_secs(20));
+    for (k, v) in &acked {
+        assert_eq!(c.values(0, k), Some(vec![v.clone()]), "{k}");
+    }
+}
