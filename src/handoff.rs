@@ -25,9 +25,12 @@ pub enum BatchKind {
 /// What the scheduler wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandoffAction {
-    /// Read up to `limit` hints; answer with `handle_hints`.
+    /// Read up to `limit` hints, skipping those for the `exclude`d (unreachable) nodes so
+    /// that many hints for one node that is down cannot starve the others; answer with
+    /// `handle_hints`.
     ScanHints {
         limit: usize,
+        exclude: Vec<NodeId>,
     },
     /// Read up to `limit` objects of a partition we no longer replicate; answer with
     /// `handle_foreign`.
@@ -101,8 +104,9 @@ impl Handoff {
     }
 
     /// Time passed. `foreign` lists partitions this node holds keys of but no longer
-    /// replicates; `allowed` is the admission budget (0 pauses).
-    pub fn handle_tick(&mut self, now_ms: u64, foreign: &[u32], allowed: usize) {
+    /// replicates; `allowed` is the admission budget (0 pauses); `unreachable` are the
+    /// peers the failure detector considers down.
+    pub fn handle_tick(&mut self, now_ms: u64, foreign: &[u32], allowed: usize, unreachable: &[NodeId]) {
         let expired: Vec<u64> =
             self.batches.iter().filter(|(_, b)| now_ms >= b.started_ms + self.timeout_ms).map(|(id, _)| *id).collect();
         for id in expired {
@@ -118,7 +122,8 @@ impl Handoff {
             && !self.batches.values().any(|b| matches!(b.kind, BatchKind::Hints { .. }))
         {
             self.scanning_hints = true;
-            self.outbox.push_back(HandoffAction::ScanHints { limit: self.batch_keys * 4 });
+            self.outbox
+                .push_back(HandoffAction::ScanHints { limit: self.batch_keys * 4, exclude: unreachable.to_vec() });
         }
         for &p in foreign {
             if self.inflight() >= allowed {
@@ -228,8 +233,8 @@ mod tests {
     #[test]
     fn hints_go_to_reachable_nodes_and_are_dropped_after_ack() {
         let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[], 1);
-        assert_eq!(drain(&mut h), vec![HandoffAction::ScanHints { limit: 40 }]);
+        h.handle_tick(100, &[], 1, &["n9".to_string()]);
+        assert_eq!(drain(&mut h), vec![HandoffAction::ScanHints { limit: 40, exclude: vec!["n9".to_string()] }]);
         let hints = vec![("n2".into(), b"a".to_vec(), obj(1)), ("n3".into(), b"b".to_vec(), obj(2))];
         h.handle_hints(100, hints, |n| n == "n3");
         let a = drain(&mut h);
@@ -251,14 +256,14 @@ mod tests {
     #[test]
     fn transfers_need_every_owner_and_unacked_batches_expire() {
         let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[5], 2);
+        h.handle_tick(100, &[5], 2, &[]);
         let a = drain(&mut h);
         assert!(a.contains(&HandoffAction::ScanPartition { partition: 5, limit: 10 }));
         h.handle_foreign(100, 5, vec![(b"k".to_vec(), obj(1))], vec!["n1".into(), "n2".into()], |_| true);
         drain(&mut h);
         h.handle_ack(1, "n1", true);
         assert!(drain(&mut h).is_empty(), "n2 has not acknowledged");
-        h.handle_tick(1200, &[], 0);
+        h.handle_tick(1200, &[], 0, &[]);
         assert_eq!(drain(&mut h), vec![HandoffAction::Finished { id: 1, delivered: false }]);
         assert_eq!(h.moved_keys, 0);
     }
@@ -266,7 +271,7 @@ mod tests {
     #[test]
     fn zero_budget_pauses() {
         let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[1, 2], 0);
+        h.handle_tick(100, &[1, 2], 0, &[]);
         assert!(drain(&mut h).is_empty());
     }
 }

@@ -30,8 +30,9 @@ pub trait Store {
     fn hints_of_key(&self, key: &[u8]) -> Vec<Object>;
     /// Remove the hinted copy held for `intended`.
     fn remove_hint(&mut self, intended: &str, key: &[u8]);
-    /// Up to `limit` hinted copies, in a stable order: (intended, key, object).
-    fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)>;
+    /// Up to `limit` hinted copies for nodes not in `exclude`, in a stable order:
+    /// (intended, key, object).
+    fn scan_hints(&self, limit: usize, exclude: &[NodeId]) -> Vec<(NodeId, Vec<u8>, Object)>;
     /// Up to `limit` owned objects of `partition` whose keys fall in `leaves` (any leaf when
     /// None) and which `keep` accepts, in key order; the scan stops at the limit.
     fn objects_in(
@@ -81,8 +82,8 @@ pub enum ReplicaOp {
     ReadLeaves { partition: u32, leaves: Option<Vec<u32>>, limit: usize },
     /// A partition's Merkle tree.
     Tree { partition: u32 },
-    /// Up to `limit` held hints.
-    ScanHints { limit: usize },
+    /// Up to `limit` held hints, skipping those for `exclude`d nodes.
+    ScanHints { limit: usize, exclude: Vec<NodeId> },
     /// Drop the hint held for `intended` if it still has this digest (it was delivered).
     RemoveHint { intended: NodeId, key: Vec<u8>, digest: [u8; 16] },
     /// Owned tombstone-only keys of a partition last written before `before_wall_ms`.
@@ -174,7 +175,7 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
                 .collect(),
         ),
         ReplicaOp::Digest { key } => ReplicaOutcome::Digest(store.object(&key).map(|o| o.digest())),
-        ReplicaOp::ScanHints { limit } => ReplicaOutcome::Hints(store.scan_hints(limit)),
+        ReplicaOp::ScanHints { limit, exclude } => ReplicaOutcome::Hints(store.scan_hints(limit, &exclude)),
         ReplicaOp::RemoveHint { intended, key, digest } => {
             let current = store.hint(&intended, &key).map(|o| o.digest());
             let remove = current == Some(digest);
@@ -274,8 +275,13 @@ impl Store for MemStore {
     fn remove_hint(&mut self, intended: &str, key: &[u8]) {
         self.hints.remove(&(intended.to_string(), key.to_vec()));
     }
-    fn scan_hints(&self, limit: usize) -> Vec<(NodeId, Vec<u8>, Object)> {
-        self.hints.iter().take(limit).map(|((n, k), o)| (n.clone(), k.clone(), o.clone())).collect()
+    fn scan_hints(&self, limit: usize, exclude: &[NodeId]) -> Vec<(NodeId, Vec<u8>, Object)> {
+        self.hints
+            .iter()
+            .filter(|((n, _), _)| !exclude.contains(n))
+            .take(limit)
+            .map(|((n, k), o)| (n.clone(), k.clone(), o.clone()))
+            .collect()
     }
     fn objects_in(
         &self,

@@ -628,8 +628,8 @@ impl Sim {
             }
             if let Some(a) = v.handoff.poll_action() {
                 match a {
-                    HandoffAction::ScanHints { limit } => {
-                        let hints = self.nodes[i].store.scan_hints(limit);
+                    HandoffAction::ScanHints { limit, exclude } => {
+                        let hints = self.nodes[i].store.scan_hints(limit, &exclude);
                         let now = self.now;
                         let v = self.nodes[i].volatile.as_mut().expect("alive");
                         let fd = v.fd.clone();
@@ -727,9 +727,12 @@ impl Sim {
                 v.membership.mark_left(&me);
                 self.log(|| format!("{me} handed everything away and leaves"));
             }
-            self.nodes[i].volatile.as_mut().expect("alive").handoff.handle_tick(now, &foreign, ho_allowed);
+            let v = self.nodes[i].volatile.as_mut().expect("alive");
+            let down = v.fd.unreachable();
+            v.handoff.handle_tick(now, &foreign, ho_allowed, &down);
         } else {
-            v.handoff.handle_tick(now, &[], ho_allowed);
+            let down = v.fd.unreachable();
+            v.handoff.handle_tick(now, &[], ho_allowed, &down);
         }
         for p in probes {
             if let Some(j) = self.index_of(&p) {

@@ -105,7 +105,8 @@ impl HandoffActor {
                 tracing::info!("every partition handed away: leaving the ring");
                 act.gossiper.do_send(MarkLeft);
             }
-            act.core.handle_tick(mono_ms(), &foreign, budget);
+            let unreachable: Vec<NodeId> = act.unreachable.iter().cloned().collect();
+            act.core.handle_tick(mono_ms(), &foreign, budget, &unreachable);
             act.drain(ctx);
             // Tombstones, in partitions whose replicas are all reachable.
             let reapable: Vec<(u32, Vec<NodeId>)> = mine
@@ -163,8 +164,8 @@ impl HandoffActor {
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                HandoffAction::ScanHints { limit } => {
-                    storage::run(&self.storage, ReplicaOp::ScanHints { limit })
+                HandoffAction::ScanHints { limit, exclude } => {
+                    storage::run(&self.storage, ReplicaOp::ScanHints { limit, exclude })
                         .into_actor(self)
                         .map(|out, act, ctx| {
                             let hints = match out {

@@ -103,11 +103,15 @@ fn objects_in_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
 fn scan_hints_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     limit: usize,
+    exclude: &[String],
 ) -> Vec<(String, Vec<u8>, Object)> {
     let Ok(iter) = t.iter() else { return Vec::new() };
     iter.filter_map(|r| r.ok())
         .filter_map(|(k, v)| {
             let (intended, key) = split_hint_key(k.value())?;
+            if exclude.iter().any(|e| e == intended) {
+                return None;
+            }
             decode(v.value()).ok().map(|o| (intended.to_string(), key.to_vec(), o))
         })
         .take(limit)
@@ -225,9 +229,9 @@ impl Store for TxnStore<'_> {
         }
     }
 
-    fn scan_hints(&self, limit: usize) -> Vec<(String, Vec<u8>, Object)> {
+    fn scan_hints(&self, limit: usize, exclude: &[String]) -> Vec<(String, Vec<u8>, Object)> {
         match self.txn.open_table(HINTS) {
-            Ok(t) => scan_hints_table(&t, limit),
+            Ok(t) => scan_hints_table(&t, limit, exclude),
             Err(_) => Vec::new(),
         }
     }
@@ -288,8 +292,8 @@ impl Store for ReadStore<'_> {
     fn remove_hint(&mut self, _: &str, _: &[u8]) {
         debug_assert!(false, "a read batch never writes");
     }
-    fn scan_hints(&self, limit: usize) -> Vec<(String, Vec<u8>, Object)> {
-        scan_hints_table(&self.hints, limit)
+    fn scan_hints(&self, limit: usize, exclude: &[String]) -> Vec<(String, Vec<u8>, Object)> {
+        scan_hints_table(&self.hints, limit, exclude)
     }
     fn objects_in(
         &self,
