@@ -311,16 +311,20 @@ impl Store for MemStore {
 mod tests {
     use super::*;
 
-    fn coordinate(store: &mut MemStore, ctx: &VersionVector, value: &[u8], hint: Option<&str>) -> Object {
-        let op = ReplicaOp::Coordinate {
+    /// A client write of `value` to key "k" with `ctx`, coordinated by Actor(9).
+    fn coordinate_op(ctx: &VersionVector, value: &[u8], hint: Option<&str>) -> ReplicaOp {
+        ReplicaOp::Coordinate {
             key: b"k".to_vec(),
             context: ctx.clone(),
             value: Some(value.to_vec()),
             hint: hint.map(str::to_string),
             actor: Actor(9),
             now_ms: 1,
-        };
-        match execute(store, op, ReplicaLimits::default()) {
+        }
+    }
+
+    fn coordinate(store: &mut MemStore, ctx: &VersionVector, value: &[u8], hint: Option<&str>) -> Object {
+        match execute(store, coordinate_op(ctx, value, hint), ReplicaLimits::default()) {
             ReplicaOutcome::Coordinated(Ok(o)) => o,
             other => panic!("{other:?}"),
         }
@@ -369,37 +373,15 @@ mod tests {
         let mut s = MemStore::default();
         let limits = ReplicaLimits { max_siblings: 2, prune_threshold: 10 };
         for v in [b"a", b"b"] {
-            let op = ReplicaOp::Coordinate {
-                key: b"k".to_vec(),
-                context: VersionVector::new(),
-                value: Some(v.to_vec()),
-                hint: None,
-                actor: Actor(1),
-                now_ms: 1,
-            };
+            let op = coordinate_op(&VersionVector::new(), v, None);
             assert!(matches!(execute(&mut s, op, limits), ReplicaOutcome::Coordinated(Ok(_))));
         }
         let before = s.clone();
-        let blind = ReplicaOp::Coordinate {
-            key: b"k".to_vec(),
-            context: VersionVector::new(),
-            value: Some(b"c".to_vec()),
-            hint: None,
-            actor: Actor(1),
-            now_ms: 2,
-        };
+        let blind = coordinate_op(&VersionVector::new(), b"c", None);
         assert_eq!(execute(&mut s, blind, limits), ReplicaOutcome::Coordinated(Err(ReplicaError::TooManySiblings(2))));
         assert_eq!(s, before);
         // A write that resolves them is accepted.
         let ctx = s.objects[b"k".as_slice()].context();
-        let fix = ReplicaOp::Coordinate {
-            key: b"k".to_vec(),
-            context: ctx,
-            value: Some(b"c".to_vec()),
-            hint: None,
-            actor: Actor(1),
-            now_ms: 3,
-        };
-        assert!(matches!(execute(&mut s, fix, limits), ReplicaOutcome::Coordinated(Ok(_))));
+        assert!(matches!(execute(&mut s, coordinate_op(&ctx, b"c", None), limits), ReplicaOutcome::Coordinated(Ok(_))));
     }
 }
