@@ -19,9 +19,9 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{ReplicaError, ReplicaOutcome};
+use crate::replica::{ReplicaError, ReplicaOp, ReplicaOutcome};
 use crate::ring::{NodeId, PreferenceList};
-use crate::version::{Object, VersionVector};
+use crate::version::{Actor, Object, VersionVector};
 use crate::wire::{ClientResponse, ErrorKind};
 
 /// What a coordinator asks a replica to do.
@@ -54,6 +54,21 @@ pub enum ReplicaRequest {
         value: Option<Vec<u8>>,
         w: u8,
     },
+}
+
+impl ReplicaRequest {
+    /// The storage operation a replica runs for this request, issuing any new dot from
+    /// `actor` at `now_ms`; None for `Forward`, which runs a whole put instead.
+    pub fn into_op(self, actor: Actor, now_ms: u64) -> Option<ReplicaOp> {
+        match self {
+            ReplicaRequest::Read { key } => Some(ReplicaOp::Read { key }),
+            ReplicaRequest::Write { key, object, hint } => Some(ReplicaOp::Write { key, object, hint }),
+            ReplicaRequest::Coordinate { key, context, value, hint } => {
+                Some(ReplicaOp::Coordinate { key, context, value, hint, actor, now_ms })
+            }
+            ReplicaRequest::Forward { .. } => None,
+        }
+    }
 }
 
 /// A replica's answer.
@@ -213,13 +228,17 @@ impl Coordinator {
             self.fail(ErrorKind::Unavailable, "not enough reachable replicas for the quorum");
             return;
         }
-        match self.op.clone() {
-            Operation::Get { .. } => {
+        let forwarded = match self.op {
+            Operation::Get { .. } => None,
+            Operation::Put { forwarded, .. } => Some(forwarded),
+        };
+        match forwarded {
+            None => {
                 for i in 0..self.slots.len() {
                     self.send_read(i, now_ms);
                 }
             }
-            Operation::Put { forwarded, context, value, w } => {
+            Some(forwarded) => {
                 match self.slots.iter().position(|s| s.node == self.me) {
                     Some(i) => self.send_coordinate(i, now_ms),
                     None if forwarded => {
@@ -232,12 +251,9 @@ impl Coordinator {
                     }
                     None => {
                         self.phase = Phase::Forwarding;
-                        let request = ReplicaRequest::Forward { key: self.key.clone(), context, value, w: w as u8 };
                         // Forward to the first target; on failure, the next.
                         if !self.slots.is_empty() {
-                            self.slots[0].state = SlotState::Waiting { since_ms: now_ms };
-                            let to = self.slots[0].node.clone();
-                            self.outbox.push_back(Action::Send { to, request });
+                            self.send_forward(0, now_ms);
                         } else {
                             self.fail(ErrorKind::Unavailable, "no reachable replica to coordinate the write");
                         }
@@ -264,6 +280,18 @@ impl Coordinator {
             context: context.clone(),
             value: value.clone(),
             hint: self.slots[i].hint.clone(),
+        };
+        self.slots[i].state = SlotState::Waiting { since_ms: now_ms };
+        self.outbox.push_back(Action::Send { to: self.slots[i].node.clone(), request });
+    }
+
+    fn send_forward(&mut self, i: usize, now_ms: u64) {
+        let Operation::Put { context, value, w, .. } = &self.op else { return };
+        let request = ReplicaRequest::Forward {
+            key: self.key.clone(),
+            context: context.clone(),
+            value: value.clone(),
+            w: *w as u8,
         };
         self.slots[i].state = SlotState::Waiting { since_ms: now_ms };
         self.outbox.push_back(Action::Send { to: self.slots[i].node.clone(), request });
@@ -396,10 +424,7 @@ impl Coordinator {
         if self.phase == Phase::Forwarding {
             // Forward to the next chosen target before any fallback.
             if let Some(j) = self.slots.iter().position(|s| s.state == SlotState::Idle) {
-                let Operation::Put { context, value, w, .. } = self.op.clone() else { return };
-                self.slots[j].state = SlotState::Waiting { since_ms: now_ms };
-                let request = ReplicaRequest::Forward { key: self.key.clone(), context, value, w: w as u8 };
-                self.outbox.push_back(Action::Send { to: self.slots[j].node.clone(), request });
+                self.send_forward(j, now_ms);
                 return;
             }
         }
@@ -413,12 +438,7 @@ impl Coordinator {
         match self.phase {
             Phase::Started | Phase::Replied if matches!(self.op, Operation::Get { .. }) => self.send_read(j, now_ms),
             Phase::Replicating | Phase::Replied => self.send_write(j, now_ms),
-            Phase::Forwarding => {
-                let Operation::Put { context, value, w, .. } = self.op.clone() else { return };
-                self.slots[j].state = SlotState::Waiting { since_ms: now_ms };
-                let request = ReplicaRequest::Forward { key: self.key.clone(), context, value, w: w as u8 };
-                self.outbox.push_back(Action::Send { to: self.slots[j].node.clone(), request });
-            }
+            Phase::Forwarding => self.send_forward(j, now_ms),
             _ => {}
         }
     }

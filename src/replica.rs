@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::merkle::{leaf_of, MerkleTree};
+use crate::reaper::ReapStep;
 use crate::ring::{key_position, partition_of_position, NodeId};
 use crate::version::{Actor, Object, VersionVector};
 
@@ -88,8 +89,9 @@ pub enum ReplicaOp {
     RemoveHint { intended: NodeId, key: Vec<u8>, digest: [u8; 16] },
     /// Owned tombstone-only keys of a partition last written before `before_wall_ms`.
     Tombstones { partition: u32, before_wall_ms: u64, limit: usize },
-    /// The digest of the owned copy of a key.
-    Digest { key: Vec<u8> },
+    /// Tombstone reaping, one replica's part: check that it holds exactly a state, or remove
+    /// the key if it still does. Answered with `Reaped`.
+    Reap(ReapStep),
     /// Drop an owned key if it still has this digest (it was transferred to its owners).
     RemoveObject { key: Vec<u8>, digest: [u8; 16] },
     /// Coordinate a client's write here: apply it under a new dot of `actor`.
@@ -105,9 +107,10 @@ pub enum ReplicaOp {
 
 /// What an operation produced.
 ///
-/// `Removed(true)` means local data was dropped: the caller must retire its dot-issuing
-/// [`Actor`] and use a fresh one, since a later coordination for that key could otherwise
-/// reissue a dot it already gave to a write that lives on elsewhere.
+/// When [`dropped_data`](ReplicaOutcome::dropped_data) is true, local data was dropped: the
+/// caller must retire its dot-issuing [`Actor`] and use a fresh one, since a later
+/// coordination for that key could otherwise reissue a dot it already gave to a write that
+/// lives on elsewhere.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicaOutcome {
     Read(Option<Object>),
@@ -124,7 +127,19 @@ pub enum ReplicaOutcome {
     Removed(bool),
     /// (digest, key) of each tombstone found.
     Tombstones(Vec<([u8; 16], Vec<u8>)>),
-    Digest(Option<[u8; 16]>),
+    /// `yes`: the replica holds the state (Check), or no longer holds the key (Remove);
+    /// `removed`: this operation dropped it.
+    Reaped {
+        yes: bool,
+        removed: bool,
+    },
+}
+
+impl ReplicaOutcome {
+    /// Whether this operation dropped local data (so the dot actor must be retired).
+    pub fn dropped_data(&self) -> bool {
+        matches!(self, ReplicaOutcome::Removed(true) | ReplicaOutcome::Reaped { removed: true, .. })
+    }
 }
 
 fn stored<S: Store>(store: &S, key: &[u8], hint: Option<&str>) -> Option<Object> {
@@ -174,7 +189,16 @@ pub fn execute<S: Store>(store: &mut S, op: ReplicaOp, limits: ReplicaLimits) ->
                 .map(|(k, o)| (o.digest(), k))
                 .collect(),
         ),
-        ReplicaOp::Digest { key } => ReplicaOutcome::Digest(store.object(&key).map(|o| o.digest())),
+        ReplicaOp::Reap(ReapStep::Check { key, digest }) => {
+            ReplicaOutcome::Reaped { yes: store.object(&key).map(|o| o.digest()) == Some(digest), removed: false }
+        }
+        ReplicaOp::Reap(ReapStep::Remove { key, digest }) => match store.object(&key).map(|o| o.digest()) {
+            Some(d) if d == digest => {
+                store.remove_object(&key);
+                ReplicaOutcome::Reaped { yes: true, removed: true }
+            }
+            current => ReplicaOutcome::Reaped { yes: current.is_none(), removed: false },
+        },
         ReplicaOp::ScanHints { limit, exclude } => ReplicaOutcome::Hints(store.scan_hints(limit, &exclude)),
         ReplicaOp::RemoveHint { intended, key, digest } => {
             let current = store.hint(&intended, &key).map(|o| o.digest());
@@ -366,6 +390,27 @@ mod tests {
         let d1 = first.siblings()[0].dot;
         assert!(second.siblings().iter().any(|x| x.dot == d1 && x.value.as_deref() == Some(b"x".as_slice())));
         assert_eq!(second.siblings().len(), 2, "distinct dots, both values kept");
+    }
+
+    #[test]
+    fn reaping_removes_only_an_unchanged_state() {
+        let mut s = MemStore::default();
+        let o = coordinate(&mut s, &VersionVector::new(), b"x", None);
+        let step = |remove: bool, digest| {
+            let key = b"k".to_vec();
+            ReplicaOp::Reap(if remove { ReapStep::Remove { key, digest } } else { ReapStep::Check { key, digest } })
+        };
+        let l = ReplicaLimits::default();
+        assert_eq!(execute(&mut s, step(false, o.digest()), l), ReplicaOutcome::Reaped { yes: true, removed: false });
+        assert_eq!(execute(&mut s, step(false, [0; 16]), l), ReplicaOutcome::Reaped { yes: false, removed: false });
+        assert_eq!(execute(&mut s, step(true, [0; 16]), l), ReplicaOutcome::Reaped { yes: false, removed: false });
+        let out = execute(&mut s, step(true, o.digest()), l);
+        assert_eq!(out, ReplicaOutcome::Reaped { yes: true, removed: true });
+        assert!(out.dropped_data() && s.objects.is_empty());
+        // Already gone: the replica agrees, and nothing more was dropped.
+        let again = execute(&mut s, step(true, o.digest()), l);
+        assert_eq!(again, ReplicaOutcome::Reaped { yes: true, removed: false });
+        assert!(!again.dropped_data());
     }
 
     #[test]

@@ -218,7 +218,16 @@ impl Ring {
 
     /// Partitions whose N replicas include `node`.
     pub fn replicated_by(&self, node: &str, n: usize) -> Vec<u32> {
-        (0..self.partitions()).filter(|&p| self.is_replica(p, n, node)).collect()
+        self.replica_sets(node, n).into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Each partition whose N replicas include `node`, with those replicas: what a node
+    /// compares with its peers (anti-entropy) and must agree on (reaping).
+    pub fn replica_sets(&self, node: &str, n: usize) -> Vec<(u32, Vec<NodeId>)> {
+        (0..self.partitions())
+            .map(|p| (p, self.preference_list(p, n).primaries))
+            .filter(|(_, replicas)| replicas.iter().any(|r| r == node))
+            .collect()
     }
 
     /// Distinct members in ring order starting at `partition`.
@@ -507,6 +516,22 @@ mod tests {
             let zones: BTreeSet<_> = ring.preference_list(p, 3).primaries.iter().map(|id| zone(id)).collect();
             assert_eq!(zones.len(), 3, "partition {p}");
         }
+    }
+
+    #[test]
+    fn replica_sets_cover_each_partition_n_times() {
+        let ring = Ring::new(64, 3, &nodes(5)).unwrap();
+        let mut seen = vec![0; 64];
+        for m in nodes(5) {
+            for (p, replicas) in ring.replica_sets(&m.id, 3) {
+                assert_eq!(replicas, ring.preference_list(p, 3).primaries);
+                assert!(replicas.contains(&m.id));
+                seen[p as usize] += 1;
+            }
+            assert_eq!(ring.replicated_by(&m.id, 3).len(), ring.replica_sets(&m.id, 3).len());
+        }
+        assert!(seen.iter().all(|&c| c == 3), "{seen:?}");
+        assert!(ring.replica_sets("nobody", 3).is_empty());
     }
 
     #[test]

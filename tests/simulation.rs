@@ -449,7 +449,15 @@ impl Sim {
             }
             return out;
         }
-        execute(&mut self.nodes[i].store, op, limits)
+        let out = execute(&mut self.nodes[i].store, op, limits);
+        if out.dropped_data() {
+            // Dropped data: never issue dots from the old epoch again (as the node's storage stage).
+            let fresh = Actor(self.rng.next());
+            if let Some(v) = self.nodes[i].volatile.as_mut() {
+                v.actor = fresh;
+            }
+        }
+        out
     }
 
     fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
@@ -470,14 +478,7 @@ impl Sim {
             }
             Msg::Replica { coord, request } => {
                 let actor = self.nodes[to].volatile.as_ref().map(|v| v.actor).unwrap_or(Actor(0));
-                let op = match request {
-                    ReplicaRequest::Read { key } => ReplicaOp::Read { key },
-                    ReplicaRequest::Write { key, object, hint } => ReplicaOp::Write { key, object, hint },
-                    ReplicaRequest::Coordinate { key, context, value, hint } => {
-                        ReplicaOp::Coordinate { key, context, value, hint, actor, now_ms: now }
-                    }
-                    ReplicaRequest::Forward { .. } => unreachable!("handled above"),
-                };
+                let Some(op) = request.into_op(actor, now) else { return };
                 let out = self.store_op(to, op);
                 self.send(to, from, Msg::ReplicaReply { coord, reply: ReplicaReply::Outcome(out) });
             }
@@ -540,19 +541,7 @@ impl Sim {
                 self.send(to, from, Msg::HandoffAck { id, ok: true });
             }
             Msg::Reap { id, step } => {
-                let yes = match step {
-                    ReapStep::Check { key, digest } => {
-                        matches!(self.store_op(to, ReplicaOp::Digest { key }), ReplicaOutcome::Digest(Some(d)) if d == digest)
-                    }
-                    ReapStep::Remove { key, digest } => {
-                        let removed = self.store_op(to, ReplicaOp::RemoveObject { key: key.clone(), digest });
-                        if removed == ReplicaOutcome::Removed(true) {
-                            let fresh = Actor(self.rng.next());
-                            self.nodes[to].volatile.as_mut().expect("alive").actor = fresh;
-                        }
-                        removed == ReplicaOutcome::Removed(true) || self.nodes[to].store.object(&key).is_none()
-                    }
-                };
+                let yes = matches!(self.store_op(to, ReplicaOp::Reap(step)), ReplicaOutcome::Reaped { yes: true, .. });
                 self.send(to, from, Msg::ReapReply { id, yes });
             }
             Msg::ReapReply { id, yes } => {
@@ -658,17 +647,11 @@ impl Sim {
                         for (key, digest) in keys {
                             self.store_op(i, ReplicaOp::RemoveHint { intended: intended.clone(), key, digest });
                         }
-                        // Dropped data: never issue dots from the old epoch again.
-                        let fresh = Actor(self.rng.next());
-                        self.nodes[i].volatile.as_mut().expect("alive").actor = fresh;
                     }
                     HandoffAction::RemoveObjects { keys } => {
                         for (key, digest) in keys {
                             self.store_op(i, ReplicaOp::RemoveObject { key, digest });
                         }
-                        // Dropped data: never issue dots from the old epoch again.
-                        let fresh = Actor(self.rng.next());
-                        self.nodes[i].volatile.as_mut().expect("alive").actor = fresh;
                     }
                     HandoffAction::Finished { .. } => {}
                 }
@@ -702,20 +685,16 @@ impl Sim {
         let (ae_allowed, ho_allowed) =
             (limits["anti_entropy.max_inflight"] as usize, limits["handoff.max_inflight"] as usize);
         if let Some(ring) = v.membership.ring() {
-            let mine = ring.replicated_by(&me, N as usize);
-            let pairs: Vec<(u32, NodeId)> = mine
+            let sets = ring.replica_sets(&me, N as usize);
+            let mine: Vec<u32> = sets.iter().map(|(p, _)| *p).collect();
+            let pairs: Vec<(u32, NodeId)> = sets
                 .iter()
-                .flat_map(|&p| {
-                    ring.preference_list(p, N as usize).primaries.into_iter().filter(|n| *n != me).map(move |n| (p, n))
-                })
-                .filter(|(_, n)| fd.is_reachable(n))
+                .flat_map(|(p, replicas)| replicas.iter().map(move |n| (*p, n.clone())))
+                .filter(|(_, n)| *n != me && fd.is_reachable(n))
                 .collect();
             v.ae.handle_tick(now, &pairs, ae_allowed);
-            let reapable: Vec<(u32, Vec<NodeId>)> = mine
-                .iter()
-                .map(|&p| (p, ring.preference_list(p, N as usize).primaries))
-                .filter(|(_, ps)| ps.iter().all(|n| fd.is_reachable(n)))
-                .collect();
+            let reapable: Vec<(u32, Vec<NodeId>)> =
+                sets.into_iter().filter(|(_, ps)| ps.iter().all(|n| fd.is_reachable(n))).collect();
             v.reaper.handle_tick(now, now, &reapable);
             let leaving = v.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving);
             let foreign: Vec<u32> =

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use ringkv::admission::Work;
 use ringkv::anti_entropy::{AeAction, AntiEntropy};
 use ringkv::replica::{ReplicaOp, ReplicaOutcome};
-use ringkv::ring::{NodeId, Ring};
+use ringkv::ring::NodeId;
 use ringkv::wire::Message;
 
 use crate::admission::{AdmissionActor, Budget};
@@ -24,7 +24,8 @@ pub struct AntiEntropyActor {
     core: AntiEntropy,
     me: NodeId,
     n: usize,
-    ring: Option<Ring>,
+    /// The partitions this node replicates, with their replicas (derived from the ring).
+    replica_sets: Vec<(u32, Vec<NodeId>)>,
     unreachable: BTreeSet<NodeId>,
     storage: Addr<Storage>,
     transport: Addr<Transport>,
@@ -45,7 +46,7 @@ impl AntiEntropyActor {
             core,
             me,
             n,
-            ring: None,
+            replica_sets: Vec::new(),
             unreachable: BTreeSet::new(),
             storage,
             transport,
@@ -124,18 +125,11 @@ impl Actor for AntiEntropyActor {
                 .into_actor(act)
                 .map(|budget, act, ctx| {
                     let budget = budget.unwrap_or(0);
-                    let Some(ring) = &act.ring else { return };
-                    let pairs: Vec<(u32, NodeId)> = ring
-                        .replicated_by(&act.me, act.n)
-                        .into_iter()
-                        .flat_map(|p| {
-                            ring.preference_list(p, act.n)
-                                .primaries
-                                .into_iter()
-                                .filter(|x| *x != act.me)
-                                .map(move |x| (p, x))
-                        })
-                        .filter(|(_, x)| !act.unreachable.contains(x))
+                    let pairs: Vec<(u32, NodeId)> = act
+                        .replica_sets
+                        .iter()
+                        .flat_map(|(p, replicas)| replicas.iter().map(move |x| (*p, x.clone())))
+                        .filter(|(_, x)| *x != act.me && !act.unreachable.contains(x))
                         .collect();
                     act.core.handle_tick(mono_ms(), &pairs, budget);
                     act.drain(ctx);
@@ -148,7 +142,7 @@ impl Actor for AntiEntropyActor {
 impl Handler<View> for AntiEntropyActor {
     type Result = ();
     fn handle(&mut self, v: View, _: &mut Context<Self>) {
-        self.ring = v.ring;
+        self.replica_sets = v.ring.as_ref().map(|r| r.replica_sets(&self.me, self.n)).unwrap_or_default();
     }
 }
 

@@ -35,6 +35,8 @@ pub struct HandoffActor {
     me: NodeId,
     n: usize,
     ring: Option<Ring>,
+    /// The partitions this node replicates, with their replicas (derived from the ring).
+    replica_sets: Vec<(u32, Vec<NodeId>)>,
     leaving: bool,
     unreachable: BTreeSet<NodeId>,
     storage: Addr<Storage>,
@@ -65,6 +67,7 @@ impl HandoffActor {
             me,
             n,
             ring: None,
+            replica_sets: Vec::new(),
             leaving: false,
             unreachable: BTreeSet::new(),
             storage,
@@ -95,8 +98,10 @@ impl HandoffActor {
         .into_actor(self)
         .map(|(budget, held), act, ctx| {
             act.tick_busy = false;
-            let Some(ring) = act.ring.clone() else { return };
-            let mine: BTreeSet<u32> = ring.replicated_by(&act.me, act.n).into_iter().collect();
+            if act.ring.is_none() {
+                return;
+            }
+            let mine: BTreeSet<u32> = act.replica_sets.iter().map(|(p, _)| *p).collect();
             let foreign: Vec<u32> = held.iter().copied().filter(|p| !mine.contains(p)).collect();
             for l in &act.listeners {
                 l.do_send(PendingTransfers(foreign.len() as u64));
@@ -109,10 +114,11 @@ impl HandoffActor {
             act.core.handle_tick(mono_ms(), &foreign, budget, &unreachable);
             act.drain(ctx);
             // Tombstones, in partitions whose replicas are all reachable.
-            let reapable: Vec<(u32, Vec<NodeId>)> = mine
+            let reapable: Vec<(u32, Vec<NodeId>)> = act
+                .replica_sets
                 .iter()
-                .map(|&p| (p, ring.preference_list(p, act.n).primaries))
                 .filter(|(_, ps)| ps.iter().all(|n| !act.unreachable.contains(n)))
+                .cloned()
                 .collect();
             if budget > 0 {
                 act.reaper.handle_tick(mono_ms(), wall_ms(), &reapable);
@@ -244,6 +250,7 @@ impl Handler<View> for HandoffActor {
     type Result = ();
     fn handle(&mut self, v: View, _: &mut Context<Self>) {
         self.leaving = v.members.iter().any(|m| m.id == self.me && m.state == MemberState::Leaving);
+        self.replica_sets = v.ring.as_ref().map(|r| r.replica_sets(&self.me, self.n)).unwrap_or_default();
         self.ring = v.ring;
     }
 }

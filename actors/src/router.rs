@@ -12,7 +12,6 @@ use crate::gossiper::{Gossiper, IncomingGossip};
 use crate::storage::{Execute, Run, Storage};
 use ringkv::anti_entropy::AeMessage;
 use ringkv::merkle::respond;
-use ringkv::reaper::ReapStep;
 use ringkv::replica::{ReplicaOp, ReplicaOutcome};
 
 #[derive(Clone)]
@@ -70,19 +69,10 @@ impl Router {
                 Message::HandoffAck { id, ok }
             }
             Message::Reap { id, step } => {
-                let yes = match step {
-                    ReapStep::Check { key, digest } => matches!(
-                        self.storage.send(Run(ReplicaOp::Digest { key })).await,
-                        Ok(Ok(ReplicaOutcome::Digest(Some(d)))) if d == digest
-                    ),
-                    ReapStep::Remove { key, digest } => {
-                        let removed =
-                            self.storage.send(Run(ReplicaOp::RemoveObject { key: key.clone(), digest })).await;
-                        let gone = self.storage.send(Run(ReplicaOp::Digest { key })).await;
-                        matches!(removed, Ok(Ok(ReplicaOutcome::Removed(true))))
-                            || matches!(gone, Ok(Ok(ReplicaOutcome::Digest(None))))
-                    }
-                };
+                let yes = matches!(
+                    self.storage.send(Run(ReplicaOp::Reap(step))).await,
+                    Ok(Ok(ReplicaOutcome::Reaped { yes: true, .. }))
+                );
                 Message::ReapReply { id, yes }
             }
             Message::AntiEntropy { id, msg: AeMessage::Diff { partition, request } } => {

@@ -21,6 +21,7 @@ use ringkv::config::Durability as DurabilityMode;
 use ringkv::coordinator::ReplicaRequest;
 use ringkv::membership::Member;
 use ringkv::merkle::{leaf_of, MerkleTree};
+use ringkv::reaper::ReapStep;
 use ringkv::replica::{self, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
 use ringkv::ring::partition_of_position;
 use ringkv::version::{Actor as DotActor, Object};
@@ -386,6 +387,8 @@ impl StorageWorker {
                     | ReplicaOp::ReadLeaves { .. }
                     | ReplicaOp::Tree { .. }
                     | ReplicaOp::ScanHints { .. }
+                    | ReplicaOp::Tombstones { .. }
+                    | ReplicaOp::Reap(ReapStep::Check { .. })
             )
         };
         if ops.iter().all(read_only) {
@@ -541,7 +544,7 @@ impl Storage {
                 let res = res.unwrap_or_else(|e| Err(format!("storage worker gone: {e}")));
                 match res {
                     Ok(outcomes) => {
-                        if outcomes.iter().any(|o| matches!(o, ReplicaOutcome::Removed(true))) {
+                        if outcomes.iter().any(ReplicaOutcome::dropped_data) {
                             // Local data was dropped: never issue dots from this epoch again.
                             act.actor = DotActor(rand::random());
                         }
@@ -615,15 +618,8 @@ impl Handler<Execute> for Storage {
     type Result = ResponseFuture<Result<ReplicaOutcome, String>>;
 
     fn handle(&mut self, msg: Execute, ctx: &mut Context<Self>) -> Self::Result {
-        let op = match msg.0 {
-            ReplicaRequest::Read { key } => ReplicaOp::Read { key },
-            ReplicaRequest::Write { key, object, hint } => ReplicaOp::Write { key, object, hint },
-            ReplicaRequest::Coordinate { key, context, value, hint } => {
-                ReplicaOp::Coordinate { key, context, value, hint, actor: self.actor, now_ms: crate::clock::wall_ms() }
-            }
-            ReplicaRequest::Forward { .. } => {
-                return Box::pin(async { Err("a forwarded put is not a storage operation".into()) })
-            }
+        let Some(op) = msg.0.into_op(self.actor, crate::clock::wall_ms()) else {
+            return Box::pin(async { Err("a forwarded put is not a storage operation".into()) });
         };
         self.enqueue(op, ctx)
     }
