@@ -153,9 +153,9 @@ pub enum Message {
         reply: ReplicaReply,
     },
 
-    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull).
+    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull). The
+    /// sender is known from the connection's handshake.
     Gossip {
-        from: Option<NodeId>,
         members: Vec<Member>,
     },
     GossipReply {

@@ -71,7 +71,7 @@ impl Gossiper {
                 GossipAction::Changed => changed = true,
                 GossipAction::Send { to_addr, to, members } => {
                     let Ok(addr) = to_addr.parse::<SocketAddr>() else { continue };
-                    let msg = Message::Gossip { from: Some(self.core.id().clone()), members };
+                    let msg = Message::Gossip { members };
                     self.transport
                         .send(Call { to: Dest::Addr(addr), msg, timeout: self.call_timeout })
                         .into_actor(self)
@@ -111,7 +111,7 @@ impl Actor for Gossiper {
         self.publish();
         self.drain(ctx);
         ctx.run_interval(Duration::from_millis(50), |act, ctx| {
-            let unreachable = act.unreachable.clone();
+            let unreachable = &act.unreachable;
             act.core.handle_tick(mono_ms(), rand::random(), |id| !unreachable.contains(id));
             act.drain(ctx);
         });
@@ -134,14 +134,12 @@ impl Handler<SetFailureDetector> for Gossiper {
 #[derive(Message)]
 #[rtype(result = "Vec<Member>")]
 pub struct IncomingGossip {
-    pub from: Option<NodeId>,
     pub members: Vec<Member>,
 }
 
 impl Handler<IncomingGossip> for Gossiper {
     type Result = MessageResult<IncomingGossip>;
     fn handle(&mut self, m: IncomingGossip, ctx: &mut Context<Self>) -> Self::Result {
-        let _ = m.from;
         self.core.handle_gossip(mono_ms(), m.members);
         self.drain(ctx);
         MessageResult(self.core.table())

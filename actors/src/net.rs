@@ -175,27 +175,23 @@ pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::i
     Ok(ep)
 }
 
-/// The secret-derived proof for one side of one connection.
-pub fn proof(conn: &quinn::Connection, secret: &[u8], cluster: &str, side: &[u8]) -> Option<Vec<u8>> {
+/// What a side's proof signs: its role, then keying material exported from this session.
+fn signed_message(conn: &quinn::Connection, cluster: &str, side: &[u8]) -> Option<Vec<u8>> {
     let mut ekm = [0u8; 32];
     conn.export_keying_material(&mut ekm, EKM_LABEL, cluster.as_bytes()).ok()?;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
-    let mut ctx = hmac::Context::with_key(&key);
-    ctx.update(side);
-    ctx.update(&ekm);
-    Some(ctx.sign().as_ref().to_vec())
+    Some([side, ekm.as_slice()].concat())
+}
+
+/// The secret-derived proof for one side of one connection.
+pub fn proof(conn: &quinn::Connection, secret: &[u8], cluster: &str, side: &[u8]) -> Option<Vec<u8>> {
+    let msg = signed_message(conn, cluster, side)?;
+    Some(hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), &msg).as_ref().to_vec())
 }
 
 /// Constant-time check of a peer's proof.
 pub fn verify_proof(conn: &quinn::Connection, secret: &[u8], cluster: &str, side: &[u8], got: &[u8]) -> bool {
-    let mut ekm = [0u8; 32];
-    if conn.export_keying_material(&mut ekm, EKM_LABEL, cluster.as_bytes()).is_err() {
-        return false;
-    }
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
-    let mut msg = side.to_vec();
-    msg.extend_from_slice(&ekm);
-    hmac::verify(&key, &msg, got).is_ok()
+    signed_message(conn, cluster, side)
+        .is_some_and(|msg| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, secret), &msg, got).is_ok())
 }
 
 pub const OPENER: &[u8] = b"ringkv-opener";

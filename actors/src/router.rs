@@ -54,7 +54,7 @@ impl Router {
                 Ok(Err(e)) => internal(id, e),
                 Err(e) => internal(id, e),
             },
-            Message::Gossip { from, members } => match self.gossiper.send(IncomingGossip { from, members }).await {
+            Message::Gossip { members } => match self.gossiper.send(IncomingGossip { members }).await {
                 Ok(members) => Message::GossipReply { members },
                 Err(e) => internal(0, e),
             },
