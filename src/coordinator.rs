@@ -105,6 +105,71 @@ pub enum Operation {
     },
 }
 
+/// What a node accepts from a client (from its config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// N: quorum overrides must be in 1..=N.
+    pub replicas: usize,
+    pub read_quorum: usize,
+    pub write_quorum: usize,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl RequestLimits {
+    fn key(&self, key: &[u8]) -> Result<(), String> {
+        if key.is_empty() {
+            return Err("the key is empty".into());
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(format!("the key is over limits.max_key_bytes ({})", self.max_key_bytes));
+        }
+        Ok(())
+    }
+
+    fn quorum(&self, given: Option<u8>, default: usize, what: &str) -> Result<usize, String> {
+        match given {
+            None => Ok(default),
+            Some(q) if q >= 1 && (q as usize) <= self.replicas => Ok(q as usize),
+            Some(q) => Err(format!("--{what} {q} is not in 1..={}", self.replicas)),
+        }
+    }
+
+    /// Check a client's get; the operation to coordinate, or why it is a bad request.
+    pub fn get(&self, key: &[u8], r: Option<u8>) -> Result<Operation, String> {
+        self.key(key)?;
+        Ok(Operation::Get { r: self.quorum(r, self.read_quorum, "r")? })
+    }
+
+    /// Check a client's put (a delete when `value` is None), decoding its context;
+    /// the operation to coordinate, or why it is a bad request. Nothing is stored on error.
+    pub fn put(
+        &self,
+        key: &[u8],
+        context: Option<&str>,
+        value: Option<Vec<u8>>,
+        w: Option<u8>,
+        now_ms: u64,
+    ) -> Result<Operation, String> {
+        self.key(key)?;
+        if let Some(v) = &value {
+            if v.len() > self.max_value_bytes {
+                return Err(format!(
+                    "the value is {} bytes, over limits.max_value_bytes ({}); nothing was stored",
+                    v.len(),
+                    self.max_value_bytes
+                ));
+            }
+        }
+        let w = self.quorum(w, self.write_quorum, "w")?;
+        let context = match context {
+            None => VersionVector::new(),
+            Some(text) => VersionVector::decode_context(text, now_ms).map_err(|e| e.to_string())?,
+        };
+        Ok(Operation::Put { w, context, value, forwarded: false })
+    }
+}
+
 /// One client request: the key, what to do, and its timing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -614,6 +679,30 @@ mod tests {
     }
 
     /// Table of write quorums: (W, acks from other replicas, whether the client hears "written").
+    #[test]
+    fn client_requests_are_checked() {
+        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, max_key_bytes: 8, max_value_bytes: 4 };
+        assert_eq!(l.get(b"k", None), Ok(Operation::Get { r: 2 }));
+        assert_eq!(l.get(b"k", Some(3)), Ok(Operation::Get { r: 3 }));
+        for (key, r) in [(&b""[..], None), (b"123456789", None), (b"k", Some(0)), (b"k", Some(4))] {
+            assert!(l.get(key, r).is_err(), "{key:?} {r:?}");
+        }
+        assert!(matches!(l.put(b"k", None, Some(b"v".to_vec()), None, 0), Ok(Operation::Put { w: 2, .. })));
+        assert!(matches!(l.put(b"k", None, None, Some(1), 0), Ok(Operation::Put { w: 1, value: None, .. })));
+        let ctx = {
+            let mut o = Object::new();
+            o.update(&VersionVector::new(), crate::version::Actor(1), Some(vec![1]), 1, 10);
+            o.context().encode_context()
+        };
+        assert!(
+            matches!(l.put(b"k", Some(&ctx), None, None, 0), Ok(Operation::Put { context, .. }) if context.len() == 1)
+        );
+        assert!(l.put(b"k", None, Some(b"12345".to_vec()), None, 0).unwrap_err().contains("max_value_bytes"));
+        assert!(l.put(b"k", Some("%%"), Some(b"v".to_vec()), None, 0).is_err());
+        assert!(l.put(b"k", None, Some(b"v".to_vec()), Some(4), 0).is_err());
+        assert!(l.put(b"", None, Some(b"v".to_vec()), None, 0).is_err());
+    }
+
     #[test]
     fn put_acks_after_exactly_w() {
         for (w, others_acking, acked) in [(1, 0, true), (2, 0, false), (2, 1, true), (3, 1, false), (3, 2, true)] {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use ringkv::config::Config;
-use ringkv::coordinator::{Coordinator, Operation, Request, Timeouts};
+use ringkv::coordinator::{Coordinator, Operation, Request, RequestLimits, Timeouts};
 use ringkv::membership::{Member, MemberState};
 use ringkv::ring::{NodeId, Ring};
 use ringkv::version::VersionVector;
@@ -79,25 +79,15 @@ impl ClientApi {
         self.config.cluster.replicas as usize
     }
 
-    fn quorum(&self, given: Option<u8>, default: u32, what: &str) -> Result<usize, ClientResponse> {
-        match given {
-            None => Ok(default as usize),
-            Some(q) if q >= 1 && (q as usize) <= self.n() => Ok(q as usize),
-            Some(q) => Err(error(ErrorKind::BadRequest, format!("--{what} {q} is not in 1..={}", self.n()))),
+    fn limits(&self) -> RequestLimits {
+        let (c, l) = (&self.config.cluster, &self.config.limits);
+        RequestLimits {
+            replicas: c.replicas as usize,
+            read_quorum: c.read_quorum as usize,
+            write_quorum: c.write_quorum as usize,
+            max_key_bytes: l.max_key_bytes as usize,
+            max_value_bytes: l.max_value_bytes as usize,
         }
-    }
-
-    fn check_key(&self, key: &[u8]) -> Result<(), ClientResponse> {
-        if key.is_empty() {
-            return Err(error(ErrorKind::BadRequest, "the key is empty"));
-        }
-        if key.len() as u64 > self.config.limits.max_key_bytes {
-            return Err(error(
-                ErrorKind::BadRequest,
-                format!("the key is over limits.max_key_bytes ({})", self.config.limits.max_key_bytes),
-            ));
-        }
-        Ok(())
     }
 
     /// Start a coordinator for `key` and wait for its answer.
@@ -137,37 +127,6 @@ impl ClientApi {
             admission.do_send(Latency(mono_ms().saturating_sub(now)));
             r
         })
-    }
-
-    fn put(&mut self, key: Bytes, context: Option<String>, value: Option<Bytes>, w: Option<u8>) -> Response {
-        if let Err(e) = self.check_key(&key) {
-            return ready(e);
-        }
-        if let Some(v) = &value {
-            if v.len() as u64 > self.config.limits.max_value_bytes {
-                return ready(error(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "the value is {} bytes, over limits.max_value_bytes ({}); nothing was stored",
-                        v.len(),
-                        self.config.limits.max_value_bytes
-                    ),
-                ));
-            }
-        }
-        let w = match self.quorum(w, self.config.cluster.write_quorum, "w") {
-            Ok(w) => w,
-            Err(e) => return ready(e),
-        };
-        let context = match context {
-            None => VersionVector::new(),
-            Some(text) => match VersionVector::decode_context(&text, wall_ms()) {
-                Ok(vv) => vv,
-                Err(e) => return ready(error(ErrorKind::BadRequest, e.to_string())),
-            },
-        };
-        let op = Operation::Put { w, context, value: value.map(|v| v.into_vec()), forwarded: false };
-        self.coordinate(key.into_vec(), op)
     }
 
     fn status(&self) -> Response {
@@ -261,16 +220,16 @@ impl Handler<ClientCall> for ClientApi {
 
     fn handle(&mut self, ClientCall(req): ClientCall, _: &mut Context<Self>) -> Response {
         match req {
-            ClientRequest::Get { key, r } => {
-                if let Err(e) = self.check_key(&key) {
-                    return ready(e);
-                }
-                match self.quorum(r, self.config.cluster.read_quorum, "r") {
-                    Ok(r) => self.coordinate(key.into_vec(), Operation::Get { r }),
-                    Err(e) => ready(e),
+            ClientRequest::Get { key, r } => match self.limits().get(&key, r) {
+                Ok(op) => self.coordinate(key.into_vec(), op),
+                Err(e) => ready(error(ErrorKind::BadRequest, e)),
+            },
+            ClientRequest::Put { key, context, value, w } => {
+                match self.limits().put(&key, context.as_deref(), value.map(Bytes::into_vec), w, wall_ms()) {
+                    Ok(op) => self.coordinate(key.into_vec(), op),
+                    Err(e) => ready(error(ErrorKind::BadRequest, e)),
                 }
             }
-            ClientRequest::Put { key, context, value, w } => self.put(key, context, value, w),
             ClientRequest::Status => self.status(),
             ClientRequest::Ring => ready(self.ring_doc()),
             ClientRequest::Partitions => self.partitions(),
