@@ -3,7 +3,7 @@
 //! Run: `cargo bench -p ringkv --bench core`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
-use ringkv::coordinator::ReplicaRequest;
+use ringkv::wire::ReplicaRequest;
 use ringkv::merkle::{respond, DiffInitiator, DiffStep, MerkleTree};
 use ringkv::ring::{NodeSpec, Ring};
 use ringkv::version::{Actor, Object, VersionVector};

@@ -12,6 +12,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::stage::{Dest, Effect, Input, Now, Signal, Stage, StageId};
+use crate::wire::{ClientRequest, ClientResponse, ErrorKind, Message};
+
 /// Kinds of background work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Work {
@@ -157,15 +160,20 @@ impl Admission {
         Some(v[(v.len() * 99).div_ceil(100).saturating_sub(1)])
     }
 
+    /// When the next window adjustment is due.
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_adjust_ms
+    }
+
     /// Time passed: drop old samples and, once per window, adjust budgets.
     pub fn handle_tick(&mut self, now_ms: u64) {
-        while self.samples.front().is_some_and(|s| s.0 + self.window_ms < now_ms) {
+        while self.samples.front().is_some_and(|s| s.0.saturating_add(self.window_ms) < now_ms) {
             self.samples.pop_front();
         }
         if now_ms < self.next_adjust_ms {
             return;
         }
-        self.next_adjust_ms = now_ms + self.window_ms;
+        self.next_adjust_ms = now_ms.saturating_add(self.window_ms);
         let suffering = self.p99_ms().is_some_and(|p| p > self.latency_target_ms);
         for w in Work::ALL {
             let max = self.max_inflight[&w];
@@ -175,9 +183,82 @@ impl Admission {
             } else if suffering {
                 (*b / 2).max(1)
             } else {
-                (*b + 1).min(max)
+                b.saturating_add(1).min(max)
             };
         }
+    }
+}
+
+/// The admission stage: holds the controller, hears every client request's latency,
+/// answers `admin limits`, and tells the background stages their budgets whenever they
+/// change.
+pub struct AdmissionStage {
+    admission: Admission,
+    told: Option<(u32, u32)>,
+    effects: VecDeque<Effect>,
+}
+
+impl AdmissionStage {
+    pub fn new(admission: Admission) -> Self {
+        let mut a = AdmissionStage { admission, told: None, effects: VecDeque::new() };
+        a.tell();
+        a
+    }
+
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    fn tell(&mut self) {
+        let now = (self.admission.budget(Work::Handoff), self.admission.budget(Work::AntiEntropy));
+        if self.told != Some(now) {
+            self.told = Some(now);
+            self.effects.push_back(Effect::Signal(Signal::Budgets { handoff: now.0, anti_entropy: now.1 }));
+        }
+    }
+
+    fn reply(&mut self, conn: u64, id: u64, response: ClientResponse) {
+        self.effects.push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::ClientReply { id, response } });
+    }
+}
+
+fn limits_doc(limits: BTreeMap<String, i64>) -> ClientResponse {
+    ClientResponse::Document { json: serde_json::to_string(&limits).unwrap_or_else(|_| "{}".into()) }
+}
+
+impl Stage for AdmissionStage {
+    fn id(&self) -> StageId {
+        StageId::Admission
+    }
+
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Tick { .. } => self.admission.handle_tick(now.mono_ms),
+            Input::Signal(Signal::Latency { ms }) => self.admission.record_latency(now.mono_ms, ms),
+            Input::Message { from, msg: Message::Client { id, request: ClientRequest::Limits } } => {
+                self.reply(from.conn, id, limits_doc(self.admission.limits()));
+            }
+            Input::Message { from, msg: Message::Client { id, request: ClientRequest::SetLimits { pairs } } } => {
+                let response = match self.admission.set_limits(&pairs) {
+                    Ok(()) => {
+                        tracing::info!(limits = ?pairs, "admission limits changed");
+                        limits_doc(self.admission.limits())
+                    }
+                    Err(e) => ClientResponse::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
+                };
+                self.reply(from.conn, id, response);
+            }
+            Input::Message { .. } | Input::Stored { .. } | Input::Signal(_) => {}
+        }
+        self.tell();
+    }
+
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        Some(self.admission.poll_timeout())
     }
 }
 

@@ -2,83 +2,119 @@
 //! keys on which they differ, in both directions, so a replica that missed writes (or lost
 //! its disk) converges without any client reading its keys.
 //!
-//! [`AntiEntropy`] is one node's scheduler and initiator. Each round it walks the
-//! (partition, peer replica) pairs it is given in turn and starts exchanges while the
-//! admission controller's budget allows. An exchange: read our tree; walk the peer's tree
-//! level by level ([`crate::merkle::DiffInitiator`]) to the differing leaves; send our
-//! objects in those leaves; the peer merges them and answers with its (merged) objects in
-//! the same leaves; we merge those. Merging uses the version rules, so repair never loses a
-//! write. The responder side is stateless: [`crate::merkle::respond`] and the replica's
-//! `Exchange` operation.
+//! [`AntiEntropyStage`] is both sides. As initiator, each round it walks the (partition,
+//! peer replica) pairs of the partitions this node replicates, starting exchanges while the
+//! admission budget allows. An exchange: read our tree; walk the peer's tree level by level
+//! ([`crate::merkle::DiffInitiator`]) to the differing leaves; *push* our objects in those
+//! leaves page by page (the peer merges each page); then *pull* the peer's objects in the
+//! same leaves page by page and merge them. Pages are bounded in bytes and resume after a
+//! key, reads run in read transactions, and merges are bounded batches, so a partition of
+//! any size is repaired, and client writes never wait behind a whole partition. Merging
+//! uses the version rules, so repair never loses a write. As responder it answers diffs
+//! from its tree ([`crate::merkle::respond`]), merges pushed pages and serves pulled ones,
+//! for partitions it replicates.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-use crate::merkle::{DiffInitiator, DiffReply, DiffRequest, DiffStep, MerkleTree};
+use crate::membership::View;
+use crate::merkle::{respond, DiffInitiator, DiffStep, LEAVES};
 use crate::ring::NodeId;
+use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
+use crate::store::{StoreError, StoreOp, StoreOutcome};
 use crate::version::Object;
+use crate::wire::{AeMessage, Bytes, Message};
 
-/// Messages between the two sides of an exchange.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AeMessage {
-    Diff { partition: u32, request: DiffRequest },
-    DiffReply { reply: DiffReply },
-    Exchange { partition: u32, leaves: Vec<u32>, objects: Vec<(Vec<u8>, Object)> },
-    ExchangeReply { objects: Vec<(Vec<u8>, Object)> },
+/// How the anti-entropy stage is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AntiEntropySettings {
+    pub me: NodeId,
+    pub replicas: usize,
+    pub interval_ms: u64,
+    /// How long one step of an exchange may wait for its answer.
+    pub step_timeout_ms: u64,
+    /// Encoded bytes in one pushed or pulled page.
+    pub page_bytes: usize,
 }
 
-/// What the scheduler wants done.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AeAction {
-    /// Read our tree of `partition`; answer with `handle_tree`.
-    ReadTree { id: u64, partition: u32 },
-    /// Read our objects of `partition` in `leaves`; answer with `handle_leaves`.
-    ReadLeaves { id: u64, partition: u32, leaves: Vec<u32> },
-    /// Send to the peer; its answer comes back through `handle_reply`.
-    Send { id: u64, to: NodeId, msg: AeMessage },
-    /// Merge these objects into our owned data.
-    Merge { objects: Vec<(Vec<u8>, Object)> },
-    /// An exchange ended: `differing_leaves` leaves were repaired (None: it failed).
-    Finished { id: u64, partition: u32, peer: NodeId, differing_leaves: Option<usize> },
+#[derive(Debug)]
+enum Step {
+    /// Reading our tree.
+    Tree,
+    /// Walking the trees.
+    Diff(DiffInitiator),
+    /// Reading our next page to push.
+    Read,
+    /// A pushed page is being merged by the peer; `next` is where our pages resume.
+    Pushed { next: Option<Vec<u8>> },
+    /// Waiting for the peer's page.
+    Pull,
+    /// Merging the peer's page; `next` is where its pages resume.
+    Merging { next: Option<Vec<u8>> },
 }
 
 #[derive(Debug)]
 struct Exchange {
     partition: u32,
     peer: NodeId,
-    started_ms: u64,
-    diff: Option<DiffInitiator>,
+    step: Step,
     leaves: Vec<u32>,
+    deadline_ms: u64,
+    keys_sent: u64,
+    keys_received: u64,
 }
 
-/// One node's anti-entropy scheduler.
+/// How an exchange went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AeStats {
+    pub completed: u64,
+    pub failed: u64,
+    /// Exchanges that found differing leaves.
+    pub repaired: u64,
+    pub keys_sent: u64,
+    pub keys_received: u64,
+}
+
+/// A responder's storage operation in flight, and what answers it.
 #[derive(Debug)]
-pub struct AntiEntropy {
-    interval_ms: u64,
-    timeout_ms: u64,
+enum Serving {
+    Diff { conn: ConnId, id: u64, request: crate::merkle::DiffRequest },
+    Push { conn: ConnId, id: u64 },
+    Pull { conn: ConnId, id: u64 },
+}
+
+/// The anti-entropy stage.
+pub struct AntiEntropyStage {
+    settings: AntiEntropySettings,
+    view: Option<Arc<View>>,
+    down: DownSet,
+    budget: u32,
     next_round_ms: u64,
     cursor: usize,
-    next_id: u64,
     exchanges: BTreeMap<u64, Exchange>,
-    outbox: VecDeque<AeAction>,
-    /// Exchanges completed, and how many of them found differences.
-    pub completed: u64,
-    pub repaired: u64,
+    /// Our storage operations: token -> exchange.
+    reads: BTreeMap<u64, u64>,
+    serving: BTreeMap<u64, Serving>,
+    ids: Ids,
+    effects: VecDeque<Effect>,
+    pub stats: AeStats,
 }
 
-impl AntiEntropy {
-    pub fn new(interval_ms: u64, timeout_ms: u64, now_ms: u64) -> Self {
-        AntiEntropy {
-            interval_ms: interval_ms.max(1),
-            timeout_ms: timeout_ms.max(1),
-            next_round_ms: now_ms + interval_ms,
+impl AntiEntropyStage {
+    pub fn new(settings: AntiEntropySettings, now_ms: u64) -> Self {
+        AntiEntropyStage {
+            next_round_ms: now_ms.saturating_add(settings.interval_ms),
+            settings,
+            view: None,
+            down: DownSet::default(),
+            budget: 0,
             cursor: 0,
-            next_id: 1,
             exchanges: BTreeMap::new(),
-            outbox: VecDeque::new(),
-            completed: 0,
-            repaired: 0,
+            reads: BTreeMap::new(),
+            serving: BTreeMap::new(),
+            ids: Ids::default(),
+            effects: VecDeque::new(),
+            stats: AeStats::default(),
         }
     }
 
@@ -86,231 +122,338 @@ impl AntiEntropy {
         self.exchanges.len()
     }
 
-    /// Time passed. `pairs` are the (partition, peer) pairs this node should compare (its
-    /// replicated partitions times their other reachable replicas); `allowed` is how many
-    /// exchanges may run at once now (the admission budget; 0 pauses).
-    pub fn handle_tick(&mut self, now_ms: u64, pairs: &[(u32, NodeId)], allowed: usize) {
-        let expired: Vec<u64> = self
-            .exchanges
-            .iter()
-            .filter(|(_, e)| now_ms >= e.started_ms + self.timeout_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            self.fail(id);
+    fn replica_sets(&self) -> Vec<(u32, Vec<NodeId>)> {
+        match self.view.as_ref().and_then(|v| v.ring.clone()) {
+            Some(ring) => ring.replica_sets(&self.settings.me, self.settings.replicas),
+            None => Vec::new(),
         }
-        if now_ms < self.next_round_ms || pairs.is_empty() {
+    }
+
+    fn store(&mut self, exchange: u64, op: StoreOp, durable: bool) {
+        let token = self.ids.issue();
+        self.reads.insert(token, exchange);
+        self.effects.push_back(Effect::Store { token, op, durable });
+    }
+
+    fn send(&mut self, id: u64, msg: AeMessage) {
+        let Some(e) = self.exchanges.get_mut(&id) else { return };
+        let to = Dest::Node(e.peer.clone());
+        self.effects.push_back(Effect::Send { to, msg: Message::AntiEntropy { id, msg } });
+    }
+
+    fn touch(&mut self, id: u64, now_ms: u64, step: Step) {
+        let timeout = self.settings.step_timeout_ms;
+        if let Some(e) = self.exchanges.get_mut(&id) {
+            e.step = step;
+            e.deadline_ms = now_ms.saturating_add(timeout);
+        }
+    }
+
+    fn finish(&mut self, id: u64, ok: bool) {
+        let Some(e) = self.exchanges.remove(&id) else { return };
+        if ok {
+            self.stats.completed += 1;
+            if !e.leaves.is_empty() {
+                self.stats.repaired += 1;
+                tracing::info!(
+                    partition = e.partition,
+                    peer = %e.peer,
+                    leaves = e.leaves.len(),
+                    sent = e.keys_sent,
+                    received = e.keys_received,
+                    "anti-entropy repaired differing leaves"
+                );
+            }
+        } else {
+            self.stats.failed += 1;
+            tracing::debug!(partition = e.partition, peer = %e.peer, "anti-entropy exchange failed");
+        }
+        self.stats.keys_sent += e.keys_sent;
+        self.stats.keys_received += e.keys_received;
+    }
+
+    fn round(&mut self, now: Now) {
+        let expired: Vec<u64> =
+            self.exchanges.iter().filter(|(_, e)| now.mono_ms >= e.deadline_ms).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(e) = self.exchanges.get(&id) {
+                let node = e.peer.clone();
+                self.effects.push_back(Effect::Signal(Signal::Report { node, ok: false }));
+            }
+            self.finish(id, false);
+        }
+        if now.mono_ms < self.next_round_ms {
+            return;
+        }
+        let pairs: Vec<(u32, NodeId)> = self
+            .replica_sets()
+            .into_iter()
+            .flat_map(|(p, rs)| rs.into_iter().map(move |r| (p, r)))
+            .filter(|(_, r)| *r != self.settings.me && self.down.is_up(r))
+            .collect();
+        if pairs.is_empty() {
+            self.next_round_ms = now.mono_ms.saturating_add(self.settings.interval_ms);
             return;
         }
         let mut started = 0;
-        while self.exchanges.len() < allowed && started < pairs.len() {
+        while self.exchanges.len() < self.budget as usize && started < pairs.len() {
             let (partition, peer) = pairs[self.cursor % pairs.len()].clone();
             self.cursor = self.cursor.wrapping_add(1);
             started += 1;
             if self.exchanges.values().any(|e| e.partition == partition && e.peer == peer) {
                 continue;
             }
-            let id = self.next_id;
-            self.next_id += 1;
-            self.exchanges.insert(id, Exchange { partition, peer, started_ms: now_ms, diff: None, leaves: Vec::new() });
-            self.outbox.push_back(AeAction::ReadTree { id, partition });
+            let id = self.ids.issue();
+            let deadline_ms = now.mono_ms.saturating_add(self.settings.step_timeout_ms);
+            let e = Exchange {
+                partition,
+                peer,
+                step: Step::Tree,
+                leaves: Vec::new(),
+                deadline_ms,
+                keys_sent: 0,
+                keys_received: 0,
+            };
+            self.exchanges.insert(id, e);
+            self.store(id, StoreOp::Tree { partition }, false);
         }
-        // A full pass over the pairs ends the round.
-        if self.cursor % pairs.len() == 0 || self.exchanges.len() >= allowed {
-            self.next_round_ms = now_ms + self.interval_ms;
-        }
-    }
-
-    fn fail(&mut self, id: u64) {
-        if let Some(e) = self.exchanges.remove(&id) {
-            self.outbox.push_back(AeAction::Finished {
-                id,
-                partition: e.partition,
-                peer: e.peer,
-                differing_leaves: None,
-            });
+        // A full pass over the pairs, or a full budget, ends the round.
+        if self.cursor % pairs.len() == 0 || self.exchanges.len() >= self.budget as usize {
+            self.next_round_ms = now.mono_ms.saturating_add(self.settings.interval_ms);
         }
     }
 
-    /// Our tree of the exchange's partition.
-    pub fn handle_tree(&mut self, id: u64, tree: MerkleTree) {
-        let Some(e) = self.exchanges.get_mut(&id) else { return };
-        let mut diff = DiffInitiator::new(tree);
-        if let DiffStep::Send(request) = diff.start() {
-            let msg = AeMessage::Diff { partition: e.partition, request };
-            self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
-        }
-        e.diff = Some(diff);
-    }
-
-    /// Our objects in the differing leaves.
-    pub fn handle_leaves(&mut self, id: u64, objects: Vec<(Vec<u8>, Object)>) {
+    fn read_page(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {
         let Some(e) = self.exchanges.get(&id) else { return };
-        let msg = AeMessage::Exchange { partition: e.partition, leaves: e.leaves.clone(), objects };
-        self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
+        let op = StoreOp::Page {
+            partition: e.partition,
+            leaves: Some(e.leaves.clone()),
+            after,
+            bytes_max: self.settings.page_bytes,
+        };
+        self.touch(id, now.mono_ms, Step::Read);
+        self.store(id, op, false);
     }
 
-    /// The peer answered.
-    pub fn handle_reply(&mut self, id: u64, msg: AeMessage) {
+    fn pull(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {
+        let Some(e) = self.exchanges.get(&id) else { return };
+        let msg = AeMessage::Pull {
+            partition: e.partition,
+            leaves: e.leaves.clone(),
+            after: after.map(Bytes::from),
+            bytes_max: u32::try_from(self.settings.page_bytes).unwrap_or(u32::MAX),
+        };
+        self.touch(id, now.mono_ms, Step::Pull);
+        self.send(id, msg);
+    }
+
+    /// Our own storage answered a step of exchange `id`.
+    fn handle_read(&mut self, now: Now, id: u64, result: Result<StoreOutcome, StoreError>) {
         let Some(e) = self.exchanges.get_mut(&id) else { return };
-        match msg {
-            AeMessage::DiffReply { reply } => {
-                let Some(diff) = e.diff.as_mut() else { return self.fail(id) };
-                match diff.handle_reply(&reply) {
-                    Ok(DiffStep::Send(request)) => {
-                        let msg = AeMessage::Diff { partition: e.partition, request };
-                        self.outbox.push_back(AeAction::Send { id, to: e.peer.clone(), msg });
+        match (&e.step, result) {
+            (Step::Tree, Ok(StoreOutcome::Tree(tree))) => {
+                let partition = e.partition;
+                let mut diff = DiffInitiator::new(tree);
+                match diff.start() {
+                    DiffStep::Send(request) => {
+                        self.touch(id, now.mono_ms, Step::Diff(diff));
+                        self.send(id, AeMessage::Diff { partition, request });
                     }
-                    Ok(DiffStep::Done(leaves)) if leaves.is_empty() => {
-                        let e = self.exchanges.remove(&id).expect("present");
-                        self.completed += 1;
-                        self.outbox.push_back(AeAction::Finished {
-                            id,
-                            partition: e.partition,
-                            peer: e.peer,
-                            differing_leaves: Some(0),
-                        });
-                    }
-                    Ok(DiffStep::Done(leaves)) => {
-                        e.leaves = leaves.clone();
-                        self.outbox.push_back(AeAction::ReadLeaves { id, partition: e.partition, leaves });
-                    }
-                    Err(_) => self.fail(id),
+                    DiffStep::Done(_) => self.finish(id, true),
                 }
             }
-            AeMessage::ExchangeReply { objects } => {
-                let e = self.exchanges.remove(&id).expect("present");
-                self.completed += 1;
-                self.repaired += 1;
-                self.outbox.push_back(AeAction::Merge { objects });
-                let n = e.leaves.len();
-                self.outbox.push_back(AeAction::Finished {
-                    id,
-                    partition: e.partition,
-                    peer: e.peer,
-                    differing_leaves: Some(n),
-                });
+            (Step::Read, Ok(StoreOutcome::Page { objects, next })) => {
+                if objects.is_empty() {
+                    return self.pull(id, now, None);
+                }
+                e.keys_sent += objects.len() as u64;
+                let partition = e.partition;
+                let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
+                self.touch(id, now.mono_ms, Step::Pushed { next });
+                self.send(id, AeMessage::Push { partition, objects });
             }
-            _ => self.fail(id),
+            (Step::Merging { next }, Ok(StoreOutcome::Merged { .. })) => match next.clone() {
+                Some(after) => self.pull(id, now, Some(after)),
+                None => self.finish(id, true),
+            },
+            _ => self.finish(id, false),
         }
     }
 
-    /// The peer could not be reached.
-    pub fn handle_failure(&mut self, id: u64) {
-        self.fail(id);
+    /// The peer answered a step of exchange `id`.
+    fn handle_reply(&mut self, now: Now, id: u64, msg: AeMessage) {
+        let Some(e) = self.exchanges.get_mut(&id) else { return };
+        match (&mut e.step, msg) {
+            (Step::Diff(diff), AeMessage::DiffReply { reply }) => match diff.handle_reply(&reply) {
+                Ok(DiffStep::Send(request)) => {
+                    let partition = e.partition;
+                    self.touch_keep(id, now.mono_ms);
+                    self.send(id, AeMessage::Diff { partition, request });
+                }
+                Ok(DiffStep::Done(leaves)) if leaves.is_empty() => self.finish(id, true),
+                Ok(DiffStep::Done(leaves)) => {
+                    e.leaves = leaves;
+                    self.read_page(id, now, None);
+                }
+                Err(_) => self.finish(id, false),
+            },
+            (Step::Pushed { next }, AeMessage::PushAck) => match next.clone() {
+                Some(after) => self.read_page(id, now, Some(after)),
+                None => self.pull(id, now, None),
+            },
+            (Step::Pull, AeMessage::Page { objects, next }) => {
+                let next = next.map(Bytes::into_vec);
+                if objects.is_empty() {
+                    return match next {
+                        Some(after) => self.pull(id, now, Some(after)),
+                        None => self.finish(id, true),
+                    };
+                }
+                e.keys_received += objects.len() as u64;
+                let objects: Vec<(Vec<u8>, Object)> = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
+                self.touch(id, now.mono_ms, Step::Merging { next });
+                self.store(id, StoreOp::Merge { objects }, false);
+            }
+            _ => self.finish(id, false),
+        }
     }
 
-    pub fn poll_action(&mut self) -> Option<AeAction> {
-        self.outbox.pop_front()
+    fn touch_keep(&mut self, id: u64, now_ms: u64) {
+        let timeout = self.settings.step_timeout_ms;
+        if let Some(e) = self.exchanges.get_mut(&id) {
+            e.deadline_ms = now_ms.saturating_add(timeout);
+        }
     }
 
-    pub fn poll_timeout(&self) -> u64 {
-        let expiry = self.exchanges.values().map(|e| e.started_ms + self.timeout_ms).min();
-        expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms))
+    /// Whether this node replicates `partition` (a responder serves only those).
+    fn replicates(&self, partition: u32) -> bool {
+        self.view.as_ref().and_then(|v| v.ring.clone()).is_some_and(|r| {
+            partition < r.partitions() && r.is_replica(partition, self.settings.replicas, &self.settings.me)
+        })
+    }
+
+    fn serve(&mut self, op: StoreOp, durable: bool, serving: Serving) {
+        let token = self.ids.issue();
+        self.serving.insert(token, serving);
+        self.effects.push_back(Effect::Store { token, op, durable });
+    }
+
+    fn answer(&mut self, conn: ConnId, id: u64, msg: AeMessage) {
+        self.effects.push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::AntiEntropy { id, msg } });
+    }
+
+    /// A peer's request, as responder.
+    fn handle_request(&mut self, conn: ConnId, id: u64, msg: AeMessage) {
+        let partition = match &msg {
+            AeMessage::Diff { partition, .. }
+            | AeMessage::Push { partition, .. }
+            | AeMessage::Pull { partition, .. } => *partition,
+            _ => return,
+        };
+        if !self.replicates(partition) {
+            let message = format!("this node does not replicate partition {partition}");
+            return self.answer(conn, id, AeMessage::Failed { message });
+        }
+        match msg {
+            AeMessage::Diff { partition, request } => {
+                self.serve(StoreOp::Tree { partition }, false, Serving::Diff { conn, id, request })
+            }
+            AeMessage::Push { partition, objects } => {
+                let ok = objects.iter().all(|(k, _)| crate::store::partition_of(k, self.partitions()) == partition);
+                if !ok {
+                    let message = "pushed keys outside the partition".to_string();
+                    return self.answer(conn, id, AeMessage::Failed { message });
+                }
+                let objects = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
+                self.serve(StoreOp::Merge { objects }, false, Serving::Push { conn, id });
+            }
+            AeMessage::Pull { partition, leaves, after, bytes_max } => {
+                if leaves.iter().any(|l| *l as usize >= LEAVES) || leaves.len() > LEAVES {
+                    let message = "no such leaf".to_string();
+                    return self.answer(conn, id, AeMessage::Failed { message });
+                }
+                let bytes_max = (bytes_max as usize).clamp(1, self.settings.page_bytes);
+                let op =
+                    StoreOp::Page { partition, leaves: Some(leaves), after: after.map(Bytes::into_vec), bytes_max };
+                self.serve(op, false, Serving::Pull { conn, id });
+            }
+            _ => {}
+        }
+    }
+
+    fn partitions(&self) -> u32 {
+        self.view.as_ref().and_then(|v| v.ring.as_ref()).map_or(0, |r| r.partitions())
+    }
+
+    fn handle_served(&mut self, serving: Serving, result: Result<StoreOutcome, StoreError>) {
+        let failed = |e: String| AeMessage::Failed { message: e };
+        match (serving, result) {
+            (Serving::Diff { conn, id, request }, Ok(StoreOutcome::Tree(tree))) => {
+                self.answer(conn, id, AeMessage::DiffReply { reply: respond(&tree, &request) })
+            }
+            (Serving::Push { conn, id }, Ok(StoreOutcome::Merged { .. })) => self.answer(conn, id, AeMessage::PushAck),
+            (Serving::Pull { conn, id }, Ok(StoreOutcome::Page { objects, next })) => {
+                let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
+                self.answer(conn, id, AeMessage::Page { objects, next: next.map(Bytes::from) })
+            }
+            (Serving::Diff { conn, id, .. } | Serving::Push { conn, id } | Serving::Pull { conn, id }, other) => {
+                self.answer(conn, id, failed(format!("{other:?}")))
+            }
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::merkle::respond;
-    use crate::replica::{execute, MemStore, ReplicaLimits, ReplicaOp, ReplicaOutcome, Store};
-    use crate::version::{Actor, VersionVector};
-
-    fn write(s: &mut MemStore, key: &str, v: &str, actor: u64) {
-        let op = ReplicaOp::Coordinate {
-            key: key.as_bytes().to_vec(),
-            context: VersionVector::new(),
-            value: Some(v.as_bytes().to_vec()),
-            hint: None,
-            actor: Actor(actor),
-            now_ms: 1,
-        };
-        execute(s, op, ReplicaLimits::default());
+impl Stage for AntiEntropyStage {
+    fn id(&self) -> StageId {
+        StageId::AntiEntropy
     }
 
-    /// Run every action of `ae` on node `a` against peer `b` until quiet.
-    fn run(ae: &mut AntiEntropy, a: &mut MemStore, b: &mut MemStore) -> Vec<AeAction> {
-        let mut finished = Vec::new();
-        while let Some(action) = ae.poll_action() {
-            match action {
-                AeAction::ReadTree { id, partition } => ae.handle_tree(id, a.tree(partition)),
-                AeAction::ReadLeaves { id, partition, leaves } => {
-                    ae.handle_leaves(id, a.objects_in(partition, Some(&leaves), usize::MAX, &|_| true))
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Message { from: Origin { conn, node: Some(node) }, msg: Message::AntiEntropy { id, msg } } => {
+                if let Some(e) = self.down.heard(&node) {
+                    self.effects.push_back(e);
                 }
-                AeAction::Merge { objects } => {
-                    for (key, object) in objects {
-                        execute(a, ReplicaOp::Write { key, object, hint: None }, ReplicaLimits::default());
+                match msg {
+                    AeMessage::Diff { .. } | AeMessage::Push { .. } | AeMessage::Pull { .. } => {
+                        self.handle_request(conn, id, msg)
+                    }
+                    reply => {
+                        if self.exchanges.get(&id).is_some_and(|e| e.peer == node) {
+                            self.handle_reply(now, id, reply);
+                        }
                     }
                 }
-                AeAction::Send { id, msg, .. } => {
-                    let reply = match msg {
-                        AeMessage::Diff { partition, request } => {
-                            AeMessage::DiffReply { reply: respond(&b.tree(partition), &request) }
-                        }
-                        AeMessage::Exchange { partition, leaves, objects } => {
-                            match execute(
-                                b,
-                                ReplicaOp::Exchange { partition, leaves, objects },
-                                ReplicaLimits::default(),
-                            ) {
-                                ReplicaOutcome::Objects(objects) => AeMessage::ExchangeReply { objects },
-                                other => panic!("{other:?}"),
-                            }
-                        }
-                        other => panic!("{other:?}"),
-                    };
-                    ae.handle_reply(id, reply);
-                }
-                f @ AeAction::Finished { .. } => finished.push(f),
             }
+            Input::Message { .. } => {}
+            Input::Stored { token, result } => {
+                if let Some(id) = self.reads.remove(&token) {
+                    self.handle_read(now, id, result);
+                } else if let Some(serving) = self.serving.remove(&token) {
+                    self.handle_served(serving, result);
+                }
+            }
+            Input::Tick { .. } => self.round(now),
+            Input::Signal(Signal::View(v)) => self.view = Some(v),
+            Input::Signal(Signal::Down(d)) => self.down.set(d),
+            Input::Signal(Signal::Budgets { anti_entropy, .. }) => self.budget = anti_entropy,
+            Input::Signal(Signal::Unreachable { node }) => {
+                let failed: Vec<u64> =
+                    self.exchanges.iter().filter(|(_, e)| e.peer == node).map(|(id, _)| *id).collect();
+                for id in failed {
+                    self.finish(id, false);
+                }
+            }
+            Input::Signal(_) => {}
         }
-        finished
     }
 
-    #[test]
-    fn exchange_repairs_both_sides() {
-        let (mut a, mut b) = (MemStore::new(8), MemStore::new(8));
-        for i in 0..200 {
-            let k = format!("k{i}");
-            write(&mut a, &k, "v", 1);
-            let o = a.object(k.as_bytes()).unwrap();
-            b.set_object(k.as_bytes(), o);
-        }
-        write(&mut a, "only-a", "x", 1);
-        write(&mut b, "only-b", "y", 2);
-        write(&mut b, "k7", "concurrent", 2);
-        let pairs: Vec<(u32, NodeId)> = (0..8).map(|p| (p, "b".to_string())).collect();
-        let mut ae = AntiEntropy::new(100, 1000, 0);
-        ae.handle_tick(100, &pairs, 8);
-        let finished = run(&mut ae, &mut a, &mut b);
-        assert_eq!(finished.len(), 8);
-        for p in 0..8 {
-            assert_eq!(a.tree(p).root(), b.tree(p).root(), "partition {p}");
-        }
-        let k7: Vec<&[u8]> = a.objects[b"k7".as_slice()].values().collect();
-        assert_eq!(k7.len(), 2, "the concurrent write became a sibling, nothing lost");
-        assert!(a.objects.contains_key(b"only-b".as_slice()) && b.objects.contains_key(b"only-a".as_slice()));
-        // Equal replicas: the next round finds nothing and ends after one round trip each.
-        ae.handle_tick(300, &pairs, 8);
-        let finished = run(&mut ae, &mut a, &mut b);
-        assert!(finished.iter().all(|f| matches!(f, AeAction::Finished { differing_leaves: Some(0), .. })));
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
     }
 
-    #[test]
-    fn budget_bounds_exchanges_and_zero_pauses() {
-        let pairs: Vec<(u32, NodeId)> = (0..8).map(|p| (p, "b".to_string())).collect();
-        let mut ae = AntiEntropy::new(100, 1000, 0);
-        ae.handle_tick(100, &pairs, 0);
-        assert!(ae.poll_action().is_none());
-        ae.handle_tick(200, &pairs, 2);
-        assert_eq!(ae.inflight(), 2);
-        // A silent peer: the exchanges time out and are reported as failed.
-        ae.handle_tick(1300, &pairs, 0);
-        assert_eq!(ae.inflight(), 0);
-        let failed = std::iter::from_fn(|| ae.poll_action())
-            .filter(|a| matches!(a, AeAction::Finished { differing_leaves: None, .. }))
-            .count();
-        assert_eq!(failed, 2);
+    fn poll_timeout(&self) -> Option<u64> {
+        let expiry = self.exchanges.values().map(|e| e.deadline_ms).min();
+        Some(expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms)))
     }
 }

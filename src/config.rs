@@ -1,4 +1,5 @@
-//! A node's configuration: the TOML schema of DESIGN.md §3, parsed and validated.
+//! A node's configuration: the TOML schema of the user contract (README "Configuration"),
+//! parsed and validated.
 //!
 //! Every section and key is checked: an unknown key, a wrong type or an impossible value
 //! (R > N, Q not a power of two, an interval of 0, ...) is a [`ConfigError`] naming the key,
@@ -114,6 +115,10 @@ pub struct StorageConfig {
     /// A tombstone is reaped once every replica holds it and it is older than this.
     #[serde(default = "grace_default")]
     pub tombstone_grace_ms: u64,
+    /// How long a replica remembers a reaped tombstone's clock (so no stale copy brings the
+    /// value back), and how long a hint may wait for delivery.
+    #[serde(default = "retention_default")]
+    pub reaped_retention_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,9 +160,12 @@ pub struct HandoffConfig {
     /// Initial run-time limit on concurrent handoff batches; 0 pauses.
     #[serde(default = "two")]
     pub max_inflight: u32,
-    /// Keys in one handoff or transfer batch.
+    /// Tombstones examined per reaping round.
     #[serde(default = "handoff_batch_default")]
     pub batch_keys: u32,
+    /// Encoded bytes in one handoff or transfer batch (a larger object travels alone).
+    #[serde(default = "batch_bytes_default")]
+    pub batch_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +176,9 @@ pub struct AntiEntropyConfig {
     /// Initial run-time limit on concurrent Merkle exchanges; 0 pauses.
     #[serde(default = "one")]
     pub max_inflight: u32,
+    /// Encoded bytes in one page of an exchange (a larger object travels alone).
+    #[serde(default = "batch_bytes_default")]
+    pub page_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +202,10 @@ pub struct LimitsConfig {
     /// Siblings a key may hold before writes to it are refused.
     #[serde(default = "siblings_default")]
     pub max_siblings: u32,
+    /// Bytes a key's values may take together before a write that grows it is refused;
+    /// frames are sized from it, so every object can be read, replicated and handed off.
+    #[serde(default = "object_bytes_default")]
+    pub object_bytes_max: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +242,15 @@ fn batch_default() -> u32 {
 }
 fn grace_default() -> u64 {
     3_600_000
+}
+fn retention_default() -> u64 {
+    7 * 24 * 3_600_000
+}
+fn batch_bytes_default() -> u64 {
+    1024 * 1024
+}
+fn object_bytes_default() -> u64 {
+    8 * 1024 * 1024
 }
 fn gossip_interval_default() -> u64 {
     1000
@@ -292,6 +316,8 @@ section_default!(LimitsConfig);
 
 /// Largest value size a node accepts: a value must fit in one frame with room to spare.
 pub const VALUE_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
+/// Largest `limits.object_bytes_max`.
+pub const OBJECT_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 
 impl Config {
     /// Parse and validate a config file's text.
@@ -374,6 +400,9 @@ impl Config {
         positive("storage.flush_interval_ms", self.storage.flush_interval_ms)?;
         positive("storage.commit_batch_max", self.storage.commit_batch_max as u64)?;
         positive("storage.tombstone_grace_ms", self.storage.tombstone_grace_ms)?;
+        if self.storage.reaped_retention_ms < self.storage.tombstone_grace_ms {
+            return Err(ConfigError::new("storage.reaped_retention_ms", "must be at least storage.tombstone_grace_ms"));
+        }
         positive("gossip.interval_ms", self.gossip.interval_ms)?;
         positive("failure_detector.probe_interval_ms", self.failure_detector.probe_interval_ms)?;
         if self.failure_detector.probe_interval_max_ms < self.failure_detector.probe_interval_ms {
@@ -387,6 +416,8 @@ impl Config {
         positive("coordinator.max_inflight", self.coordinator.max_inflight as u64)?;
         positive("handoff.interval_ms", self.handoff.interval_ms)?;
         positive("handoff.batch_keys", self.handoff.batch_keys as u64)?;
+        positive("handoff.batch_bytes", self.handoff.batch_bytes)?;
+        positive("anti_entropy.page_bytes", self.anti_entropy.page_bytes)?;
         positive("anti_entropy.interval_ms", self.anti_entropy.interval_ms)?;
         positive("admission.latency_target_ms", self.admission.latency_target_ms)?;
         positive("admission.latency_window_ms", self.admission.latency_window_ms)?;
@@ -398,7 +429,29 @@ impl Config {
             return Err(ConfigError::new("limits.max_key_bytes", "must be in 1..=65536"));
         }
         positive("limits.max_siblings", l.max_siblings as u64)?;
+        if l.object_bytes_max < l.max_value_bytes || l.object_bytes_max > OBJECT_BYTES_LIMIT {
+            return Err(ConfigError::new(
+                "limits.object_bytes_max",
+                format!("must be in limits.max_value_bytes ({})..={OBJECT_BYTES_LIMIT}", l.max_value_bytes),
+            ));
+        }
+        for (key, v) in [
+            ("handoff.batch_bytes", self.handoff.batch_bytes),
+            ("anti_entropy.page_bytes", self.anti_entropy.page_bytes),
+        ] {
+            if v > OBJECT_BYTES_LIMIT {
+                return Err(ConfigError::new(key, format!("must be at most {OBJECT_BYTES_LIMIT}")));
+            }
+        }
         Ok(())
+    }
+
+    /// The largest frame this node sends or accepts: room for two objects at their limit
+    /// (a read repair merges two), or a batch or page at its limit, plus framing.
+    pub fn frame_bytes_max(&self) -> usize {
+        let object = self.limits.object_bytes_max as usize;
+        let batch = self.handoff.batch_bytes.max(self.anti_entropy.page_bytes) as usize;
+        crate::wire::FRAME_BYTES_MAX_DEFAULT.max(2 * object + 1024 * 1024).max(batch + object + 1024 * 1024)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -517,6 +570,9 @@ secret = "change-me"
             (with("[anti_entropy]\ninterval_ms = 0"), "anti_entropy.interval_ms"),
             (with("[limits]\nmax_value_bytes = 0"), "limits.max_value_bytes"),
             (with("[storage]\nflush_interval_ms = 0"), "storage.flush_interval_ms"),
+            (with("[storage]\ntombstone_grace_ms = 10\nreaped_retention_ms = 5"), "storage.reaped_retention_ms"),
+            (with("[limits]\nmax_value_bytes = 100\nobject_bytes_max = 99"), "limits.object_bytes_max"),
+            (with("[handoff]\nbatch_bytes = 0"), "handoff.batch_bytes"),
             (with("[node2]\n"), "node2"),
         ];
         for (text, key) in cases {

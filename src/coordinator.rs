@@ -1,92 +1,44 @@
 //! The request coordinator (Dynamo §4.5, §4.6, §5): one state machine per client request,
-//! on the node that received it, in the style of riak_kv's get/put FSMs.
+//! on the node that received it, in the style of riak_kv's get/put FSMs, and the stage that
+//! hosts them.
 //!
 //! Targets are the first N *healthy* nodes of the key's preference list (sloppy quorum): an
 //! unreachable primary is replaced by the next fallback, and the replica sent there carries
 //! a hint naming the primary it stands in for. A replica that fails or times out is replaced
-//! the same way. A get waits for R answers, replies with every concurrent value merged, then
-//! waits briefly for the other replicas and sends the merged state to any that were stale
-//! (read repair). A put is coordinated on a replica: that replica applies the write under a
-//! new version (so it must hold the key's state) and the result goes to the other targets;
-//! the client hears back after W durable acknowledgements, the coordinating replica's own
+//! the same way. No node ever fills two slots, so W acknowledgements are W distinct copies.
+//! A get waits for R answers, replies with every concurrent value merged, then waits
+//! briefly for the other replicas and sends the merged state to any that were stale (read
+//! repair). A put is coordinated on a replica: that replica applies the write under a new
+//! version (so it must hold the key's state) and the result goes to the other targets; the
+//! client hears back after W durable acknowledgements, the coordinating replica's own
 //! included. A node outside the targets forwards the put to one inside.
 //!
-//! Inputs: [`Coordinator::handle_reply`], [`Coordinator::handle_failure`],
-//! [`Coordinator::handle_timeout`], each with the current time. Outputs:
-//! [`Coordinator::poll_action`] and [`Coordinator::poll_timeout`].
+//! [`Coordinator`] is one request: inputs [`Coordinator::handle_reply`],
+//! [`Coordinator::handle_failure`], [`Coordinator::handle_timeout`], each with the current
+//! time; outputs [`Coordinator::poll_action`] and [`Coordinator::poll_timeout`].
+//! [`CoordinatorStage`] admits client and forwarded requests (checked by [`RequestLimits`]),
+//! holds every live request in a table keyed by request id with one timer index, runs the
+//! requests' replica operations for this node on local storage, and sends the others.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use crate::ring::{NodeId, PreferenceList, Ring};
+use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
+use crate::store::{StoreError, StoreOp, StoreOutcome};
+use crate::version::{Object, VersionVector};
+use crate::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message, ReplicaReply, ReplicaRequest};
 
-use crate::replica::{ReplicaError, ReplicaOp, ReplicaOutcome};
-use crate::ring::{NodeId, PreferenceList};
-use crate::version::{Actor, Object, VersionVector};
-use crate::wire::{ClientResponse, ErrorKind};
-
-/// What a coordinator asks a replica to do.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ReplicaRequest {
-    Read {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-    },
-    Write {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        object: Object,
-        hint: Option<NodeId>,
-    },
-    Coordinate {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        context: VersionVector,
-        #[serde(with = "serde_bytes")]
-        value: Option<Vec<u8>>,
-        hint: Option<NodeId>,
-    },
-    /// Run a whole put here: sent by a node that is not among the key's targets.
-    Forward {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        context: VersionVector,
-        #[serde(with = "serde_bytes")]
-        value: Option<Vec<u8>>,
-        w: u8,
-    },
-}
-
-impl ReplicaRequest {
-    /// The storage operation a replica runs for this request, issuing any new dot from
-    /// `actor` at `now_ms`; None for `Forward`, which runs a whole put instead.
-    pub fn into_op(self, actor: Actor, now_ms: u64) -> Option<ReplicaOp> {
-        match self {
-            ReplicaRequest::Read { key } => Some(ReplicaOp::Read { key }),
-            ReplicaRequest::Write { key, object, hint } => Some(ReplicaOp::Write { key, object, hint }),
-            ReplicaRequest::Coordinate { key, context, value, hint } => {
-                Some(ReplicaOp::Coordinate { key, context, value, hint, actor, now_ms })
-            }
-            ReplicaRequest::Forward { .. } => None,
-        }
-    }
-}
-
-/// A replica's answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ReplicaReply {
-    Outcome(ReplicaOutcome),
-    /// The answer to a forwarded put.
-    Forwarded(ClientResponse),
-}
-
-/// Something the coordinator wants done.
+/// Something a request wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send a request to a replica (possibly this node itself); its answer comes back through
-    /// `handle_reply` under the coordinator's id, a failure through `handle_failure`.
+    /// `handle_reply`, a failure through `handle_failure`.
     Send { to: NodeId, request: ReplicaRequest },
     /// Answer the client. Happens exactly once.
     Reply(ClientResponse),
+    /// A replica did not answer in time: the failure detector should hear of it.
+    Suspect(NodeId),
 }
 
 /// What the client asked for.
@@ -105,7 +57,8 @@ pub enum Operation {
     },
 }
 
-/// What a node accepts from a client (from its config).
+/// What a node accepts in a request (from its config). Client requests, puts forwarded by
+/// other nodes and replica requests all pass the same checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestLimits {
     /// N: quorum overrides must be in 1..=N.
@@ -125,6 +78,17 @@ impl RequestLimits {
             return Err(format!("the key is over limits.max_key_bytes ({})", self.max_key_bytes));
         }
         Ok(())
+    }
+
+    fn value(&self, value: Option<&[u8]>) -> Result<(), String> {
+        match value {
+            Some(v) if v.len() > self.max_value_bytes => Err(format!(
+                "the value is {} bytes, over limits.max_value_bytes ({}); nothing was stored",
+                v.len(),
+                self.max_value_bytes
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn quorum(&self, given: Option<u8>, default: usize, what: &str) -> Result<usize, String> {
@@ -152,21 +116,53 @@ impl RequestLimits {
         now_ms: u64,
     ) -> Result<Operation, String> {
         self.key(key)?;
-        if let Some(v) = &value {
-            if v.len() > self.max_value_bytes {
-                return Err(format!(
-                    "the value is {} bytes, over limits.max_value_bytes ({}); nothing was stored",
-                    v.len(),
-                    self.max_value_bytes
-                ));
-            }
-        }
+        self.value(value.as_deref())?;
         let w = self.quorum(w, self.write_quorum, "w")?;
         let context = match context {
             None => VersionVector::new(),
             Some(text) => VersionVector::decode_context(text, now_ms).map_err(|e| e.to_string())?,
         };
         Ok(Operation::Put { w, context, value, forwarded: false })
+    }
+
+    /// Check a put another node forwarded: the same bounds as a client's.
+    pub fn forwarded(
+        &self,
+        key: &[u8],
+        context: VersionVector,
+        value: Option<Vec<u8>>,
+        w: u8,
+    ) -> Result<Operation, String> {
+        self.key(key)?;
+        self.value(value.as_deref())?;
+        context.validate().map_err(|e| e.to_string())?;
+        let w = self.quorum(Some(w), self.write_quorum, "w")?;
+        Ok(Operation::Put { w, context, value, forwarded: true })
+    }
+
+    /// Check a coordinator's request to this replica.
+    pub fn replica(&self, request: &ReplicaRequest) -> Result<(), String> {
+        self.key(request.key())?;
+        match request {
+            ReplicaRequest::Read { .. } => Ok(()),
+            ReplicaRequest::Write { object, hint, .. } => {
+                object.validate().map_err(|e| e.to_string())?;
+                hint_ok(hint.as_deref())
+            }
+            ReplicaRequest::Coordinate { context, value, hint, .. } => {
+                self.value(value.as_deref())?;
+                context.validate().map_err(|e| e.to_string())?;
+                hint_ok(hint.as_deref())
+            }
+            ReplicaRequest::Forward { .. } => Err("a forwarded put is not a replica operation".into()),
+        }
+    }
+}
+
+fn hint_ok(hint: Option<&str>) -> Result<(), String> {
+    match hint {
+        Some(h) if !crate::membership::valid_node_id(h) => Err(format!("hint names {h:?}, not a node id")),
+        _ => Ok(()),
     }
 }
 
@@ -221,6 +217,15 @@ enum Phase {
     Finished,
 }
 
+/// Why a slot is given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// The replica answered that it failed: nothing was stored there.
+    Failed,
+    /// No answer in time: the replica may or may not have applied the request.
+    Timeout,
+}
+
 /// One request's state machine.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -229,7 +234,7 @@ pub struct Coordinator {
     op: Operation,
     timeouts: Timeouts,
     slots: Vec<Slot>,
-    /// Fallbacks not yet used, in preference order.
+    /// Fallbacks not yet used, in preference order; never a node that holds a slot.
     spare: VecDeque<NodeId>,
     /// Put: the object the coordinating replica produced.
     object: Option<Object>,
@@ -289,7 +294,7 @@ impl Coordinator {
     }
 
     fn start(&mut self, now_ms: u64) {
-        if self.slots.len() < self.quorum() && !self.can_replace() {
+        if self.slots.len() + self.spare.len() < self.quorum() {
             self.fail(ErrorKind::Unavailable, "not enough reachable replicas for the quorum");
             return;
         }
@@ -307,7 +312,9 @@ impl Coordinator {
                 match self.slots.iter().position(|s| s.node == self.me) {
                     Some(i) => self.send_coordinate(i, now_ms),
                     None if forwarded => {
-                        // Coordinate here anyway, standing in as an extra replica.
+                        // Coordinate here anyway, standing in as an extra replica; this node
+                        // is then no spare for another slot.
+                        self.spare.retain(|n| *n != self.me);
                         self.slots.insert(
                             0,
                             Slot { node: self.me.clone(), hint: None, state: SlotState::Idle, object: None },
@@ -326,10 +333,6 @@ impl Coordinator {
                 }
             }
         }
-    }
-
-    fn can_replace(&self) -> bool {
-        !self.spare.is_empty()
     }
 
     fn send_read(&mut self, i: usize, now_ms: u64) {
@@ -356,7 +359,7 @@ impl Coordinator {
             key: self.key.clone(),
             context: context.clone(),
             value: value.clone(),
-            w: *w as u8,
+            w: u8::try_from(*w).unwrap_or(u8::MAX),
         };
         self.slots[i].state = SlotState::Waiting { since_ms: now_ms };
         self.outbox.push_back(Action::Send { to: self.slots[i].node.clone(), request });
@@ -401,36 +404,38 @@ impl Coordinator {
             (ReplicaReply::Forwarded(response), Phase::Forwarding) => {
                 self.slots[i].state = SlotState::Answered;
                 match &response {
-                    ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.replace(i, now_ms),
+                    ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.replace(i, now_ms, Cause::Failed),
                     _ => {
                         self.reply(response);
                         self.phase = Phase::Finished;
                     }
                 }
             }
-            (ReplicaReply::Outcome(ReplicaOutcome::Read(object)), Phase::Started | Phase::Replied) => {
+            (ReplicaReply::Object(object), Phase::Started | Phase::Replied) => {
                 self.slots[i].state = SlotState::Answered;
                 self.slots[i].object = object;
                 self.fastest.get_or_insert_with(|| from.to_string());
-                self.after_read(now_ms);
+                self.after_read();
             }
-            (ReplicaReply::Outcome(ReplicaOutcome::Coordinated(result)), Phase::Started) => match result {
-                Ok(object) => {
-                    self.slots[i].state = SlotState::Answered;
-                    self.object = Some(object);
-                    self.phase = Phase::Replicating;
-                    for j in 0..self.slots.len() {
-                        if j != i {
-                            self.send_write(j, now_ms);
-                        }
+            (ReplicaReply::Coordinated(object), Phase::Started) => {
+                self.slots[i].state = SlotState::Answered;
+                self.object = Some(object);
+                self.phase = Phase::Replicating;
+                for j in 0..self.slots.len() {
+                    if j != i {
+                        self.send_write(j, now_ms);
                     }
-                    self.after_write();
                 }
-                Err(ReplicaError::TooManySiblings(n)) => {
-                    self.fail(ErrorKind::BadRequest, &ReplicaError::TooManySiblings(n).to_string());
-                }
-            },
-            (ReplicaReply::Outcome(ReplicaOutcome::Written { .. }), Phase::Replicating | Phase::Replied) => {
+                self.after_write();
+            }
+            (ReplicaReply::Failed { kind: ErrorKind::BadRequest, message }, Phase::Started)
+                if matches!(self.op, Operation::Put { .. }) =>
+            {
+                // The coordinating replica refused the write itself (sibling or size limits).
+                self.fail(ErrorKind::BadRequest, &message);
+            }
+            (ReplicaReply::Failed { .. }, _) => self.replace(i, now_ms, Cause::Failed),
+            (ReplicaReply::Written, Phase::Replicating | Phase::Replied) => {
                 self.slots[i].state = SlotState::Answered;
                 self.after_write();
             }
@@ -438,10 +443,10 @@ impl Coordinator {
         }
     }
 
-    /// A replica could not be reached or refused: try the next fallback in its place.
+    /// A replica could not be reached: try the next fallback in its place.
     pub fn handle_failure(&mut self, now_ms: u64, from: &str) {
         if let Some(i) = self.slot_of(from) {
-            self.replace(i, now_ms);
+            self.replace(i, now_ms, Cause::Timeout);
         }
     }
 
@@ -454,17 +459,33 @@ impl Coordinator {
         if now_ms >= self.timeouts.deadline_ms {
             match self.phase {
                 Phase::Replied => self.finish_get(),
+                Phase::Started if self.local_write_pending() => self.fail(
+                    ErrorKind::Unavailable,
+                    "this node's replica did not answer in time; the write may still have been applied",
+                ),
                 _ => self.fail(ErrorKind::Unavailable, "the quorum did not answer in time"),
             }
             self.phase = Phase::Finished;
             return;
         }
+        // The coordinating replica's own write is never replaced: it may still commit, and
+        // only the deadline decides the request.
+        let local_put = self.phase == Phase::Started && matches!(self.op, Operation::Put { .. });
         let late: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !(local_put && self.slots[i].node == self.me))
             .filter(|&i| matches!(self.slots[i].state, SlotState::Waiting { since_ms } if now_ms >= self.slot_deadline(since_ms)))
             .collect();
         for i in late {
-            self.replace(i, now_ms);
+            if self.slots[i].node != self.me {
+                self.outbox.push_back(Action::Suspect(self.slots[i].node.clone()));
+            }
+            self.replace(i, now_ms, Cause::Timeout);
         }
+    }
+
+    fn local_write_pending(&self) -> bool {
+        matches!(self.op, Operation::Put { .. })
+            && self.slots.iter().any(|s| s.node == self.me && matches!(s.state, SlotState::Waiting { .. }))
     }
 
     /// When a slot that has waited since `since_ms` counts as failed. A forwarded put runs a
@@ -475,15 +496,20 @@ impl Coordinator {
             Phase::Forwarding => self.timeouts.replica_ms.max(self.timeouts.deadline_ms.saturating_sub(since_ms) / 2),
             _ => self.timeouts.replica_ms,
         };
-        since_ms + wait
+        since_ms.saturating_add(wait)
     }
 
     /// Slot `i` failed: mark it and send its work to the next spare node.
-    fn replace(&mut self, i: usize, now_ms: u64) {
+    fn replace(&mut self, i: usize, now_ms: u64, cause: Cause) {
         self.slots[i].state = SlotState::Failed;
         if self.slots[i].node == self.me && self.phase == Phase::Started && matches!(self.op, Operation::Put { .. }) {
-            // The local write failed: nothing was stored, so nothing can be acknowledged.
-            self.fail(ErrorKind::Internal, "the local replica could not apply the write");
+            match cause {
+                Cause::Failed => {
+                    self.fail(ErrorKind::Internal, "this node's replica could not apply the write; nothing was stored")
+                }
+                // The local write may still commit: only the deadline may say the request failed.
+                Cause::Timeout => {}
+            }
             return;
         }
         if self.phase == Phase::Forwarding {
@@ -493,7 +519,14 @@ impl Coordinator {
                 return;
             }
         }
-        let Some(next) = self.spare.pop_front() else {
+        // The next spare that holds no slot yet: one node, one copy, one acknowledgement.
+        let next = loop {
+            match self.spare.pop_front() {
+                Some(n) if self.slots.iter().any(|s| s.node == n) => continue,
+                other => break other,
+            }
+        };
+        let Some(next) = next else {
             self.check_hopeless();
             return;
         };
@@ -513,6 +546,9 @@ impl Coordinator {
         if matches!(self.phase, Phase::Replied | Phase::Finished) {
             if self.waiting() == 0 && matches!(self.op, Operation::Get { .. }) {
                 self.finish_get();
+            }
+            if self.waiting() == 0 {
+                self.phase = Phase::Finished;
             }
             return;
         }
@@ -541,12 +577,12 @@ impl Coordinator {
             .fold(None, |acc: Option<Object>, o| Some(acc.map_or_else(|| o.clone(), |a| a.merge(o))))
     }
 
-    fn after_read(&mut self, _now_ms: u64) {
+    fn after_read(&mut self) {
         if self.phase == Phase::Started && self.answered() >= self.quorum() {
             let merged = self.merged();
             let response = match &merged {
                 Some(o) => ClientResponse::Values {
-                    values: o.values().map(|v| serde_bytes::ByteBuf::from(v.to_vec())).collect(),
+                    values: o.values().map(|v| Bytes::from(v.to_vec())).collect(),
                     context: (!o.clock().is_empty()).then(|| o.context().encode_context()),
                 },
                 None => ClientResponse::Values { values: Vec::new(), context: None },
@@ -605,8 +641,307 @@ impl Coordinator {
         self.phase == Phase::Finished && self.outbox.is_empty()
     }
 
+    /// Whether the client has had its answer.
+    pub fn has_replied(&self) -> bool {
+        matches!(self.phase, Phase::Replied | Phase::Finished)
+    }
+
     pub fn key(&self) -> &[u8] {
         &self.key
+    }
+
+    /// The nodes holding a slot, for tests and logs.
+    pub fn slot_nodes(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.node.as_str()).collect()
+    }
+}
+
+/// Who waits for a request's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Waiter {
+    Client {
+        conn: u64,
+        id: u64,
+    },
+    /// Another node forwarded the put; it waits under its own request id.
+    Forwarded {
+        conn: u64,
+        id: u64,
+    },
+}
+
+/// How the coordinator stage is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoordinatorSettings {
+    pub me: NodeId,
+    pub limits: RequestLimits,
+    pub request_timeout_ms: u64,
+    pub replica_timeout_ms: u64,
+    /// Requests alive on this node at once (read repair included); more are refused.
+    pub requests_max: usize,
+}
+
+struct Entry {
+    core: Coordinator,
+    waiter: Waiter,
+    started_ms: u64,
+    span: tracing::Span,
+    deadline: Option<u64>,
+}
+
+/// The coordinator stage: every live request of this node.
+pub struct CoordinatorStage {
+    settings: CoordinatorSettings,
+    ring: Option<Arc<Ring>>,
+    down: DownSet,
+    requests: BTreeMap<u64, Entry>,
+    timers: BTreeSet<(u64, u64)>,
+    /// Local storage operations in flight: token -> request.
+    local: BTreeMap<u64, u64>,
+    ids: Ids,
+    effects: VecDeque<Effect>,
+}
+
+fn reply_of(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
+    match result {
+        Ok(StoreOutcome::Object(o)) => ReplicaReply::Object(o),
+        Ok(StoreOutcome::Written { .. }) => ReplicaReply::Written,
+        Ok(StoreOutcome::Coordinated(Ok(o))) => ReplicaReply::Coordinated(o),
+        Ok(StoreOutcome::Coordinated(Err(refusal))) => {
+            ReplicaReply::Failed { kind: ErrorKind::BadRequest, message: refusal.to_string() }
+        }
+        Ok(other) => ReplicaReply::Failed { kind: ErrorKind::Internal, message: format!("unexpected {other:?}") },
+        Err(e) => ReplicaReply::Failed { kind: ErrorKind::Internal, message: e.to_string() },
+    }
+}
+
+/// The storage operation that carries out a replica request on this node, if it is one.
+pub fn store_op(request: ReplicaRequest, now_wall_ms: u64) -> Option<StoreOp> {
+    Some(match request {
+        ReplicaRequest::Read { key } => StoreOp::Read { key },
+        ReplicaRequest::Write { key, object, hint } => StoreOp::Write { key, object, hint },
+        ReplicaRequest::Coordinate { key, context, value, hint } => {
+            StoreOp::Coordinate { key, context, value, hint, now_wall_ms }
+        }
+        ReplicaRequest::Forward { .. } => return None,
+    })
+}
+
+/// A replica's answer to a request, from the storage result.
+pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
+    reply_of(result)
+}
+
+impl CoordinatorStage {
+    pub fn new(settings: CoordinatorSettings) -> Self {
+        CoordinatorStage {
+            settings,
+            ring: None,
+            down: DownSet::default(),
+            requests: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            local: BTreeMap::new(),
+            ids: Ids::default(),
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// Requests alive now.
+    pub fn live(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn answer(&mut self, waiter: &Waiter, response: ClientResponse) {
+        let (to, msg) = match waiter {
+            Waiter::Client { conn, id } => (Dest::Conn(*conn), Message::ClientReply { id: *id, response }),
+            Waiter::Forwarded { conn, id } => {
+                (Dest::Conn(*conn), Message::ReplicaReply { id: *id, reply: ReplicaReply::Forwarded(response) })
+            }
+        };
+        self.effects.push_back(Effect::Send { to, msg });
+    }
+
+    fn start(&mut self, now: Now, key: Vec<u8>, op: Operation, waiter: Waiter) {
+        let Some(ring) = self.ring.clone() else {
+            let e = "this node has not joined a cluster yet: check its seeds";
+            return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Unavailable, message: e.into() });
+        };
+        if self.requests.len() >= self.settings.requests_max {
+            let e = "too many requests in flight on this node; retry";
+            return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Overloaded, message: e.into() });
+        }
+        let plan = ring.preference_list(ring.partition_for_key(&key), self.settings.limits.replicas);
+        let timeouts = Timeouts {
+            deadline_ms: now.mono_ms.saturating_add(self.settings.request_timeout_ms),
+            replica_ms: self.settings.replica_timeout_ms,
+        };
+        let id = self.ids.issue();
+        let span = tracing::debug_span!("request", id, key = %String::from_utf8_lossy(&key));
+        let core = {
+            let _e = span.enter();
+            tracing::debug!(?op, "start");
+            let down = &self.down;
+            Coordinator::new(now.mono_ms, self.settings.me.clone(), Request { key, op, timeouts }, &plan, |n| {
+                down.is_up(n)
+            })
+        };
+        self.requests.insert(id, Entry { core, waiter, started_ms: now.mono_ms, span, deadline: None });
+        self.pump(now, id);
+    }
+
+    /// Carry out a request's actions, re-arm its timer, and drop it once finished.
+    fn pump(&mut self, now: Now, id: u64) {
+        let Some(entry) = self.requests.get_mut(&id) else { return };
+        let span = entry.span.clone();
+        let _e = span.enter();
+        let mut actions = Vec::new();
+        while let Some(a) = entry.core.poll_action() {
+            actions.push(a);
+        }
+        let waiter = entry.waiter.clone();
+        let started = entry.started_ms;
+        for action in actions {
+            match action {
+                Action::Send { to, request } if to == self.settings.me => match store_op(request, now.wall_ms) {
+                    Some(op) => {
+                        let token = self.ids.issue();
+                        self.local.insert(token, id);
+                        self.effects.push_back(Effect::Store { token, op, durable: false });
+                    }
+                    None => {
+                        if let Some(e) = self.requests.get_mut(&id) {
+                            e.core.handle_failure(now.mono_ms, &to);
+                        }
+                    }
+                },
+                Action::Send { to, request } => {
+                    self.effects.push_back(Effect::Send { to: Dest::Node(to), msg: Message::Replica { id, request } });
+                }
+                Action::Reply(response) => {
+                    tracing::debug!(?response, "reply");
+                    if matches!(waiter, Waiter::Client { .. }) {
+                        let ms = now.mono_ms.saturating_sub(started);
+                        self.effects.push_back(Effect::Signal(Signal::Latency { ms }));
+                    }
+                    self.answer(&waiter, response);
+                }
+                Action::Suspect(node) => {
+                    self.effects.push_back(Effect::Signal(Signal::Report { node, ok: false }));
+                }
+            }
+        }
+        let Some(entry) = self.requests.get_mut(&id) else { return };
+        // Failures handled above may have produced more actions.
+        if entry.core.poll_action_pending() {
+            return self.pump(now, id);
+        }
+        if let Some(d) = entry.deadline.take() {
+            self.timers.remove(&(d, id));
+        }
+        if entry.core.is_finished() {
+            self.requests.remove(&id);
+            return;
+        }
+        if let Some(d) = entry.core.poll_timeout() {
+            entry.deadline = Some(d);
+            self.timers.insert((d, id));
+        }
+    }
+
+    fn handle_message(&mut self, now: Now, from: Origin, msg: Message) {
+        if let Some(node) = &from.node {
+            if let Some(e) = self.down.heard(node) {
+                self.effects.push_back(e);
+            }
+        }
+        match msg {
+            Message::Client { id, request: ClientRequest::Get { key, r } } => {
+                let waiter = Waiter::Client { conn: from.conn, id };
+                match self.settings.limits.get(&key, r) {
+                    Ok(op) => self.start(now, key.into_vec(), op, waiter),
+                    Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
+                }
+            }
+            Message::Client { id, request: ClientRequest::Put { key, context, value, w } } => {
+                let waiter = Waiter::Client { conn: from.conn, id };
+                let value = value.map(Bytes::into_vec);
+                match self.settings.limits.put(&key, context.as_deref(), value, w, now.wall_ms) {
+                    Ok(op) => self.start(now, key.into_vec(), op, waiter),
+                    Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
+                }
+            }
+            Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
+                let waiter = Waiter::Forwarded { conn: from.conn, id };
+                match self.settings.limits.forwarded(&key, context, value, w) {
+                    Ok(op) => self.start(now, key, op, waiter),
+                    Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
+                }
+            }
+            Message::ReplicaReply { id, reply } => {
+                let Some(node) = from.node else { return };
+                if let Some(e) = self.requests.get_mut(&id) {
+                    e.core.handle_reply(now.mono_ms, &node, reply);
+                    self.pump(now, id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Coordinator {
+    fn poll_action_pending(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+}
+
+impl Stage for CoordinatorStage {
+    fn id(&self) -> StageId {
+        StageId::Coordinator
+    }
+
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Message { from, msg } => self.handle_message(now, from, msg),
+            Input::Stored { token, result } => {
+                let Some(id) = self.local.remove(&token) else { return };
+                if let Some(e) = self.requests.get_mut(&id) {
+                    let me = self.settings.me.clone();
+                    e.core.handle_reply(now.mono_ms, &me, reply_of(result));
+                    self.pump(now, id);
+                }
+            }
+            Input::Tick { .. } => {
+                let due: Vec<u64> =
+                    self.timers.iter().take_while(|(d, _)| *d <= now.mono_ms).map(|(_, id)| *id).collect();
+                for id in due {
+                    if let Some(e) = self.requests.get_mut(&id) {
+                        e.core.handle_timeout(now.mono_ms);
+                    }
+                    self.pump(now, id);
+                }
+            }
+            Input::Signal(Signal::View(v)) => self.ring = v.ring.clone(),
+            Input::Signal(Signal::Down(d)) => self.down.set(d),
+            Input::Signal(Signal::Unreachable { node }) => {
+                let ids: Vec<u64> = self.requests.keys().copied().collect();
+                for id in ids {
+                    if let Some(e) = self.requests.get_mut(&id) {
+                        e.core.handle_failure(now.mono_ms, &node);
+                    }
+                    self.pump(now, id);
+                }
+            }
+            Input::Signal(_) => {}
+        }
+    }
+
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        self.timers.first().map(|(d, _)| *d)
     }
 }
 
@@ -671,11 +1006,11 @@ mod tests {
     }
 
     fn written() -> ReplicaReply {
-        ReplicaReply::Outcome(ReplicaOutcome::Written { changed: true })
+        ReplicaReply::Written
     }
 
     fn coordinated(o: &Object) -> ReplicaReply {
-        ReplicaReply::Outcome(ReplicaOutcome::Coordinated(Ok(o.clone())))
+        ReplicaReply::Coordinated(o.clone())
     }
 
     /// Table of write quorums: (W, acks from other replicas, whether the client hears "written").
@@ -801,7 +1136,7 @@ mod tests {
         assert!(drain(&mut c).is_empty());
         assert_eq!(c.poll_timeout(), Some(500));
         c.handle_timeout(500);
-        let a = drain(&mut c);
+        let a: Vec<Action> = drain(&mut c).into_iter().filter(|a| !matches!(a, Action::Suspect(_))).collect();
         assert!(matches!(&a[..], [Action::Send { to, request: ReplicaRequest::Forward { .. } }] if to == "b"));
         c.handle_reply(600, "b", ReplicaReply::Forwarded(ClientResponse::Written { context: "x".into() }));
         assert!(matches!(replies(&drain(&mut c))[..], [ClientResponse::Written { .. }]));
@@ -815,7 +1150,7 @@ mod tests {
     }
 
     fn read(o: Option<Object>) -> ReplicaReply {
-        ReplicaReply::Outcome(ReplicaOutcome::Read(o))
+        ReplicaReply::Object(o)
     }
 
     #[test]
@@ -887,13 +1222,85 @@ mod tests {
     fn sibling_limit_is_bad_request() {
         let mut c = put("a", 2, &[]);
         drain(&mut c);
-        c.handle_reply(
-            1,
-            "a",
-            ReplicaReply::Outcome(ReplicaOutcome::Coordinated(Err(ReplicaError::TooManySiblings(100)))),
-        );
+        c.handle_reply(1, "a", ReplicaReply::Failed { kind: ErrorKind::BadRequest, message: "too many".into() });
         let out = replies(&drain(&mut c));
         assert!(matches!(out[..], [ClientResponse::Error { kind: ErrorKind::BadRequest, .. }]));
         assert!(c.is_finished());
+    }
+
+    #[test]
+    fn no_node_fills_two_slots() {
+        // z is not a target but coordinates a forwarded put; it is also a fallback of the key.
+        let plan = PreferenceList { primaries: ids(&["a", "b", "c"]), fallbacks: ids(&["d", "z"]) };
+        let op = Operation::Put { w: 2, context: VersionVector::new(), value: Some(b"v".to_vec()), forwarded: true };
+        let request = Request { key: b"k".to_vec(), op, timeouts: T };
+        let mut c = Coordinator::new(0, "z".into(), request, &plan, |_| true);
+        assert_eq!(sends(&drain(&mut c)), vec![("z".into(), None)]);
+        c.handle_reply(1, "z", coordinated(&obj(1, b"v")));
+        drain(&mut c);
+        // Every other target times out: d stands in for one, and z must not take another slot.
+        c.handle_timeout(101);
+        let mut actions = drain(&mut c);
+        c.handle_timeout(202);
+        actions.extend(drain(&mut c));
+        c.handle_timeout(1000);
+        actions.extend(drain(&mut c));
+        let targets: Vec<String> = sends(&actions).into_iter().map(|(to, _)| to).collect();
+        assert_eq!(targets, vec!["d".to_string()], "z's own copy is one acknowledgement, never two");
+        let out = replies(&actions);
+        assert!(matches!(out[..], [ClientResponse::Error { kind: ErrorKind::Unavailable, .. }]), "{out:?}");
+        let mut counts = std::collections::BTreeMap::new();
+        for n in c.slot_nodes() {
+            *counts.entry(n.to_string()).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    }
+
+    #[test]
+    fn a_local_write_that_times_out_may_have_been_applied() {
+        let mut c = put("a", 2, &[]);
+        drain(&mut c);
+        c.handle_timeout(100);
+        assert!(replies(&drain(&mut c)).is_empty(), "the local write may still commit");
+        c.handle_timeout(1000);
+        let out = replies(&drain(&mut c));
+        assert!(
+            matches!(&out[..], [ClientResponse::Error { kind: ErrorKind::Unavailable, message }] if message.contains("may still have been applied")),
+            "{out:?}"
+        );
+        // An answer that the local write failed says nothing was stored.
+        let mut c = put("a", 2, &[]);
+        drain(&mut c);
+        c.handle_reply(1, "a", ReplicaReply::Failed { kind: ErrorKind::Internal, message: "disk".into() });
+        let out = replies(&drain(&mut c));
+        assert!(
+            matches!(&out[..], [ClientResponse::Error { kind: ErrorKind::Internal, message }] if message.contains("nothing was stored"))
+        );
+    }
+
+    #[test]
+    fn a_replica_that_times_out_is_reported_to_the_failure_detector() {
+        let mut c = get(2, &[]);
+        drain(&mut c);
+        c.handle_timeout(100);
+        let actions = drain(&mut c);
+        let suspects: Vec<&Action> = actions.iter().filter(|a| matches!(a, Action::Suspect(_))).collect();
+        assert_eq!(suspects.len(), 2, "b and c, never the coordinating node itself");
+    }
+
+    #[test]
+    fn forwarded_and_replica_requests_pass_the_client_checks() {
+        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, max_key_bytes: 8, max_value_bytes: 4 };
+        assert!(l.forwarded(b"k", VersionVector::new(), Some(vec![0; 5]), 2).is_err());
+        assert!(l.forwarded(b"k", VersionVector::new(), Some(vec![0; 4]), 9).is_err());
+        assert!(l.forwarded(b"", VersionVector::new(), None, 2).is_err());
+        let mut huge = VersionVector::new();
+        huge.witness(Actor(1), u64::MAX, 0);
+        assert!(l.forwarded(b"k", huge.clone(), None, 2).is_err(), "a crafted counter is refused");
+        let coord = ReplicaRequest::Coordinate { key: b"k".to_vec(), context: huge, value: None, hint: None };
+        assert!(l.replica(&coord).is_err());
+        let bad_hint = ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: Some("".into()) };
+        assert!(l.replica(&bad_hint).is_err());
+        assert!(l.replica(&ReplicaRequest::Read { key: b"k".to_vec() }).is_ok());
     }
 }

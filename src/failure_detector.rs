@@ -4,10 +4,20 @@
 //! so coordinators skip it instead of waiting on every request. It is then probed with
 //! exponential backoff (from `probe_interval_ms` up to `probe_interval_max_ms`) until a
 //! probe or any other message from it succeeds, which marks it reachable again.
+//!
+//! [`FailureDetectorStage`] hosts it: other stages report timeouts and the transport
+//! reports peers it cannot reach ([`Signal::Unreachable`]); any message from a peer
+//! believed down clears it; probes are pings. Whenever the set of peers believed down
+//! changes it is published to the stages that route around them. Peers that leave the
+//! membership are forgotten, so the table is bounded by the membership.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
+use crate::membership::MemberState;
 use crate::ring::NodeId;
+use crate::stage::{Dest, Effect, Ids, Input, Now, Signal, Stage, StageId};
+use crate::wire::Message;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Health {
@@ -59,7 +69,7 @@ impl FailureDetector {
             _ => {
                 let h = Health::Unreachable {
                     since_ms: now_ms,
-                    next_probe_ms: now_ms + self.probe_min_ms,
+                    next_probe_ms: now_ms.saturating_add(self.probe_min_ms),
                     backoff_ms: self.probe_min_ms,
                 };
                 self.peers.insert(peer.to_string(), h);
@@ -79,8 +89,12 @@ impl FailureDetector {
         for (id, h) in self.peers.iter_mut() {
             if let Health::Unreachable { since_ms, next_probe_ms, backoff_ms } = *h {
                 if now_ms >= next_probe_ms {
-                    let backoff = (backoff_ms * 2).min(self.probe_max_ms);
-                    *h = Health::Unreachable { since_ms, next_probe_ms: now_ms + backoff, backoff_ms: backoff };
+                    let backoff = backoff_ms.saturating_mul(2).min(self.probe_max_ms);
+                    *h = Health::Unreachable {
+                        since_ms,
+                        next_probe_ms: now_ms.saturating_add(backoff),
+                        backoff_ms: backoff,
+                    };
                     due.push(id.clone());
                 }
             }
@@ -99,8 +113,103 @@ impl FailureDetector {
             .min()
     }
 
+    /// Every peer with an entry.
+    pub fn peers(&self) -> impl Iterator<Item = &NodeId> {
+        self.peers.keys()
+    }
+
     pub fn unreachable(&self) -> Vec<NodeId> {
         self.peers.iter().filter(|(_, h)| matches!(h, Health::Unreachable { .. })).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// The failure detector stage.
+pub struct FailureDetectorStage {
+    fd: FailureDetector,
+    me: NodeId,
+    published: Arc<BTreeSet<NodeId>>,
+    ids: Ids,
+    effects: VecDeque<Effect>,
+}
+
+impl FailureDetectorStage {
+    pub fn new(fd: FailureDetector, me: NodeId) -> Self {
+        FailureDetectorStage { fd, me, published: Arc::default(), ids: Ids::default(), effects: VecDeque::new() }
+    }
+
+    pub fn detector(&self) -> &FailureDetector {
+        &self.fd
+    }
+
+    fn publish_if_changed(&mut self) {
+        let now: BTreeSet<NodeId> = self.fd.unreachable().into_iter().collect();
+        if now != *self.published {
+            self.published = Arc::new(now);
+            self.effects.push_back(Effect::Signal(Signal::Down(self.published.clone())));
+        }
+    }
+
+    fn report(&mut self, now_ms: u64, node: &str, ok: bool) {
+        if node == self.me {
+            return;
+        }
+        let changed = if ok { self.fd.handle_success(now_ms, node) } else { self.fd.handle_failure(now_ms, node) };
+        if changed {
+            if ok {
+                tracing::info!(peer = %node, "peer reachable again");
+            } else {
+                tracing::warn!(peer = %node, "peer unreachable");
+            }
+        }
+    }
+}
+
+impl Stage for FailureDetectorStage {
+    fn id(&self) -> StageId {
+        StageId::FailureDetector
+    }
+
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Message { from, msg: Message::Ping { id } } => {
+                self.effects.push_back(Effect::Send { to: Dest::Conn(from.conn), msg: Message::Pong { id } });
+                if let Some(n) = from.node {
+                    self.report(now.mono_ms, &n, true);
+                }
+            }
+            Input::Message { from, msg: Message::Pong { .. } } => {
+                if let Some(n) = from.node {
+                    self.report(now.mono_ms, &n, true);
+                }
+            }
+            Input::Message { .. } | Input::Stored { .. } => {}
+            Input::Tick { .. } => {
+                for peer in self.fd.poll_probes(now.mono_ms) {
+                    let id = self.ids.issue();
+                    self.effects.push_back(Effect::Send { to: Dest::Node(peer), msg: Message::Ping { id } });
+                }
+            }
+            Input::Signal(Signal::Report { node, ok }) => self.report(now.mono_ms, &node, ok),
+            Input::Signal(Signal::Unreachable { node }) => self.report(now.mono_ms, &node, false),
+            Input::Signal(Signal::View(v)) => {
+                let members: BTreeSet<&str> =
+                    v.members.iter().filter(|m| m.state != MemberState::Left).map(|m| m.id.as_str()).collect();
+                let gone: Vec<NodeId> = self.fd.peers().filter(|p| !members.contains(p.as_str())).cloned().collect();
+                for p in gone {
+                    self.fd.remove(&p);
+                }
+            }
+            Input::Signal(_) => {}
+        }
+        self.publish_if_changed();
+    }
+
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        self.fd.poll_timeout()
     }
 }
 

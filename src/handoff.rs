@@ -1,277 +1,682 @@
-//! Hinted handoff and partition transfer (Dynamo §4.6, §4.9): moving data to the node that
-//! should hold it.
+//! Hinted handoff, partition transfer and leaving (Dynamo §4.6, §4.9): moving data to the
+//! nodes that should hold it. The stage also hosts tombstone reaping ([`crate::reaper`])
+//! and the sweep of old reaped records, all under the handoff budget (0 pauses them).
 //!
-//! Hints: a fallback that took a write for an unreachable node keeps it in its hints table;
-//! when that node is reachable again, the hint is delivered in a batch and deleted only after
-//! the target acknowledged a durable merge, and only if the hint did not change meanwhile.
-//! Transfers: after a ring change, a node holding keys of a partition it no longer
-//! replicates pushes them in batches to every current replica, and drops each key (again,
-//! only if unchanged) once all of them acknowledged.
+//! Every round (`handoff.interval_ms`) the stage takes stock of local data (partitions
+//! held, hints by intended node) and then, while the budget allows:
+//! - **hints**: destinations are served round-robin, so one unreachable node never starves
+//!   the others. Hints for a member in the ring go to it once it is reachable. Hints for a
+//!   node that is leaving, has left or is unknown, and every hint a leaving node holds, go
+//!   to the key's current replicas that are reachable (anti-entropy brings the rest). A
+//!   hint older than the reaped-record retention is dropped, not delivered: no record would
+//!   be left to stop it from resurrecting a reaped delete.
+//! - **transfers**: a partition held here that this node no longer replicates (after a join
+//!   or a leave) goes to its current replicas, all of which must be reachable.
 //!
-//! [`Handoff`] schedules both, one batch per admitted unit of work, every `interval_ms`.
+//! Batches are bounded in encoded bytes (`handoff.batch_bytes`; one larger object travels
+//! alone). A batch's keys are dropped here only after every target acknowledged a durable
+//! merge, and only if unchanged meanwhile. A delivery that fails or times out is reported
+//! to the failure detector. A leaving node marks itself left only once it holds no
+//! partition, no hint and no batch in flight.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
+use crate::membership::{MemberState, View};
+use crate::reaper::{ReapAction, Reaper};
 use crate::ring::NodeId;
+use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
+use crate::store::{StoreError, StoreOp, StoreOutcome};
 use crate::version::Object;
+use crate::wire::{Bytes, Message, ReapStep};
 
-/// What a batch delivers, and what to drop once it is acknowledged.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BatchKind {
-    Hints { intended: NodeId },
-    Transfer { partition: u32 },
+/// A deliberately planted defect, for tests that show the simulation's checks see glue
+/// bugs. Never set outside those tests.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Planted {
+    #[default]
+    None,
+    /// A leaving node marks itself left while it still holds hints.
+    LeaveIgnoresHints,
+    /// Transfers treat every partition this node does not own first as foreign and send it
+    /// to all its replicas, this node included, then drop the local copy.
+    TransferToSelf,
 }
 
-/// What the scheduler wants done.
+/// How the handoff stage is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HandoffAction {
-    /// Read up to `limit` hints, skipping those for the `exclude`d (unreachable) nodes so
-    /// that many hints for one node that is down cannot starve the others; answer with
-    /// `handle_hints`.
-    ScanHints {
-        limit: usize,
-        exclude: Vec<NodeId>,
-    },
-    /// Read up to `limit` objects of a partition we no longer replicate; answer with
-    /// `handle_foreign`.
-    ScanPartition {
-        partition: u32,
-        limit: usize,
-    },
-    /// Send a batch to each of `to`; every answer comes back through `handle_ack`.
-    Send {
-        id: u64,
-        to: Vec<NodeId>,
-        objects: Vec<(Vec<u8>, Object)>,
-    },
-    /// Every target acknowledged: drop what was delivered, if unchanged.
-    RemoveHints {
+pub struct HandoffSettings {
+    pub me: NodeId,
+    /// N.
+    pub replicas: usize,
+    pub interval_ms: u64,
+    /// How long a batch may wait for its acknowledgements.
+    pub timeout_ms: u64,
+    /// Encoded bytes in one batch.
+    pub batch_bytes: usize,
+    /// Hints older than this are dropped; reaped records are kept this long.
+    pub reaped_retention_ms: u64,
+    /// Tombstones younger than this are never reaped.
+    pub tombstone_grace_ms: u64,
+    /// Tombstones examined per reaping round.
+    pub reap_batch: usize,
+    pub planted: Planted,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Hints held for `intended`, delivered to it or re-routed to the keys' replicas.
+    Hints {
         intended: NodeId,
-        keys: Vec<(Vec<u8>, [u8; 16])>,
     },
-    RemoveObjects {
-        keys: Vec<(Vec<u8>, [u8; 16])>,
-    },
-    /// A batch ended (delivered or not): release its admission.
-    Finished {
-        id: u64,
-        delivered: bool,
+    Transfer {
+        partition: u32,
     },
 }
 
 #[derive(Debug)]
 struct Batch {
-    kind: BatchKind,
+    kind: Kind,
     waiting: BTreeSet<NodeId>,
     keys: Vec<(Vec<u8>, [u8; 16])>,
     started_ms: u64,
 }
 
-/// One node's handoff scheduler.
-#[derive(Debug)]
-pub struct Handoff {
-    interval_ms: u64,
-    timeout_ms: u64,
-    batch_keys: usize,
-    next_round_ms: u64,
-    next_id: u64,
-    batches: BTreeMap<u64, Batch>,
-    scanning_hints: bool,
-    scanning: BTreeSet<u32>,
-    outbox: VecDeque<HandoffAction>,
-    /// Keys delivered and acknowledged so far.
-    pub moved_keys: u64,
+/// What a storage result answers.
+#[derive(Clone, Debug)]
+enum Scan {
+    Inventory,
+    Hints { intended: NodeId },
+    Partition { partition: u32 },
+    Tombstones,
+    Reap { id: u64 },
+    Sweep,
+    Removal,
 }
 
-impl Handoff {
-    pub fn new(interval_ms: u64, timeout_ms: u64, batch_keys: usize, now_ms: u64) -> Self {
-        Handoff {
-            interval_ms: interval_ms.max(1),
-            timeout_ms: timeout_ms.max(1),
-            batch_keys: batch_keys.max(1),
-            next_round_ms: now_ms + interval_ms,
-            next_id: 1,
+/// The handoff stage.
+pub struct HandoffStage {
+    settings: HandoffSettings,
+    view: Option<Arc<View>>,
+    down: DownSet,
+    budget: u32,
+    next_round_ms: u64,
+    /// Destinations of hints, served round-robin: the last one served.
+    last_served: Option<NodeId>,
+    scans: BTreeMap<u64, Scan>,
+    batches: BTreeMap<u64, Batch>,
+    reaper: Reaper,
+    sweep_after: Option<Vec<u8>>,
+    marked_left: bool,
+    ids: Ids,
+    effects: VecDeque<Effect>,
+    /// Keys delivered and acknowledged so far.
+    pub moved_keys: u64,
+    /// Expired hints dropped.
+    pub expired_hints: u64,
+}
+
+impl HandoffStage {
+    pub fn new(settings: HandoffSettings, now_ms: u64) -> Self {
+        let reaper = Reaper::new(settings.interval_ms, settings.tombstone_grace_ms, settings.reap_batch, now_ms);
+        HandoffStage {
+            next_round_ms: now_ms.saturating_add(settings.interval_ms),
+            settings,
+            view: None,
+            down: DownSet::default(),
+            budget: 0,
+            last_served: None,
+            scans: BTreeMap::new(),
             batches: BTreeMap::new(),
-            scanning_hints: false,
-            scanning: BTreeSet::new(),
-            outbox: VecDeque::new(),
+            reaper,
+            sweep_after: None,
+            marked_left: false,
+            ids: Ids::default(),
+            effects: VecDeque::new(),
             moved_keys: 0,
+            expired_hints: 0,
         }
     }
 
+    /// Batches and scans in flight.
     pub fn inflight(&self) -> usize {
-        self.batches.len() + self.scanning.len() + self.scanning_hints as usize
+        self.batches.len()
+            + self.scans.values().filter(|s| matches!(s, Scan::Hints { .. } | Scan::Partition { .. })).count()
     }
 
-    /// Time passed. `foreign` lists partitions this node holds keys of but no longer
-    /// replicates; `allowed` is the admission budget (0 pauses); `unreachable` are the
-    /// peers the failure detector considers down.
-    pub fn handle_tick(&mut self, now_ms: u64, foreign: &[u32], allowed: usize, unreachable: &[NodeId]) {
-        let expired: Vec<u64> =
-            self.batches.iter().filter(|(_, b)| now_ms >= b.started_ms + self.timeout_ms).map(|(id, _)| *id).collect();
-        for id in expired {
-            self.batches.remove(&id);
-            self.outbox.push_back(HandoffAction::Finished { id, delivered: false });
+    /// Tombstones reaped with this node's agreement as the initiator.
+    pub fn reaped(&self) -> u64 {
+        self.reaper.reaped
+    }
+
+    fn store(&mut self, op: StoreOp, scan: Scan) {
+        let token = self.ids.issue();
+        self.scans.insert(token, scan);
+        self.effects.push_back(Effect::Store { token, op, durable: false });
+    }
+
+    fn leaving(&self) -> bool {
+        self.view.as_ref().and_then(|v| v.my_state()) == Some(MemberState::Leaving)
+    }
+
+    /// The partitions this node replicates.
+    fn replicated(&self) -> BTreeSet<u32> {
+        let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return BTreeSet::new() };
+        match self.settings.planted {
+            Planted::TransferToSelf => ring.owned_by(&self.settings.me).into_iter().collect(),
+            _ => ring.replicated_by(&self.settings.me, self.settings.replicas).into_iter().collect(),
         }
-        if now_ms < self.next_round_ms {
+    }
+
+    /// The current replicas of a partition a batch goes to (never this node).
+    fn owners(&self, partition: u32) -> Vec<NodeId> {
+        let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return Vec::new() };
+        let mut owners = ring.preference_list(partition, self.settings.replicas).primaries;
+        if self.settings.planted != Planted::TransferToSelf {
+            owners.retain(|o| *o != self.settings.me);
+        }
+        owners
+    }
+
+    fn in_ring(&self, node: &str) -> bool {
+        self.view.as_ref().and_then(|v| v.member(node)).is_some_and(|m| m.state.in_ring())
+    }
+
+    fn round(&mut self, now: Now) {
+        self.expire(now);
+        if now.mono_ms < self.next_round_ms {
             return;
         }
-        self.next_round_ms = now_ms + self.interval_ms;
-        if self.inflight() < allowed
-            && !self.scanning_hints
-            && !self.batches.values().any(|b| matches!(b.kind, BatchKind::Hints { .. }))
-        {
-            self.scanning_hints = true;
-            self.outbox
-                .push_back(HandoffAction::ScanHints { limit: self.batch_keys * 4, exclude: unreachable.to_vec() });
+        self.next_round_ms = now.mono_ms.saturating_add(self.settings.interval_ms);
+        if !self.scans.values().any(|s| matches!(s, Scan::Inventory)) {
+            self.store(StoreOp::Inventory, Scan::Inventory);
         }
-        for &p in foreign {
-            if self.inflight() >= allowed {
-                break;
-            }
-            let busy = self.scanning.contains(&p)
-                || self.batches.values().any(|b| b.kind == BatchKind::Transfer { partition: p });
-            if !busy {
-                self.scanning.insert(p);
-                self.outbox.push_back(HandoffAction::ScanPartition { partition: p, limit: self.batch_keys });
+        if self.budget == 0 {
+            return;
+        }
+        // Tombstones, in partitions this node replicates whose replicas are all reachable.
+        if let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) {
+            let reapable: Vec<(u32, Vec<NodeId>)> = ring
+                .replica_sets(&self.settings.me, self.settings.replicas)
+                .into_iter()
+                .filter(|(_, rs)| rs.iter().all(|n| self.down.is_up(n)))
+                .collect();
+            self.reaper.handle_tick(now.mono_ms, now.wall_ms, &reapable);
+            self.drain_reaper();
+        }
+        if !self.scans.values().any(|s| matches!(s, Scan::Sweep)) {
+            let op = StoreOp::SweepReaped {
+                after: self.sweep_after.clone(),
+                before_wall_ms: now.wall_ms.saturating_sub(self.settings.reaped_retention_ms),
+                limit: 1024,
+            };
+            self.store(op, Scan::Sweep);
+        }
+    }
+
+    fn expire(&mut self, now: Now) {
+        let expired: Vec<u64> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| now.mono_ms >= b.started_ms.saturating_add(self.settings.timeout_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(b) = self.batches.remove(&id) {
+                for node in b.waiting {
+                    self.effects.push_back(Effect::Signal(Signal::Report { node, ok: false }));
+                }
             }
         }
     }
 
-    fn start(&mut self, now_ms: u64, kind: BatchKind, to: Vec<NodeId>, objects: Vec<(Vec<u8>, Object)>) {
+    /// What is held here: report it, decide whether a leaving node is done, start work.
+    fn handle_inventory(&mut self, now: Now, held: Vec<u32>, hints: BTreeMap<NodeId, u64>) {
+        if self.view.as_ref().and_then(|v| v.ring.as_ref()).is_none() {
+            return;
+        }
+        let replicated = self.replicated();
+        let foreign: Vec<u32> = held.iter().copied().filter(|p| !replicated.contains(p)).collect();
+        let hint_total: u64 = hints.values().sum();
+        self.effects.push_back(Effect::Signal(Signal::Pending { hints: hint_total, transfers: foreign.len() as u64 }));
+        let hints_done = hint_total == 0 || self.settings.planted == Planted::LeaveIgnoresHints;
+        if self.leaving() && held.is_empty() && hints_done && self.batches.is_empty() && !self.marked_left {
+            self.marked_left = true;
+            self.effects.push_back(Effect::Signal(Signal::MarkLeft));
+        }
+        if self.budget == 0 {
+            return;
+        }
+        // Hints, destinations round-robin from the one after the last served.
+        let mut destinations: Vec<NodeId> = hints.into_keys().collect();
+        if let Some(last) = &self.last_served {
+            let start = destinations.iter().position(|d| d > last).unwrap_or(0);
+            destinations.rotate_left(start);
+        }
+        for d in destinations {
+            if self.inflight() >= self.budget as usize {
+                break;
+            }
+            let busy = self.batches.values().any(|b| b.kind == Kind::Hints { intended: d.clone() })
+                || self.scans.values().any(|s| matches!(s, Scan::Hints { intended } if *intended == d));
+            if busy || !self.deliverable(&d) {
+                continue;
+            }
+            self.last_served = Some(d.clone());
+            let op = StoreOp::HintPage { intended: d.clone(), after: None, bytes_max: self.settings.batch_bytes };
+            self.store(op, Scan::Hints { intended: d });
+        }
+        for p in foreign {
+            if self.inflight() >= self.budget as usize {
+                break;
+            }
+            let busy = self.batches.values().any(|b| b.kind == Kind::Transfer { partition: p })
+                || self.scans.values().any(|s| matches!(s, Scan::Partition { partition } if *partition == p));
+            if busy {
+                continue;
+            }
+            let op = StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: self.settings.batch_bytes };
+            self.store(op, Scan::Partition { partition: p });
+        }
+        let _ = now;
+    }
+
+    /// Whether hints for `d` can move now: directly to it, or re-routed.
+    fn deliverable(&self, d: &str) -> bool {
+        if self.rerouted(d) {
+            return true;
+        }
+        self.down.is_up(d)
+    }
+
+    /// Hints for `d` go to the keys' current replicas instead of to `d`.
+    fn rerouted(&self, d: &str) -> bool {
+        self.leaving() || !self.in_ring(d)
+    }
+
+    fn start_batch(&mut self, now: Now, kind: Kind, to: Vec<NodeId>, objects: Vec<(Vec<u8>, Object)>) {
         if objects.is_empty() || to.is_empty() {
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.ids.issue();
         let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
-        self.batches.insert(id, Batch { kind, waiting: to.iter().cloned().collect(), keys, started_ms: now_ms });
-        self.outbox.push_back(HandoffAction::Send { id, to, objects });
+        let wire: Vec<(Bytes, Object)> = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
+        for t in &to {
+            let msg = Message::Handoff { id, objects: wire.clone() };
+            self.effects.push_back(Effect::Send { to: Dest::Node(t.clone()), msg });
+        }
+        self.batches.insert(id, Batch { kind, waiting: to.into_iter().collect(), keys, started_ms: now.mono_ms });
     }
 
-    /// Hints read from storage: one batch for the first intended node that is reachable.
-    pub fn handle_hints(
-        &mut self,
-        now_ms: u64,
-        hints: Vec<(NodeId, Vec<u8>, Object)>,
-        reachable: impl Fn(&str) -> bool,
-    ) {
-        self.scanning_hints = false;
-        let mut by_node: BTreeMap<NodeId, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
-        for (n, k, o) in hints {
-            if reachable(&n) {
-                by_node.entry(n).or_default().push((k, o));
+    fn handle_hints(&mut self, now: Now, intended: NodeId, hints: Vec<(Vec<u8>, Object, u64)>) {
+        let oldest = now.wall_ms.saturating_sub(self.settings.reaped_retention_ms);
+        let (expired, live): (Vec<_>, Vec<_>) = hints.into_iter().partition(|(_, _, created)| *created < oldest);
+        if !expired.is_empty() {
+            tracing::warn!(%intended, count = expired.len(), "hints past the reaped-record retention dropped");
+            self.expired_hints = self.expired_hints.saturating_add(expired.len() as u64);
+            let keys = expired.into_iter().map(|(k, o, _)| (k, o.digest())).collect();
+            self.store(StoreOp::RemoveHints { intended: intended.clone(), keys }, Scan::Removal);
+        }
+        if live.is_empty() {
+            return;
+        }
+        if !self.rerouted(&intended) {
+            if self.down.is_up(&intended) {
+                let objects = live.into_iter().map(|(k, o, _)| (k, o)).collect();
+                self.start_batch(now, Kind::Hints { intended: intended.clone() }, vec![intended], objects);
+            }
+            return;
+        }
+        // Re-routed: each key to its partition's reachable replicas, at least one.
+        let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return };
+        let mut by_targets: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
+        for (k, o, _) in live {
+            let mut targets = self.owners(ring.partition_for_key(&k));
+            targets.retain(|t| self.down.is_up(t));
+            if !targets.is_empty() {
+                by_targets.entry(targets).or_default().push((k, o));
             }
         }
-        if let Some((intended, mut objects)) = by_node.into_iter().next() {
-            objects.truncate(self.batch_keys);
-            self.start(now_ms, BatchKind::Hints { intended: intended.clone() }, vec![intended], objects);
+        for (targets, objects) in by_targets {
+            self.start_batch(now, Kind::Hints { intended: intended.clone() }, targets, objects);
         }
     }
 
-    /// Objects of a partition we no longer replicate, and its current replicas (all must be
-    /// reachable, else the batch waits for a later round).
-    pub fn handle_foreign(
-        &mut self,
-        now_ms: u64,
-        partition: u32,
-        objects: Vec<(Vec<u8>, Object)>,
-        owners: Vec<NodeId>,
-        reachable: impl Fn(&str) -> bool,
-    ) {
-        self.scanning.remove(&partition);
-        if owners.iter().all(|o| reachable(o)) {
-            self.start(now_ms, BatchKind::Transfer { partition }, owners, objects);
+    fn handle_partition(&mut self, now: Now, partition: u32, objects: Vec<(Vec<u8>, Object)>) {
+        if self.replicated().contains(&partition) && self.settings.planted == Planted::None {
+            return;
+        }
+        let owners = self.owners(partition);
+        if owners.iter().all(|o| self.down.is_up(o)) {
+            self.start_batch(now, Kind::Transfer { partition }, owners, objects);
         }
     }
 
-    /// `from` acknowledged (`ok`) or refused batch `id`.
-    pub fn handle_ack(&mut self, id: u64, from: &str, ok: bool) {
+    fn handle_ack(&mut self, id: u64, from: &str, ok: bool) {
         let Some(b) = self.batches.get_mut(&id) else { return };
         if !ok {
+            // The target refused (it could not store the batch): try again next round.
             self.batches.remove(&id);
-            self.outbox.push_back(HandoffAction::Finished { id, delivered: false });
             return;
         }
         b.waiting.remove(from);
-        if b.waiting.is_empty() {
-            let b = self.batches.remove(&id).expect("present");
-            self.moved_keys += b.keys.len() as u64;
-            self.outbox.push_back(match b.kind {
-                BatchKind::Hints { intended } => HandoffAction::RemoveHints { intended, keys: b.keys },
-                BatchKind::Transfer { .. } => HandoffAction::RemoveObjects { keys: b.keys },
-            });
-            self.outbox.push_back(HandoffAction::Finished { id, delivered: true });
+        if !b.waiting.is_empty() {
+            return;
+        }
+        let Some(b) = self.batches.remove(&id) else { return };
+        self.moved_keys = self.moved_keys.saturating_add(b.keys.len() as u64);
+        let op = match b.kind {
+            Kind::Hints { intended } => {
+                tracing::info!(%intended, keys = b.keys.len(), "hints delivered");
+                StoreOp::RemoveHints { intended, keys: b.keys }
+            }
+            Kind::Transfer { partition } => {
+                tracing::info!(partition, keys = b.keys.len(), "keys transferred to their replicas");
+                StoreOp::RemoveObjects { keys: b.keys }
+            }
+        };
+        self.store(op, Scan::Removal);
+    }
+
+    fn drain_reaper(&mut self) {
+        while let Some(action) = self.reaper.poll_action() {
+            match action {
+                ReapAction::Scan { partition, before_wall_ms, limit } => {
+                    self.store(StoreOp::Tombstones { partition, before_wall_ms, limit }, Scan::Tombstones);
+                }
+                ReapAction::Send { id, to, step } if to == self.settings.me => {
+                    let op = match step {
+                        ReapStep::Check { key, digest } => StoreOp::ReapCheck { key, digest },
+                        ReapStep::Remove { key, digest } => StoreOp::ReapRemove { key, digest },
+                    };
+                    self.store(op, Scan::Reap { id });
+                }
+                ReapAction::Send { id, to, step } => {
+                    self.effects.push_back(Effect::Send { to: Dest::Node(to), msg: Message::Reap { id, step } });
+                }
+            }
         }
     }
 
-    pub fn poll_action(&mut self) -> Option<HandoffAction> {
-        self.outbox.pop_front()
+    fn handle_stored(&mut self, now: Now, token: u64, result: Result<StoreOutcome, StoreError>) {
+        let Some(scan) = self.scans.remove(&token) else { return };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, ?scan, "handoff storage operation failed");
+        }
+        match (scan, result) {
+            (Scan::Inventory, Ok(StoreOutcome::Inventory { held, hints })) => self.handle_inventory(now, held, hints),
+            (Scan::Hints { intended }, Ok(StoreOutcome::Hints { hints, .. })) => {
+                self.handle_hints(now, intended, hints)
+            }
+            (Scan::Partition { partition }, Ok(StoreOutcome::Page { objects, .. })) => {
+                self.handle_partition(now, partition, objects)
+            }
+            (Scan::Tombstones, result) => {
+                let found = match result {
+                    Ok(StoreOutcome::Tombstones(t)) => t,
+                    _ => Vec::new(),
+                };
+                self.reaper.handle_tombstones(now.mono_ms, found);
+                self.drain_reaper();
+            }
+            (Scan::Reap { id }, result) => {
+                let yes = matches!(result, Ok(StoreOutcome::Reaped { yes: true }));
+                let me = self.settings.me.clone();
+                self.reaper.handle_answer(id, &me, yes);
+                self.drain_reaper();
+            }
+            (Scan::Sweep, Ok(StoreOutcome::Swept { next, .. })) => self.sweep_after = next,
+            _ => {}
+        }
     }
 
-    pub fn poll_timeout(&self) -> u64 {
-        let expiry = self.batches.values().map(|b| b.started_ms + self.timeout_ms).min();
-        expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms))
+    fn handle_message(&mut self, from: Origin, msg: Message) {
+        let Some(node) = from.node else { return };
+        if let Some(e) = self.down.heard(&node) {
+            self.effects.push_back(e);
+        }
+        match msg {
+            Message::HandoffAck { id, ok } => self.handle_ack(id, &node, ok),
+            Message::ReapReply { id, yes } => {
+                self.reaper.handle_answer(id, &node, yes);
+                self.drain_reaper();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Stage for HandoffStage {
+    fn id(&self) -> StageId {
+        StageId::Handoff
+    }
+
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Message { from, msg } => self.handle_message(from, msg),
+            Input::Tick { .. } => self.round(now),
+            Input::Stored { token, result } => self.handle_stored(now, token, result),
+            Input::Signal(Signal::View(v)) => {
+                if v.my_state() != Some(MemberState::Leaving) {
+                    self.marked_left = false;
+                }
+                self.view = Some(v);
+            }
+            Input::Signal(Signal::Down(d)) => self.down.set(d),
+            Input::Signal(Signal::Budgets { handoff, .. }) => self.budget = handoff,
+            Input::Signal(Signal::Unreachable { node }) => {
+                let failed: Vec<u64> =
+                    self.batches.iter().filter(|(_, b)| b.waiting.contains(&node)).map(|(id, _)| *id).collect();
+                for id in failed {
+                    self.batches.remove(&id);
+                }
+            }
+            Input::Signal(_) => {}
+        }
+    }
+
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        let expiry = self.batches.values().map(|b| b.started_ms.saturating_add(self.settings.timeout_ms)).min();
+        Some(expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::{Actor, VersionVector};
+    use crate::membership::{ring_of, Member};
+    use crate::version::VersionVector;
+
+    fn member(id: &str, seq: u64, state: MemberState) -> Member {
+        Member {
+            incarnation: 1,
+            state,
+            join_seq: seq,
+            leave_seq: (state == MemberState::Leaving).then_some(100),
+            id: id.into(),
+            addr: format!("10.0.0.{seq}:1"),
+            zone: None,
+            weight: 1,
+        }
+    }
+
+    fn view(me: &str, leaving: &[&str]) -> Arc<View> {
+        let members: Vec<Member> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let st = if leaving.contains(id) { MemberState::Leaving } else { MemberState::Up };
+                member(id, i as u64 + 1, st)
+            })
+            .collect();
+        let ring = Arc::new(ring_of(&members, 16, 3).unwrap());
+        Arc::new(View { me: me.into(), members, ring: Some(ring), epoch: 1 })
+    }
+
+    fn settings(me: &str) -> HandoffSettings {
+        HandoffSettings {
+            me: me.into(),
+            replicas: 3,
+            interval_ms: 100,
+            timeout_ms: 1000,
+            batch_bytes: 1 << 20,
+            reaped_retention_ms: 10_000,
+            tombstone_grace_ms: 5000,
+            reap_batch: 10,
+            planted: Planted::None,
+        }
+    }
+
+    fn now(ms: u64) -> Now {
+        Now { mono_ms: ms, wall_ms: 1_000_000 + ms }
+    }
+
+    fn drain(h: &mut HandoffStage) -> Vec<Effect> {
+        std::iter::from_fn(|| h.poll_effect()).collect()
+    }
+
+    fn stage(me: &str, leaving: &[&str], budget: u32) -> HandoffStage {
+        let mut h = HandoffStage::new(settings(me), 0);
+        h.handle(now(0), Input::Signal(Signal::View(view(me, leaving))));
+        h.handle(now(0), Input::Signal(Signal::Budgets { handoff: budget, anti_entropy: 0 }));
+        h
+    }
+
+    /// Tick a round and answer its inventory with `held` and `hints`.
+    fn round(h: &mut HandoffStage, at: u64, held: Vec<u32>, hints: &[(&str, u64)]) -> Vec<Effect> {
+        h.handle(now(at), Input::Tick { random: 0 });
+        let token = drain(h)
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::Inventory, .. } => Some(token),
+                _ => None,
+            })
+            .expect("an inventory each round");
+        let hints = hints.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Inventory { held, hints }) });
+        drain(h)
+    }
+
+    fn marks_left(effects: &[Effect]) -> bool {
+        effects.iter().any(|e| matches!(e, Effect::Signal(Signal::MarkLeft)))
+    }
+
+    #[test]
+    fn a_leaving_node_is_left_only_once_it_holds_no_hints() {
+        let mut h = stage("a", &["a"], 0);
+        assert!(!marks_left(&round(&mut h, 100, vec![], &[("b", 3)])), "hints still held");
+        assert!(!marks_left(&round(&mut h, 200, vec![4], &[])), "a partition still held");
+        assert!(marks_left(&round(&mut h, 300, vec![], &[])));
+        assert!(!marks_left(&round(&mut h, 400, vec![], &[])), "once");
+    }
+
+    fn hint_pages(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Store { op: StoreOp::HintPage { intended, .. }, .. } => Some(intended.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hint_destinations_are_served_round_robin_and_down_ones_skipped() {
+        let mut h = stage("a", &[], 1);
+        h.handle(now(0), Input::Signal(Signal::Down(Arc::new(["b".to_string()].into()))));
+        let hints = [("b", 50), ("c", 5), ("d", 5)];
+        let mut served = Vec::new();
+        for r in 1..=4u64 {
+            let effects = round(&mut h, r * 100, vec![], &hints);
+            let pages = hint_pages(&effects);
+            // Answer each page with nothing, so the next round may serve again.
+            for e in &effects {
+                if let Effect::Store { token, op: StoreOp::HintPage { .. }, .. } = e {
+                    let out = Ok(StoreOutcome::Hints { hints: vec![], next: None });
+                    h.handle(now(r * 100), Input::Stored { token: *token, result: out });
+                }
+            }
+            served.extend(pages);
+        }
+        assert_eq!(served, vec!["c", "d", "c", "d"], "b is down and never starves c or d");
+    }
 
     fn obj(v: u8) -> Object {
         let mut o = Object::new();
-        o.update(&VersionVector::new(), Actor(1), Some(vec![v]), 1, 10);
+        o.update(&VersionVector::new(), crate::version::Actor(1), Some(vec![v]), 1, 10);
         o
     }
 
-    fn drain(h: &mut Handoff) -> Vec<HandoffAction> {
-        std::iter::from_fn(|| h.poll_action()).collect()
+    #[test]
+    fn hints_past_retention_are_dropped_not_delivered() {
+        let mut h = stage("a", &[], 1);
+        let effects = round(&mut h, 100, vec![], &[("c", 2)]);
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .unwrap();
+        let old = now(100).wall_ms - 20_000;
+        let hints = vec![(b"old".to_vec(), obj(1), old), (b"new".to_vec(), obj(2), now(100).wall_ms)];
+        h.handle(now(100), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
+        let effects = drain(&mut h);
+        let removed: Vec<&Vec<(Vec<u8>, [u8; 16])>> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Store { op: StoreOp::RemoveHints { keys, .. }, .. } => Some(keys),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removed, vec![&vec![(b"old".to_vec(), obj(1).digest())]]);
+        let sent: Vec<&Message> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg } if n == "c" => Some(msg),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(sent[..], [Message::Handoff { objects, .. }] if objects.len() == 1 && objects[0].0.as_slice() == b"new"));
     }
 
     #[test]
-    fn hints_go_to_reachable_nodes_and_are_dropped_after_ack() {
-        let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[], 1, &["n9".to_string()]);
-        assert_eq!(drain(&mut h), vec![HandoffAction::ScanHints { limit: 40, exclude: vec!["n9".to_string()] }]);
-        let hints = vec![("n2".into(), b"a".to_vec(), obj(1)), ("n3".into(), b"b".to_vec(), obj(2))];
-        h.handle_hints(100, hints, |n| n == "n3");
-        let a = drain(&mut h);
-        assert!(
-            matches!(&a[..], [HandoffAction::Send { id: 1, to, objects }] if to == &vec!["n3".to_string()] && objects.len() == 1)
-        );
-        h.handle_ack(1, "n3", true);
-        let a = drain(&mut h);
-        assert_eq!(
-            a,
-            vec![
-                HandoffAction::RemoveHints { intended: "n3".into(), keys: vec![(b"b".to_vec(), obj(2).digest())] },
-                HandoffAction::Finished { id: 1, delivered: true }
-            ]
-        );
-        assert_eq!(h.moved_keys, 1);
-    }
-
-    #[test]
-    fn transfers_need_every_owner_and_unacked_batches_expire() {
-        let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[5], 2, &[]);
-        let a = drain(&mut h);
-        assert!(a.contains(&HandoffAction::ScanPartition { partition: 5, limit: 10 }));
-        h.handle_foreign(100, 5, vec![(b"k".to_vec(), obj(1))], vec!["n1".into(), "n2".into()], |_| true);
-        drain(&mut h);
-        h.handle_ack(1, "n1", true);
-        assert!(drain(&mut h).is_empty(), "n2 has not acknowledged");
-        h.handle_tick(1200, &[], 0, &[]);
-        assert_eq!(drain(&mut h), vec![HandoffAction::Finished { id: 1, delivered: false }]);
-        assert_eq!(h.moved_keys, 0);
-    }
-
-    #[test]
-    fn zero_budget_pauses() {
-        let mut h = Handoff::new(100, 1000, 10, 0);
-        h.handle_tick(100, &[1, 2], 0, &[]);
-        assert!(drain(&mut h).is_empty());
+    fn a_transfer_never_targets_this_node_and_waits_for_every_owner() {
+        let v = view("a", &["a"]);
+        let ring = v.ring.clone().unwrap();
+        let p = (0..16).find(|p| ring.preference_list(*p, 3).primaries.len() == 3).unwrap();
+        let mut h = stage("a", &["a"], 2);
+        let effects = round(&mut h, 100, vec![p], &[]);
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::Page { partition, .. }, .. } if *partition == p => Some(*token),
+                _ => None,
+            })
+            .expect("a leaving node transfers what it holds");
+        let page = Ok(StoreOutcome::Page { objects: vec![(b"k".to_vec(), obj(1))], next: None });
+        h.handle(now(100), Input::Stored { token, result: page });
+        let targets: Vec<String> = drain(&mut h)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(targets.len(), 3);
+        assert!(!targets.contains(&"a".to_string()));
+        // Acks from all but one: nothing is dropped yet.
+        let batch = *h.batches.keys().next().unwrap();
+        for t in &targets[..2] {
+            h.handle(now(110), Input::Message { from: Origin { conn: 1, node: Some(t.clone()) }, msg: Message::HandoffAck { id: batch, ok: true } });
+        }
+        assert!(drain(&mut h).iter().all(|e| !matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
+        h.handle(now(120), Input::Message { from: Origin { conn: 1, node: Some(targets[2].clone()) }, msg: Message::HandoffAck { id: batch, ok: true } });
+        assert!(drain(&mut h).iter().any(|e| matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
     }
 }

@@ -18,6 +18,7 @@
 //! every few rounds with a seed as well, so no logical partition of the ring persists.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +71,50 @@ impl Member {
     pub fn spec(&self) -> NodeSpec {
         NodeSpec { id: self.id.clone(), zone: self.zone.clone(), weight: self.weight }
     }
+
+    /// Check a record received by gossip or read from disk: a usable id, address, zone and
+    /// weight (the bounds a node's config is held to). A bad record is dropped, never merged.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_node_id(&self.id) {
+            return Err(format!("member id {:?} is not 1..=64 letters, digits, '-', '_' or '.'", self.id));
+        }
+        if self.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("member {} has address {:?}, not IP:port", self.id, self.addr));
+        }
+        if matches!(&self.zone, Some(z) if z.is_empty() || z.len() > 64) {
+            return Err(format!("member {} has an empty or overlong zone", self.id));
+        }
+        if self.weight == 0 || self.weight > 1000 {
+            return Err(format!("member {} has weight {}, not in 1..=1000", self.id, self.weight));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `id` can name a node: 1..=64 ASCII letters, digits, '-', '_' or '.'.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The membership as one node sees it, published to the stages that route by it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    pub me: NodeId,
+    pub members: Vec<Member>,
+    /// The ring, once this node knows the cluster.
+    pub ring: Option<Arc<Ring>>,
+    pub epoch: u64,
+}
+
+impl View {
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    /// This node's own state, once it is a member.
+    pub fn my_state(&self) -> Option<MemberState> {
+        self.member(&self.me).map(|m| m.state)
+    }
 }
 
 /// How this node stands in its own table.
@@ -101,7 +146,8 @@ pub struct Membership {
     interval_ms: u64,
     next_round_ms: u64,
     round: u64,
-    ring: Option<(u64, Ring)>,
+    /// The ring of the current table; dropped whenever the table changes.
+    ring: Option<Arc<Ring>>,
     outbox: VecDeque<GossipAction>,
 }
 
@@ -244,7 +290,9 @@ impl Membership {
     pub fn handle_gossip(&mut self, _now_ms: u64, members: Vec<Member>) -> bool {
         let mut changed = false;
         for rec in members {
-            changed |= self.absorb(rec);
+            if rec.validate().is_ok() {
+                changed |= self.absorb(rec);
+            }
         }
         if changed {
             self.changed();
@@ -342,15 +390,18 @@ impl Membership {
         self.members.values().map(|m| 1 + m.leave_seq.is_some() as u64).sum()
     }
 
+    /// The view other stages route by.
+    pub fn view(&mut self) -> View {
+        View { me: self.me.id.clone(), members: self.table(), ring: self.ring(), epoch: self.epoch() }
+    }
+
     /// The ring every node with this table computes, or None before this node knows any.
-    pub fn ring(&mut self) -> Option<Ring> {
-        if let Some((epoch, ring)) = &self.ring {
-            if *epoch == self.epoch() {
-                return Some(ring.clone());
-            }
+    pub fn ring(&mut self) -> Option<Arc<Ring>> {
+        if let Some(ring) = &self.ring {
+            return Some(ring.clone());
         }
-        let ring = ring_of(&self.table(), self.partitions, self.replicas).ok()?;
-        self.ring = Some((self.epoch(), ring.clone()));
+        let ring = Arc::new(ring_of(&self.table(), self.partitions, self.replicas).ok()?);
+        self.ring = Some(ring.clone());
         Some(ring)
     }
 }

@@ -100,6 +100,19 @@ impl MerkleTree {
         }
     }
 
+    /// Replace a leaf's hash with `hash` (recomputed from the store after a row had to be
+    /// quarantined, whose digest is unknown) and its key count by `keys_removed` fewer.
+    pub fn set_leaf(&mut self, leaf: u32, hash: Hash, keys_removed: u64) {
+        let Some(old) = self.levels[DEPTH].get(leaf as usize).copied() else { return };
+        let delta = old ^ hash;
+        let mut index = leaf as usize;
+        for level in (0..=DEPTH).rev() {
+            self.levels[level][index] ^= delta;
+            index /= FANOUT;
+        }
+        self.keys = self.keys.saturating_sub(keys_removed);
+    }
+
     /// Insert a key not yet in the tree.
     pub fn insert(&mut self, key: &[u8], digest: &[u8; 16]) {
         self.update(key, None, Some(digest));

@@ -7,30 +7,14 @@
 //! [`Reaper`] is one node's scheduler: each round it scans one partition it replicates for
 //! tombstones older than the grace period, asks every replica whether it holds the same state
 //! (by digest), and only if all say yes asks each to remove the key if still unchanged.
-//! Removing local data retires the node's dot actor (see `crate::replica`).
+//! Each replica that removes the key keeps a small reaped record of the tombstone's clock
+//! (see [`crate::store`]), so a stale copy that arrives later cannot bring the value back.
+//! The handoff stage hosts the reaper and runs it only while background work is allowed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
 use crate::ring::NodeId;
-
-/// One step of reaping a key, sent to each replica.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ReapStep {
-    /// Do you hold exactly this state of the key?
-    Check {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        digest: [u8; 16],
-    },
-    /// Remove the key if you still hold exactly this state.
-    Remove {
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        digest: [u8; 16],
-    },
-}
+use crate::wire::ReapStep;
 
 /// What the reaper wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,7 +60,7 @@ impl Reaper {
             grace_ms,
             timeout_ms: 10_000,
             batch: batch.max(1),
-            next_round_ms: now_ms + interval_ms,
+            next_round_ms: now_ms.saturating_add(interval_ms),
             cursor: 0,
             next_id: 1,
             scanning: None,
@@ -90,7 +74,7 @@ impl Reaper {
     /// replicas, and only those whose replicas are all reachable (a replica that is away
     /// could not confirm).
     pub fn handle_tick(&mut self, now_ms: u64, wall_ms: u64, partitions: &[(u32, Vec<NodeId>)]) {
-        self.candidates.retain(|_, c| now_ms < c.started_ms + self.timeout_ms);
+        self.candidates.retain(|_, c| now_ms < c.started_ms.saturating_add(self.timeout_ms));
         if now_ms < self.next_round_ms
             || partitions.is_empty()
             || self.scanning.is_some()
@@ -98,7 +82,7 @@ impl Reaper {
         {
             return;
         }
-        self.next_round_ms = now_ms + self.interval_ms;
+        self.next_round_ms = now_ms.saturating_add(self.interval_ms);
         let (partition, replicas) = partitions[self.cursor % partitions.len()].clone();
         self.cursor = self.cursor.wrapping_add(1);
         self.scanning = Some((partition, replicas));
@@ -111,7 +95,7 @@ impl Reaper {
         let Some((_, replicas)) = self.scanning.take() else { return };
         for (digest, key) in found.into_iter().take(self.batch) {
             let id = self.next_id;
-            self.next_id += 1;
+            self.next_id = self.next_id.wrapping_add(1);
             for to in &replicas {
                 let step = ReapStep::Check { key: key.clone(), digest };
                 self.outbox.push_back(ReapAction::Send { id, to: to.clone(), step });
@@ -138,7 +122,7 @@ impl Reaper {
             return;
         }
         if c.removing {
-            self.reaped += 1;
+            self.reaped = self.reaped.saturating_add(1);
             self.candidates.remove(&id);
             return;
         }

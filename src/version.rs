@@ -14,10 +14,18 @@
 //! - pruning drops the oldest clock entries past a threshold, which can only make old
 //!   siblings reappear as concurrent, never make a newer sibling vanish.
 //!
-//! Dots are issued by an [`Actor`]: the coordinating replica's *current epoch*, a random id
-//! that a node replaces whenever its local state may have lost dots it issued (at start,
-//! after a wiped disk, after dropping data it handed off). Within one epoch a node's state
-//! for a key never regresses, so its counters are never reused.
+//! Dots are issued by an [`Actor`]. A node never issues a dot that some copy of the key
+//! might already hold, nor a clock entry that claims dots its state has not seen: each
+//! *local copy* of a key (its owned row, or a hinted row held for another node) carries the
+//! actor that coordinates writes into it, drawn fresh when the row is created locally and
+//! abandoned when the row is removed (handed off, transferred, reaped, quarantined). So all
+//! of an actor's dots for a key were issued on one row that still holds them, and its next
+//! counter is simply one past what that row has seen; a restart changes nothing, and a
+//! dropped row never lends its actor to a new one (the rule of Riak's fix for kv679).
+//!
+//! Counters are bounded by [`COUNTER_MAX`]: a context or object naming a larger one is
+//! refused when decoded, and issuing checks for overflow, so a crafted context cannot make
+//! a counter wrap into one every merge treats as already seen.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +41,28 @@ pub const CONTEXT_BYTES_MAX: usize = 16 * 1024;
 
 /// The version byte at the start of an encoded context.
 const CONTEXT_FORMAT: u8 = 1;
+
+/// Largest dot counter accepted or issued: far beyond any real write count, and far below
+/// `u64::MAX`, so a hostile context that names it leaves 2^62 writes of headroom.
+pub const COUNTER_MAX: u64 = 1 << 62;
+
+/// Most clock entries a context or stored clock may carry.
+pub const CLOCK_ENTRIES_MAX: usize = 1024;
+
+/// Why a version could not be issued, or a decoded version is not well formed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error("the key's version counter for this coordinator is exhausted")]
+    CounterExhausted,
+    #[error("a counter is 0 or above {COUNTER_MAX}")]
+    CounterOutOfRange,
+    #[error("more than {CLOCK_ENTRIES_MAX} clock entries")]
+    TooManyEntries,
+    #[error("siblings are not in strictly increasing dot order")]
+    SiblingsUnordered,
+    #[error("a sibling's dot is not covered by the object's clock")]
+    DotNotInClock,
+}
 
 /// The issuer of dots: one epoch of one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -119,6 +149,17 @@ impl VersionVector {
         }
     }
 
+    /// Check a decoded clock: every counter in 1..=COUNTER_MAX, a bounded number of entries.
+    pub fn validate(&self) -> Result<(), VersionError> {
+        if self.entries.len() > CLOCK_ENTRIES_MAX {
+            return Err(VersionError::TooManyEntries);
+        }
+        if self.entries.values().any(|e| e.counter == 0 || e.counter > COUNTER_MAX) {
+            return Err(VersionError::CounterOutOfRange);
+        }
+        Ok(())
+    }
+
     /// The opaque context a client carries: a format byte and MessagePack of
     /// (actor, counter) pairs, in base64 (URL-safe, unpadded).
     pub fn encode_context(&self) -> String {
@@ -148,9 +189,12 @@ impl VersionVector {
         match bytes.split_first() {
             Some((&CONTEXT_FORMAT, body)) => {
                 let pairs: Vec<(u64, u64)> = rmp_serde::from_slice(body).map_err(|_| ContextError::Malformed)?;
+                if pairs.len() > CLOCK_ENTRIES_MAX {
+                    return Err(ContextError::Malformed);
+                }
                 let mut vv = VersionVector::new();
                 for (a, c) in pairs {
-                    if c == 0 {
+                    if c == 0 || c > COUNTER_MAX {
                         return Err(ContextError::Malformed);
                     }
                     vv.witness(Actor(a), c, now_ms);
@@ -205,6 +249,12 @@ impl Object {
         Self::default()
     }
 
+    /// A state with this clock and no siblings: merging it into another state drops what
+    /// the clock covers (a reaped tombstone's memory).
+    pub fn from_clock(clock: VersionVector) -> Object {
+        Object { clock, siblings: Vec::new() }
+    }
+
     pub fn clock(&self) -> &VersionVector {
         &self.clock
     }
@@ -233,9 +283,38 @@ impl Object {
         self.siblings.iter().map(|s| s.timestamp_ms).max().unwrap_or(0)
     }
 
-    /// Coordinate a write on this replica's state: supersede the siblings `context` covers,
-    /// add `value` (None: a tombstone) under a new dot of `actor`, prune the clock past
-    /// `prune_threshold` entries. Returns the new dot.
+    /// The dot a write coordinated by `actor` on this state after `context` gets: its
+    /// counter exceeds every counter of `actor` this state and the context have seen. An
+    /// error when that would pass [`COUNTER_MAX`] (only a crafted context gets there; the
+    /// caller then coordinates under a fresh actor).
+    pub fn next_dot(&self, context: &VersionVector, actor: Actor) -> Result<Dot, VersionError> {
+        let seen = self.clock.get(actor).max(context.get(actor));
+        let counter = seen.checked_add(1).filter(|c| *c <= COUNTER_MAX).ok_or(VersionError::CounterExhausted)?;
+        Ok(Dot { actor, counter })
+    }
+
+    /// Coordinate a write on this replica's state under `dot` (from [`next_dot`](Self::next_dot)):
+    /// supersede the siblings `context` covers, add `value` (None: a tombstone), prune the
+    /// clock past `prune_threshold` entries.
+    pub fn apply_write(
+        &mut self,
+        context: &VersionVector,
+        dot: Dot,
+        value: Option<Vec<u8>>,
+        now_ms: u64,
+        prune_threshold: usize,
+    ) {
+        self.siblings.retain(|s| !context.covers(s.dot));
+        self.clock.merge(context);
+        self.clock.witness(dot.actor, dot.counter, now_ms);
+        self.siblings.push(Sibling { dot, timestamp_ms: now_ms, value });
+        self.siblings.sort_by_key(|s| s.dot);
+        self.clock.prune(prune_threshold.max(1), dot.actor);
+    }
+
+    /// [`next_dot`](Self::next_dot), then [`apply_write`](Self::apply_write):
+    /// for tests and tools that number their own writes. Panics if the counter is exhausted,
+    /// which a node never risks: it issues through `next_dot` and refuses the write instead.
     pub fn update(
         &mut self,
         context: &VersionVector,
@@ -244,14 +323,30 @@ impl Object {
         now_ms: u64,
         prune_threshold: usize,
     ) -> Dot {
-        self.siblings.retain(|s| !context.covers(s.dot));
-        self.clock.merge(context);
-        let dot = Dot { actor, counter: self.clock.get(actor) + 1 };
-        self.clock.witness(actor, dot.counter, now_ms);
-        self.siblings.push(Sibling { dot, timestamp_ms: now_ms, value });
-        self.siblings.sort_by_key(|s| s.dot);
-        self.clock.prune(prune_threshold.max(1), actor);
+        let dot = self.next_dot(context, actor).expect("counter below COUNTER_MAX in a test history");
+        self.apply_write(context, dot, value, now_ms, prune_threshold);
         dot
+    }
+
+    /// Check a decoded object: a valid clock that covers every sibling's dot, siblings in
+    /// strictly increasing dot order. Merges rely on all three.
+    pub fn validate(&self) -> Result<(), VersionError> {
+        self.clock.validate()?;
+        if self.siblings.windows(2).any(|w| w[0].dot >= w[1].dot) {
+            return Err(VersionError::SiblingsUnordered);
+        }
+        if self.siblings.iter().any(|s| !self.clock.covers(s.dot)) {
+            return Err(VersionError::DotNotInClock);
+        }
+        if self.siblings.iter().any(|s| s.dot.counter == 0 || s.dot.counter > COUNTER_MAX) {
+            return Err(VersionError::CounterOutOfRange);
+        }
+        Ok(())
+    }
+
+    /// Bytes of values and keys of clock entries: a bound on the encoded size, for limits.
+    pub fn size_bytes(&self) -> usize {
+        self.value_bytes() + self.siblings.len() * 40 + self.clock.len() * 32 + 16
     }
 
     /// The state that has seen everything both have seen: a sibling survives unless the

@@ -12,15 +12,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::anti_entropy::AeMessage;
-use crate::coordinator::{ReplicaReply, ReplicaRequest};
 use crate::membership::Member;
-use crate::reaper::ReapStep;
+use crate::merkle::{DiffReply, DiffRequest};
 use crate::ring::NodeId;
-use crate::version::Object;
+use crate::version::{Object, VersionVector};
 
 /// The protocol version every frame starts with.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Bytes before the payload: version and length.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Default maximum payload of one frame.
@@ -121,7 +119,124 @@ pub enum ClientResponse {
     },
 }
 
-/// One message, any direction.
+/// What a coordinator asks a replica to do (Dynamo §4.5-4.6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaRequest {
+    /// The replica's state of a key: its owned and hinted copies merged.
+    Read {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Merge this state; with `hint`, keep it for that node (a sloppy-quorum fallback).
+    Write {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        object: Object,
+        hint: Option<NodeId>,
+    },
+    /// Apply a client's write here under a new version, and answer with the result.
+    Coordinate {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        context: VersionVector,
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+        hint: Option<NodeId>,
+    },
+    /// Run a whole put here: sent by a node that is not among the key's targets.
+    Forward {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        context: VersionVector,
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+        w: u8,
+    },
+}
+
+impl ReplicaRequest {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            ReplicaRequest::Read { key }
+            | ReplicaRequest::Write { key, .. }
+            | ReplicaRequest::Coordinate { key, .. }
+            | ReplicaRequest::Forward { key, .. } => key,
+        }
+    }
+}
+
+/// A replica's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaReply {
+    /// A read: the replica's state, None when it holds nothing for the key.
+    Object(Option<Object>),
+    /// A write is merged and as durable as the replica's storage mode makes writes.
+    Written,
+    /// A coordinated write: the new state to replicate.
+    Coordinated(Object),
+    /// The replica could not or would not carry out the request.
+    Failed { kind: ErrorKind, message: String },
+    /// The answer to a forwarded put.
+    Forwarded(ClientResponse),
+}
+
+/// Anti-entropy (Dynamo §4.7): the steps of a Merkle exchange between two replicas of a
+/// partition, initiator first. After the diff, the initiator pushes its objects in the
+/// differing leaves page by page, then pulls the responder's, page by page; every page is
+/// bounded in bytes and resumes after a key (a cursor), so no partition is too big to repair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AeMessage {
+    Diff {
+        partition: u32,
+        request: DiffRequest,
+    },
+    DiffReply {
+        reply: DiffReply,
+    },
+    /// Merge these objects of `partition`.
+    Push {
+        partition: u32,
+        objects: Vec<(Bytes, Object)>,
+    },
+    PushAck,
+    /// A page of the responder's objects of `partition` in `leaves`, after key `after`,
+    /// of at most `bytes_max` bytes (one larger object travels alone).
+    Pull {
+        partition: u32,
+        leaves: Vec<u32>,
+        after: Option<Bytes>,
+        bytes_max: u32,
+    },
+    /// A page; `next` is the cursor to pull from next, None at the end.
+    Page {
+        objects: Vec<(Bytes, Object)>,
+        next: Option<Bytes>,
+    },
+    /// The responder could not serve a step.
+    Failed {
+        message: String,
+    },
+}
+
+/// Tombstone reaping: one step for one replica of a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReapStep {
+    /// Do you hold exactly this state of the key?
+    Check {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        digest: [u8; 16],
+    },
+    /// Remove the key if you still hold exactly this state.
+    Remove {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        digest: [u8; 16],
+    },
+}
+
+/// One message, any direction. Requests carry an id chosen by their sender; the answer
+/// carries the same id, so many requests can share one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     Hello(Hello),
@@ -153,8 +268,7 @@ pub enum Message {
         reply: ReplicaReply,
     },
 
-    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull). The
-    /// sender is known from the connection's handshake.
+    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull).
     Gossip {
         members: Vec<Member>,
     },
@@ -162,7 +276,7 @@ pub enum Message {
         members: Vec<Member>,
     },
 
-    /// Anti-entropy (Dynamo §4.7): one step of a Merkle exchange, and its answer.
+    /// Anti-entropy (Dynamo §4.7): one step of an exchange, and its answer.
     AntiEntropy {
         id: u64,
         msg: AeMessage,
@@ -193,11 +307,77 @@ pub enum Message {
     Pong {
         id: u64,
     },
+    /// The answer to bytes that are not a message.
     Error {
         id: u64,
         kind: ErrorKind,
         message: String,
     },
+}
+
+impl Message {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Refused { .. } => "refused",
+            Message::Client { .. } => "client",
+            Message::ClientReply { .. } => "client-reply",
+            Message::Replica { .. } => "replica",
+            Message::ReplicaReply { .. } => "replica-reply",
+            Message::Gossip { .. } => "gossip",
+            Message::GossipReply { .. } => "gossip-reply",
+            Message::AntiEntropy { .. } => "anti-entropy",
+            Message::Handoff { .. } => "handoff",
+            Message::HandoffAck { .. } => "handoff-ack",
+            Message::Reap { .. } => "reap",
+            Message::ReapReply { .. } => "reap-reply",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+impl Message {
+    /// Check what serde cannot: every object and clock inside is well formed (counters in
+    /// range, siblings ordered and covered by their clock). The decoder refuses anything
+    /// else, so no crafted frame reaches the version rules.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = |e: crate::version::VersionError| WireError::Malformed(e.to_string());
+        let objects = |list: &[(Bytes, Object)]| list.iter().try_for_each(|(_, o)| o.validate());
+        match self {
+            Message::Replica { request, .. } => match request {
+                ReplicaRequest::Read { .. } => Ok(()),
+                ReplicaRequest::Write { object, .. } => object.validate(),
+                ReplicaRequest::Coordinate { context, .. } | ReplicaRequest::Forward { context, .. } => {
+                    context.validate()
+                }
+            },
+            Message::ReplicaReply { reply: ReplicaReply::Object(Some(o)) | ReplicaReply::Coordinated(o), .. } => {
+                o.validate()
+            }
+            Message::Handoff { objects: list, .. }
+            | Message::AntiEntropy {
+                msg: AeMessage::Push { objects: list, .. } | AeMessage::Page { objects: list, .. },
+                ..
+            } => objects(list),
+            _ => Ok(()),
+        }
+        .map_err(bad)
+    }
+}
+
+/// The encoded size of a message's frame, for byte budgets.
+pub fn frame_bytes(msg: &Message) -> usize {
+    encode_frame(msg).map_or(usize::MAX, |f| f.len())
+}
+
+/// Encoded bytes of one (key, object) pair in a batch, for byte budgets: the object's
+/// encoding plus the key and a little framing.
+pub fn entry_bytes(key: &[u8], object: &Object) -> usize {
+    rmp_serde::to_vec(object).map_or(usize::MAX, |v| v.len()).saturating_add(key.len() + 8)
 }
 
 /// Encode one message as a frame.
@@ -224,7 +404,9 @@ pub fn frame_length(header: &[u8; FRAME_HEADER_BYTES], max: usize) -> Result<usi
 
 /// Decode a payload (the bytes after a frame header).
 pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
-    rmp_serde::from_slice(payload).map_err(|e| WireError::Malformed(e.to_string()))
+    let msg: Message = rmp_serde::from_slice(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
+    msg.validate()?;
+    Ok(msg)
 }
 
 /// Decode one whole frame from the start of `bytes`: the message and the bytes it used, or
@@ -279,7 +461,6 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::ReplicaOutcome;
     use crate::version::{Actor, VersionVector};
     use proptest::prelude::*;
 
@@ -309,7 +490,7 @@ mod tests {
                 id: 3,
                 request: ReplicaRequest::Write { key: b"k".to_vec(), object: object(), hint: Some("n3".into()) },
             },
-            Message::ReplicaReply { id: 3, reply: ReplicaReply::Outcome(ReplicaOutcome::Read(Some(object()))) },
+            Message::ReplicaReply { id: 3, reply: ReplicaReply::Object(Some(object())) },
             Message::AntiEntropy {
                 id: 4,
                 msg: AeMessage::Diff {

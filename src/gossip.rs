@@ -1,0 +1,209 @@
+//! The gossip stage (Dynamo §4.8): drives this node's [`Membership`]. Every round it pushes
+//! its member table to a random live peer (and now and then to a seed) and merges the
+//! table that comes back; it merges tables other nodes push to it and answers with its own;
+//! it saves the table durably whenever it changes and publishes the new view (members,
+//! ring, epoch) to the stages that route by it, and the members' addresses to the
+//! transport. It also carries out `admin leave` and a leaving node's final step (marking
+//! itself left), and answers `status` and `ring`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::membership::{GossipAction, Member, MemberState, Membership};
+use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
+use crate::wire::{ClientRequest, ClientResponse, ErrorKind, Message};
+
+/// The gossip stage.
+pub struct GossipStage {
+    membership: Membership,
+    replicas: usize,
+    down: DownSet,
+    pending: (u64, u64),
+    ids: Ids,
+    effects: VecDeque<Effect>,
+}
+
+fn document(v: serde_json::Value) -> ClientResponse {
+    ClientResponse::Document { json: v.to_string() }
+}
+
+impl GossipStage {
+    /// `membership` holds the saved table; the first view is published at once.
+    pub fn new(membership: Membership, replicas: usize) -> Self {
+        let mut g = GossipStage {
+            membership,
+            replicas,
+            down: DownSet::default(),
+            pending: (0, 0),
+            ids: Ids::default(),
+            effects: VecDeque::new(),
+        };
+        g.publish();
+        g.drain();
+        g
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn membership_mut(&mut self) -> &mut Membership {
+        &mut self.membership
+    }
+
+    fn publish(&mut self) {
+        let view = self.membership.view();
+        let peers =
+            view.members.iter().filter(|m| m.state != MemberState::Left).map(|m| (m.id.clone(), m.addr.clone()));
+        self.effects.push_back(Effect::Peers(peers.collect()));
+        self.effects.push_back(Effect::Signal(Signal::View(Arc::new(view))));
+    }
+
+    fn drain(&mut self) {
+        let mut changed = false;
+        while let Some(action) = self.membership.poll_action() {
+            match action {
+                GossipAction::Changed => changed = true,
+                GossipAction::Send { to_addr, to, members } => {
+                    let dest = match to {
+                        Some(id) => Dest::Node(id),
+                        None => Dest::Addr(to_addr),
+                    };
+                    self.effects.push_back(Effect::Send { to: dest, msg: Message::Gossip { members } });
+                }
+            }
+        }
+        if changed {
+            let token = self.ids.issue();
+            self.effects.push_back(Effect::Store {
+                token,
+                op: crate::store::StoreOp::SaveMembers { members: self.membership.table() },
+                durable: true,
+            });
+            self.publish();
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, id: u64, response: ClientResponse) {
+        self.effects.push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::ClientReply { id, response } });
+    }
+
+    fn status(&mut self) -> ClientResponse {
+        let ring = self.membership.ring();
+        let counts = ring.as_ref().map(|r| r.owned_counts()).unwrap_or_default();
+        let members: Vec<serde_json::Value> = self
+            .membership
+            .members()
+            .filter(|m| m.state != MemberState::Left)
+            .map(|m: &Member| {
+                let state =
+                    if m.state == MemberState::Up && self.down.contains(&m.id) { "down" } else { m.state.as_str() };
+                json!({"id": m.id, "addr": m.addr, "state": state, "partitions": counts.get(&m.id).copied().unwrap_or(0),
+                       "zone": m.zone, "weight": m.weight})
+            })
+            .collect();
+        document(json!({
+            "node": self.membership.id(),
+            "ring_epoch": self.membership.epoch(),
+            "members": members,
+            "pending": {"hints": self.pending.0, "transfers": self.pending.1},
+        }))
+    }
+
+    fn ring_doc(&mut self) -> ClientResponse {
+        let Some(ring) = self.membership.ring() else {
+            return ClientResponse::Error {
+                kind: ErrorKind::Unavailable,
+                message: "this node has not joined a cluster yet".into(),
+            };
+        };
+        let parts: Vec<serde_json::Value> = (0..ring.partitions())
+            .map(|p| json!({"partition": p, "preference_list": ring.preference_list(p, self.replicas).primaries}))
+            .collect();
+        document(json!({"epoch": self.membership.epoch(), "partitions": parts}))
+    }
+
+    fn handle_message(&mut self, now: Now, from: Origin, msg: Message) {
+        if let Some(node) = &from.node {
+            if let Some(e) = self.down.heard(node) {
+                self.effects.push_back(e);
+            }
+        }
+        match msg {
+            // Only nodes gossip: a client's table is never merged.
+            Message::Gossip { members } if from.node.is_some() => {
+                self.membership.handle_gossip(now.mono_ms, members);
+                let members = self.membership.table();
+                self.effects
+                    .push_back(Effect::Send { to: Dest::Conn(from.conn), msg: Message::GossipReply { members } });
+                self.drain();
+            }
+            Message::GossipReply { members } if from.node.is_some() => {
+                self.membership.handle_gossip(now.mono_ms, members);
+                self.drain();
+            }
+            Message::Client { id, request: ClientRequest::Status } => {
+                let doc = self.status();
+                self.reply(from.conn, id, doc);
+            }
+            Message::Client { id, request: ClientRequest::Ring } => {
+                let doc = self.ring_doc();
+                self.reply(from.conn, id, doc);
+            }
+            Message::Client { id, request: ClientRequest::Leave { node } } => {
+                let response = match self.membership.leave(&node) {
+                    Ok(()) => {
+                        tracing::info!(%node, "leave requested");
+                        document(json!({"leaving": node}))
+                    }
+                    Err(e) => ClientResponse::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
+                };
+                self.reply(from.conn, id, response);
+                self.drain();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Stage for GossipStage {
+    fn id(&self) -> StageId {
+        StageId::Gossip
+    }
+
+    fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Message { from, msg } => self.handle_message(now, from, msg),
+            Input::Tick { random } => {
+                let down = &self.down;
+                self.membership.handle_tick(now.mono_ms, random, |id| down.is_up(id));
+                self.drain();
+            }
+            Input::Stored { result: Err(e), .. } => {
+                tracing::error!(error = %e, "cannot save the member table");
+            }
+            Input::Stored { .. } => {}
+            Input::Signal(Signal::Down(d)) => self.down.set(d),
+            Input::Signal(Signal::Pending { hints, transfers }) => self.pending = (hints, transfers),
+            Input::Signal(Signal::MarkLeft) => {
+                let me = self.membership.id().clone();
+                if self.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving) {
+                    tracing::info!("every partition and hint handed away: leaving the ring");
+                }
+                self.membership.mark_left(&me);
+                self.drain();
+            }
+            Input::Signal(_) => {}
+        }
+    }
+
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        Some(self.membership.poll_timeout())
+    }
+}

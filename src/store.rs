@@ -1,0 +1,1743 @@
+//! A replica's local store (Dynamo §4, "local persistence engine"; §4.6 hinted replicas;
+//! §4.7 Merkle trees): how a node keeps its copies of keys in a plain ordered key-value
+//! engine, and every operation the node runs on them.
+//!
+//! The engine is anything that offers tables of ordered byte keys inside a transaction
+//! ([`Engine`]): redb on a node, [`MemEngine`] in tests and the simulation. Everything
+//! above the bytes lives here, so both run the same code: the row layout, the checksummed
+//! row encoding, merging, coordination of writes under a new dot, Merkle upkeep, hint
+//! bookkeeping, reaped-tombstone records, and what happens when a row cannot be read.
+//!
+//! Tables and row keys:
+//! - `objects`: partition (u32 BE) then the key, so a partition is one range. Value: the
+//!   object and the actor that coordinates writes into this row (see [`crate::version`]).
+//! - `hints`: key length (u32 BE), key, intended node: the hints of a key are one range.
+//!   Value: when the hint row was created, its actor, the object.
+//! - `hint_index`: intended node (length-prefixed) then key, so one node's hints are one
+//!   range (delivery is served node by node, round-robin).
+//! - `reaped`: the object-key layout. Value: when the key's tombstone was reaped and its
+//!   clock. Any later merge of that key first drops what the clock covers, so a stale copy
+//!   (a hint, a transfer, an exchange from a node that was away) cannot bring a deleted
+//!   value back while the record is kept (`storage.reaped_retention_ms`).
+//! - `quarantine`: rows that failed their checksum or did not decode, moved aside with
+//!   their bytes; the Merkle leaf is recomputed without them, so anti-entropy refills them.
+//! - `meta`: the node's member table, its epoch and the count of actors it has drawn.
+//!
+//! An I/O error fails the operation (and a failed commit the batch); a row that does not
+//! decode is never read as "absent": the operation that met it fails with
+//! [`StoreError::Corrupt`] and the row is quarantined, without failing the other
+//! operations that share its transaction (group commit).
+//!
+//! [`StoreState::run`] executes a batch against an open transaction and returns each
+//! operation's outcome plus the in-memory changes ([`Pending`]) to apply with
+//! [`StoreState::commit`] once, and only if, the engine committed.
+
+use std::collections::BTreeMap;
+
+use md5::{Digest, Md5};
+use serde::{Deserialize, Serialize};
+
+use crate::membership::Member;
+use crate::merkle::{item_hash, leaf_of, Hash, MerkleTree};
+use crate::ring::{key_position, partition_of_position, NodeId};
+use crate::version::{Actor, Object, VersionVector};
+
+/// The tables of the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Objects,
+    Hints,
+    HintIndex,
+    Reaped,
+    Quarantine,
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 6] =
+        [Table::Objects, Table::Hints, Table::HintIndex, Table::Reaped, Table::Quarantine, Table::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Objects => "objects",
+            Table::Hints => "hints",
+            Table::HintIndex => "hint_index",
+            Table::Reaped => "reaped",
+            Table::Quarantine => "quarantine",
+            Table::Meta => "meta",
+        }
+    }
+
+    fn tag(self) -> u8 {
+        self as u8
+    }
+}
+
+/// An engine failure (I/O, a transaction that cannot proceed).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub String);
+
+/// One transaction of an ordered key-value engine: the only thing a storage backend
+/// implements. Reads see the transaction's own writes.
+pub trait Engine {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError>;
+    fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError>;
+    /// Visit rows with `from <= key < to` (no upper bound when `to` is None) in key order
+    /// until `visit` returns false.
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError>;
+    /// False for a read-only transaction: writes fail and quarantine waits for a later
+    /// write batch.
+    fn writable(&self) -> bool {
+        true
+    }
+}
+
+/// Why an operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("a stored row of {table} cannot be read ({detail}); it is quarantined and anti-entropy refills it")]
+    Corrupt { table: String, key: Vec<u8>, detail: String },
+}
+
+impl From<EngineError> for StoreError {
+    fn from(e: EngineError) -> Self {
+        StoreError::Io(e.0)
+    }
+}
+
+/// Limits the store enforces on coordinated writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Siblings a key may hold before a write that adds one is refused.
+    pub siblings_max: usize,
+    /// Clock entries past which a coordinated write prunes the oldest.
+    pub prune_threshold: usize,
+    /// Bytes a key's siblings may hold together before a write that grows it is refused
+    /// (so every object fits in a frame).
+    pub object_bytes_max: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            siblings_max: 100,
+            prune_threshold: crate::version::PRUNE_THRESHOLD_DEFAULT,
+            object_bytes_max: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a coordinated write was refused (the client's request is at fault; nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Refusal {
+    #[error(
+        "the key has {0} siblings, over limits.max_siblings: read it and write back with its context to resolve them"
+    )]
+    TooManySiblings(usize),
+    #[error("the key's values would take {bytes} bytes together, over limits.object_bytes_max ({max}): read it and write back with its context to resolve its siblings")]
+    TooLarge { bytes: usize, max: usize },
+}
+
+/// An operation on a node's local store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// The node's state of a key: its owned and hinted copies merged.
+    Read { key: Vec<u8> },
+    /// Merge a state; with `hint`, into the row kept for that node.
+    Write { key: Vec<u8>, object: Object, hint: Option<NodeId> },
+    /// Coordinate a client's write: apply it under a new dot of the target row's actor.
+    Coordinate { key: Vec<u8>, context: VersionVector, value: Option<Vec<u8>>, hint: Option<NodeId>, now_wall_ms: u64 },
+    /// Merge states as owned data (handoff, transfer, anti-entropy).
+    Merge { objects: Vec<(Vec<u8>, Object)> },
+    /// Owned objects of a partition, in `leaves` when given, after key `after`, at most
+    /// `bytes_max` bytes (at least one object when any is left).
+    Page { partition: u32, leaves: Option<Vec<u32>>, after: Option<Vec<u8>>, bytes_max: usize },
+    /// A partition's Merkle tree.
+    Tree { partition: u32 },
+    /// Hints held for `intended`, after key `after`, at most `bytes_max` bytes.
+    HintPage { intended: NodeId, after: Option<Vec<u8>>, bytes_max: usize },
+    /// Drop hints held for `intended` that still have these digests (delivered).
+    RemoveHints { intended: NodeId, keys: Vec<(Vec<u8>, [u8; 16])> },
+    /// Drop owned keys that still have these digests (transferred to their owners).
+    RemoveObjects { keys: Vec<(Vec<u8>, [u8; 16])> },
+    /// Owned tombstone-only keys of a partition last written before `before_wall_ms`.
+    Tombstones { partition: u32, before_wall_ms: u64, limit: usize },
+    /// Reaping, one replica's part: do we hold exactly this state?
+    ReapCheck { key: Vec<u8>, digest: [u8; 16] },
+    /// Reaping: remove the key if it still has this state, keeping a reaped record.
+    ReapRemove { key: Vec<u8>, digest: [u8; 16] },
+    /// Drop reaped records older than `before_wall_ms`, scanning at most `limit` after `after`.
+    SweepReaped { after: Option<Vec<u8>>, before_wall_ms: u64, limit: usize },
+    /// Partitions holding owned keys, and hints held by intended node.
+    Inventory,
+    /// Key count and Merkle root of each listed partition.
+    Summaries { partitions: Vec<u32> },
+    /// Persist the member table.
+    SaveMembers { members: Vec<Member> },
+    /// Move an unreadable row aside (a read-only batch found it).
+    Quarantine { table: Table, row_key: Vec<u8> },
+}
+
+impl StoreOp {
+    /// Whether the operation only reads (it can run in a read transaction, off the writer).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            StoreOp::Read { .. }
+                | StoreOp::Page { .. }
+                | StoreOp::Tree { .. }
+                | StoreOp::HintPage { .. }
+                | StoreOp::Tombstones { .. }
+                | StoreOp::ReapCheck { .. }
+                | StoreOp::Inventory
+                | StoreOp::Summaries { .. }
+        )
+    }
+}
+
+/// What an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Object(Option<Object>),
+    /// A write merged; `changed` is false when the store had it all.
+    Written {
+        changed: bool,
+    },
+    Coordinated(Result<Object, Refusal>),
+    /// States merged; how many keys changed.
+    Merged {
+        changed: usize,
+    },
+    /// A page of objects and where the next one starts (None: the end).
+    Page {
+        objects: Vec<(Vec<u8>, Object)>,
+        next: Option<Vec<u8>>,
+    },
+    Tree(MerkleTree),
+    /// Hints: (key, object, when the hint row was created), and the cursor.
+    Hints {
+        hints: Vec<(Vec<u8>, Object, u64)>,
+        next: Option<Vec<u8>>,
+    },
+    Removed {
+        count: usize,
+    },
+    Tombstones(Vec<([u8; 16], Vec<u8>)>),
+    /// Reaping: `yes` when the replica holds the state (check) or no longer holds the key
+    /// (remove).
+    Reaped {
+        yes: bool,
+    },
+    Swept {
+        removed: usize,
+        next: Option<Vec<u8>>,
+    },
+    Inventory {
+        held: Vec<u32>,
+        hints: BTreeMap<NodeId, u64>,
+    },
+    Summaries(Vec<(u32, u64, String)>),
+    Done,
+}
+
+/// A key's partition.
+pub fn partition_of(key: &[u8], q: u32) -> u32 {
+    partition_of_position(key_position(key), q)
+}
+
+fn object_row_key(key: &[u8], q: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len());
+    out.extend_from_slice(&partition_of(key, q).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+fn partition_bounds(partition: u32) -> (Vec<u8>, Option<Vec<u8>>) {
+    let lo = partition.to_be_bytes().to_vec();
+    let hi = partition.checked_add(1).map(|p| p.to_be_bytes().to_vec());
+    (lo, hi)
+}
+
+fn key_of_object_row(row_key: &[u8]) -> Option<&[u8]> {
+    row_key.get(4..)
+}
+
+fn hint_prefix(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + 8);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+fn hint_row_key(key: &[u8], intended: &str) -> Vec<u8> {
+    let mut out = hint_prefix(key);
+    out.extend_from_slice(intended.as_bytes());
+    out
+}
+
+fn split_hint_row_key(row: &[u8]) -> Option<(&[u8], &str)> {
+    let len = u32::from_be_bytes(row.get(..4)?.try_into().ok()?) as usize;
+    let key = row.get(4..4usize.checked_add(len)?)?;
+    let intended = std::str::from_utf8(row.get(4 + len..)?).ok()?;
+    Some((key, intended))
+}
+
+fn index_prefix(intended: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + intended.len() + 16);
+    out.extend_from_slice(&(intended.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    out.extend_from_slice(intended.as_bytes());
+    out
+}
+
+fn index_key(intended: &str, key: &[u8]) -> Vec<u8> {
+    let mut out = index_prefix(intended);
+    out.extend_from_slice(key);
+    out
+}
+
+fn split_index_key(row: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u16::from_be_bytes(row.get(..2)?.try_into().ok()?) as usize;
+    let intended = std::str::from_utf8(row.get(2..2 + len)?).ok()?;
+    Some((intended, row.get(2 + len..)?))
+}
+
+/// The smallest byte string greater than every string starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The first key after `k` in byte order.
+fn successor(k: &[u8]) -> Vec<u8> {
+    let mut s = k.to_vec();
+    s.push(0);
+    s
+}
+
+const ROW_FORMAT: u8 = 1;
+const CHECKSUM_BYTES: usize = 8;
+const META_MEMBERS: &[u8] = b"members";
+const META_EPOCH: &[u8] = b"epoch";
+const META_ACTORS: &[u8] = b"actors";
+
+fn checksum(body: &[u8]) -> [u8; CHECKSUM_BYTES] {
+    let d: [u8; 16] = Md5::digest(body).into();
+    let mut out = [0u8; CHECKSUM_BYTES];
+    out.copy_from_slice(&d[..CHECKSUM_BYTES]);
+    out
+}
+
+/// Encode a row value: a format byte, a checksum of the body, the MessagePack body.
+pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let body = rmp_serde::to_vec(value).map_err(|e| StoreError::Io(format!("cannot encode a row: {e}")))?;
+    let mut out = Vec::with_capacity(1 + CHECKSUM_BYTES + body.len());
+    out.push(ROW_FORMAT);
+    out.extend_from_slice(&checksum(&body));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decode a row value written by [`seal`]; an error names what is wrong.
+pub fn unseal<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    let (&format, rest) = bytes.split_first().ok_or("empty row")?;
+    if format != ROW_FORMAT {
+        return Err(format!("unknown row format {format}"));
+    }
+    let (sum, body) = rest.split_at_checked(CHECKSUM_BYTES).ok_or("row shorter than its checksum")?;
+    if sum != checksum(body) {
+        return Err("checksum mismatch".into());
+    }
+    rmp_serde::from_slice(body).map_err(|e| format!("undecodable row: {e}"))
+}
+
+/// An owned row: the object and the actor that coordinates writes into this row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRow {
+    pub actor: Option<Actor>,
+    pub object: Object,
+}
+
+/// A hinted row: as an owned row, and when it was created (hints expire).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintRow {
+    pub created_wall_ms: u64,
+    pub actor: Option<Actor>,
+    pub object: Object,
+}
+
+/// A reaped tombstone's record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReapedRow {
+    pub reaped_wall_ms: u64,
+    pub clock: VersionVector,
+}
+
+/// Decode a stored owned row, checking the object's invariants.
+pub fn decode_object_row(bytes: &[u8]) -> Result<ObjectRow, String> {
+    let row: ObjectRow = unseal(bytes)?;
+    row.object.validate().map_err(|e| e.to_string())?;
+    Ok(row)
+}
+
+/// Decode a stored hint row, checking the object's invariants.
+pub fn decode_hint_row(bytes: &[u8]) -> Result<HintRow, String> {
+    let row: HintRow = unseal(bytes)?;
+    row.object.validate().map_err(|e| e.to_string())?;
+    Ok(row)
+}
+
+/// Decode a stored member table.
+pub fn decode_members(bytes: &[u8]) -> Result<Vec<Member>, String> {
+    unseal(bytes)
+}
+
+/// A change to the in-memory state, applied once the batch committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Change {
+    Tree { partition: u32, key: Vec<u8>, old: Option<[u8; 16]>, new: Option<[u8; 16]> },
+    Leaf { partition: u32, leaf: u32, hash: Hash, removed: u64 },
+    Hints { intended: NodeId, delta: i64 },
+    Actors(u64),
+}
+
+/// What a batch changes in memory once committed, and follow-up work.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    changes: Vec<Change>,
+    /// Rows a read-only batch found unreadable: quarantine them in a write batch.
+    pub quarantine: Vec<StoreOp>,
+    /// Rows quarantined by this batch, for the log.
+    pub quarantined: usize,
+    /// Whether the batch wrote anything (a read-only batch needs no commit).
+    pub wrote: bool,
+}
+
+/// The results of running one batch.
+#[derive(Debug)]
+pub struct BatchRun {
+    pub outcomes: Vec<Result<StoreOutcome, StoreError>>,
+    pub pending: Pending,
+    /// An engine write failed: the transaction must be aborted; every outcome is an error.
+    pub failed: Option<StoreError>,
+}
+
+/// What opening a store found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    pub objects: u64,
+    pub hints: u64,
+    pub quarantined: u64,
+    /// True when the store was new (no epoch yet): a fresh data directory.
+    pub fresh: bool,
+}
+
+/// A node's store: the in-memory state kept beside the engine (Merkle trees, hint counts,
+/// the actor source), and the operations.
+#[derive(Clone, Debug)]
+pub struct StoreState {
+    q: u32,
+    limits: StoreLimits,
+    trees: Vec<MerkleTree>,
+    hint_counts: BTreeMap<NodeId, u64>,
+    epoch: u64,
+    actors_drawn: u64,
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+fn read_u64(engine: &dyn Engine, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    match engine.get(Table::Meta, key)? {
+        None => Ok(None),
+        Some(b) => {
+            let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                table: "meta".into(),
+                key: key.to_vec(),
+                detail: "not 8 bytes".into(),
+            })?;
+            Ok(Some(u64::from_be_bytes(arr)))
+        }
+    }
+}
+
+impl StoreState {
+    /// Open a store in a write transaction the caller commits afterwards: read or create
+    /// the node's epoch (`fresh_epoch` is used for a new store), rebuild the Merkle trees and
+    /// hint counts, and quarantine every row that cannot be read.
+    pub fn open<E: Engine>(
+        engine: &mut E,
+        q: u32,
+        limits: StoreLimits,
+        fresh_epoch: u64,
+    ) -> Result<(StoreState, OpenReport), StoreError> {
+        let mut report = OpenReport::default();
+        let epoch = match read_u64(engine, META_EPOCH)? {
+            Some(e) => e,
+            None => {
+                report.fresh = true;
+                engine.put(Table::Meta, META_EPOCH, &fresh_epoch.to_be_bytes())?;
+                fresh_epoch
+            }
+        };
+        let actors_drawn = read_u64(engine, META_ACTORS)?.unwrap_or(0);
+        let mut trees = vec![MerkleTree::new(); q as usize];
+        let mut bad: Vec<(Table, Vec<u8>)> = Vec::new();
+        engine.scan(Table::Objects, &[], None, &mut |k, v| {
+            match (key_of_object_row(k), decode_object_row(v)) {
+                (Some(key), Ok(row)) if object_row_key(key, q) == k => {
+                    if let Some(t) = trees.get_mut(partition_of(key, q) as usize) {
+                        t.insert(key, &row.object.digest());
+                        report.objects += 1;
+                    }
+                }
+                _ => bad.push((Table::Objects, k.to_vec())),
+            }
+            true
+        })?;
+        let mut hint_counts: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut indexed: Vec<(String, Vec<u8>)> = Vec::new();
+        engine.scan(Table::Hints, &[], None, &mut |k, v| {
+            match (split_hint_row_key(k), decode_hint_row(v)) {
+                (Some((key, intended)), Ok(_)) => {
+                    *hint_counts.entry(intended.to_string()).or_default() += 1;
+                    indexed.push((intended.to_string(), key.to_vec()));
+                    report.hints += 1;
+                }
+                _ => bad.push((Table::Hints, k.to_vec())),
+            }
+            true
+        })?;
+        // The index must name exactly the readable hints.
+        let mut stale_index = Vec::new();
+        engine.scan(Table::HintIndex, &[], None, &mut |k, _| {
+            stale_index.push(k.to_vec());
+            true
+        })?;
+        for k in stale_index {
+            engine.delete(Table::HintIndex, &k)?;
+        }
+        for (intended, key) in &indexed {
+            engine.put(Table::HintIndex, &index_key(intended, key), &[])?;
+        }
+        for (table, k) in &bad {
+            if let Some(bytes) = engine.get(*table, k)? {
+                let mut qk = vec![table.tag()];
+                qk.extend_from_slice(k);
+                engine.put(Table::Quarantine, &qk, &bytes)?;
+            }
+            engine.delete(*table, k)?;
+            report.quarantined += 1;
+        }
+        let state = StoreState { q, limits, trees, hint_counts, epoch, actors_drawn };
+        Ok((state, report))
+    }
+
+    /// The saved member table (empty when none was saved).
+    pub fn load_members(engine: &dyn Engine) -> Result<Vec<Member>, StoreError> {
+        match engine.get(Table::Meta, META_MEMBERS)? {
+            None => Ok(Vec::new()),
+            Some(bytes) => decode_members(&bytes).map_err(|detail| StoreError::Corrupt {
+                table: "meta".into(),
+                key: META_MEMBERS.to_vec(),
+                detail,
+            }),
+        }
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.q
+    }
+
+    pub fn tree(&self, partition: u32) -> Option<&MerkleTree> {
+        self.trees.get(partition as usize)
+    }
+
+    /// Partitions holding at least one owned key.
+    pub fn held(&self) -> Vec<u32> {
+        self.trees.iter().enumerate().filter(|(_, t)| t.keys() > 0).map(|(p, _)| p as u32).collect()
+    }
+
+    /// Hints held, by intended node.
+    pub fn hint_counts(&self) -> &BTreeMap<NodeId, u64> {
+        &self.hint_counts
+    }
+
+    /// Run a batch of operations in one transaction. Nothing in memory changes until
+    /// [`commit`](Self::commit) is given the returned [`Pending`].
+    /// `now_wall_ms` dates new hint rows and reaped records.
+    pub fn run<E: Engine>(&self, engine: &mut E, ops: Vec<StoreOp>, now_wall_ms: u64) -> BatchRun {
+        let mut exec =
+            Exec { engine, state: self, pending: Pending::default(), actors_drawn: self.actors_drawn, now_wall_ms };
+        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut failed = None;
+        for op in ops {
+            match exec.execute(op) {
+                Ok(o) => outcomes.push(Ok(o)),
+                Err(Fault::Op(e)) => outcomes.push(Err(e)),
+                Err(Fault::Batch(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if failed.is_none() && exec.actors_drawn != self.actors_drawn {
+            match exec.engine.put(Table::Meta, META_ACTORS, &exec.actors_drawn.to_be_bytes()) {
+                Ok(()) => exec.pending.changes.push(Change::Actors(exec.actors_drawn)),
+                Err(e) => failed = Some(e.into()),
+            }
+        }
+        let mut pending = exec.pending;
+        if let Some(e) = &failed {
+            outcomes = (0..outcomes.len().max(1)).map(|_| Err(e.clone())).collect();
+            pending = Pending::default();
+        }
+        BatchRun { outcomes, pending, failed }
+    }
+
+    /// The batch's transaction committed: apply its in-memory changes.
+    pub fn commit(&mut self, pending: &Pending) {
+        for c in &pending.changes {
+            match c {
+                Change::Tree { partition, key, old, new } => {
+                    if let Some(t) = self.trees.get_mut(*partition as usize) {
+                        t.update(key, old.as_ref(), new.as_ref());
+                    }
+                }
+                Change::Leaf { partition, leaf, hash, removed } => {
+                    if let Some(t) = self.trees.get_mut(*partition as usize) {
+                        t.set_leaf(*leaf, *hash, *removed);
+                    }
+                }
+                Change::Hints { intended, delta } => {
+                    let n = self.hint_counts.entry(intended.clone()).or_default();
+                    *n = n.saturating_add_signed(*delta);
+                    if *n == 0 {
+                        self.hint_counts.remove(intended);
+                    }
+                }
+                Change::Actors(n) => self.actors_drawn = *n,
+            }
+        }
+    }
+}
+
+/// How an operation failed: alone, or taking its whole batch with it.
+enum Fault {
+    Op(StoreError),
+    Batch(StoreError),
+}
+
+impl From<EngineError> for Fault {
+    fn from(e: EngineError) -> Self {
+        Fault::Batch(e.into())
+    }
+}
+
+type Run<T> = Result<T, Fault>;
+
+struct Exec<'a, E: Engine> {
+    engine: &'a mut E,
+    state: &'a StoreState,
+    pending: Pending,
+    actors_drawn: u64,
+    now_wall_ms: u64,
+}
+
+impl<E: Engine> Exec<'_, E> {
+    fn q(&self) -> u32 {
+        self.state.q
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.state.limits
+    }
+
+    /// A new actor for a row created here: unique to this node's epoch and never reused.
+    fn fresh_actor(&mut self) -> Actor {
+        self.actors_drawn = self.actors_drawn.wrapping_add(1);
+        Actor(mix(self.state.epoch ^ mix(self.actors_drawn)))
+    }
+
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Run<()> {
+        self.pending.wrote = true;
+        Ok(self.engine.put(table, key, value)?)
+    }
+
+    fn delete(&mut self, table: Table, key: &[u8]) -> Run<()> {
+        self.pending.wrote = true;
+        Ok(self.engine.delete(table, key)?)
+    }
+
+    /// A row that cannot be read: move it aside (or, in a read-only batch, ask for that),
+    /// and fail the operation that met it.
+    fn corrupt(&mut self, table: Table, row_key: &[u8], detail: String) -> Run<Fault> {
+        if self.engine.writable() {
+            self.quarantine(table, row_key)?;
+        } else {
+            self.pending.quarantine.push(StoreOp::Quarantine { table, row_key: row_key.to_vec() });
+        }
+        let key = match table {
+            Table::Objects | Table::Reaped => key_of_object_row(row_key).unwrap_or_default().to_vec(),
+            Table::Hints => split_hint_row_key(row_key).map(|(k, _)| k.to_vec()).unwrap_or_default(),
+            _ => row_key.to_vec(),
+        };
+        Ok(Fault::Op(StoreError::Corrupt { table: table.name().into(), key, detail }))
+    }
+
+    fn quarantine(&mut self, table: Table, row_key: &[u8]) -> Run<()> {
+        let Some(bytes) = self.engine.get(table, row_key)? else { return Ok(()) };
+        // Someone may have rewritten the row since a read batch flagged it.
+        let readable = match table {
+            Table::Objects => decode_object_row(&bytes).is_ok(),
+            Table::Hints => decode_hint_row(&bytes).is_ok(),
+            Table::Reaped => unseal::<ReapedRow>(&bytes).is_ok(),
+            _ => false,
+        };
+        if readable {
+            return Ok(());
+        }
+        let mut qk = vec![table.tag()];
+        qk.extend_from_slice(row_key);
+        self.put(Table::Quarantine, &qk, &bytes)?;
+        self.delete(table, row_key)?;
+        self.pending.quarantined += 1;
+        match table {
+            Table::Objects => {
+                if let Some(key) = key_of_object_row(row_key) {
+                    let key = key.to_vec();
+                    self.rebuild_leaf(&key)?;
+                }
+            }
+            Table::Hints => {
+                if let Some((key, intended)) = split_hint_row_key(row_key) {
+                    let (key, intended) = (key.to_vec(), intended.to_string());
+                    self.delete(Table::HintIndex, &index_key(&intended, &key))?;
+                    self.pending.changes.push(Change::Hints { intended, delta: -1 });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Recompute the Merkle leaf of `key` from the rows that remain (one row of it was
+    /// quarantined, so its digest is unknown).
+    fn rebuild_leaf(&mut self, key: &[u8]) -> Run<()> {
+        let (q, partition, leaf) = (self.q(), partition_of(key, self.q()), leaf_of(key));
+        let (lo, hi) = partition_bounds(partition);
+        let mut hash: Hash = 0;
+        let mut unreadable = Vec::new();
+        self.engine.scan(Table::Objects, &lo, hi.as_deref(), &mut |k, v| {
+            if let Some(key) = key_of_object_row(k) {
+                if leaf_of(key) == leaf {
+                    match decode_object_row(v) {
+                        Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.object.digest()),
+                        _ => unreadable.push(k.to_vec()),
+                    }
+                }
+            }
+            true
+        })?;
+        let removed = 1 + unreadable.len() as u64;
+        for k in unreadable {
+            if let Some(bytes) = self.engine.get(Table::Objects, &k)? {
+                let mut qk = vec![Table::Objects.tag()];
+                qk.extend_from_slice(&k);
+                self.put(Table::Quarantine, &qk, &bytes)?;
+            }
+            self.delete(Table::Objects, &k)?;
+            self.pending.quarantined += 1;
+        }
+        self.pending.changes.push(Change::Leaf { partition, leaf, hash, removed });
+        Ok(())
+    }
+
+    fn owned(&mut self, key: &[u8]) -> Run<Option<ObjectRow>> {
+        let rk = object_row_key(key, self.q());
+        match self.engine.get(Table::Objects, &rk)? {
+            None => Ok(None),
+            Some(bytes) => match decode_object_row(&bytes) {
+                Ok(row) => Ok(Some(row)),
+                Err(detail) => Err(self.corrupt(Table::Objects, &rk, detail)?),
+            },
+        }
+    }
+
+    fn set_owned(&mut self, key: &[u8], old: Option<&Object>, row: &ObjectRow) -> Run<()> {
+        let bytes = seal(row).map_err(Fault::Op)?;
+        self.put(Table::Objects, &object_row_key(key, self.q()), &bytes)?;
+        self.pending.changes.push(Change::Tree {
+            partition: partition_of(key, self.q()),
+            key: key.to_vec(),
+            old: old.map(Object::digest),
+            new: Some(row.object.digest()),
+        });
+        Ok(())
+    }
+
+    fn remove_owned(&mut self, key: &[u8], old: &Object) -> Run<()> {
+        self.delete(Table::Objects, &object_row_key(key, self.q()))?;
+        self.pending.changes.push(Change::Tree {
+            partition: partition_of(key, self.q()),
+            key: key.to_vec(),
+            old: Some(old.digest()),
+            new: None,
+        });
+        Ok(())
+    }
+
+    fn hint(&mut self, key: &[u8], intended: &str) -> Run<Option<HintRow>> {
+        let rk = hint_row_key(key, intended);
+        match self.engine.get(Table::Hints, &rk)? {
+            None => Ok(None),
+            Some(bytes) => match decode_hint_row(&bytes) {
+                Ok(row) => Ok(Some(row)),
+                Err(detail) => Err(self.corrupt(Table::Hints, &rk, detail)?),
+            },
+        }
+    }
+
+    /// Every hinted copy of `key`, by intended node.
+    fn hints_of(&mut self, key: &[u8]) -> Run<Vec<(NodeId, HintRow)>> {
+        let prefix = hint_prefix(key);
+        let end = prefix_end(&prefix);
+        let mut found = Vec::new();
+        self.engine.scan(Table::Hints, &prefix, end.as_deref(), &mut |k, v| {
+            found.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        let mut out = Vec::with_capacity(found.len());
+        for (rk, bytes) in found {
+            let Some((_, intended)) = split_hint_row_key(&rk) else { continue };
+            let intended = intended.to_string();
+            match decode_hint_row(&bytes) {
+                Ok(row) => out.push((intended, row)),
+                Err(detail) => return Err(self.corrupt(Table::Hints, &rk, detail)?),
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_hint(&mut self, key: &[u8], intended: &str, existed: bool, row: &HintRow) -> Run<()> {
+        let bytes = seal(row).map_err(Fault::Op)?;
+        self.put(Table::Hints, &hint_row_key(key, intended), &bytes)?;
+        if !existed {
+            self.put(Table::HintIndex, &index_key(intended, key), &[])?;
+            self.pending.changes.push(Change::Hints { intended: intended.to_string(), delta: 1 });
+        }
+        Ok(())
+    }
+
+    fn reaped(&mut self, key: &[u8]) -> Run<Option<ReapedRow>> {
+        let rk = object_row_key(key, self.q());
+        match self.engine.get(Table::Reaped, &rk)? {
+            None => Ok(None),
+            Some(bytes) => match unseal::<ReapedRow>(&bytes) {
+                Ok(row) => Ok(Some(row)),
+                // A reaped record only filters; one that cannot be read is dropped.
+                Err(_) => {
+                    self.corrupt(Table::Reaped, &rk, String::new())?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Merge `incoming` into the owned copy of `key`, first dropping what a reaped
+    /// tombstone of the key covered. Returns whether the stored state changed.
+    fn merge_owned(&mut self, key: &[u8], incoming: &Object) -> Run<bool> {
+        let current = match self.owned(key) {
+            Ok(c) => c,
+            // A merge brings a whole state: the unreadable row is quarantined and the
+            // incoming state stored (this is how anti-entropy refills it).
+            Err(Fault::Op(StoreError::Corrupt { .. })) if self.engine.writable() => None,
+            Err(e) => return Err(e),
+        };
+        let mut incoming = incoming.clone();
+        if let Some(r) = self.reaped(key)? {
+            incoming = incoming.merge(&Object::from_clock(r.clock));
+            if current.is_none() && incoming.siblings().is_empty() {
+                return Ok(false);
+            }
+        }
+        let (actor, old) = match &current {
+            Some(row) => (row.actor, Some(&row.object)),
+            None => (None, None),
+        };
+        let merged = match old {
+            Some(o) => o.merge(&incoming),
+            None => incoming,
+        };
+        if old == Some(&merged) {
+            return Ok(false);
+        }
+        let row = ObjectRow { actor, object: merged };
+        self.set_owned(key, old, &row)?;
+        if old.is_none() {
+            // The key lives again: its own clock carries the reaped record from now on.
+            self.delete(Table::Reaped, &object_row_key(key, self.q()))?;
+        }
+        Ok(true)
+    }
+
+    fn execute(&mut self, op: StoreOp) -> Run<StoreOutcome> {
+        match op {
+            StoreOp::Read { key } => {
+                let mut found = self.owned(&key)?.map(|r| r.object);
+                for (_, h) in self.hints_of(&key)? {
+                    found = Some(match found {
+                        Some(o) => o.merge(&h.object),
+                        None => h.object,
+                    });
+                }
+                Ok(StoreOutcome::Object(found))
+            }
+            StoreOp::Write { key, object, hint: None } => {
+                Ok(StoreOutcome::Written { changed: self.merge_owned(&key, &object)? })
+            }
+            StoreOp::Write { key, object, hint: Some(intended) } => {
+                let current = self.hint(&key, &intended)?;
+                let (row, existed) = match current {
+                    Some(mut row) => {
+                        if !row.object.merge_from(&object) {
+                            return Ok(StoreOutcome::Written { changed: false });
+                        }
+                        (row, true)
+                    }
+                    None => (HintRow { created_wall_ms: self.now_wall_ms, actor: None, object }, false),
+                };
+                self.set_hint(&key, &intended, existed, &row)?;
+                Ok(StoreOutcome::Written { changed: true })
+            }
+            StoreOp::Coordinate { key, context, value, hint, now_wall_ms } => {
+                self.coordinate(key, context, value, hint, now_wall_ms)
+            }
+            StoreOp::Merge { objects } => {
+                let mut changed = 0;
+                for (key, object) in objects {
+                    if self.merge_owned(&key, &object)? {
+                        changed += 1;
+                    }
+                }
+                Ok(StoreOutcome::Merged { changed })
+            }
+            StoreOp::Page { partition, leaves, after, bytes_max } => {
+                let (objects, next) = self.page(partition, leaves.as_deref(), after, bytes_max)?;
+                Ok(StoreOutcome::Page { objects, next })
+            }
+            StoreOp::Tree { partition } => {
+                Ok(StoreOutcome::Tree(self.state.tree(partition).cloned().unwrap_or_default()))
+            }
+            StoreOp::HintPage { intended, after, bytes_max } => self.hint_page(&intended, after, bytes_max),
+            StoreOp::RemoveHints { intended, keys } => {
+                let mut count = 0;
+                for (key, digest) in keys {
+                    let current = match self.hint(&key, &intended) {
+                        Ok(c) => c,
+                        Err(Fault::Op(_)) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if current.is_some_and(|r| r.object.digest() == digest) {
+                        self.delete(Table::Hints, &hint_row_key(&key, &intended))?;
+                        self.delete(Table::HintIndex, &index_key(&intended, &key))?;
+                        self.pending.changes.push(Change::Hints { intended: intended.clone(), delta: -1 });
+                        count += 1;
+                    }
+                }
+                Ok(StoreOutcome::Removed { count })
+            }
+            StoreOp::RemoveObjects { keys } => {
+                let mut count = 0;
+                for (key, digest) in keys {
+                    let current = match self.owned(&key) {
+                        Ok(c) => c,
+                        Err(Fault::Op(_)) => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(row) = current.filter(|r| r.object.digest() == digest) {
+                        self.remove_owned(&key, &row.object)?;
+                        count += 1;
+                    }
+                }
+                Ok(StoreOutcome::Removed { count })
+            }
+            StoreOp::Tombstones { partition, before_wall_ms, limit } => {
+                let (lo, hi) = partition_bounds(partition);
+                let mut found = Vec::new();
+                let mut bad = Vec::new();
+                self.engine.scan(Table::Objects, &lo, hi.as_deref(), &mut |k, v| {
+                    match decode_object_row(v) {
+                        Ok(row) => {
+                            let o = &row.object;
+                            if o.is_deleted() && o.last_modified_ms() < before_wall_ms {
+                                if let Some(key) = key_of_object_row(k) {
+                                    found.push((o.digest(), key.to_vec()));
+                                }
+                            }
+                        }
+                        Err(detail) => bad.push((k.to_vec(), detail)),
+                    }
+                    found.len() < limit
+                })?;
+                for (k, detail) in bad {
+                    self.corrupt(Table::Objects, &k, detail)?;
+                }
+                Ok(StoreOutcome::Tombstones(found))
+            }
+            StoreOp::ReapCheck { key, digest } => {
+                let yes = self.owned(&key)?.is_some_and(|r| r.object.digest() == digest);
+                Ok(StoreOutcome::Reaped { yes })
+            }
+            StoreOp::ReapRemove { key, digest } => match self.owned(&key)? {
+                Some(row) if row.object.digest() == digest => {
+                    self.remove_owned(&key, &row.object)?;
+                    let rec = ReapedRow { reaped_wall_ms: self.now_wall_ms, clock: row.object.clock().clone() };
+                    let bytes = seal(&rec).map_err(Fault::Op)?;
+                    self.put(Table::Reaped, &object_row_key(&key, self.q()), &bytes)?;
+                    Ok(StoreOutcome::Reaped { yes: true })
+                }
+                current => Ok(StoreOutcome::Reaped { yes: current.is_none() }),
+            },
+            StoreOp::SweepReaped { after, before_wall_ms, limit } => {
+                let from = after.as_deref().map(successor).unwrap_or_default();
+                let mut seen = 0usize;
+                let mut last = None;
+                let mut expired = Vec::new();
+                self.engine.scan(Table::Reaped, &from, None, &mut |k, v| {
+                    seen += 1;
+                    last = Some(k.to_vec());
+                    if unseal::<ReapedRow>(v).map_or(true, |r| r.reaped_wall_ms < before_wall_ms) {
+                        expired.push(k.to_vec());
+                    }
+                    seen < limit.max(1)
+                })?;
+                let removed = expired.len();
+                for k in expired {
+                    self.delete(Table::Reaped, &k)?;
+                }
+                let next = if seen >= limit.max(1) { last } else { None };
+                Ok(StoreOutcome::Swept { removed, next })
+            }
+            StoreOp::Inventory => {
+                Ok(StoreOutcome::Inventory { held: self.state.held(), hints: self.state.hint_counts.clone() })
+            }
+            StoreOp::Summaries { partitions } => Ok(StoreOutcome::Summaries(
+                partitions
+                    .into_iter()
+                    .filter_map(|p| self.state.tree(p).map(|t| (p, t.keys(), t.root_hex())))
+                    .collect(),
+            )),
+            StoreOp::SaveMembers { members } => {
+                let bytes = seal(&members).map_err(Fault::Op)?;
+                self.put(Table::Meta, META_MEMBERS, &bytes)?;
+                Ok(StoreOutcome::Done)
+            }
+            StoreOp::Quarantine { table, row_key } => {
+                self.quarantine(table, &row_key)?;
+                Ok(StoreOutcome::Done)
+            }
+        }
+    }
+
+    fn coordinate(
+        &mut self,
+        key: Vec<u8>,
+        context: VersionVector,
+        value: Option<Vec<u8>>,
+        hint: Option<NodeId>,
+        now_wall_ms: u64,
+    ) -> Run<StoreOutcome> {
+        let owned = self.owned(&key)?;
+        let hints = self.hints_of(&key)?;
+        let reaped = self.reaped(&key)?;
+        // The state to coordinate on: every local copy, and what a reaped tombstone covered.
+        let mut merged = owned.as_ref().map(|r| r.object.clone()).unwrap_or_default();
+        for (_, h) in &hints {
+            merged = merged.merge(&h.object);
+        }
+        if let Some(r) = &reaped {
+            merged = merged.merge(&Object::from_clock(r.clock.clone()));
+        }
+        let survivors = merged.siblings().iter().filter(|s| !context.covers(s.dot)).count();
+        let limits = self.limits();
+        if survivors + 1 > limits.siblings_max {
+            return Ok(StoreOutcome::Coordinated(Err(Refusal::TooManySiblings(survivors))));
+        }
+        // The row the write lands in, and the actor that numbers its writes.
+        let (target_actor, old_owned, old_hint) = match &hint {
+            None => (owned.as_ref().and_then(|r| r.actor), owned.as_ref().map(|r| r.object.clone()), None),
+            Some(h) => {
+                let row = hints.iter().find(|(i, _)| i == h).map(|(_, r)| r.clone());
+                (row.as_ref().and_then(|r| r.actor), None, row)
+            }
+        };
+        let mut actor = match target_actor {
+            Some(a) => a,
+            None => self.fresh_actor(),
+        };
+        let dot = match merged.next_dot(&context, actor) {
+            Ok(d) => d,
+            Err(_) => {
+                // Only a context naming a counter near the limit gets here: continue the
+                // row under a fresh actor, whose counters no context can have named.
+                actor = self.fresh_actor();
+                merged.next_dot(&context, actor).map_err(|e| Fault::Op(StoreError::Io(e.to_string())))?
+            }
+        };
+        let mut object = merged;
+        object.apply_write(&context, dot, value, now_wall_ms, limits.prune_threshold);
+        let bytes = object.value_bytes();
+        if bytes > limits.object_bytes_max {
+            return Ok(StoreOutcome::Coordinated(Err(Refusal::TooLarge { bytes, max: limits.object_bytes_max })));
+        }
+        match hint {
+            None => {
+                let row = ObjectRow { actor: Some(actor), object: object.clone() };
+                self.set_owned(&key, old_owned.as_ref(), &row)?;
+                if old_owned.is_none() && reaped.is_some() {
+                    self.delete(Table::Reaped, &object_row_key(&key, self.q()))?;
+                }
+            }
+            Some(intended) => {
+                let created = old_hint.as_ref().map_or(now_wall_ms, |r| r.created_wall_ms);
+                let row = HintRow { created_wall_ms: created, actor: Some(actor), object: object.clone() };
+                self.set_hint(&key, &intended, old_hint.is_some(), &row)?;
+            }
+        }
+        Ok(StoreOutcome::Coordinated(Ok(object)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn page(
+        &mut self,
+        partition: u32,
+        leaves: Option<&[u32]>,
+        after: Option<Vec<u8>>,
+        bytes_max: usize,
+    ) -> Run<(Vec<(Vec<u8>, Object)>, Option<Vec<u8>>)> {
+        let (lo, hi) = partition_bounds(partition);
+        let from = match after {
+            Some(k) => successor(&object_row_key(&k, self.q())),
+            None => lo,
+        };
+        let mut objects: Vec<(Vec<u8>, Object)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        let mut bad = Vec::new();
+        self.engine.scan(Table::Objects, &from, hi.as_deref(), &mut |k, v| {
+            let Some(key) = key_of_object_row(k) else { return true };
+            if leaves.is_some_and(|l| !l.contains(&leaf_of(key))) {
+                return true;
+            }
+            match decode_object_row(v) {
+                Ok(row) => {
+                    let size = crate::wire::entry_bytes(key, &row.object);
+                    if !objects.is_empty() && bytes.saturating_add(size) > bytes_max {
+                        more = true;
+                        return false;
+                    }
+                    bytes = bytes.saturating_add(size);
+                    objects.push((key.to_vec(), row.object));
+                }
+                Err(detail) => bad.push((k.to_vec(), detail)),
+            }
+            true
+        })?;
+        for (k, detail) in bad {
+            self.corrupt(Table::Objects, &k, detail)?;
+        }
+        let next = if more { objects.last().map(|(k, _)| k.clone()) } else { None };
+        Ok((objects, next))
+    }
+
+    fn hint_page(&mut self, intended: &str, after: Option<Vec<u8>>, bytes_max: usize) -> Run<StoreOutcome> {
+        let prefix = index_prefix(intended);
+        let end = prefix_end(&prefix);
+        let from = match after {
+            Some(k) => successor(&index_key(intended, &k)),
+            None => prefix.clone(),
+        };
+        let mut keys = Vec::new();
+        self.engine.scan(Table::HintIndex, &from, end.as_deref(), &mut |k, _| {
+            if let Some((_, key)) = split_index_key(k) {
+                keys.push(key.to_vec());
+            }
+            keys.len() <= 4096
+        })?;
+        let mut hints = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = None;
+        for key in keys {
+            let row = match self.hint(&key, intended) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(Fault::Op(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let size = crate::wire::entry_bytes(&key, &row.object);
+            if !hints.is_empty() && bytes.saturating_add(size) > bytes_max {
+                next = hints.last().map(|(k, _, _): &(Vec<u8>, Object, u64)| k.clone());
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            hints.push((key, row.object, row.created_wall_ms));
+        }
+        Ok(StoreOutcome::Hints { hints, next })
+    }
+}
+
+/// An in-memory engine: a map per table, with transactions as undo logs. The simulation
+/// wraps it to inject faults; unit tests use it as is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemEngine {
+    rows: BTreeMap<MemRow, Vec<u8>>,
+}
+
+impl MemEngine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start a write transaction.
+    pub fn begin(&mut self) -> MemTxn<'_> {
+        MemTxn { engine: self, undo: Vec::new() }
+    }
+
+    /// Rows of one table, for checks.
+    pub fn rows(&self, table: Table) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.rows
+            .range((table, Vec::new())..)
+            .take_while(move |((t, _), _)| *t == table)
+            .map(|((_, k), v)| (k.as_slice(), v.as_slice()))
+    }
+
+    /// Overwrite a row's bytes (fault injection).
+    pub fn poke(&mut self, table: Table, key: &[u8], value: Vec<u8>) {
+        self.rows.insert((table, key.to_vec()), value);
+    }
+
+    pub fn len(&self, table: Table) -> usize {
+        self.rows(table).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn scan_rows(
+        rows: &BTreeMap<(Table, Vec<u8>), Vec<u8>>,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) {
+        for ((t, k), v) in rows.range((table, from.to_vec())..) {
+            if *t != table || to.is_some_and(|to| k.as_slice() >= to) {
+                break;
+            }
+            if !visit(k, v) {
+                break;
+            }
+        }
+    }
+}
+
+/// A read-only view: writes fail.
+impl Engine for MemEngine {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.rows.get(&(table, key.to_vec())).cloned())
+    }
+    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        MemEngine::scan_rows(&self.rows, table, from, to, visit);
+        Ok(())
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+/// A write transaction on a [`MemEngine`]: changes apply at once and are undone by
+/// [`rollback`](MemTxn::rollback) (or by dropping it without [`commit`](MemTxn::commit)).
+pub struct MemTxn<'a> {
+    engine: &'a mut MemEngine,
+    /// Each change's row and its value before the change.
+    undo: Vec<(MemRow, Option<Vec<u8>>)>,
+}
+
+type MemRow = (Table, Vec<u8>);
+
+impl MemTxn<'_> {
+    pub fn commit(mut self) {
+        self.undo.clear();
+    }
+
+    pub fn rollback(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MemTxn<'_> {
+    fn drop(&mut self) {
+        while let Some((k, old)) = self.undo.pop() {
+            match old {
+                Some(v) => self.engine.rows.insert(k, v),
+                None => self.engine.rows.remove(&k),
+            };
+        }
+    }
+}
+
+impl Engine for MemTxn<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.engine.rows.get(&(table, key.to_vec())).cloned())
+    }
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        let k = (table, key.to_vec());
+        let old = self.engine.rows.insert(k.clone(), value.to_vec());
+        self.undo.push((k, old));
+        Ok(())
+    }
+    fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
+        let k = (table, key.to_vec());
+        let old = self.engine.rows.remove(&k);
+        self.undo.push((k, old));
+        Ok(())
+    }
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        MemEngine::scan_rows(&self.engine.rows, table, from, to, visit);
+        Ok(())
+    }
+}
+
+/// A store in memory with its state: open, run batches, commit. For unit tests and tools.
+#[derive(Clone, Debug)]
+pub struct MemStore {
+    pub engine: MemEngine,
+    pub state: StoreState,
+}
+
+impl MemStore {
+    pub fn new(q: u32, limits: StoreLimits, epoch: u64) -> MemStore {
+        let mut engine = MemEngine::new();
+        let mut txn = engine.begin();
+        let (state, _) = StoreState::open(&mut txn, q, limits, epoch).expect("a fresh in-memory store opens");
+        txn.commit();
+        MemStore { engine, state }
+    }
+
+    /// Run one operation in its own transaction.
+    pub fn run(&mut self, op: StoreOp) -> Result<StoreOutcome, StoreError> {
+        self.run_batch(vec![op]).pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())))
+    }
+
+    /// Run a batch in one transaction, committing unless an engine write failed.
+    pub fn run_batch(&mut self, ops: Vec<StoreOp>) -> Vec<Result<StoreOutcome, StoreError>> {
+        self.run_batch_at(ops, 0)
+    }
+
+    /// [`run_batch`](Self::run_batch) at a given wall-clock time.
+    pub fn run_batch_at(&mut self, ops: Vec<StoreOp>, now_wall_ms: u64) -> Vec<Result<StoreOutcome, StoreError>> {
+        let mut txn = self.engine.begin();
+        let run = self.state.run(&mut txn, ops, now_wall_ms);
+        if run.failed.is_none() {
+            txn.commit();
+            self.state.commit(&run.pending);
+        }
+        run.outcomes
+    }
+
+    /// The owned object of `key`, if readable.
+    pub fn object(&self, key: &[u8]) -> Option<Object> {
+        let bytes = self.engine.rows.get(&(Table::Objects, object_row_key(key, self.state.q)))?;
+        decode_object_row(bytes).ok().map(|r| r.object)
+    }
+
+    /// Every readable owned object.
+    pub fn objects(&self) -> Vec<(Vec<u8>, Object)> {
+        self.engine
+            .rows(Table::Objects)
+            .filter_map(|(k, v)| Some((key_of_object_row(k)?.to_vec(), decode_object_row(v).ok()?.object)))
+            .collect()
+    }
+
+    /// Every readable hint: (intended, key, object).
+    pub fn hints(&self) -> Vec<(NodeId, Vec<u8>, Object)> {
+        self.engine
+            .rows(Table::Hints)
+            .filter_map(|(k, v)| {
+                let (key, intended) = split_hint_row_key(k)?;
+                Some((intended.to_string(), key.to_vec(), decode_hint_row(v).ok()?.object))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MemStore {
+        MemStore::new(16, StoreLimits::default(), 7)
+    }
+
+    fn coordinate(s: &mut MemStore, key: &[u8], ctx: &VersionVector, value: &[u8], hint: Option<&str>) -> Object {
+        let op = StoreOp::Coordinate {
+            key: key.to_vec(),
+            context: ctx.clone(),
+            value: Some(value.to_vec()),
+            hint: hint.map(str::to_string),
+            now_wall_ms: 1,
+        };
+        match s.run(op) {
+            Ok(StoreOutcome::Coordinated(Ok(o))) => o,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn row_key(key: &[u8]) -> Vec<u8> {
+        object_row_key(key, 16)
+    }
+
+    #[test]
+    fn coordinate_then_replicate_then_read() {
+        let (mut a, mut b) = (store(), store());
+        let o = coordinate(&mut a, b"k", &VersionVector::new(), b"v", None);
+        let w = StoreOp::Write { key: b"k".to_vec(), object: o.clone(), hint: None };
+        assert_eq!(b.run(w.clone()), Ok(StoreOutcome::Written { changed: true }));
+        assert_eq!(b.run(w), Ok(StoreOutcome::Written { changed: false }));
+        assert_eq!(b.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::Object(Some(o))));
+    }
+
+    #[test]
+    fn hinted_writes_are_kept_apart_but_read_and_counted() {
+        let mut f = store();
+        let o = coordinate(&mut store(), b"k", &VersionVector::new(), b"v", None);
+        f.run(StoreOp::Write { key: b"k".to_vec(), object: o.clone(), hint: Some("n3".into()) }).unwrap();
+        assert!(f.objects().is_empty());
+        assert_eq!(f.hints(), vec![("n3".to_string(), b"k".to_vec(), o.clone())]);
+        assert_eq!(f.state.hint_counts().get("n3"), Some(&1));
+        assert_eq!(f.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::Object(Some(o.clone()))));
+        let page = f.run(StoreOp::HintPage { intended: "n3".into(), after: None, bytes_max: 1 << 20 }).unwrap();
+        assert!(matches!(&page, StoreOutcome::Hints { hints, next: None } if hints.len() == 1));
+        let removed = f.run(StoreOp::RemoveHints { intended: "n3".into(), keys: vec![(b"k".to_vec(), o.digest())] });
+        assert_eq!(removed, Ok(StoreOutcome::Removed { count: 1 }));
+        assert!(f.hints().is_empty() && f.state.hint_counts().is_empty());
+        assert_eq!(f.engine.len(Table::HintIndex), 0);
+    }
+
+    #[test]
+    fn a_row_keeps_its_actor_across_writes_and_restarts_and_a_new_row_gets_a_new_one() {
+        let mut s = store();
+        let mut ctx = VersionVector::new();
+        for i in 0..20u8 {
+            let o = coordinate(&mut s, b"k", &ctx, &[i], None);
+            ctx = o.context();
+            // A restart: the same engine opened again.
+            let mut txn = s.engine.begin();
+            let (state, report) = StoreState::open(&mut txn, 16, StoreLimits::default(), 99).unwrap();
+            txn.commit();
+            assert!(!report.fresh);
+            s.state = state;
+        }
+        assert_eq!(s.object(b"k").unwrap().clock().len(), 1, "one row, one actor, restarts or not");
+        // The row goes (handed off) and comes back by a merge: a new actor numbers its writes,
+        // so the new write is not covered by the old entry's counter.
+        let old = s.object(b"k").unwrap();
+        s.run(StoreOp::RemoveObjects { keys: vec![(b"k".to_vec(), old.digest())] }).unwrap();
+        let blind = coordinate(&mut s, b"k", &VersionVector::new(), b"new", None);
+        let elsewhere = old.clone();
+        let merged = elsewhere.merge(&blind);
+        assert_eq!(merged.values().count(), 2, "the blind write survives next to the old value: {merged:?}");
+    }
+
+    #[test]
+    fn hinted_and_owned_rows_number_writes_apart() {
+        // The node held a hint it coordinated; now it coordinates as owner: distinct dots.
+        let mut s = store();
+        let first = coordinate(&mut s, b"k", &VersionVector::new(), b"x", Some("n3"));
+        let second = coordinate(&mut s, b"k", &VersionVector::new(), b"y", None);
+        let d1 = first.siblings()[0].dot;
+        assert!(second.siblings().iter().any(|x| x.dot == d1 && x.value.as_deref() == Some(b"x".as_slice())));
+        assert_eq!(second.siblings().len(), 2);
+    }
+
+    #[test]
+    fn a_context_at_the_counter_limit_moves_the_row_to_a_fresh_actor() {
+        let mut s = store();
+        let o = coordinate(&mut s, b"k", &VersionVector::new(), b"x", None);
+        let actor = o.siblings()[0].dot.actor;
+        let mut ctx = VersionVector::new();
+        ctx.witness(actor, crate::version::COUNTER_MAX, 0);
+        let after = coordinate(&mut s, b"k", &ctx, b"y", None);
+        let dot = after.siblings().iter().find(|x| x.value.as_deref() == Some(b"y".as_slice())).unwrap().dot;
+        assert_ne!(dot.actor, actor);
+        assert!(!ctx.covers(dot), "the new write is not already seen");
+        assert_eq!(after.values().collect::<Vec<_>>(), vec![b"y".as_slice()]);
+    }
+
+    #[test]
+    fn sibling_and_size_limits_refuse_and_change_nothing() {
+        let mut s = MemStore::new(16, StoreLimits { siblings_max: 2, prune_threshold: 10, object_bytes_max: 8 }, 1);
+        coordinate(&mut s, b"k", &VersionVector::new(), b"a", None);
+        coordinate(&mut s, b"k", &VersionVector::new(), b"b", None);
+        let before = s.engine.clone();
+        let blind = StoreOp::Coordinate {
+            key: b"k".to_vec(),
+            context: VersionVector::new(),
+            value: Some(b"c".to_vec()),
+            hint: None,
+            now_wall_ms: 1,
+        };
+        assert_eq!(s.run(blind), Ok(StoreOutcome::Coordinated(Err(Refusal::TooManySiblings(2)))));
+        assert_eq!(s.engine, before);
+        let ctx = s.object(b"k").unwrap().context();
+        let big = StoreOp::Coordinate {
+            key: b"k".to_vec(),
+            context: ctx.clone(),
+            value: Some(vec![0; 9]),
+            hint: None,
+            now_wall_ms: 1,
+        };
+        assert_eq!(s.run(big), Ok(StoreOutcome::Coordinated(Err(Refusal::TooLarge { bytes: 9, max: 8 }))));
+        assert_eq!(s.engine, before);
+        coordinate(&mut s, b"k", &ctx, b"c", None);
+    }
+
+    #[test]
+    fn pages_are_bounded_by_bytes_and_resume_after_the_cursor() {
+        let mut s = store();
+        let keys: Vec<Vec<u8>> = (0..400u32).map(|i| format!("k{i}").into_bytes()).collect();
+        for k in &keys {
+            coordinate(&mut s, k, &VersionVector::new(), &[7; 100], None);
+        }
+        let p = partition_of(&keys[0], 16);
+        let expected: Vec<Vec<u8>> = {
+            let mut v: Vec<Vec<u8>> = keys.iter().filter(|k| partition_of(k, 16) == p).cloned().collect();
+            v.sort();
+            v
+        };
+        let mut got = Vec::new();
+        let mut after = None;
+        for _ in 0..1000 {
+            match s.run(StoreOp::Page { partition: p, leaves: None, after: after.clone(), bytes_max: 600 }).unwrap() {
+                StoreOutcome::Page { objects, next } => {
+                    assert!(!objects.is_empty() && objects.len() <= 4, "{}", objects.len());
+                    got.extend(objects.into_iter().map(|(k, _)| k));
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, expected);
+        // One object larger than the budget still travels, alone.
+        match s.run(StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: 1 }).unwrap() {
+            StoreOutcome::Page { objects, next } => assert!(objects.len() == 1 && next.is_some()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_corrupt_row_is_an_error_then_quarantined_and_its_leaf_recomputed() {
+        let mut s = store();
+        let mut peer = store();
+        for i in 0..50u32 {
+            let k = format!("k{i}").into_bytes();
+            let o = coordinate(&mut s, &k, &VersionVector::new(), b"v", None);
+            peer.run(StoreOp::Write { key: k, object: o, hint: None }).unwrap();
+        }
+        let victim = b"k7".to_vec();
+        let p = partition_of(&victim, 16);
+        assert_eq!(s.state.tree(p).unwrap().root(), peer.state.tree(p).unwrap().root());
+        let mut bytes = s.engine.get(Table::Objects, &row_key(&victim)).unwrap().unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        s.engine.poke(Table::Objects, &row_key(&victim), bytes);
+        // Never read as absent: the read fails, and the other writes of the batch commit.
+        let other = b"k8".to_vec();
+        let other_obj = peer.object(&other).unwrap();
+        let out = s.run_batch(vec![
+            StoreOp::Read { key: victim.clone() },
+            StoreOp::Coordinate {
+                key: other.clone(),
+                context: other_obj.context(),
+                value: Some(b"w".to_vec()),
+                hint: None,
+                now_wall_ms: 2,
+            },
+        ]);
+        assert!(matches!(&out[0], Err(StoreError::Corrupt { .. })), "{out:?}");
+        assert!(matches!(&out[1], Ok(StoreOutcome::Coordinated(Ok(_)))));
+        assert_eq!(s.engine.len(Table::Quarantine), 1);
+        assert_eq!(s.run(StoreOp::Read { key: victim.clone() }), Ok(StoreOutcome::Object(None)));
+        // The tree no longer claims the key; a merge from the peer (anti-entropy) refills it.
+        let refill = peer.object(&victim).unwrap();
+        s.run(StoreOp::Merge { objects: vec![(victim.clone(), refill)] }).unwrap();
+        peer.run(StoreOp::Write { key: other.clone(), object: s.object(&other).unwrap(), hint: None }).unwrap();
+        assert_eq!(s.state.tree(p).unwrap().root(), peer.state.tree(p).unwrap().root());
+        assert_eq!(s.state.tree(p).unwrap().keys(), peer.state.tree(p).unwrap().keys());
+    }
+
+    #[test]
+    fn a_read_only_batch_asks_for_quarantine_later() {
+        let mut s = store();
+        coordinate(&mut s, b"k", &VersionVector::new(), b"v", None);
+        s.engine.poke(Table::Objects, &row_key(b"k"), vec![1, 2, 3]);
+        let run = s.state.run(&mut s.engine.clone(), vec![StoreOp::Read { key: b"k".to_vec() }], 0);
+        assert!(matches!(run.outcomes[0], Err(StoreError::Corrupt { .. })));
+        assert_eq!(run.pending.quarantine.len(), 1);
+        for op in run.pending.quarantine {
+            s.run(op).unwrap();
+        }
+        assert_eq!(s.engine.len(Table::Objects), 0);
+        assert_eq!(s.state.held(), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn open_quarantines_bad_rows_and_rebuilds() {
+        let mut s = store();
+        for i in 0..10u32 {
+            coordinate(&mut s, format!("k{i}").as_bytes(), &VersionVector::new(), b"v", Some("n2"));
+            coordinate(&mut s, format!("k{i}").as_bytes(), &VersionVector::new(), b"v", None);
+        }
+        s.engine.poke(Table::Objects, &row_key(b"k1"), vec![9]);
+        s.engine.poke(Table::Hints, &hint_row_key(b"k2", "n2"), vec![9]);
+        let mut txn = s.engine.begin();
+        let (state, report) = StoreState::open(&mut txn, 16, StoreLimits::default(), 5).unwrap();
+        txn.commit();
+        assert_eq!((report.objects, report.hints, report.quarantined), (9, 9, 2));
+        assert_eq!(state.hint_counts().get("n2"), Some(&9));
+        assert_eq!(state.trees.iter().map(|t| t.keys()).sum::<u64>(), 9);
+        assert_eq!(s.engine.len(Table::HintIndex), 9);
+    }
+
+    #[test]
+    fn a_reaped_record_keeps_stale_copies_out() {
+        let mut s = store();
+        let v = coordinate(&mut s, b"k", &VersionVector::new(), b"old", None);
+        let stale = v.clone();
+        let del =
+            StoreOp::Coordinate { key: b"k".to_vec(), context: v.context(), value: None, hint: None, now_wall_ms: 5 };
+        let Ok(StoreOutcome::Coordinated(Ok(tomb))) = s.run(del) else { panic!() };
+        assert_eq!(
+            s.run(StoreOp::ReapRemove { key: b"k".to_vec(), digest: tomb.digest() }),
+            Ok(StoreOutcome::Reaped { yes: true })
+        );
+        assert!(s.object(b"k").is_none());
+        // A stale copy arrives by handoff: nothing comes back.
+        assert_eq!(
+            s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), stale.clone())] }),
+            Ok(StoreOutcome::Merged { changed: 0 })
+        );
+        assert!(s.object(b"k").is_none());
+        // A write the delete did not cover survives, and carries the reaped clock on.
+        let mut concurrent = Object::new();
+        concurrent.update(&VersionVector::new(), Actor(99), Some(b"new".to_vec()), 6, 10);
+        let both = stale.merge(&concurrent);
+        s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), both)] }).unwrap();
+        let now = s.object(b"k").unwrap();
+        assert_eq!(now.values().collect::<Vec<_>>(), vec![b"new".as_slice()]);
+        assert_eq!(now.merge(&stale), now, "the stale value stays out for good");
+        assert_eq!(s.engine.len(Table::Reaped), 0);
+    }
+
+    #[test]
+    fn a_failed_engine_write_fails_the_whole_batch_and_changes_nothing() {
+        struct Failing<'a>(MemTxn<'a>);
+        impl Engine for Failing<'_> {
+            fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+                self.0.get(t, k)
+            }
+            fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+                Err(EngineError("disk full".into()))
+            }
+            fn delete(&mut self, t: Table, k: &[u8]) -> Result<(), EngineError> {
+                self.0.delete(t, k)
+            }
+            fn scan(
+                &self,
+                t: Table,
+                f: &[u8],
+                to: Option<&[u8]>,
+                v: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+            ) -> Result<(), EngineError> {
+                self.0.scan(t, f, to, v)
+            }
+        }
+        let mut s = store();
+        let before = (s.engine.clone(), s.state.trees.clone());
+        let state = s.state.clone();
+        let mut txn = Failing(s.engine.begin());
+        let op = StoreOp::Coordinate {
+            key: b"k".to_vec(),
+            context: VersionVector::new(),
+            value: Some(b"v".to_vec()),
+            hint: None,
+            now_wall_ms: 1,
+        };
+        let run = state.run(&mut txn, vec![op, StoreOp::Read { key: b"x".to_vec() }], 0);
+        drop(txn);
+        assert!(run.failed.is_some());
+        assert!(run.outcomes.iter().all(|o| matches!(o, Err(StoreError::Io(_)))));
+        assert_eq!((s.engine.clone(), s.state.trees.clone()), before);
+    }
+
+    #[test]
+    fn members_round_trip_and_corruption_is_an_error() {
+        let mut s = store();
+        s.run(StoreOp::SaveMembers { members: Vec::new() }).unwrap();
+        assert_eq!(StoreState::load_members(&s.engine), Ok(Vec::new()));
+        s.engine.poke(Table::Meta, META_MEMBERS, vec![1, 0, 0]);
+        assert!(matches!(StoreState::load_members(&s.engine), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn key_layouts_round_trip() {
+        assert_eq!(split_hint_row_key(&hint_row_key(b"user:1", "n3")), Some((b"user:1".as_slice(), "n3")));
+        assert_eq!(split_hint_row_key(&[0, 0, 0, 9, b'a']), None);
+        assert_eq!(split_hint_row_key(&[]), None);
+        assert_eq!(split_index_key(&index_key("n3", b"k")), Some(("n3", b"k".as_slice())));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+        assert_eq!(partition_bounds(u32::MAX).1, None);
+    }
+}
