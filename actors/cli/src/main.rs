@@ -1,5 +1,5 @@
 use clap::Parser;
-use ringkv_node::cli::ClientArgs;
+use ringkv_cli::args::ClientArgs;
 
 fn main() {
     let args = ClientArgs::parse();
@@ -7,5 +7,5 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    std::process::exit(ringkv_node::client::main_with(args));
+    std::process::exit(ringkv_cli::commands::main_with(args));
 }

@@ -75,7 +75,7 @@ fn durable_node_killed_mid_writes_keeps_every_acknowledged_write() {
     let writer = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for i in 0..400 {
-            let out = Command::new(CLI)
+            let out = Command::new(&*CLI)
                 .arg("--config")
                 .arg(&config)
                 .args(["put", &format!("key{i}"), &format!("value{i}")])
@@ -127,23 +127,31 @@ fn wrong_secret_is_refused_and_garbage_does_not_stop_the_node() {
             .collect();
         let _ = sock.send_to(&bytes, ("127.0.0.1", c.nodes[0].port));
     }
-    // A malformed frame on an authenticated connection is answered with an error.
+    // Malformed and oversized frames on an authenticated connection drop their stream;
+    // the connection and the node keep serving.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (addr, creds, _) = ringkv_node::client::target(Some(&c.nodes[0].config), None).unwrap();
-        let ep = ringkv_node::net::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let conn = ringkv_node::net::connect(&ep, addr, &creds).await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[1, 0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
-        send.finish().unwrap();
-        let reply = ringkv_node::net::read_message(&mut recv, 1 << 20).await.unwrap();
-        assert!(matches!(reply, ringkv::wire::Message::Error { .. }), "{reply:?}");
-        // An oversized frame header too.
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[1, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
-        send.finish().unwrap();
-        let reply = ringkv_node::net::read_message(&mut recv, 1 << 20).await.unwrap();
-        assert!(matches!(reply, ringkv::wire::Message::Error { .. }), "{reply:?}");
+        let (config, secret) = ringkv_transport::load_config(&c.nodes[0].config).unwrap();
+        let creds = ringkv_transport::Credentials { cluster: config.cluster.name.clone(), secret, node: None };
+        let ep = ringkv_transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let (conn, _) = ringkv_transport::connect(&ep, config.listen_addr(), &creds).await.unwrap();
+        for garbage in [&[2u8, 0, 0, 0, 3, 0xc1, 0xc1, 0xc1][..], &[2, 0xff, 0xff, 0xff, 0xff], &[9, 0, 0, 0, 1, 0]] {
+            let mut send = conn.open_uni().await.unwrap();
+            send.write_all(garbage).await.unwrap();
+            send.finish().unwrap();
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(ringkv_transport::read_streams(conn.clone(), 1 << 20, move |m| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(m).await;
+            }
+        }));
+        let link = ringkv_transport::link_writer(conn.clone());
+        let status = ringkv::wire::Message::Client { id: 7, request: ringkv::wire::ClientRequest::Status };
+        link.send(&status).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert!(matches!(reply, ringkv::wire::Message::ClientReply { id: 7, .. }), "{reply:?}");
     });
     assert_eq!(c.json(0, &["put", "after", "garbage"]).0, 0);
     assert_eq!(c.values(0, "after"), Some(vec!["garbage".to_string()]));
@@ -157,7 +165,7 @@ fn bad_config_exits_non_zero_naming_the_key() {
         ("read_quorum = 2", "read_quorum = 5", "cluster.read_quorum"),
         ("name = \"dev\"", "name = \"dev\"\nbogus = 1", "cluster.bogus"),
     ];
-    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/cluster/n1.toml")).unwrap();
+    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/cluster/n1.toml")).unwrap();
     for (from, to, key) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, base.replace(from, to)).unwrap();
@@ -167,7 +175,7 @@ fn bad_config_exits_non_zero_naming_the_key() {
         assert!(err.contains(key), "{key} not named in: {err}");
     }
     // The client refuses the same file the same way.
-    let out = Command::new(CLI).arg("--config").arg(dir.path().join("bad.toml")).args(["get", "k"]).output().unwrap();
+    let out = Command::new(&*CLI).arg("--config").arg(dir.path().join("bad.toml")).args(["get", "k"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     // A port in use is a clear error, not a panic.
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();

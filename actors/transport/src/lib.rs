@@ -1,5 +1,13 @@
-//! QUIC plumbing shared by the node and the client: TLS configs, the authenticating
-//! handshake, and one-frame-per-stream request/response.
+//! ringkv's transport: QUIC (quinn) plumbing shared by the node and the client library:
+//! TLS configs, the authenticating handshake, framed message streams ([`Link`]), and
+//! reading config files. No actix and no redb here.
+//!
+//! After the handshake, each side of a connection sends its messages on one long-lived
+//! unidirectional stream of frames (`[version][length][MessagePack]`, see
+//! [`ringkv::wire`]); a message larger than [`BULK_BYTES`] goes on a stream of its own, so a
+//! large batch never holds up small requests. Requests and answers are matched by the ids
+//! they carry, so many requests share a stream. Until a peer has authenticated, its
+//! connection may open no stream but the handshake's, and its receive window is small.
 //!
 //! TLS gives an encrypted channel with a throwaway self-signed certificate; authentication
 //! is the cluster secret. Each side proves it knows the secret with an HMAC-SHA256 over
@@ -10,8 +18,13 @@
 //! before that.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use ringkv::config::Config;
+use ringkv::wire::FrameDecoder;
+use tokio::sync::mpsc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use ring::hmac;
@@ -60,17 +73,36 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Transport settings tuned for many small requests on few connections (DESIGN.md §5).
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// Messages whose frame is larger than this travel on a stream of their own.
+pub const BULK_BYTES: usize = 256 * 1024;
+/// Streams a peer may open once authenticated (one long-lived, the rest bulk messages).
+const STREAMS_MAX: u32 = 64;
+/// Receive window of a connection before its peer authenticated.
+const WINDOW_UNAUTHENTICATED_BYTES: u32 = 256 * 1024;
+/// Receive window of an authenticated connection.
+const WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// Frames queued for one connection's writer before senders wait.
+const OUTBOX_FRAMES_MAX: usize = 4096;
+
+/// Transport settings: the acceptor lets a new connection open only the handshake's
+/// stream, in a small window, and raises both once the peer authenticated
+/// ([`authenticated`]); a connection we open trusts its peer's stream limits.
+fn transport_config(acceptor: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(if acceptor { 0u32 } else { STREAMS_MAX }.into());
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
     t.stream_receive_window((32u32 * 1024 * 1024).into());
-    t.receive_window((64u32 * 1024 * 1024).into());
+    t.receive_window(if acceptor { WINDOW_UNAUTHENTICATED_BYTES } else { WINDOW_BYTES }.into());
     t.send_window(64 * 1024 * 1024);
     Arc::new(t)
+}
+
+/// The peer of an accepted connection proved the secret: let it open message streams.
+pub fn authenticated(conn: &quinn::Connection) {
+    conn.set_max_concurrent_uni_streams(STREAMS_MAX.into());
+    conn.set_receive_window(WINDOW_BYTES.into());
 }
 
 /// A server config with a fresh self-signed certificate.
@@ -88,7 +120,7 @@ pub fn server_config() -> anyhow_lite::Result<quinn::ServerConfig> {
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(true));
     Ok(config)
 }
 
@@ -105,7 +137,7 @@ pub fn client_config() -> anyhow_lite::Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| e.to_string())?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(false));
     Ok(config)
 }
 
@@ -233,12 +265,13 @@ pub struct Credentials {
     pub node: Option<String>,
 }
 
-/// Open an authenticated connection to `addr`.
+/// Open an authenticated connection to `addr`: the connection and the node id the peer
+/// gave.
 pub async fn connect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     creds: &Credentials,
-) -> Result<quinn::Connection, NetError> {
+) -> Result<(quinn::Connection, String), NetError> {
     let connecting = ep.connect(addr, SERVER_NAME).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
         .await
@@ -256,8 +289,8 @@ pub async fn connect(
         .await
         .map_err(|_| NetError::Timeout)??;
     match answer {
-        Message::Welcome { proof: p, .. } if verify_proof(&conn, &creds.secret, &creds.cluster, ACCEPTOR, &p) => {
-            Ok(conn)
+        Message::Welcome { proof: p, node } if verify_proof(&conn, &creds.secret, &creds.cluster, ACCEPTOR, &p) => {
+            Ok((conn, node))
         }
         Message::Welcome { .. } => {
             conn.close(1u32.into(), b"bad proof");
@@ -290,11 +323,15 @@ pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> 
         Message::Hello(h) if !verify_proof(conn, &creds.secret, &creds.cluster, OPENER, &h.proof) => {
             Err(refuse("wrong cluster secret".into()))
         }
+        Message::Hello(h) if h.node.as_deref().is_some_and(|n| !ringkv::membership::valid_node_id(n)) => {
+            Err(refuse("a node id must be 1..=64 letters, digits, '-', '_' or '.'".into()))
+        }
         Message::Hello(h) => Ok(h.node.clone()),
         _ => Err(refuse("expected a handshake".into())),
     };
     match answer {
         Ok(node) => {
+            authenticated(conn);
             let p = proof(conn, &creds.secret, &creds.cluster, ACCEPTOR).unwrap_or_default();
             let me = creds.node.clone().unwrap_or_default();
             write_message(&mut send, &Message::Welcome { node: me, proof: Bytes::from(p) })
@@ -313,5 +350,140 @@ pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> 
             conn.close(2u32.into(), b"refused");
             Err(reason)
         }
+    }
+}
+
+/// A connection's message streams: a writer task that sends frames in order on one
+/// long-lived stream (bulk frames on streams of their own), and a reader task per incoming
+/// stream that decodes frames and hands each message to `deliver`. Dropping every
+/// [`LinkSender`] ends the writer; a failed write closes the connection.
+#[derive(Clone)]
+pub struct LinkSender {
+    tx: mpsc::Sender<Vec<u8>>,
+    conn: quinn::Connection,
+}
+
+impl LinkSender {
+    /// Queue a message; waits while the connection's outbox is full. An error when the
+    /// connection is gone or the message cannot be encoded.
+    pub async fn send(&self, msg: &Message) -> Result<(), NetError> {
+        let frame = wire::encode_frame(msg)?;
+        self.tx.send(frame).await.map_err(|_| NetError::Lost("connection closed".into()))
+    }
+
+    /// Queue a message without waiting: false when the outbox is full or the connection gone.
+    pub fn try_send(&self, msg: &Message) -> Result<bool, NetError> {
+        let frame = wire::encode_frame(msg)?;
+        Ok(self.tx.try_send(frame).is_ok())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.conn.close_reason().is_some()
+    }
+
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+/// Start the writer of a connection.
+pub fn link_writer(conn: quinn::Connection) -> LinkSender {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOX_FRAMES_MAX);
+    let c = conn.clone();
+    tokio::spawn(async move {
+        let mut stream: Option<quinn::SendStream> = None;
+        while let Some(frame) = rx.recv().await {
+            let res = if frame.len() > BULK_BYTES {
+                async {
+                    let mut s = c.open_uni().await.map_err(|e| e.to_string())?;
+                    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    s.finish().map_err(|e| e.to_string())
+                }
+                .await
+            } else {
+                async {
+                    if stream.is_none() {
+                        stream = Some(c.open_uni().await.map_err(|e| e.to_string())?);
+                    }
+                    match stream.as_mut() {
+                        Some(s) => s.write_all(&frame).await.map_err(|e| e.to_string()),
+                        None => Err("no stream".to_string()),
+                    }
+                }
+                .await
+            };
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "connection write failed");
+                c.close(4u32.into(), b"write failed");
+                return;
+            }
+        }
+        if let Some(mut s) = stream {
+            let _ = s.finish();
+        }
+    });
+    LinkSender { tx, conn }
+}
+
+/// Read every incoming stream of `conn` until the connection ends, handing each decoded
+/// message to `deliver` (awaited: a slow receiver slows the peer, not memory). A stream that
+/// carries bytes that are not frames is dropped; the connection stays. Returns when the
+/// connection closes.
+pub async fn read_streams<F, Fut>(conn: quinn::Connection, frame_max: usize, deliver: F)
+where
+    F: Fn(Message) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let deliver = deliver.clone();
+        tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new(frame_max);
+            loop {
+                match recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(chunk)) => {
+                        decoder.push(&chunk.bytes);
+                        loop {
+                            match decoder.next_message() {
+                                Ok(Some(msg)) => deliver(msg).await,
+                                Ok(None) => break,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "malformed frame; dropping the stream");
+                                    let _ = recv.stop(5u32.into());
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+/// Who to authenticate as and how, read from a node config file: the cluster name and
+/// secret. `cluster.secret_file` is read relative to the config file's directory.
+pub fn load_config(path: &Path) -> Result<(Config, Vec<u8>), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let config = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = secret_of(&config, path)?;
+    Ok((config, secret))
+}
+
+/// The cluster secret: `cluster.secret`, or the trimmed contents of `cluster.secret_file`.
+pub fn secret_of(config: &Config, config_path: &Path) -> Result<Vec<u8>, String> {
+    match (&config.cluster.secret, &config.cluster.secret_file) {
+        (Some(s), _) => Ok(s.as_bytes().to_vec()),
+        (None, Some(f)) => {
+            let p = config_path.parent().map(|d| d.join(f)).unwrap_or_else(|| PathBuf::from(f));
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("config key cluster.secret_file: cannot read {}: {e}", p.display()))?;
+            let s = text.trim();
+            if s.is_empty() {
+                return Err(format!("config key cluster.secret_file: {} is empty", p.display()));
+            }
+            Ok(s.as_bytes().to_vec())
+        }
+        (None, None) => Err("config key cluster.secret: give secret or secret_file".into()),
     }
 }

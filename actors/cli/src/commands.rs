@@ -1,5 +1,5 @@
-//! The client side: an authenticated QUIC connection to one node, and the `ringkv` commands
-//! built on it, with the output shapes and exit statuses of DESIGN.md §3.
+//! The `ringkv` commands, built on `ringkv-client`, with the output shapes and exit
+//! statuses of the user contract (README).
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -7,11 +7,12 @@ use std::path::Path;
 
 use base64::Engine;
 use ringkv::config::Config;
-use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message, FRAME_BYTES_MAX_DEFAULT};
+use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind};
 use serde_json::{json, Value};
 
-use crate::cli::{AdminCommand, ClientArgs, ClientCommand, FaultCommand, LimitsCommand};
-use crate::net::{self, Credentials, NetError};
+use crate::args::{AdminCommand, ClientArgs, ClientCommand, FaultCommand, LimitsCommand};
+pub use ringkv_client::Client;
+use ringkv_client::{Credentials, NetError};
 
 /// Exit statuses.
 pub mod exit {
@@ -61,33 +62,6 @@ fn status_of(kind: ErrorKind) -> i32 {
     }
 }
 
-/// One authenticated connection to a node.
-pub struct Client {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    next_id: std::cell::Cell<u64>,
-}
-
-impl Client {
-    pub async fn connect(addr: SocketAddr, creds: &Credentials) -> Result<Client, NetError> {
-        let local: SocketAddr =
-            if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-        let endpoint = net::endpoint(local, None).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
-        let conn = net::connect(&endpoint, addr, creds).await?;
-        Ok(Client { _endpoint: endpoint, conn, next_id: std::cell::Cell::new(1) })
-    }
-
-    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, NetError> {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        match net::call(&self.conn, &Message::Client { id, request }, FRAME_BYTES_MAX_DEFAULT).await? {
-            Message::ClientReply { response, .. } => Ok(response),
-            Message::Error { kind, message, .. } => Ok(ClientResponse::Error { kind, message }),
-            other => Err(NetError::Unexpected(format!("{other:?}").chars().take(80).collect())),
-        }
-    }
-}
-
 /// Where to connect and how to authenticate, from `--config` and `--node`.
 pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, Credentials, Config), Failure> {
     let Some(path) = config else {
@@ -96,9 +70,7 @@ pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, 
             "give --config FILE (a node config: its address and the cluster secret)",
         ));
     };
-    let (config, secret) = crate::node::load_config(path).map_err(|e| match e {
-        crate::node::StartError::Config(m) | crate::node::StartError::Other(m) => Failure::new(exit::BAD_INPUT, m),
-    })?;
+    let (config, secret) = ringkv_transport::load_config(path).map_err(|m| Failure::new(exit::BAD_INPUT, m))?;
     let addr = match node {
         Some(n) => {
             n.parse().map_err(|_| Failure::new(exit::BAD_INPUT, format!("--node {n:?} is not an IP:port address")))?
@@ -293,9 +265,9 @@ pub fn main_with(args: ClientArgs) -> i32 {
             .map_err(|e| Failure::new(exit::OTHER, format!("cannot start the runtime: {e}")))?;
         rt.block_on(async {
             if let ClientCommand::Bench(b) = &args.command {
-                return crate::bench::run(b.clone(), addr, &creds).await;
+                return crate::bench::run(b.clone(), addr, &creds, config.frame_bytes_max()).await;
             }
-            let client = Client::connect(addr, &creds).await?;
+            let client = Client::connect(addr, &creds, config.frame_bytes_max()).await?;
             execute(&client, args.command, &config).await
         })
     })();

@@ -9,7 +9,21 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const NODE: &str = env!("CARGO_BIN_EXE_ringkv-node");
-pub const CLI: &str = env!("CARGO_BIN_EXE_ringkv");
+
+/// The `ringkv` CLI: built by the workspace next to `ringkv-node` (package ringkv-cli);
+/// built here if this package's tests run alone.
+pub static CLI: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let path = Path::new(NODE).with_file_name("ringkv");
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "ringkv-cli", "--bin", "ringkv"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cannot build the ringkv CLI");
+    }
+    path.display().to_string()
+});
 
 pub struct Node {
     pub id: String,
@@ -148,7 +162,7 @@ replica_timeout_ms = 500
     }
 
     pub fn cli_with(&self, config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut cmd = Command::new(CLI);
+        let mut cmd = Command::new(&*CLI);
         cmd.arg("--config").arg(config).arg("--json").args(args);
         cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())

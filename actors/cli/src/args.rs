@@ -1,33 +1,8 @@
-//! Command-line arguments of the two binaries, `ringkv-node` and `ringkv`, as DESIGN.md §3
-//! fixes them.
+//! Command-line arguments of `ringkv`, as the user contract (README) fixes them.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-
-/// ringkv-node: one node of a ringkv cluster.
-#[derive(Debug, Parser)]
-#[command(name = "ringkv-node", version, about = "Run a ringkv node, or a local dev cluster")]
-pub struct NodeArgs {
-    /// The node's TOML config.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: Option<NodeCommand>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum NodeCommand {
-    /// Write configs for a local cluster, start one node per config on loopback, stop them on Ctrl-C.
-    Dev {
-        /// Number of nodes.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
-        nodes: u32,
-        /// Directory for configs and data (default: a fresh temporary directory).
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-}
 
 /// ringkv: the client of a ringkv cluster.
 #[derive(Debug, Parser)]

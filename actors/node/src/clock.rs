@@ -14,3 +14,8 @@ pub fn mono_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
+
+/// The time as the core takes it.
+pub fn now() -> ringkv::stage::Now {
+    ringkv::stage::Now { mono_ms: mono_ms(), wall_ms: wall_ms() }
+}

@@ -1,6 +1,6 @@
 use clap::Parser;
-use ringkv_node::cli::{NodeArgs, NodeCommand};
-use ringkv_node::node::{self, StartError};
+use ringkv_node::args::{NodeArgs, NodeCommand};
+use ringkv_node::start::{self, StartError};
 
 fn main() {
     let args = NodeArgs::parse();
@@ -10,7 +10,7 @@ fn main() {
         .init();
     let status = match (args.command, args.config) {
         (Some(NodeCommand::Dev { nodes, dir }), _) => ringkv_node::dev::run(nodes, dir),
-        (None, Some(config)) => match node::run(&config) {
+        (None, Some(config)) => match start::run(&config) {
             Ok(()) => 0,
             Err(StartError::Config(m)) => {
                 eprintln!("ringkv-node: {m}");

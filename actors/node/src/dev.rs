@@ -132,6 +132,9 @@ pub fn run(nodes: u32, dir: Option<PathBuf>) -> i32 {
         std::thread::sleep(Duration::from_millis(200));
     }
     let cli = exe.with_file_name("ringkv");
+    if !cli.exists() {
+        println!("(the ringkv CLI is not built yet next to this program: `cargo build --release` builds both)");
+    }
     let c1 = dir.join("n1.toml");
     println!("ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?}");
     println!("configs, data and logs in {}", dir.display());

@@ -11,9 +11,9 @@ use rand::Rng;
 use ringkv::wire::{ClientRequest, ClientResponse};
 use serde_json::json;
 
-use crate::cli::BenchArgs;
-use crate::client::{exit, Client, Failure, Outcome};
-use crate::net::Credentials;
+use crate::args::BenchArgs;
+use crate::commands::{exit, Client, Failure, Outcome};
+use ringkv_client::Credentials;
 
 fn key(i: u64) -> Vec<u8> {
     format!("bench:{i:010}").into_bytes()
@@ -41,7 +41,7 @@ async fn node_addrs(args: &BenchArgs, first: &Client, addr: SocketAddr) -> Vec<S
     out
 }
 
-pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials) -> Result<Outcome, Failure> {
+pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Outcome, Failure> {
     if args.keys == 0 || args.ops == 0 {
         return Err(Failure::new(exit::BAD_INPUT, "--keys and --ops must be at least 1"));
     }
@@ -50,11 +50,11 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials) -> Resu
         "b" => 0.95,
         _ => 1.0,
     };
-    let first = Client::connect(addr, creds).await?;
+    let first = Client::connect(addr, creds, frame_max).await?;
     let addrs = node_addrs(&args, &first, addr).await;
     let mut clients = Vec::with_capacity(args.clients as usize);
     for i in 0..args.clients as usize {
-        clients.push(Client::connect(addrs[i % addrs.len()], creds).await?);
+        clients.push(Client::connect(addrs[i % addrs.len()], creds, frame_max).await?);
     }
     let value = vec![b'x'; args.value_size];
 

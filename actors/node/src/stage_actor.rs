@@ -1,0 +1,149 @@
+//! One actor per stage of the core ([`ringkv::stage::Stage`]): it hands the stage its
+//! inputs with the time, and carries out the effects the stage returns, mechanically:
+//! messages go to the transport, storage operations to the storage stage (their results
+//! come back to this stage), signals to the stages [`ringkv::stage::subscribers`] names. It
+//! keeps the stage's timer. It takes no decision of its own.
+//!
+//! Sends between actors are bounded: an effect is queued with `try_send`, and when the
+//! receiver's mailbox is full this actor waits for room before it takes its next input, so
+//! a slow stage slows its producers instead of growing memory.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
+use ringkv::store::{StoreError, StoreOutcome};
+
+use crate::clock::now;
+use crate::storage::{StorageFront, StoreRequest};
+use crate::transport::{Outgoing, TransportActor};
+
+/// An input for a stage actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Input);
+
+/// Where a stage's effects go: every stage's mailbox, the transport, storage.
+pub struct Routes {
+    pub stages: Vec<(StageId, Recipient<Deliver>)>,
+    pub transport: Addr<TransportActor>,
+    pub storage: Addr<StorageFront>,
+}
+
+impl Routes {
+    pub fn stage(&self, id: StageId) -> Option<&Recipient<Deliver>> {
+        self.stages.iter().find(|(s, _)| *s == id).map(|(_, r)| r)
+    }
+}
+
+/// Mailbox capacity of every stage actor.
+pub const MAILBOX_MAX: usize = 16 * 1024;
+
+pub struct StageActor<S: Stage + Unpin + 'static> {
+    stage: S,
+    routes: Rc<Routes>,
+    timer: Option<(u64, SpawnHandle)>,
+}
+
+impl<S: Stage + Unpin + 'static> StageActor<S> {
+    pub fn new(stage: S, routes: Rc<Routes>) -> Self {
+        StageActor { stage, routes, timer: None }
+    }
+
+    fn input(&mut self, input: Input, ctx: &mut Context<Self>) {
+        let name = self.stage.id().name();
+        let span = tracing::trace_span!("stage", stage = name);
+        let _e = span.enter();
+        self.stage.handle(now(), input);
+        self.pump(ctx);
+    }
+
+    /// Send `msg` to `to`, waiting (and holding this actor's next input) only when its
+    /// mailbox is full.
+    fn deliver_bounded<M, A>(addr: &Addr<A>, msg: M, ctx: &mut Context<Self>)
+    where
+        A: Actor<Context = Context<A>> + Handler<M>,
+        M: Message<Result = ()> + Send + 'static,
+    {
+        if let Err(SendError::Full(msg)) = addr.try_send(msg) {
+            ctx.wait(actix::fut::wrap_future::<_, Self>(addr.send(msg)).map(|_, _, _| ()));
+        }
+    }
+
+    fn signal_bounded(r: &Recipient<Deliver>, input: Input, ctx: &mut Context<Self>) {
+        if let Err(SendError::Full(msg)) = r.try_send(Deliver(input)) {
+            ctx.wait(actix::fut::wrap_future::<_, Self>(r.send(msg)).map(|_, _, _| ()));
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while let Some(effect) = self.stage.poll_effect() {
+            match effect {
+                Effect::Send { to, msg } => {
+                    Self::deliver_bounded(&self.routes.transport, Outgoing::Send { to, msg }, ctx);
+                }
+                Effect::Store { token, op, durable } => {
+                    let storage = self.routes.storage.clone();
+                    let fut = storage.send(StoreRequest { op, durable });
+                    ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                        let result: Result<StoreOutcome, StoreError> = match res {
+                            Ok(r) => r,
+                            Err(e) => Err(StoreError::Io(format!("storage stage gone: {e}"))),
+                        };
+                        act.input(Input::Stored { token, result }, ctx);
+                    }));
+                }
+                Effect::Signal(sig) => {
+                    for &to in subscribers(&sig) {
+                        if let Some(r) = self.routes.stage(to) {
+                            Self::signal_bounded(r, Input::Signal(sig.clone()), ctx);
+                        }
+                    }
+                }
+                Effect::Peers(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Peers(peers), ctx),
+                Effect::Block(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Block(peers), ctx),
+            }
+        }
+        self.arm(ctx);
+    }
+
+    /// Keep one timer, at the stage's next timeout.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(at) = self.stage.poll_timeout() else {
+            if let Some((_, h)) = self.timer.take() {
+                ctx.cancel_future(h);
+            }
+            return;
+        };
+        if self.timer.as_ref().is_some_and(|(t, _)| *t == at) {
+            return;
+        }
+        if let Some((_, h)) = self.timer.take() {
+            ctx.cancel_future(h);
+        }
+        let wait = Duration::from_millis(at.saturating_sub(now().mono_ms));
+        let h = ctx.run_later(wait, |act, ctx| {
+            act.timer = None;
+            act.input(Input::Tick { random: rand::random() }, ctx);
+        });
+        self.timer = Some((at, h));
+    }
+}
+
+impl<S: Stage + Unpin + 'static> Actor for StageActor<S> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_MAX);
+        self.pump(ctx);
+    }
+}
+
+impl<S: Stage + Unpin + 'static> Handler<Deliver> for StageActor<S> {
+    type Result = ();
+
+    fn handle(&mut self, Deliver(input): Deliver, ctx: &mut Context<Self>) {
+        self.input(input, ctx);
+    }
+}

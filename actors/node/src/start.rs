@@ -1,0 +1,157 @@
+//! Starting and stopping a node: read and check the config, open storage, bind the
+//! endpoint, build the core's stages and start one actor for each, wire them together, and
+//! run until SIGINT or SIGTERM, then stop accepting work and let in-flight commits finish.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use ringkv::config::{Config, Durability};
+use ringkv::node::{NodeSettings, Stages};
+use ringkv::stage::{Stage, StageId};
+use ringkv_storage::Storage;
+use ringkv_transport::{self as net, Credentials};
+
+use crate::clock::now;
+use crate::stage_actor::{Deliver, Routes, StageActor};
+use crate::storage::{Drain, StorageFront, StorageWorker};
+use crate::transport::{SetStages, TransportActor};
+
+/// Why a node could not start; each maps to an exit status.
+#[derive(Debug)]
+pub enum StartError {
+    /// Bad config (exit 2).
+    Config(String),
+    /// Anything else: storage, the port (exit 5).
+    Other(String),
+}
+
+/// Read a config file, and its secret file if it names one.
+pub fn load_config(path: &Path) -> Result<(Config, Vec<u8>), StartError> {
+    net::load_config(path).map_err(StartError::Config)
+}
+
+/// Run a node until it is told to stop.
+pub fn run(config_path: &Path) -> Result<(), StartError> {
+    let (config, secret) = load_config(config_path)?;
+    let settings = NodeSettings::from_config(&config);
+    let db_path = PathBuf::from(&config.node.data_dir).join("ringkv.redb");
+    let opened =
+        Storage::open(&db_path, config.cluster.partitions, settings.store, config.storage.durability, rand::random())
+            .map_err(StartError::Other)?;
+    if config.storage.durability == Durability::Buffered {
+        tracing::warn!(
+            flush_interval_ms = config.storage.flush_interval_ms,
+            "storage.durability = \"buffered\": acknowledged writes of the last interval can be lost in a crash"
+        );
+    }
+    tracing::info!(
+        objects = opened.report.objects,
+        hints = opened.report.hints,
+        fresh = opened.report.fresh,
+        "storage open"
+    );
+    let system = System::new();
+    system.block_on(
+        async move { start_and_wait(Arc::new(config), settings, secret, opened.storage, opened.members).await },
+    )
+}
+
+/// Start one stage's actor in a context made earlier (so every address exists first).
+fn start_stage<S: Stage + Unpin + 'static>(ctx: Context<StageActor<S>>, stage: S, routes: &Rc<Routes>) {
+    ctx.run(StageActor::new(stage, routes.clone()));
+}
+
+async fn start_and_wait(
+    config: Arc<Config>,
+    settings: NodeSettings,
+    secret: Vec<u8>,
+    storage: Storage,
+    saved: Vec<ringkv::membership::Member>,
+) -> Result<(), StartError> {
+    let me = config.node.id.clone();
+    let listen = config.listen_addr();
+    let server = net::server_config().map_err(StartError::Other)?;
+    let endpoint = net::endpoint(listen, Some(server)).map_err(|e| {
+        StartError::Other(format!("cannot listen on {listen} (node.listen): {e}; is another node using the port?"))
+    })?;
+    let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: Some(me.clone()) };
+
+    // Storage: the redb worker thread and the group-commit front.
+    let slot = Arc::new(Mutex::new(Some(storage)));
+    let worker = SyncArbiter::start(1, move || {
+        match slot.lock().ok().and_then(|mut s| s.take()) {
+            Some(s) => StorageWorker::new(s),
+            None => {
+                // The worker thread cannot be restarted without reopening: stop the node.
+                tracing::error!("the storage worker stopped; stopping the node");
+                std::process::exit(5);
+            }
+        }
+    });
+    let flush = (config.storage.durability == Durability::Buffered)
+        .then(|| Duration::from_millis(config.storage.flush_interval_ms));
+    let storage = StorageFront::new(worker, config.storage.commit_batch_max as usize, flush).start();
+    let transport = TransportActor::new(endpoint.clone(), creds, settings.frame_bytes_max).start();
+
+    // Every stage's context first, so every stage knows every other's address.
+    let stages = Stages::new(&settings, saved, now());
+    let c_coordinator = Context::new();
+    let c_replica = Context::new();
+    let c_gossip = Context::new();
+    let c_fd = Context::new();
+    let c_handoff = Context::new();
+    let c_ae = Context::new();
+    let c_admission = Context::new();
+    let recipients: Vec<(StageId, Recipient<Deliver>)> = vec![
+        (StageId::Coordinator, c_coordinator.address().recipient()),
+        (StageId::Replica, c_replica.address().recipient()),
+        (StageId::Gossip, c_gossip.address().recipient()),
+        (StageId::FailureDetector, c_fd.address().recipient()),
+        (StageId::Handoff, c_handoff.address().recipient()),
+        (StageId::AntiEntropy, c_ae.address().recipient()),
+        (StageId::Admission, c_admission.address().recipient()),
+    ];
+    transport.do_send(SetStages(recipients.clone()));
+    let routes = Rc::new(Routes { stages: recipients, transport: transport.clone(), storage: storage.clone() });
+    let Stages { coordinator, replica, gossip, failure_detector, handoff, anti_entropy, admission } = stages;
+    start_stage(c_coordinator, coordinator, &routes);
+    start_stage(c_replica, replica, &routes);
+    start_stage(c_gossip, gossip, &routes);
+    start_stage(c_fd, failure_detector, &routes);
+    start_stage(c_handoff, handoff, &routes);
+    start_stage(c_ae, anti_entropy, &routes);
+    start_stage(c_admission, admission, &routes);
+
+    tracing::info!(node = %me, %listen, cluster = %config.cluster.name, "node started");
+    wait_for_signal().await;
+    tracing::info!("stopping: no new connections; finishing in-flight commits");
+    endpoint.close(0u32.into(), b"node stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(10), storage.send(Drain)).await;
+    System::current().stop();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,338 @@
+//! The transport stage: the node's quinn endpoint, for peers and clients alike.
+//!
+//! Incoming: every connection must pass the handshake ([`ringkv_transport::accept_handshake`])
+//! before it may open a stream; at most [`HANDSHAKES_MAX`] connections may be handshaking at
+//! once, and refusals are logged at most once a second. Then every message read from the
+//! connection goes to the stage [`ringkv::stage::route`] names, with its origin (the
+//! connection, and the node id the peer authenticated as). Outgoing: a message goes back on
+//! a connection, or to a member by id (through the address book the gossip stage keeps
+//! current) or to an address, on a pooled connection dialled on demand. A peer that cannot
+//! be dialled, or whose connection fails, is reported to every stage that waits on peers
+//! ([`Signal::Unreachable`]). With fault injection, traffic with blocked peers is dropped.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use ringkv::ring::NodeId;
+use ringkv::stage::{route, subscribers, ConnId, Dest, Input, Origin, Signal, StageId};
+use ringkv::wire::Message;
+use ringkv_transport::{self as net, Credentials, LinkSender};
+
+use crate::stage_actor::Deliver;
+
+/// Connections that may be in their handshake at once; more are refused.
+pub const HANDSHAKES_MAX: usize = 64;
+
+/// What the stages ask of the transport.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Outgoing {
+    Send {
+        to: Dest,
+        msg: Message,
+    },
+    /// Every member's address.
+    Peers(Vec<(NodeId, String)>),
+    /// Fault injection: drop traffic with these peers (None: unblock all).
+    Block(Option<Vec<NodeId>>),
+}
+
+/// The stages' mailboxes, for incoming messages and unreachable peers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetStages(pub Vec<(StageId, Recipient<Deliver>)>);
+
+#[derive(Default)]
+struct Shared {
+    /// Every live connection, by id.
+    conns: HashMap<ConnId, LinkSender>,
+    /// Dialled connections by address.
+    pool: HashMap<SocketAddr, ConnId>,
+    /// Dials in progress: messages wait for them.
+    dialing: HashMap<SocketAddr, Vec<Message>>,
+    blocked: HashSet<NodeId>,
+    stages: Vec<(StageId, Recipient<Deliver>)>,
+    next_conn: ConnId,
+    handshaking: usize,
+    last_refusal_log: Option<Instant>,
+}
+
+impl Shared {
+    fn conn_id(&mut self) -> ConnId {
+        self.next_conn = self.next_conn.wrapping_add(1);
+        self.next_conn
+    }
+
+    fn stage(&self, id: StageId) -> Option<Recipient<Deliver>> {
+        self.stages.iter().find(|(s, _)| *s == id).map(|(_, r)| r.clone())
+    }
+}
+
+pub struct TransportActor {
+    endpoint: quinn::Endpoint,
+    creds: Credentials,
+    frame_max: usize,
+    book: HashMap<NodeId, SocketAddr>,
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl TransportActor {
+    pub fn new(endpoint: quinn::Endpoint, creds: Credentials, frame_max: usize) -> Self {
+        TransportActor { endpoint, creds, frame_max, book: HashMap::new(), shared: Rc::default() }
+    }
+
+    fn node_of(&self, addr: SocketAddr) -> Option<NodeId> {
+        self.book.iter().find(|(_, a)| **a == addr).map(|(n, _)| n.clone())
+    }
+}
+
+/// Tell every stage that waits on peers that `node` cannot be reached.
+fn unreachable(shared: &Rc<RefCell<Shared>>, node: NodeId) {
+    let sig = Signal::Unreachable { node };
+    let targets: Vec<Recipient<Deliver>> = subscribers(&sig).iter().filter_map(|s| shared.borrow().stage(*s)).collect();
+    for r in targets {
+        let input = Input::Signal(sig.clone());
+        actix::spawn(async move {
+            let _ = r.send(Deliver(input)).await;
+        });
+    }
+}
+
+/// Serve a connection that passed its handshake: register it and read its streams.
+fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, node: Option<NodeId>, frame_max: usize) -> ConnId {
+    let id = {
+        let mut s = shared.borrow_mut();
+        let id = s.conn_id();
+        s.conns.insert(id, net::link_writer(conn.clone()));
+        id
+    };
+    let stages: Vec<(StageId, Recipient<Deliver>)> = shared.borrow().stages.clone();
+    let blocked = shared.clone();
+    let origin_node = node.clone();
+    // Whether the peer is blocked is read on this thread; the readers run on the runtime.
+    let is_blocked = Rc::new(Cell::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(1024);
+    actix::spawn(net::read_streams(conn.clone(), frame_max, move |msg| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(msg).await;
+        }
+    }));
+    let sh = shared.clone();
+    actix::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            is_blocked.set(origin_node.as_ref().is_some_and(|n| blocked.borrow().blocked.contains(n)));
+            if is_blocked.get() {
+                continue;
+            }
+            let Some(stage) = route(&msg) else {
+                tracing::debug!(kind = msg.kind(), "not a request or answer a stage takes; dropped");
+                continue;
+            };
+            let Some(r) = stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()) else { continue };
+            let input = Input::Message { from: Origin { conn: id, node: origin_node.clone() }, msg };
+            // Awaited: a stage with a full mailbox slows this connection, not memory.
+            if r.send(Deliver(input)).await.is_err() {
+                break;
+            }
+        }
+        sh.borrow_mut().conns.remove(&id);
+    });
+    let sh = shared.clone();
+    actix::spawn(async move {
+        let reason = conn.closed().await;
+        tracing::debug!(%reason, ?node, "connection closed");
+        let mut s = sh.borrow_mut();
+        s.conns.remove(&id);
+        s.pool.retain(|_, c| *c != id);
+        drop(s);
+        if let Some(n) = node {
+            unreachable(&sh, n);
+        }
+    });
+    id
+}
+
+impl Actor for TransportActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(64 * 1024);
+        let ep = self.endpoint.clone();
+        let creds = self.creds.clone();
+        let shared = self.shared.clone();
+        let frame_max = self.frame_max;
+        actix::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                if shared.borrow().handshaking >= HANDSHAKES_MAX {
+                    incoming.refuse();
+                    continue;
+                }
+                shared.borrow_mut().handshaking += 1;
+                let (creds, shared) = (creds.clone(), shared.clone());
+                actix::spawn(async move {
+                    let remote = incoming.remote_address();
+                    let accepted = async {
+                        let conn = incoming.await.map_err(|e| e.to_string())?;
+                        let peer = net::accept_handshake(&conn, &creds).await?;
+                        Ok::<_, String>((conn, peer))
+                    }
+                    .await;
+                    shared.borrow_mut().handshaking -= 1;
+                    match accepted {
+                        Ok((conn, peer)) => {
+                            serve(shared, conn, peer, frame_max);
+                        }
+                        Err(reason) => {
+                            let mut s = shared.borrow_mut();
+                            let quiet = s.last_refusal_log.is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                            if quiet {
+                                tracing::debug!(%remote, %reason, "refused a connection");
+                            } else {
+                                s.last_refusal_log = Some(Instant::now());
+                                tracing::warn!(%remote, %reason, "refused a connection (further refusals within a second are logged at debug)");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Handler<SetStages> for TransportActor {
+    type Result = ();
+    fn handle(&mut self, m: SetStages, _: &mut Context<Self>) {
+        self.shared.borrow_mut().stages = m.0;
+    }
+}
+
+impl TransportActor {
+    fn send_to_addr(&mut self, addr: SocketAddr, node: Option<NodeId>, msg: Message) {
+        let existing = {
+            let s = self.shared.borrow();
+            s.pool.get(&addr).and_then(|id| s.conns.get(id)).filter(|l| !l.is_closed()).cloned()
+        };
+        if let Some(link) = existing {
+            return write(link, msg, node, self.shared.clone());
+        }
+        {
+            let mut s = self.shared.borrow_mut();
+            if let Some(queue) = s.dialing.get_mut(&addr) {
+                if queue.len() < 4096 {
+                    queue.push(msg);
+                }
+                return;
+            }
+            s.dialing.insert(addr, vec![msg]);
+        }
+        let (ep, creds, shared, frame_max) =
+            (self.endpoint.clone(), self.creds.clone(), self.shared.clone(), self.frame_max);
+        actix::spawn(async move {
+            let dialled = net::connect(&ep, addr, &creds).await;
+            let queued = shared.borrow_mut().dialing.remove(&addr).unwrap_or_default();
+            match dialled {
+                Ok((conn, peer)) => {
+                    let id = serve(shared.clone(), conn, Some(peer).filter(|p| !p.is_empty()), frame_max);
+                    shared.borrow_mut().pool.insert(addr, id);
+                    let link = shared.borrow().conns.get(&id).cloned();
+                    if let Some(link) = link {
+                        for m in queued {
+                            write(link.clone(), m, node.clone(), shared.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "cannot reach peer");
+                    if let Some(n) = node {
+                        unreachable(&shared, n);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Queue `msg` on a connection; a full outbox waits in a task, a closed one is reported.
+fn write(link: LinkSender, msg: Message, node: Option<NodeId>, shared: Rc<RefCell<Shared>>) {
+    match link.try_send(&msg) {
+        Ok(true) => {}
+        Ok(false) if !link.is_closed() => {
+            actix::spawn(async move {
+                if link.send(&msg).await.is_err() {
+                    if let Some(n) = node {
+                        unreachable(&shared, n);
+                    }
+                }
+            });
+        }
+        Ok(false) => {
+            if let Some(n) = node {
+                unreachable(&shared, n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, kind = msg.kind(), "cannot encode a message"),
+    }
+}
+
+impl Handler<Outgoing> for TransportActor {
+    type Result = ();
+
+    fn handle(&mut self, out: Outgoing, _: &mut Context<Self>) {
+        match out {
+            Outgoing::Send { to, msg } => match to {
+                Dest::Conn(id) => {
+                    let link = self.shared.borrow().conns.get(&id).cloned();
+                    if let Some(link) = link {
+                        write(link, msg, None, self.shared.clone());
+                    }
+                }
+                Dest::Node(node) => {
+                    if self.shared.borrow().blocked.contains(&node) {
+                        return;
+                    }
+                    match self.book.get(&node).copied() {
+                        Some(addr) => self.send_to_addr(addr, Some(node), msg),
+                        None => unreachable(&self.shared, node),
+                    }
+                }
+                Dest::Addr(a) => match a.parse::<SocketAddr>() {
+                    Ok(addr) => {
+                        let node = self.node_of(addr);
+                        if node.as_ref().is_some_and(|n| self.shared.borrow().blocked.contains(n)) {
+                            return;
+                        }
+                        self.send_to_addr(addr, node, msg)
+                    }
+                    Err(_) => tracing::debug!(addr = %a, "not an address"),
+                },
+            },
+            Outgoing::Peers(peers) => {
+                self.book = peers.into_iter().filter_map(|(n, a)| a.parse().ok().map(|a| (n, a))).collect();
+            }
+            Outgoing::Block(peers) => {
+                let addrs: Vec<SocketAddr> = {
+                    let mut s = self.shared.borrow_mut();
+                    match peers {
+                        Some(p) => s.blocked.extend(p),
+                        None => s.blocked.clear(),
+                    }
+                    self.book.iter().filter(|(n, _)| s.blocked.contains(*n)).map(|(_, a)| *a).collect()
+                };
+                // Close connections to blocked peers so nothing in flight slips through.
+                let mut s = self.shared.borrow_mut();
+                for a in addrs {
+                    if let Some(id) = s.pool.remove(&a) {
+                        if let Some(link) = s.conns.remove(&id) {
+                            link.connection().close(3u32.into(), b"blocked");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

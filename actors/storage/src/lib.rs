@@ -1,0 +1,280 @@
+//! ringkv's storage engine binding: the core's store layout ([`ringkv::store`]) on redb, one
+//! file per node. This crate only moves bytes: [`WriteEngine`] and [`ReadEngine`] give the
+//! core the ordered tables of one redb transaction, and [`Storage`] runs batches of
+//! operations in one transaction each (the group commit the node's storage stage feeds),
+//! durably when asked or when the node is in `sync` mode, and applies the in-memory
+//! changes only after the commit succeeded. No actix here: the node hosts it on a thread.
+
+use std::path::Path;
+
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use ringkv::config::Durability as DurabilityMode;
+use ringkv::membership::Member;
+use ringkv::store::{
+    Engine, EngineError, OpenReport, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreState, Table,
+};
+
+type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+const DEFS: [Def; 6] = [
+    TableDefinition::new("objects"),
+    TableDefinition::new("hints"),
+    TableDefinition::new("hint_index"),
+    TableDefinition::new("reaped"),
+    TableDefinition::new("quarantine"),
+    TableDefinition::new("meta"),
+];
+
+fn def(table: Table) -> Def {
+    DEFS[Table::ALL.iter().position(|t| *t == table).unwrap_or(0)]
+}
+
+fn err(e: impl std::fmt::Display) -> EngineError {
+    EngineError(e.to_string())
+}
+
+/// The tables of one redb write transaction.
+pub struct WriteEngine<'t> {
+    tables: Vec<redb::Table<'t, &'static [u8], &'static [u8]>>,
+}
+
+impl<'t> WriteEngine<'t> {
+    pub fn new(txn: &'t WriteTransaction) -> Result<Self, EngineError> {
+        let tables = Table::ALL.iter().map(|t| txn.open_table(def(*t)).map_err(err)).collect::<Result<_, _>>()?;
+        Ok(WriteEngine { tables })
+    }
+
+    fn t(&self, table: Table) -> &redb::Table<'t, &'static [u8], &'static [u8]> {
+        &self.tables[table as usize]
+    }
+}
+
+fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    from: &[u8],
+    to: Option<&[u8]>,
+    visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), EngineError> {
+    let range = match to {
+        Some(to) if to <= from => return Ok(()),
+        Some(to) => t.range(from..to).map_err(err)?,
+        None => t.range(from..).map_err(err)?,
+    };
+    for row in range {
+        let (k, v) = row.map_err(err)?;
+        if !visit(k.value(), v.value()) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Engine for WriteEngine<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.t(table).get(key).map_err(err)?.map(|g| g.value().to_vec()))
+    }
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        self.tables[table as usize].insert(key, value).map_err(err)?;
+        Ok(())
+    }
+    fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
+        self.tables[table as usize].remove(key).map_err(err)?;
+        Ok(())
+    }
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        scan_table(self.t(table), from, to, visit)
+    }
+}
+
+/// The tables of one redb read transaction: a snapshot, writes refused.
+pub struct ReadEngine {
+    tables: Vec<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+}
+
+impl ReadEngine {
+    pub fn new(txn: &ReadTransaction) -> Result<Self, EngineError> {
+        let tables = Table::ALL.iter().map(|t| txn.open_table(def(*t)).map_err(err)).collect::<Result<_, _>>()?;
+        Ok(ReadEngine { tables })
+    }
+}
+
+impl Engine for ReadEngine {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.tables[table as usize].get(key).map_err(err)?.map(|g| g.value().to_vec()))
+    }
+    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        scan_table(&self.tables[table as usize], from, to, visit)
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+/// One node's redb file and its store state.
+pub struct Storage {
+    db: Database,
+    state: StoreState,
+    mode: DurabilityMode,
+}
+
+/// What opening found.
+pub struct Opened {
+    pub storage: Storage,
+    pub members: Vec<Member>,
+    pub report: OpenReport,
+}
+
+impl Storage {
+    /// Open (or create) the node's database; `fresh_epoch` becomes the node's epoch if the
+    /// database is new. Rebuilds the Merkle trees and quarantines unreadable rows.
+    pub fn open(
+        path: &Path,
+        q: u32,
+        limits: StoreLimits,
+        mode: DurabilityMode,
+        fresh_epoch: u64,
+    ) -> Result<Opened, String> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+        let (state, report) = {
+            let mut engine = WriteEngine::new(&txn)
+                .map_err(|e| format!("{}: {e} (a data directory of an older ringkv cannot be read)", path.display()))?;
+            StoreState::open(&mut engine, q, limits, fresh_epoch).map_err(|e| e.to_string())?
+        };
+        txn.commit().map_err(|e| e.to_string())?;
+        let members = {
+            let read = db.begin_read().map_err(|e| e.to_string())?;
+            let engine = ReadEngine::new(&read).map_err(|e| e.to_string())?;
+            StoreState::load_members(&engine)
+                .map_err(|e| format!("{}: the saved membership cannot be read ({e}); move the data directory aside to rejoin as a new node", path.display()))?
+        };
+        if report.quarantined > 0 {
+            tracing::warn!(rows = report.quarantined, "unreadable rows quarantined; anti-entropy refills them");
+        }
+        Ok(Opened { storage: Storage { db, state, mode }, members, report })
+    }
+
+    pub fn state(&self) -> &StoreState {
+        &self.state
+    }
+
+    /// Run a batch in one transaction: a read transaction when every operation only reads,
+    /// else a write transaction committed durably when `durable` or in `sync` mode. The
+    /// in-memory state changes only after the commit. Unreadable rows that a read batch met
+    /// are quarantined right after, in a write transaction of their own.
+    pub fn run(&mut self, ops: Vec<StoreOp>, durable: bool, now_wall_ms: u64) -> Vec<Result<StoreOutcome, StoreError>> {
+        let n = ops.len();
+        let failed = |e: String| (0..n).map(|_| Err(StoreError::Io(e.clone()))).collect();
+        if ops.iter().all(StoreOp::is_read_only) {
+            let run = match self.db.begin_read().map_err(|e| e.to_string()).and_then(|txn| {
+                let mut engine = ReadEngine::new(&txn).map_err(|e| e.to_string())?;
+                Ok(self.state.run(&mut engine, ops, now_wall_ms))
+            }) {
+                Ok(run) => run,
+                Err(e) => return failed(e),
+            };
+            if !run.pending.quarantine.is_empty() {
+                let follow = run.pending.quarantine.clone();
+                let _ = self.run(follow, false, now_wall_ms);
+            }
+            return run.outcomes;
+        }
+        let mut txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => return failed(e.to_string()),
+        };
+        let d = if durable || self.mode == DurabilityMode::Sync { Durability::Immediate } else { Durability::None };
+        if let Err(e) = txn.set_durability(d) {
+            return failed(e.to_string());
+        }
+        let run = {
+            let mut engine = match WriteEngine::new(&txn) {
+                Ok(e) => e,
+                Err(e) => return failed(e.0),
+            };
+            self.state.run(&mut engine, ops, now_wall_ms)
+        };
+        if run.failed.is_some() {
+            let _ = txn.abort();
+            return run.outcomes;
+        }
+        if let Err(e) = txn.commit() {
+            tracing::error!(error = %e, "storage commit failed");
+            return failed(e.to_string());
+        }
+        self.state.commit(&run.pending);
+        if run.pending.quarantined > 0 {
+            tracing::warn!(rows = run.pending.quarantined, "unreadable rows quarantined; anti-entropy refills them");
+        }
+        run.outcomes
+    }
+
+    /// Make every buffered commit durable.
+    pub fn flush(&mut self) -> Result<(), String> {
+        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv::version::VersionVector;
+
+    fn coordinate(key: &str) -> StoreOp {
+        StoreOp::Coordinate {
+            key: key.as_bytes().to_vec(),
+            context: VersionVector::new(),
+            value: Some(vec![1; 10]),
+            hint: None,
+            now_wall_ms: 1,
+        }
+    }
+
+    #[test]
+    fn batches_survive_reopen_and_rebuild_the_same_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 1).unwrap();
+        assert!(o.report.fresh);
+        let mut s = o.storage;
+        let out = s.run((0..50).map(|i| coordinate(&format!("k{i}"))).collect(), false, 1);
+        assert!(out.iter().all(|r| matches!(r, Ok(StoreOutcome::Coordinated(Ok(_))))));
+        let p = (0..16).find(|&p| s.state().tree(p).unwrap().keys() >= 3).unwrap();
+        let page = s.run(vec![StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: 1 }], false, 1);
+        assert!(matches!(&page[0], Ok(StoreOutcome::Page { objects, next: Some(_) }) if objects.len() == 1));
+        s.run(vec![StoreOp::SaveMembers { members: Vec::new() }], true, 1);
+        let roots: Vec<u128> = (0..16).map(|p| s.state().tree(p).unwrap().root()).collect();
+        drop(s);
+        let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 2).unwrap();
+        assert!(!o.report.fresh);
+        assert_eq!(o.report.objects, 50);
+        assert_eq!((0..16).map(|p| o.storage.state().tree(p).unwrap().root()).collect::<Vec<_>>(), roots);
+    }
+}
