@@ -3,10 +3,10 @@
 //! Run: `cargo bench -p ringkv --bench core`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
-use ringkv::wire::ReplicaRequest;
 use ringkv::merkle::{respond, DiffInitiator, DiffStep, MerkleTree};
 use ringkv::ring::{NodeSpec, Ring};
 use ringkv::version::{Actor, Object, VersionVector};
+use ringkv::wire::ReplicaRequest;
 use ringkv::wire::{decode_frame, encode_frame, Message, FRAME_BYTES_MAX_DEFAULT};
 
 fn placement(c: &mut Criterion) {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::ring::{PARTITIONS_MAX, PARTITIONS_MIN};
+use crate::version::CLOCK_ENTRIES_MAX;
 
 /// A configuration that cannot be used: the key at fault and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -247,7 +248,7 @@ fn retention_default() -> u64 {
     7 * 24 * 3_600_000
 }
 fn batch_bytes_default() -> u64 {
-    1024 * 1024
+    4 * 1024 * 1024
 }
 fn object_bytes_default() -> u64 {
     8 * 1024 * 1024
@@ -326,7 +327,10 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let line = inner.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            // The span is in bytes and need not fall on a character boundary: count newlines.
+            let line = inner
+                .span()
+                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
             let mut message = inner.message().to_string();
             if let Some(l) = line {
                 message = format!("{message} (line {l})");
@@ -357,8 +361,9 @@ impl Config {
         for s in &n.seeds {
             parse_addr("node.seeds", s)?;
         }
-        if matches!(&n.zone, Some(z) if z.is_empty()) {
-            return Err(ConfigError::new("node.zone", "must not be empty when given"));
+        // The bounds peers hold this node's member record to (`Member::validate`).
+        if matches!(&n.zone, Some(z) if z.is_empty() || z.len() > 64) {
+            return Err(ConfigError::new("node.zone", "must be 1..=64 bytes when given"));
         }
         if n.weight == 0 || n.weight > 1000 {
             return Err(ConfigError::new("node.weight", "must be in 1..=1000"));
@@ -393,8 +398,13 @@ impl Config {
                 return Err(ConfigError::new(key, format!("{q} is not in 1..=cluster.replicas ({})", c.replicas)));
             }
         }
-        if c.clock_prune_threshold < 2 {
-            return Err(ConfigError::new("cluster.clock_prune_threshold", "must be at least 2"));
+        // A coordinated write keeps at most max(threshold, live siblings) clock entries, and
+        // a clock past CLOCK_ENTRIES_MAX does not decode.
+        if c.clock_prune_threshold < 2 || c.clock_prune_threshold as usize > CLOCK_ENTRIES_MAX {
+            return Err(ConfigError::new(
+                "cluster.clock_prune_threshold",
+                format!("must be in 2..={CLOCK_ENTRIES_MAX}"),
+            ));
         }
 
         positive("storage.flush_interval_ms", self.storage.flush_interval_ms)?;
@@ -428,7 +438,9 @@ impl Config {
         if l.max_key_bytes == 0 || l.max_key_bytes > 65536 {
             return Err(ConfigError::new("limits.max_key_bytes", "must be in 1..=65536"));
         }
-        positive("limits.max_siblings", l.max_siblings as u64)?;
+        if l.max_siblings == 0 || l.max_siblings as usize > CLOCK_ENTRIES_MAX {
+            return Err(ConfigError::new("limits.max_siblings", format!("must be in 1..={CLOCK_ENTRIES_MAX}")));
+        }
         if l.object_bytes_max < l.max_value_bytes || l.object_bytes_max > OBJECT_BYTES_LIMIT {
             return Err(ConfigError::new(
                 "limits.object_bytes_max",
@@ -574,6 +586,14 @@ secret = "change-me"
             (with("[limits]\nmax_value_bytes = 100\nobject_bytes_max = 99"), "limits.object_bytes_max"),
             (with("[handoff]\nbatch_bytes = 0"), "handoff.batch_bytes"),
             (with("[node2]\n"), "node2"),
+            // Found by fuzzing: accepted, though peers refuse such a member record, or the
+            // node's own clocks would not decode.
+            (GOOD.replace("seeds = [", &format!("zone = \"{}\"\nseeds = [", "z".repeat(65))), "node.zone"),
+            (
+                GOOD.replace("secret = \"change-me\"", "secret = \"a\"\nclock_prune_threshold = 1025"),
+                "cluster.clock_prune_threshold",
+            ),
+            (with("[limits]\nmax_siblings = 1025"), "limits.max_siblings"),
         ];
         for (text, key) in cases {
             assert_eq!(err_key(&text), key, "{text}");
@@ -584,6 +604,17 @@ secret = "change-me"
     fn zero_inflight_is_allowed_and_pauses() {
         let c = Config::parse(&with("[anti_entropy]\nmax_inflight = 0\n[handoff]\nmax_inflight = 0")).unwrap();
         assert_eq!((c.anti_entropy.max_inflight, c.handoff.max_inflight), (0, 0));
+    }
+
+    #[test]
+    fn an_error_inside_a_multibyte_character_is_reported_not_a_panic() {
+        // Found by fuzzing: the parser's error span can start inside a character, and slicing
+        // the text there to count lines panicked.
+        for text in ["r=\"\\\u{FFFD}", "r=\"\\é", "[node]\nid = \"\\é"] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.message.contains("line"), "{e}");
+        }
+        assert!(Config::parse("[node]\nid = \"\\é").unwrap_err().message.ends_with("(line 2)"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - **hints**: destinations are served round-robin, so one unreachable node never starves
 //!   the others. Hints for a member in the ring go to it once it is reachable. Hints for a
 //!   node that is leaving, has left or is unknown, and every hint a leaving node holds, go
-//!   to the key's current replicas that are reachable (anti-entropy brings the rest). A
+//!   to all of the key's current replicas, once all of them are reachable (so the hint is
+//!   dropped only when every replica holds it). A
 //!   hint older than the reaped-record retention is dropped, not delivered: no record would
 //!   be left to stop it from resurrecting a reaped delete.
 //! - **transfers**: a partition held here that this node no longer replicates (after a join
@@ -87,12 +88,21 @@ struct Batch {
 #[derive(Clone, Debug)]
 enum Scan {
     Inventory,
-    Hints { intended: NodeId },
-    Partition { partition: u32 },
+    Hints {
+        intended: NodeId,
+    },
+    Partition {
+        partition: u32,
+    },
     Tombstones,
-    Reap { id: u64 },
+    Reap {
+        id: u64,
+    },
     Sweep,
-    Removal,
+    /// Delivered keys being dropped; `then` is the work to continue right after.
+    Removal {
+        then: Option<Kind>,
+    },
 }
 
 /// The handoff stage.
@@ -316,7 +326,7 @@ impl HandoffStage {
             tracing::warn!(%intended, count = expired.len(), "hints past the reaped-record retention dropped");
             self.expired_hints = self.expired_hints.saturating_add(expired.len() as u64);
             let keys = expired.into_iter().map(|(k, o, _)| (k, o.digest())).collect();
-            self.store(StoreOp::RemoveHints { intended: intended.clone(), keys }, Scan::Removal);
+            self.store(StoreOp::RemoveHints { intended: intended.clone(), keys }, Scan::Removal { then: None });
         }
         if live.is_empty() {
             return;
@@ -328,13 +338,15 @@ impl HandoffStage {
             }
             return;
         }
-        // Re-routed: each key to its partition's reachable replicas, at least one.
+        // Re-routed: each key to its partition's current replicas, once all are reachable.
+        // The hint is dropped when every one of them holds it: handing it to only some,
+        // which may already hold it, would leave fewer copies than the write was
+        // acknowledged with.
         let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return };
         let mut by_targets: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
         for (k, o, _) in live {
-            let mut targets = self.owners(ring.partition_for_key(&k));
-            targets.retain(|t| self.down.is_up(t));
-            if !targets.is_empty() {
+            let targets = self.owners(ring.partition_for_key(&k));
+            if !targets.is_empty() && targets.iter().all(|t| self.down.is_up(t)) {
                 by_targets.entry(targets).or_default().push((k, o));
             }
         }
@@ -366,17 +378,45 @@ impl HandoffStage {
         }
         let Some(b) = self.batches.remove(&id) else { return };
         self.moved_keys = self.moved_keys.saturating_add(b.keys.len() as u64);
+        let then = Some(b.kind.clone());
         let op = match b.kind {
             Kind::Hints { intended } => {
-                tracing::info!(%intended, keys = b.keys.len(), "hints delivered");
+                tracing::debug!(%intended, keys = b.keys.len(), "hints delivered");
                 StoreOp::RemoveHints { intended, keys: b.keys }
             }
             Kind::Transfer { partition } => {
-                tracing::info!(partition, keys = b.keys.len(), "keys transferred to their replicas");
+                tracing::debug!(partition, keys = b.keys.len(), "keys transferred to their replicas");
                 StoreOp::RemoveObjects { keys: b.keys }
             }
         };
-        self.store(op, Scan::Removal);
+        self.store(op, Scan::Removal { then });
+    }
+
+    /// A batch was delivered and dropped: go on with the same destination or partition at
+    /// once, rather than a round later, while the budget allows.
+    fn continue_with(&mut self, kind: Kind) {
+        if self.budget == 0 || self.inflight() >= self.budget as usize {
+            return;
+        }
+        match kind {
+            Kind::Hints { intended } => {
+                if self.deliverable(&intended) {
+                    let op = StoreOp::HintPage {
+                        intended: intended.clone(),
+                        after: None,
+                        bytes_max: self.settings.batch_bytes,
+                    };
+                    self.store(op, Scan::Hints { intended });
+                }
+            }
+            Kind::Transfer { partition } => {
+                if !self.replicated().contains(&partition) || self.settings.planted != Planted::None {
+                    let op =
+                        StoreOp::Page { partition, leaves: None, after: None, bytes_max: self.settings.batch_bytes };
+                    self.store(op, Scan::Partition { partition });
+                }
+            }
+        }
     }
 
     fn drain_reaper(&mut self) {
@@ -427,6 +467,9 @@ impl HandoffStage {
                 self.drain_reaper();
             }
             (Scan::Sweep, Ok(StoreOutcome::Swept { next, .. })) => self.sweep_after = next,
+            (Scan::Removal { then: Some(kind) }, Ok(StoreOutcome::Removed { count })) if count > 0 => {
+                self.continue_with(kind)
+            }
             _ => {}
         }
     }
@@ -642,7 +685,50 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(matches!(sent[..], [Message::Handoff { objects, .. }] if objects.len() == 1 && objects[0].0.as_slice() == b"new"));
+        assert!(
+            matches!(sent[..], [Message::Handoff { objects, .. }] if objects.len() == 1 && objects[0].0.as_slice() == b"new")
+        );
+    }
+
+    #[test]
+    fn re_routed_hints_wait_for_every_current_replica() {
+        // Found by the simulation (seed 2, harsh faults and a forced leave): a leaving node
+        // handed a W=3 write's hints to the one replica it could reach, which already held
+        // the write, and dropped them; two wipes then destroyed the acknowledged write.
+        let ring = view("a", &["a"]).ring.clone().unwrap();
+        let owners_of = |k: &[u8]| ring.preference_list(ring.partition_for_key(k), 3).primaries;
+        let key = (0..1000)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| owners_of(k).contains(&"b".to_string()))
+            .expect("a key b replicates");
+        let mut h = stage("a", &["a"], 1);
+        h.handle(now(0), Input::Signal(Signal::Down(Arc::new(["b".to_string()].into()))));
+        let sent = |h: &mut HandoffStage, at: u64| -> Vec<String> {
+            let effects = round(h, at, vec![], &[("e", 1)]);
+            let token = effects
+                .iter()
+                .find_map(|e| match e {
+                    Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
+                    _ => None,
+                })
+                .expect("a leaving node moves its hints");
+            let hints = vec![(key.clone(), obj(1), now(at).wall_ms)];
+            h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
+            let mut to: Vec<String> = drain(h)
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                    _ => None,
+                })
+                .collect();
+            to.sort();
+            to
+        };
+        assert_eq!(sent(&mut h, 100), Vec::<String>::new(), "b is down: the hint stays here");
+        h.handle(now(150), Input::Signal(Signal::Down(Arc::default())));
+        let mut owners = owners_of(&key);
+        owners.sort();
+        assert_eq!(sent(&mut h, 200), owners, "every current replica gets it");
     }
 
     #[test]
@@ -673,10 +759,22 @@ mod tests {
         // Acks from all but one: nothing is dropped yet.
         let batch = *h.batches.keys().next().unwrap();
         for t in &targets[..2] {
-            h.handle(now(110), Input::Message { from: Origin { conn: 1, node: Some(t.clone()) }, msg: Message::HandoffAck { id: batch, ok: true } });
+            h.handle(
+                now(110),
+                Input::Message {
+                    from: Origin { conn: 1, node: Some(t.clone()) },
+                    msg: Message::HandoffAck { id: batch, ok: true },
+                },
+            );
         }
         assert!(drain(&mut h).iter().all(|e| !matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
-        h.handle(now(120), Input::Message { from: Origin { conn: 1, node: Some(targets[2].clone()) }, msg: Message::HandoffAck { id: batch, ok: true } });
+        h.handle(
+            now(120),
+            Input::Message {
+                from: Origin { conn: 1, node: Some(targets[2].clone()) },
+                msg: Message::HandoffAck { id: batch, ok: true },
+            },
+        );
         assert!(drain(&mut h).iter().any(|e| matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
     }
 }

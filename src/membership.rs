@@ -87,9 +87,17 @@ impl Member {
         if self.weight == 0 || self.weight > 1000 {
             return Err(format!("member {} has weight {}, not in 1..=1000", self.id, self.weight));
         }
+        if self.incarnation > SEQ_MAX || self.join_seq > SEQ_MAX || self.leave_seq.is_some_and(|s| s > SEQ_MAX) {
+            return Err(format!("member {} has an incarnation or sequence number past {SEQ_MAX}", self.id));
+        }
         Ok(())
     }
 }
+
+/// Largest incarnation or event sequence number a record may carry: far beyond any real
+/// count and far below `u64::MAX`, so a node can always raise its own record or stamp an
+/// event past every one it has seen.
+pub const SEQ_MAX: u64 = 1 << 62;
 
 /// Whether `id` can name a node: 1..=64 ASCII letters, digits, '-', '_' or '.'.
 pub fn valid_node_id(id: &str) -> bool {
@@ -199,7 +207,8 @@ impl Membership {
             ring: None,
             outbox: VecDeque::new(),
         };
-        for rec in saved {
+        // A saved record is checked as a gossiped one is: a bad one is dropped, never merged.
+        for rec in saved.into_iter().filter(|r| r.validate().is_ok()) {
             m.absorb(rec);
         }
         if m.members.contains_key(&id) {
@@ -479,6 +488,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn records_past_the_sequence_limit_are_dropped_from_gossip_and_disk() {
+        // Found by fuzzing: a record with an incarnation or sequence number of u64::MAX, from
+        // a peer or the saved table (which was not checked at all), overflowed `+ 1` when the
+        // node raised its own record past it or stamped its join after it.
+        let bad = |id: &str, port: u16| Member {
+            incarnation: u64::MAX,
+            state: MemberState::Up,
+            join_seq: u64::MAX,
+            leave_seq: Some(u64::MAX),
+            id: id.into(),
+            addr: format!("127.0.0.1:{port}"),
+            zone: None,
+            weight: 1,
+        };
+        assert!(bad("n1", 1).validate().is_err());
+        let saved = vec![bad("n1", 9), Member { weight: 0, ..bad("n2", 7102) }];
+        let mut m = Membership::new(
+            Identity { id: "n1".into(), addr: "127.0.0.1:7101".into(), zone: None, weight: 1 },
+            vec!["127.0.0.1:7101".into()],
+            saved,
+            64,
+            3,
+            100,
+            0,
+        );
+        assert_eq!(m.member("n1").map(|r| r.incarnation), Some(0), "the bad saved record was dropped");
+        assert!(m.member("n2").is_none());
+        assert!(!m.handle_gossip(1, vec![bad("n1", 9), bad("n3", 7103)]));
+        assert_eq!(m.table().len(), 1);
+        assert!(m.table().iter().all(|r| r.validate().is_ok()));
     }
 
     #[test]

@@ -446,13 +446,20 @@ mod tests {
         }
 
         fn put(&mut self, i: usize, key: &str, value: Vec<u8>, context: Option<String>) -> ClientResponse {
-            let request = ClientRequest::Put { key: Bytes::from(key.as_bytes().to_vec()), context, value: Some(Bytes::from(value)), w: None };
+            let request = ClientRequest::Put {
+                key: Bytes::from(key.as_bytes().to_vec()),
+                context,
+                value: Some(Bytes::from(value)),
+                w: None,
+            };
             self.client(i, request)
         }
 
         fn get(&mut self, i: usize, key: &str) -> (Vec<Vec<u8>>, Option<String>) {
             match self.client(i, ClientRequest::Get { key: Bytes::from(key.as_bytes().to_vec()), r: None }) {
-                ClientResponse::Values { values, context } => (values.into_iter().map(Bytes::into_vec).collect(), context),
+                ClientResponse::Values { values, context } => {
+                    (values.into_iter().map(Bytes::into_vec).collect(), context)
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -603,13 +610,15 @@ mod tests {
         let mut m = Mini::new(3, "[anti_entropy]\nmax_inflight = 2\n");
         m.put(0, "c", b"v".to_vec(), None);
         m.run(500);
-        let rows: Vec<Vec<u8>> = m.peers[1].store.engine.rows(crate::store::Table::Objects).map(|(k, _)| k.to_vec()).collect();
+        let rows: Vec<Vec<u8>> =
+            m.peers[1].store.engine.rows(crate::store::Table::Objects).map(|(k, _)| k.to_vec()).collect();
         assert_eq!(rows.len(), 1);
         m.peers[1].store.engine.poke(crate::store::Table::Objects, &rows[0], vec![1, 2, 3]);
         // A read meets it: an error, never "absent"; the row is quarantined and refilled.
         let r = m.peers[1].store.run(StoreOp::Read { key: b"c".to_vec() });
         assert!(r.is_err());
-        let q = m.peers[1].store.run(StoreOp::Quarantine { table: crate::store::Table::Objects, row_key: rows[0].clone() });
+        let q =
+            m.peers[1].store.run(StoreOp::Quarantine { table: crate::store::Table::Objects, row_key: rows[0].clone() });
         assert_eq!(q, Ok(StoreOutcome::Done));
         m.run(5000);
         assert_eq!(m.peers[1].store.object(b"c").map(|o| o.values().count()), Some(1));

@@ -402,6 +402,14 @@ pub fn decode_hint_row(bytes: &[u8]) -> Result<HintRow, String> {
     Ok(row)
 }
 
+/// Decode a reaped tombstone's record, checking its clock (every later merge of the key
+/// takes it in, so a bad one would make the key's object invalid).
+pub fn decode_reaped_row(bytes: &[u8]) -> Result<ReapedRow, String> {
+    let row: ReapedRow = unseal(bytes)?;
+    row.clock.validate().map_err(|e| e.to_string())?;
+    Ok(row)
+}
+
 /// Decode a stored member table.
 pub fn decode_members(bytes: &[u8]) -> Result<Vec<Member>, String> {
     unseal(bytes)
@@ -585,9 +593,10 @@ impl StoreState {
     /// [`commit`](Self::commit) is given the returned [`Pending`].
     /// `now_wall_ms` dates new hint rows and reaped records.
     pub fn run<E: Engine>(&self, engine: &mut E, ops: Vec<StoreOp>, now_wall_ms: u64) -> BatchRun {
+        let count = ops.len();
         let mut exec =
             Exec { engine, state: self, pending: Pending::default(), actors_drawn: self.actors_drawn, now_wall_ms };
-        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut outcomes = Vec::with_capacity(count);
         let mut failed = None;
         for op in ops {
             match exec.execute(op) {
@@ -607,7 +616,8 @@ impl StoreState {
         }
         let mut pending = exec.pending;
         if let Some(e) = &failed {
-            outcomes = (0..outcomes.len().max(1)).map(|_| Err(e.clone())).collect();
+            // One error for every operation, those after the failing one included.
+            outcomes = (0..count).map(|_| Err(e.clone())).collect();
             pending = Pending::default();
         }
         BatchRun { outcomes, pending, failed }
@@ -709,7 +719,7 @@ impl<E: Engine> Exec<'_, E> {
         let readable = match table {
             Table::Objects => decode_object_row(&bytes).is_ok(),
             Table::Hints => decode_hint_row(&bytes).is_ok(),
-            Table::Reaped => unseal::<ReapedRow>(&bytes).is_ok(),
+            Table::Reaped => decode_reaped_row(&bytes).is_ok(),
             _ => false,
         };
         if readable {
@@ -851,7 +861,7 @@ impl<E: Engine> Exec<'_, E> {
         let rk = object_row_key(key, self.q());
         match self.engine.get(Table::Reaped, &rk)? {
             None => Ok(None),
-            Some(bytes) => match unseal::<ReapedRow>(&bytes) {
+            Some(bytes) => match decode_reaped_row(&bytes) {
                 Ok(row) => Ok(Some(row)),
                 // A reaped record only filters; one that cannot be read is dropped.
                 Err(_) => {
@@ -1025,7 +1035,7 @@ impl<E: Engine> Exec<'_, E> {
                 self.engine.scan(Table::Reaped, &from, None, &mut |k, v| {
                     seen += 1;
                     last = Some(k.to_vec());
-                    if unseal::<ReapedRow>(v).map_or(true, |r| r.reaped_wall_ms < before_wall_ms) {
+                    if decode_reaped_row(v).map_or(true, |r| r.reaped_wall_ms < before_wall_ms) {
                         expired.push(k.to_vec());
                     }
                     seen < limit.max(1)
@@ -1681,6 +1691,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reaped_record_with_a_bad_clock_is_unreadable_and_goes() {
+        // Found by fuzzing: a record that unsealed but held a counter of 0 (or past
+        // COUNTER_MAX) was merged into the key's state, which then failed validation.
+        let mut clock = VersionVector::new();
+        clock.witness(Actor(5), 0, 1);
+        let bad = seal(&ReapedRow { reaped_wall_ms: 1, clock }).unwrap();
+        assert!(unseal::<ReapedRow>(&bad).is_ok());
+        assert!(decode_reaped_row(&bad).is_err());
+        let mut s = store();
+        s.engine.poke(Table::Reaped, &row_key(b"k"), bad);
+        let mut o = Object::new();
+        o.update(&VersionVector::new(), Actor(9), Some(b"v".to_vec()), 1, 10);
+        s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), o.clone())] }).unwrap();
+        assert_eq!(s.object(b"k"), Some(o), "stored, valid, and readable");
+        assert_eq!((s.engine.len(Table::Reaped), s.engine.len(Table::Quarantine)), (0, 1));
+    }
+
+    #[test]
     fn a_failed_engine_write_fails_the_whole_batch_and_changes_nothing() {
         struct Failing<'a>(MemTxn<'a>);
         impl Engine for Failing<'_> {
@@ -1719,6 +1747,56 @@ mod tests {
         assert!(run.failed.is_some());
         assert!(run.outcomes.iter().all(|o| matches!(o, Err(StoreError::Io(_)))));
         assert_eq!((s.engine.clone(), s.state.trees.clone()), before);
+    }
+
+    #[test]
+    fn a_failed_batch_answers_every_operation_with_an_error() {
+        // A put that fails midway through a batch: the operations before it ran, the ones
+        // after it never did; each caller must still hear back.
+        struct FailingAfter<'a>(MemTxn<'a>, usize);
+        impl Engine for FailingAfter<'_> {
+            fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+                self.0.get(t, k)
+            }
+            fn put(&mut self, t: Table, k: &[u8], v: &[u8]) -> Result<(), EngineError> {
+                if self.1 == 0 {
+                    return Err(EngineError("disk full".into()));
+                }
+                self.1 -= 1;
+                self.0.put(t, k, v)
+            }
+            fn delete(&mut self, t: Table, k: &[u8]) -> Result<(), EngineError> {
+                self.0.delete(t, k)
+            }
+            fn scan(
+                &self,
+                t: Table,
+                f: &[u8],
+                to: Option<&[u8]>,
+                v: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+            ) -> Result<(), EngineError> {
+                self.0.scan(t, f, to, v)
+            }
+        }
+        let mut s = store();
+        let state = s.state.clone();
+        let before = s.engine.clone();
+        let write = |k: &str| StoreOp::Coordinate {
+            key: k.as_bytes().to_vec(),
+            context: VersionVector::new(),
+            value: Some(b"v".to_vec()),
+            hint: None,
+            now_wall_ms: 1,
+        };
+        let ops =
+            vec![StoreOp::Read { key: b"x".to_vec() }, write("a"), write("b"), StoreOp::Read { key: b"y".to_vec() }];
+        let mut txn = FailingAfter(s.engine.begin(), 1);
+        let run = state.run(&mut txn, ops, 0);
+        drop(txn);
+        assert!(run.failed.is_some());
+        assert_eq!(run.outcomes.len(), 4, "{:?}", run.outcomes);
+        assert!(run.outcomes.iter().all(|o| matches!(o, Err(StoreError::Io(_)))));
+        assert_eq!(s.engine, before);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   supersedes nothing, so two blind writes both survive even from the same coordinator;
 //! - [`Object::merge`] is commutative, associative and idempotent;
 //! - a tombstone (a sibling with no value) is a sibling like any other;
-//! - pruning drops the oldest clock entries past a threshold, which can only make old
-//!   siblings reappear as concurrent, never make a newer sibling vanish.
+//! - pruning drops the oldest clock entries past a threshold, never one that covers a live
+//!   sibling; it can only make old siblings reappear as concurrent, never make a newer
+//!   sibling vanish.
 //!
 //! Dots are issued by an [`Actor`]. A node never issues a dot that some copy of the key
 //! might already hold, nor a clock entry that claims dots its state has not seen: each
@@ -27,7 +28,7 @@
 //! refused when decoded, and issuing checks for overflow, so a crafted context cannot make
 //! a counter wrap into one every merge treats as already seen.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
 use md5::{Digest, Md5};
@@ -135,13 +136,13 @@ impl VersionVector {
     }
 
     /// Drop the oldest entries (by timestamp, then actor) until at most `threshold` remain,
-    /// never dropping `keep`.
-    pub fn prune(&mut self, threshold: usize, keep: Actor) {
+    /// never dropping those of the actors in `keep`.
+    pub fn prune(&mut self, threshold: usize, keep: &BTreeSet<Actor>) {
         if self.entries.len() <= threshold {
             return;
         }
         let mut by_age: Vec<(u64, Actor)> =
-            self.entries.iter().filter(|(a, _)| **a != keep).map(|(a, e)| (e.timestamp_ms, *a)).collect();
+            self.entries.iter().filter(|(a, _)| !keep.contains(a)).map(|(a, e)| (e.timestamp_ms, *a)).collect();
         by_age.sort();
         let excess = self.entries.len() - threshold;
         for (_, a) in by_age.into_iter().take(excess) {
@@ -309,7 +310,10 @@ impl Object {
         self.clock.witness(dot.actor, dot.counter, now_ms);
         self.siblings.push(Sibling { dot, timestamp_ms: now_ms, value });
         self.siblings.sort_by_key(|s| s.dot);
-        self.clock.prune(prune_threshold.max(1), dot.actor);
+        // Never the entry of a live sibling's actor (the writer's among them): the clock must
+        // keep covering every sibling, or the state is invalid and no context can supersede it.
+        let live: BTreeSet<Actor> = self.siblings.iter().map(|s| s.dot.actor).collect();
+        self.clock.prune(prune_threshold.max(1), &live);
     }
 
     /// [`next_dot`](Self::next_dot), then [`apply_write`](Self::apply_write):
@@ -523,6 +527,25 @@ mod tests {
     }
 
     #[test]
+    fn pruning_keeps_the_entries_of_live_siblings() {
+        // Found by fuzzing: concurrent blind writes from more actors than the threshold used
+        // to prune the entries of live siblings, leaving a state that fails `validate` (its
+        // row read back as corrupt) and a context that cannot supersede those siblings.
+        let mut o = Object::new();
+        for a in 1..=3u64 {
+            o.update(&VersionVector::new(), Actor(a), Some(vec![a as u8]), a, 2);
+        }
+        assert_eq!(o.siblings().len(), 3);
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.clock().len(), 3, "one entry per live sibling, past the threshold");
+        // A write with the context resolves them all, and then the clock is pruned again.
+        o.update(&o.context(), Actor(4), Some(b"merged".to_vec()), 4, 2);
+        assert_eq!(vals(&o), vec![b"merged".as_slice()]);
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.clock().len(), 2);
+    }
+
+    #[test]
     fn pruning_may_revive_an_old_sibling_but_never_hides_a_new_one() {
         // r_old still holds v1; the live replica superseded it, then pruned v1's actor.
         let mut live = Object::new();
@@ -551,6 +574,18 @@ mod tests {
         assert_eq!(VersionVector::decode_context("AQ", 0), Err(ContextError::Malformed));
         let huge = "A".repeat(100_000);
         assert_eq!(VersionVector::decode_context(&huge, 0), Err(ContextError::TooLarge));
+        // A counter past the limit (a forged context) is refused, not wrapped.
+        for c in [COUNTER_MAX + 1, u64::MAX] {
+            let mut forged = VersionVector::new();
+            forged.entries.insert(A, ClockEntry { counter: c, timestamp_ms: 0 });
+            assert_eq!(VersionVector::decode_context(&forged.encode_context(), 0), Err(ContextError::Malformed));
+        }
+        let mut at_limit = VersionVector::new();
+        at_limit.witness(A, COUNTER_MAX, 0);
+        let mut o = Object::new();
+        assert_eq!(o.next_dot(&at_limit, A), Err(VersionError::CounterExhausted));
+        o.update(&VersionVector::new(), B, Some(vec![1]), 1, 10);
+        assert!(o.validate().is_ok());
     }
 
     #[test]

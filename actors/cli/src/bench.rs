@@ -12,7 +12,8 @@ use ringkv::wire::{ClientRequest, ClientResponse};
 use serde_json::json;
 
 use crate::args::BenchArgs;
-use crate::commands::{exit, Client, Failure, Outcome};
+use crate::outcome::{exit, Failure, Outcome};
+use ringkv_client::Client;
 use ringkv_client::Credentials;
 
 fn key(i: u64) -> Vec<u8> {

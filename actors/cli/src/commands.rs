@@ -7,60 +7,13 @@ use std::path::Path;
 
 use base64::Engine;
 use ringkv::config::Config;
-use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind};
+use ringkv::wire::{Bytes, ClientRequest, ClientResponse};
 use serde_json::{json, Value};
 
-use crate::args::{AdminCommand, ClientArgs, ClientCommand, FaultCommand, LimitsCommand};
+use crate::args::{AdminCommand, ClientCommand, FaultCommand, LimitsCommand};
+use crate::outcome::{exit, status_of, Failure, Outcome};
 pub use ringkv_client::Client;
-use ringkv_client::{Credentials, NetError};
-
-/// Exit statuses.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const NOT_FOUND: i32 = 1;
-    pub const BAD_INPUT: i32 = 2;
-    pub const UNAVAILABLE: i32 = 3;
-    pub const REFUSED: i32 = 4;
-    pub const OTHER: i32 = 5;
-}
-
-/// A failed command: what to print and the exit status.
-#[derive(Debug)]
-pub struct Failure {
-    pub status: i32,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(status: i32, message: impl Into<String>) -> Self {
-        Failure { status, message: message.into() }
-    }
-}
-
-impl From<NetError> for Failure {
-    fn from(e: NetError) -> Self {
-        let status = match &e {
-            NetError::Refused(_) | NetError::BadServerProof => exit::REFUSED,
-            NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout => exit::UNAVAILABLE,
-            NetError::Wire(_) | NetError::Unexpected(_) => exit::OTHER,
-        };
-        let hint = match &e {
-            NetError::Refused(_) | NetError::BadServerProof => "; check cluster.name and the secret in --config",
-            NetError::Connect(..) | NetError::Timeout => "; is the node running? (--node ADDR picks another)",
-            _ => "",
-        };
-        Failure::new(status, format!("{e}{hint}"))
-    }
-}
-
-fn status_of(kind: ErrorKind) -> i32 {
-    match kind {
-        ErrorKind::BadRequest => exit::BAD_INPUT,
-        ErrorKind::Unavailable | ErrorKind::Overloaded => exit::UNAVAILABLE,
-        ErrorKind::Refused => exit::REFUSED,
-        ErrorKind::Internal => exit::OTHER,
-    }
-}
+use ringkv_client::Credentials;
 
 /// Where to connect and how to authenticate, from `--config` and `--node`.
 pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, Credentials, Config), Failure> {
@@ -87,13 +40,6 @@ pub fn value_json(v: &[u8]) -> Value {
         Ok(s) => json!(s),
         Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(v)}),
     }
-}
-
-/// What a command printed and its status.
-pub struct Outcome {
-    pub doc: Value,
-    pub human: String,
-    pub status: i32,
 }
 
 fn expect_values(r: ClientResponse) -> Result<(Vec<Bytes>, Option<String>), Failure> {
@@ -250,39 +196,6 @@ pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -
             };
             Ok(doc_outcome(expect_document(client.request(req).await?)?))
         }
-        ClientCommand::Bench(_) => Err(Failure::new(exit::OTHER, "bench runs through crate::bench")),
-    }
-}
-
-/// The `ringkv` binary: run the command, print, and return the exit status.
-pub fn main_with(args: ClientArgs) -> i32 {
-    let json = args.global.json;
-    let result = (|| -> Result<Outcome, Failure> {
-        let (addr, creds, config) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Failure::new(exit::OTHER, format!("cannot start the runtime: {e}")))?;
-        rt.block_on(async {
-            if let ClientCommand::Bench(b) = &args.command {
-                return crate::bench::run(b.clone(), addr, &creds, config.frame_bytes_max()).await;
-            }
-            let client = Client::connect(addr, &creds, config.frame_bytes_max()).await?;
-            execute(&client, args.command, &config).await
-        })
-    })();
-    match result {
-        Ok(out) => {
-            if json {
-                println!("{}", out.doc);
-            } else if !out.human.is_empty() {
-                println!("{}", out.human);
-            }
-            out.status
-        }
-        Err(f) => {
-            eprintln!("ringkv: {}", f.message);
-            f.status
-        }
+        ClientCommand::Bench(_) => Err(Failure::new(exit::OTHER, "bench is run by ringkv_cli::run")),
     }
 }

@@ -5,3 +5,41 @@
 pub mod args;
 pub mod bench;
 pub mod commands;
+pub mod outcome;
+
+use args::{ClientArgs, ClientCommand};
+use commands::{execute, target, Client};
+use outcome::{exit, Failure, Outcome};
+
+/// The `ringkv` binary: run the command, print, and return the exit status.
+pub fn run(args: ClientArgs) -> i32 {
+    let json = args.global.json;
+    let result = (|| -> Result<Outcome, Failure> {
+        let (addr, creds, config) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::new(exit::OTHER, format!("cannot start the runtime: {e}")))?;
+        rt.block_on(async {
+            if let ClientCommand::Bench(b) = &args.command {
+                return bench::run(b.clone(), addr, &creds, config.frame_bytes_max()).await;
+            }
+            let client = Client::connect(addr, &creds, config.frame_bytes_max()).await?;
+            execute(&client, args.command, &config).await
+        })
+    })();
+    match result {
+        Ok(out) => {
+            if json {
+                println!("{}", out.doc);
+            } else if !out.human.is_empty() {
+                println!("{}", out.human);
+            }
+            out.status
+        }
+        Err(f) => {
+            eprintln!("ringkv: {}", f.message);
+            f.status
+        }
+    }
+}

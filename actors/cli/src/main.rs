@@ -7,5 +7,5 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    std::process::exit(ringkv_cli::commands::main_with(args));
+    std::process::exit(ringkv_cli::run(args));
 }

@@ -10,6 +10,7 @@
 pub mod args;
 pub mod clock;
 pub mod dev;
+pub mod mailbox;
 pub mod stage_actor;
 pub mod start;
 pub mod storage;

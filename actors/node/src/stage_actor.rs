@@ -16,13 +16,9 @@ use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
 use ringkv::store::{StoreError, StoreOutcome};
 
 use crate::clock::now;
+pub use crate::mailbox::Deliver;
 use crate::storage::{StorageFront, StoreRequest};
 use crate::transport::{Outgoing, TransportActor};
-
-/// An input for a stage actor.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Deliver(pub Input);
 
 /// Where a stage's effects go: every stage's mailbox, the transport, storage.
 pub struct Routes {

@@ -22,7 +22,7 @@ use ringkv::stage::{route, subscribers, ConnId, Dest, Input, Origin, Signal, Sta
 use ringkv::wire::Message;
 use ringkv_transport::{self as net, Credentials, LinkSender};
 
-use crate::stage_actor::Deliver;
+use crate::mailbox::Deliver;
 
 /// Connections that may be in their handshake at once; more are refused.
 pub const HANDSHAKES_MAX: usize = 64;

@@ -41,6 +41,10 @@ pub struct Cluster {
     pub replicas: u32,
     pub quorum: (u32, u32),
     pub extra: String,
+    /// Q.
+    pub partitions: u32,
+    /// coordinator.request_timeout_ms and replica_timeout_ms.
+    pub timeouts_ms: (u64, u64),
 }
 
 fn free_port() -> u16 {
@@ -58,6 +62,8 @@ impl Cluster {
             replicas,
             quorum: (r, w),
             extra: extra.to_string(),
+            partitions: 16,
+            timeouts_ms: (3000, 500),
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         for (i, port) in ports.iter().enumerate() {
@@ -78,6 +84,15 @@ impl Cluster {
         c
     }
 
+    /// Change Q and the coordinator's timeouts (before the nodes first start).
+    pub fn set_partitions(&mut self, q: u32, timeouts_ms: (u64, u64)) {
+        self.partitions = q;
+        self.timeouts_ms = timeouts_ms;
+        for i in 0..self.nodes.len() {
+            self.write_config(i, &self.secret.clone());
+        }
+    }
+
     pub fn write_config(&self, i: usize, secret: &str) {
         let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("\"127.0.0.1:{}\"", n.port)).collect();
         let n = &self.nodes[i];
@@ -91,7 +106,7 @@ seeds = [{seeds}]
 [cluster]
 name = "test"
 secret = "{secret}"
-partitions = 16
+partitions = {partitions}
 replicas = {replicas}
 read_quorum = {r}
 write_quorum = {w}
@@ -104,8 +119,8 @@ probe_interval_ms = 100
 probe_interval_max_ms = 500
 
 [coordinator]
-request_timeout_ms = 3000
-replica_timeout_ms = 500
+request_timeout_ms = {request_ms}
+replica_timeout_ms = {replica_ms}
 
 {extra}
 "#,
@@ -117,6 +132,9 @@ replica_timeout_ms = 500
             r = self.quorum.0,
             w = self.quorum.1,
             extra = self.extra,
+            partitions = self.partitions,
+            request_ms = self.timeouts_ms.0,
+            replica_ms = self.timeouts_ms.1,
         );
         std::fs::write(&n.config, text).unwrap();
     }
