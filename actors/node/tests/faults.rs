@@ -219,3 +219,74 @@ fn tombstones_are_reaped_after_the_grace_period() {
         assert_eq!(c.values(2, k), Some(vec![]));
     }
 }
+
+/// The partition of `key` among 16, as the ring places it.
+fn partition_of(key: &str) -> u64 {
+    ringkv::ring::partition_of_position(ringkv::ring::key_position(key.as_bytes()), 16) as u64
+}
+
+#[test]
+fn a_reaped_delete_stays_deleted_when_an_old_hint_arrives() {
+    let extra = "[storage]\ntombstone_grace_ms = 500\n[handoff]\ninterval_ms = 200\n\
+                 [anti_entropy]\ninterval_ms = 300\nmax_inflight = 2\n[testing]\nfault_injection = true\n";
+    let mut c = Cluster::new(4, 3, 2, 2, extra);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    let (_, ring) = c.json(0, &["ring"]);
+    let key = "ghost";
+    let list: Vec<String> = ring["partitions"][partition_of(key) as usize]["preference_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let index = |id: &str| c.nodes.iter().position(|n| n.id == id).unwrap();
+    let (a, victim) = (index(&list[0]), index(&list[2]));
+    let fallback = (0..4).find(|i| !list.contains(&c.nodes[*i].id)).unwrap();
+    // The third replica is down: the write lands on the fallback as a hint for it.
+    c.kill(victim);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.json(a, &["put", key, "old"]).0, 0);
+    c.wait_for("the fallback holds a hint for the replica", Duration::from_secs(10), || {
+        let (_, hints) = c.json(fallback, &["admin", "hints"]);
+        (hints["hints"][0]["for"] == c.nodes[victim].id.as_str()).then_some(()).ok_or(format!("{hints}"))
+    });
+    // The fallback is cut off, so the hint stays undelivered; the replica comes back.
+    let others: Vec<&str> = (0..4).filter(|i| *i != fallback).map(|i| c.nodes[i].id.as_str()).collect();
+    let mut block = vec!["admin", "fault", "block"];
+    block.extend(others.iter().copied());
+    let out = c.cli(fallback, &block);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let cut_off =
+        |c: &Cluster, i: usize| assert_eq!(c.json(i, &["admin", "fault", "block", &c.nodes[fallback].id]).0, 0);
+    for i in (0..4).filter(|i| *i != fallback && *i != victim) {
+        cut_off(&c, i);
+    }
+    c.start(victim);
+    c.wait_settled(&[victim], Duration::from_secs(30));
+    cut_off(&c, victim);
+    let mut ctx = String::new();
+    c.wait_for("every replica answers with the value", Duration::from_secs(30), || {
+        let (code, doc) = c.json(a, &["get", key, "--r", "3"]);
+        ctx = doc["context"].as_str().unwrap_or_default().to_string();
+        (code == 0).then_some(()).ok_or(format!("{code} {doc}"))
+    });
+    // Delete on all three replicas, and wait until the tombstone is reaped everywhere.
+    assert_eq!(c.json(a, &["delete", key, "--context", &ctx, "--w", "3"]).0, 0);
+    c.wait_for("the tombstone reaped on every replica", Duration::from_secs(60), || {
+        let (code, doc) = c.json(a, &["get", key, "--r", "3"]);
+        (code == 1 && doc["context"].is_null()).then_some(()).ok_or(format!("{code} {doc}"))
+    });
+    // The old hint is delivered now: the deleted value must not come back.
+    for i in 0..4 {
+        assert_eq!(c.json(i, &["admin", "fault", "unblock"]).0, 0);
+    }
+    c.wait_for("the fallback's hint handed over", Duration::from_secs(30), || {
+        let (hints, _) = c.status_pending(fallback);
+        (hints == 0).then_some(()).ok_or(format!("{hints} hints"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..4 {
+        assert_eq!(c.values(i, key), Some(vec![]), "the reaped delete was undone via {}", c.nodes[i].id);
+    }
+}

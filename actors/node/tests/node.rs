@@ -49,6 +49,16 @@ fn three_nodes_put_get_delete_and_siblings() {
     assert_eq!(c.values(0, "big"), Some(vec![]));
     assert_eq!(c.json(0, &["put", "k1", "x", "--context", "%%"]).0, 2);
     assert_eq!(c.json(0, &["get", "k1", "--r", "4"]).0, 2);
+    // A crafted context whose counter would wrap is refused, not stored under a dot every
+    // merge treats as already seen.
+    let (_, doc) = c.json(0, &["get", "k1"]);
+    let ctx = ringkv::version::VersionVector::decode_context(doc["context"].as_str().unwrap(), 0).unwrap();
+    let mut forged = ringkv::version::VersionVector::new();
+    for (actor, _) in ctx.iter() {
+        forged.witness(actor, u64::MAX, 0);
+    }
+    let out = c.cli(0, &["put", "k1", "forged", "--context", &forged.encode_context()]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(c.values(0, "k1"), Some(vec!["v1".to_string()]));
 
     // Every partition has N distinct replicas and the replicas of k1's partition agree.
