@@ -65,8 +65,8 @@ pub struct RequestLimits {
     pub replicas: usize,
     pub read_quorum: usize,
     pub write_quorum: usize,
-    pub max_key_bytes: usize,
-    pub max_value_bytes: usize,
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
 }
 
 impl RequestLimits {
@@ -74,18 +74,18 @@ impl RequestLimits {
         if key.is_empty() {
             return Err("the key is empty".into());
         }
-        if key.len() > self.max_key_bytes {
-            return Err(format!("the key is over limits.max_key_bytes ({})", self.max_key_bytes));
+        if key.len() > self.key_bytes_max {
+            return Err(format!("the key is over limits.max_key_bytes ({})", self.key_bytes_max));
         }
         Ok(())
     }
 
     fn value(&self, value: Option<&[u8]>) -> Result<(), String> {
         match value {
-            Some(v) if v.len() > self.max_value_bytes => Err(format!(
+            Some(v) if v.len() > self.value_bytes_max => Err(format!(
                 "the value is {} bytes, over limits.max_value_bytes ({}); nothing was stored",
                 v.len(),
-                self.max_value_bytes
+                self.value_bytes_max
             )),
             _ => Ok(()),
         }
@@ -1016,7 +1016,7 @@ mod tests {
     /// Table of write quorums: (W, acks from other replicas, whether the client hears "written").
     #[test]
     fn client_requests_are_checked() {
-        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, max_key_bytes: 8, max_value_bytes: 4 };
+        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, key_bytes_max: 8, value_bytes_max: 4 };
         assert_eq!(l.get(b"k", None), Ok(Operation::Get { r: 2 }));
         assert_eq!(l.get(b"k", Some(3)), Ok(Operation::Get { r: 3 }));
         for (key, r) in [(&b""[..], None), (b"123456789", None), (b"k", Some(0)), (b"k", Some(4))] {
@@ -1290,7 +1290,7 @@ mod tests {
 
     #[test]
     fn forwarded_and_replica_requests_pass_the_client_checks() {
-        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, max_key_bytes: 8, max_value_bytes: 4 };
+        let l = RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, key_bytes_max: 8, value_bytes_max: 4 };
         assert!(l.forwarded(b"k", VersionVector::new(), Some(vec![0; 5]), 2).is_err());
         assert!(l.forwarded(b"k", VersionVector::new(), Some(vec![0; 4]), 9).is_err());
         assert!(l.forwarded(b"", VersionVector::new(), None, 2).is_err());

@@ -53,8 +53,8 @@ impl NodeSettings {
             replicas,
             read_quorum: c.cluster.read_quorum as usize,
             write_quorum: c.cluster.write_quorum as usize,
-            max_key_bytes: c.limits.max_key_bytes as usize,
-            max_value_bytes: c.limits.max_value_bytes as usize,
+            key_bytes_max: c.limits.max_key_bytes as usize,
+            value_bytes_max: c.limits.max_value_bytes as usize,
         };
         NodeSettings {
             identity: Identity {

@@ -107,7 +107,7 @@ impl ReplicaStage {
             }
             Message::Handoff { id, objects } => {
                 let keys_ok =
-                    objects.iter().all(|(k, _)| !k.is_empty() && k.len() <= self.settings.limits.max_key_bytes);
+                    objects.iter().all(|(k, _)| !k.is_empty() && k.len() <= self.settings.limits.key_bytes_max);
                 if !from_node || !keys_ok {
                     return self.send(conn, Message::HandoffAck { id, ok: false });
                 }

@@ -386,6 +386,9 @@ pub struct HintRow {
 pub struct ReapedRow {
     pub reaped_wall_ms: u64,
     pub clock: VersionVector,
+    /// The digest of the state reaped (absent in records written before it was kept).
+    #[serde(default)]
+    pub digest: Option<[u8; 16]>,
 }
 
 /// Decode a stored owned row, checking the object's invariants.
@@ -1014,13 +1017,22 @@ impl<E: Engine> Exec<'_, E> {
                 Ok(StoreOutcome::Tombstones(found))
             }
             StoreOp::ReapCheck { key, digest } => {
-                let yes = self.owned(&key)?.is_some_and(|r| r.object.digest() == digest);
+                let yes = match self.owned(&key)? {
+                    Some(row) => row.object.digest() == digest,
+                    // Reaped here already, this very state: a removal that reached this
+                    // replica but not every other one. Agree, so they can finish it.
+                    None => self.reaped(&key)?.is_some_and(|r| r.digest == Some(digest)),
+                };
                 Ok(StoreOutcome::Reaped { yes })
             }
             StoreOp::ReapRemove { key, digest } => match self.owned(&key)? {
                 Some(row) if row.object.digest() == digest => {
                     self.remove_owned(&key, &row.object)?;
-                    let rec = ReapedRow { reaped_wall_ms: self.now_wall_ms, clock: row.object.clock().clone() };
+                    let rec = ReapedRow {
+                        reaped_wall_ms: self.now_wall_ms,
+                        clock: row.object.clock().clone(),
+                        digest: Some(digest),
+                    };
                     let bytes = seal(&rec).map_err(Fault::Op)?;
                     self.put(Table::Reaped, &object_row_key(&key, self.q()), &bytes)?;
                     Ok(StoreOutcome::Reaped { yes: true })
@@ -1696,7 +1708,7 @@ mod tests {
         // COUNTER_MAX) was merged into the key's state, which then failed validation.
         let mut clock = VersionVector::new();
         clock.witness(Actor(5), 0, 1);
-        let bad = seal(&ReapedRow { reaped_wall_ms: 1, clock }).unwrap();
+        let bad = seal(&ReapedRow { reaped_wall_ms: 1, clock, digest: None }).unwrap();
         assert!(unseal::<ReapedRow>(&bad).is_ok());
         assert!(decode_reaped_row(&bad).is_err());
         let mut s = store();
@@ -1706,6 +1718,33 @@ mod tests {
         s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), o.clone())] }).unwrap();
         assert_eq!(s.object(b"k"), Some(o), "stored, valid, and readable");
         assert_eq!((s.engine.len(Table::Reaped), s.engine.len(Table::Quarantine)), (0, 1));
+    }
+
+    #[test]
+    fn a_replica_that_reaped_a_state_agrees_to_reap_it_elsewhere() {
+        // Found by the simulation (seed 29): a reaping's removal reached two replicas but
+        // was lost on its way to the third, which kept the tombstone for good: the others
+        // answered its checks "no" (no row) and dropped its anti-entropy pushes (reaped).
+        let (mut a, mut b) = (store(), store());
+        let v = coordinate(&mut a, b"k", &VersionVector::new(), b"v", None);
+        let del =
+            StoreOp::Coordinate { key: b"k".to_vec(), context: v.context(), value: None, hint: None, now_wall_ms: 5 };
+        let Ok(StoreOutcome::Coordinated(Ok(tomb))) = a.run(del) else { panic!() };
+        b.run(StoreOp::Write { key: b"k".to_vec(), object: tomb.clone(), hint: None }).unwrap();
+        let d = tomb.digest();
+        let remove = StoreOp::ReapRemove { key: b"k".to_vec(), digest: d };
+        assert_eq!(a.run(remove.clone()), Ok(StoreOutcome::Reaped { yes: true }));
+        // b missed the removal; its own reaping asks a, which reaped exactly that state.
+        assert_eq!(a.run(StoreOp::ReapCheck { key: b"k".to_vec(), digest: d }), Ok(StoreOutcome::Reaped { yes: true }));
+        let other = StoreOp::ReapCheck { key: b"k".to_vec(), digest: [7; 16] };
+        assert_eq!(a.run(other), Ok(StoreOutcome::Reaped { yes: false }), "another state is not agreed to");
+        assert_eq!(a.run(remove.clone()), Ok(StoreOutcome::Reaped { yes: true }));
+        assert_eq!(b.run(remove), Ok(StoreOutcome::Reaped { yes: true }));
+        assert!(b.object(b"k").is_none());
+        assert_eq!(a.state.tree(partition_of(b"k", 16)), b.state.tree(partition_of(b"k", 16)));
+        // A record written before records kept the digest still reads, and agrees to nothing.
+        let old = seal(&(9u64, tomb.clock().clone())).unwrap();
+        assert_eq!(decode_reaped_row(&old).map(|r| r.digest), Ok(None));
     }
 
     #[test]
