@@ -226,3 +226,75 @@ impl Stage for ReplicaStage {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::{Actor, Object, VersionVector};
+    use crate::wire::Bytes;
+
+    fn stage() -> ReplicaStage {
+        let limits =
+            RequestLimits { replicas: 3, read_quorum: 2, write_quorum: 2, key_bytes_max: 64, value_bytes_max: 1024 };
+        ReplicaStage::new(ReplicaSettings { me: "n1".into(), limits, fault_injection: false })
+    }
+
+    fn now() -> Now {
+        Now { mono_ms: 1, wall_ms: 1 }
+    }
+
+    fn peer() -> Origin {
+        Origin { conn: 7, node: Some("n2".into()) }
+    }
+
+    #[test]
+    fn a_handoff_batch_is_merged_durably_whatever_the_mode_and_acked_after() {
+        let mut s = stage();
+        let mut o = Object::new();
+        o.update(&VersionVector::new(), Actor(1), Some(b"v".to_vec()), 1, 10);
+        s.handle(
+            now(),
+            Input::Message {
+                from: peer(),
+                msg: Message::Handoff { id: 3, objects: vec![(Bytes::from(b"k".to_vec()), o)] },
+            },
+        );
+        let token = match s.poll_effect() {
+            Some(Effect::Store { token, op: StoreOp::Merge { .. }, durable: true }) => token,
+            other => panic!("{other:?}"),
+        };
+        assert!(s.poll_effect().is_none(), "no ack before the merge committed");
+        s.handle(now(), Input::Stored { token, result: Ok(StoreOutcome::Merged { changed: 1 }) });
+        assert_eq!(
+            s.poll_effect(),
+            Some(Effect::Send { to: Dest::Conn(7), msg: Message::HandoffAck { id: 3, ok: true } })
+        );
+    }
+
+    #[test]
+    fn clients_may_not_send_node_requests_and_bad_requests_change_nothing() {
+        let mut s = stage();
+        let client = Origin { conn: 9, node: None };
+        let read = Message::Replica { id: 1, request: crate::wire::ReplicaRequest::Read { key: b"k".to_vec() } };
+        s.handle(now(), Input::Message { from: client.clone(), msg: read });
+        assert!(matches!(
+            s.poll_effect(),
+            Some(Effect::Send {
+                msg: Message::ReplicaReply { reply: ReplicaReply::Failed { kind: ErrorKind::Refused, .. }, .. },
+                ..
+            })
+        ));
+        s.handle(now(), Input::Message { from: client, msg: Message::Handoff { id: 2, objects: vec![] } });
+        assert!(matches!(s.poll_effect(), Some(Effect::Send { msg: Message::HandoffAck { ok: false, .. }, .. })));
+        let long_key = Message::Replica { id: 3, request: crate::wire::ReplicaRequest::Read { key: vec![0; 65] } };
+        s.handle(now(), Input::Message { from: peer(), msg: long_key });
+        assert!(matches!(
+            s.poll_effect(),
+            Some(Effect::Send {
+                msg: Message::ReplicaReply { reply: ReplicaReply::Failed { kind: ErrorKind::BadRequest, .. }, .. },
+                ..
+            })
+        ));
+        assert!(s.poll_effect().is_none(), "no storage operation for a refused request");
+    }
+}
