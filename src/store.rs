@@ -1747,33 +1747,40 @@ mod tests {
         assert_eq!(decode_reaped_row(&old).map(|r| r.digest), Ok(None));
     }
 
+    /// A transaction whose puts fail once `puts_left` of them went through (a full disk).
+    struct FailingAfter<'a>(MemTxn<'a>, usize);
+
+    impl Engine for FailingAfter<'_> {
+        fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+            self.0.get(t, k)
+        }
+        fn put(&mut self, t: Table, k: &[u8], v: &[u8]) -> Result<(), EngineError> {
+            if self.1 == 0 {
+                return Err(EngineError("disk full".into()));
+            }
+            self.1 -= 1;
+            self.0.put(t, k, v)
+        }
+        fn delete(&mut self, t: Table, k: &[u8]) -> Result<(), EngineError> {
+            self.0.delete(t, k)
+        }
+        fn scan(
+            &self,
+            t: Table,
+            f: &[u8],
+            to: Option<&[u8]>,
+            v: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), EngineError> {
+            self.0.scan(t, f, to, v)
+        }
+    }
+
     #[test]
     fn a_failed_engine_write_fails_the_whole_batch_and_changes_nothing() {
-        struct Failing<'a>(MemTxn<'a>);
-        impl Engine for Failing<'_> {
-            fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-                self.0.get(t, k)
-            }
-            fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-                Err(EngineError("disk full".into()))
-            }
-            fn delete(&mut self, t: Table, k: &[u8]) -> Result<(), EngineError> {
-                self.0.delete(t, k)
-            }
-            fn scan(
-                &self,
-                t: Table,
-                f: &[u8],
-                to: Option<&[u8]>,
-                v: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-            ) -> Result<(), EngineError> {
-                self.0.scan(t, f, to, v)
-            }
-        }
         let mut s = store();
         let before = (s.engine.clone(), s.state.trees.clone());
         let state = s.state.clone();
-        let mut txn = Failing(s.engine.begin());
+        let mut txn = FailingAfter(s.engine.begin(), 0);
         let op = StoreOp::Coordinate {
             key: b"k".to_vec(),
             context: VersionVector::new(),
@@ -1792,31 +1799,6 @@ mod tests {
     fn a_failed_batch_answers_every_operation_with_an_error() {
         // A put that fails midway through a batch: the operations before it ran, the ones
         // after it never did; each caller must still hear back.
-        struct FailingAfter<'a>(MemTxn<'a>, usize);
-        impl Engine for FailingAfter<'_> {
-            fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-                self.0.get(t, k)
-            }
-            fn put(&mut self, t: Table, k: &[u8], v: &[u8]) -> Result<(), EngineError> {
-                if self.1 == 0 {
-                    return Err(EngineError("disk full".into()));
-                }
-                self.1 -= 1;
-                self.0.put(t, k, v)
-            }
-            fn delete(&mut self, t: Table, k: &[u8]) -> Result<(), EngineError> {
-                self.0.delete(t, k)
-            }
-            fn scan(
-                &self,
-                t: Table,
-                f: &[u8],
-                to: Option<&[u8]>,
-                v: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-            ) -> Result<(), EngineError> {
-                self.0.scan(t, f, to, v)
-            }
-        }
         let mut s = store();
         let state = s.state.clone();
         let before = s.engine.clone();
