@@ -25,6 +25,9 @@ use crate::store::{StoreError, StoreOp, StoreOutcome};
 use crate::version::Object;
 use crate::wire::{AeMessage, Bytes, Message};
 
+/// How soon a pass that waits for budget looks again.
+const PASS_RETRY_MS: u64 = 100;
+
 /// How the anti-entropy stage is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AntiEntropySettings {
@@ -91,6 +94,8 @@ pub struct AntiEntropyStage {
     budget: u32,
     next_round_ms: u64,
     cursor: usize,
+    /// Pairs this pass has yet to visit.
+    pass_left: usize,
     exchanges: BTreeMap<u64, Exchange>,
     /// Our storage operations: token -> exchange.
     reads: BTreeMap<u64, u64>,
@@ -109,6 +114,7 @@ impl AntiEntropyStage {
             down: DownSet::default(),
             budget: 0,
             cursor: 0,
+            pass_left: 0,
             exchanges: BTreeMap::new(),
             reads: BTreeMap::new(),
             serving: BTreeMap::new(),
@@ -195,11 +201,15 @@ impl AntiEntropyStage {
             self.next_round_ms = now.mono_ms.saturating_add(self.settings.interval_ms);
             return;
         }
-        let mut started = 0;
-        while self.exchanges.len() < self.budget as usize && started < pairs.len() {
+        // A pass visits every pair once, starting exchanges as the budget frees up; the next
+        // pass starts an interval after this one ended.
+        if self.pass_left == 0 {
+            self.pass_left = pairs.len();
+        }
+        while self.exchanges.len() < self.budget as usize && self.pass_left > 0 {
             let (partition, peer) = pairs[self.cursor % pairs.len()].clone();
             self.cursor = self.cursor.wrapping_add(1);
-            started += 1;
+            self.pass_left -= 1;
             if self.exchanges.values().any(|e| e.partition == partition && e.peer == peer) {
                 continue;
             }
@@ -217,10 +227,8 @@ impl AntiEntropyStage {
             self.exchanges.insert(id, e);
             self.store(id, StoreOp::Tree { partition }, false);
         }
-        // A full pass over the pairs, or a full budget, ends the round.
-        if self.cursor % pairs.len() == 0 || self.exchanges.len() >= self.budget as usize {
-            self.next_round_ms = now.mono_ms.saturating_add(self.settings.interval_ms);
-        }
+        let wait = if self.pass_left == 0 { self.settings.interval_ms } else { PASS_RETRY_MS };
+        self.next_round_ms = now.mono_ms.saturating_add(wait);
     }
 
     fn read_page(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {

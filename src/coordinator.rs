@@ -463,6 +463,10 @@ impl Coordinator {
                     ErrorKind::Unavailable,
                     "this node's replica did not answer in time; the write may still have been applied",
                 ),
+                Phase::Replicating => self.fail(
+                    ErrorKind::Unavailable,
+                    "fewer than W replicas acknowledged in time; the write is stored on some and may still reach the others",
+                ),
                 _ => self.fail(ErrorKind::Unavailable, "the quorum did not answer in time"),
             }
             self.phase = Phase::Finished;
@@ -625,9 +629,13 @@ impl Coordinator {
         if self.phase == Phase::Finished {
             return None;
         }
+        // The coordinating replica's own write is never replaced (see `handle_timeout`): only
+        // the request's deadline ends waiting for it, so its slot sets no earlier timer.
+        let local_put = self.phase == Phase::Started && matches!(self.op, Operation::Put { .. });
         let replica = self
             .slots
             .iter()
+            .filter(|s| !(local_put && s.node == self.me))
             .filter_map(|s| match s.state {
                 SlotState::Waiting { since_ms } => Some(self.slot_deadline(since_ms)),
                 _ => None,
@@ -1276,6 +1284,17 @@ mod tests {
         assert!(
             matches!(&out[..], [ClientResponse::Error { kind: ErrorKind::Internal, message }] if message.contains("nothing was stored"))
         );
+    }
+
+    #[test]
+    fn a_slow_local_write_sets_no_timer_before_the_deadline() {
+        // Its slot is never replaced, so a timer at its slot deadline would fire again and
+        // again with nothing to do until the request's deadline.
+        let mut c = put("a", 2, &[]);
+        drain(&mut c);
+        assert_eq!(c.poll_timeout(), Some(1000));
+        c.handle_timeout(1000);
+        assert!(c.is_finished() || c.poll_timeout().is_none());
     }
 
     #[test]

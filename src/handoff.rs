@@ -8,9 +8,9 @@
 //!   the others. Hints for a member in the ring go to it once it is reachable. Hints for a
 //!   node that is leaving, has left or is unknown, and every hint a leaving node holds, go
 //!   to all of the key's current replicas, once all of them are reachable (so the hint is
-//!   dropped only when every replica holds it). A
-//!   hint older than the reaped-record retention is dropped, not delivered: no record would
-//!   be left to stop it from resurrecting a reaped delete.
+//!   dropped only when every replica holds it). A hint older than the reaped-record
+//!   retention is dropped, not delivered: no record would be left to stop it from
+//!   resurrecting a reaped delete.
 //! - **transfers**: a partition held here that this node no longer replicates (after a join
 //!   or a leave) goes to its current replicas, all of which must be reachable.
 //!
@@ -114,6 +114,8 @@ pub struct HandoffStage {
     next_round_ms: u64,
     /// Destinations of hints, served round-robin: the last one served.
     last_served: Option<NodeId>,
+    /// Where each destination's next hint page starts.
+    hint_cursor: BTreeMap<NodeId, Vec<u8>>,
     scans: BTreeMap<u64, Scan>,
     batches: BTreeMap<u64, Batch>,
     reaper: Reaper,
@@ -137,6 +139,7 @@ impl HandoffStage {
             down: DownSet::default(),
             budget: 0,
             last_served: None,
+            hint_cursor: BTreeMap::new(),
             scans: BTreeMap::new(),
             batches: BTreeMap::new(),
             reaper,
@@ -274,7 +277,11 @@ impl HandoffStage {
                 continue;
             }
             self.last_served = Some(d.clone());
-            let op = StoreOp::HintPage { intended: d.clone(), after: None, bytes_max: self.settings.batch_bytes };
+            let op = StoreOp::HintPage {
+                intended: d.clone(),
+                after: self.hint_cursor.get(&d).cloned(),
+                bytes_max: self.settings.batch_bytes,
+            };
             self.store(op, Scan::Hints { intended: d });
         }
         for p in foreign {
@@ -321,7 +328,7 @@ impl HandoffStage {
 
     fn handle_hints(&mut self, now: Now, intended: NodeId, hints: Vec<(Vec<u8>, Object, u64)>) {
         let oldest = now.wall_ms.saturating_sub(self.settings.reaped_retention_ms);
-        let (expired, live): (Vec<_>, Vec<_>) = hints.into_iter().partition(|(_, _, created)| *created < oldest);
+        let (expired, live): (Vec<_>, Vec<_>) = hints.into_iter().partition(|(_, _, written)| *written < oldest);
         if !expired.is_empty() {
             tracing::warn!(%intended, count = expired.len(), "hints past the reaped-record retention dropped");
             self.expired_hints = self.expired_hints.saturating_add(expired.len() as u64);
@@ -403,7 +410,7 @@ impl HandoffStage {
                 if self.deliverable(&intended) {
                     let op = StoreOp::HintPage {
                         intended: intended.clone(),
-                        after: None,
+                        after: self.hint_cursor.get(&intended).cloned(),
                         bytes_max: self.settings.batch_bytes,
                     };
                     self.store(op, Scan::Hints { intended });
@@ -446,7 +453,13 @@ impl HandoffStage {
         }
         match (scan, result) {
             (Scan::Inventory, Ok(StoreOutcome::Inventory { held, hints })) => self.handle_inventory(now, held, hints),
-            (Scan::Hints { intended }, Ok(StoreOutcome::Hints { hints, .. })) => {
+            (Scan::Hints { intended }, Ok(StoreOutcome::Hints { hints, next })) => {
+                // The next page of this destination starts after this one, wrapping around at
+                // the end, so hints that cannot move yet never hold up the ones behind them.
+                match next {
+                    Some(k) => self.hint_cursor.insert(intended.clone(), k),
+                    None => self.hint_cursor.remove(&intended),
+                };
                 self.handle_hints(now, intended, hints)
             }
             (Scan::Partition { partition }, Ok(StoreOutcome::Page { objects, .. })) => {

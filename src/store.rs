@@ -12,7 +12,7 @@
 //! - `objects`: partition (u32 BE) then the key, so a partition is one range. Value: the
 //!   object and the actor that coordinates writes into this row (see [`crate::version`]).
 //! - `hints`: key length (u32 BE), key, intended node: the hints of a key are one range.
-//!   Value: when the hint row was created, its actor, the object.
+//!   Value: when the hint row was last written, its actor, the object.
 //! - `hint_index`: intended node (length-prefixed) then key, so one node's hints are one
 //!   range (delivery is served node by node, round-robin).
 //! - `reaped`: the object-key layout. Value: when the key's tombstone was reaped and its
@@ -186,6 +186,8 @@ pub enum StoreOp {
     SaveMembers { members: Vec<Member> },
     /// Move an unreadable row aside (a read-only batch found it).
     Quarantine { table: Table, row_key: Vec<u8> },
+    /// The node stops cleanly: every commit is durable (run it durably).
+    Close,
 }
 
 impl StoreOp {
@@ -224,7 +226,7 @@ pub enum StoreOutcome {
         next: Option<Vec<u8>>,
     },
     Tree(MerkleTree),
-    /// Hints: (key, object, when the hint row was created), and the cursor.
+    /// Hints: (key, object, when the hint row was last written), and the cursor.
     Hints {
         hints: Vec<(Vec<u8>, Object, u64)>,
         next: Option<Vec<u8>>,
@@ -335,6 +337,8 @@ const CHECKSUM_BYTES: usize = 8;
 const META_MEMBERS: &[u8] = b"members";
 const META_EPOCH: &[u8] = b"epoch";
 const META_ACTORS: &[u8] = b"actors";
+const META_GENERATION: &[u8] = b"generation";
+const META_OPEN: &[u8] = b"open";
 
 fn checksum(body: &[u8]) -> [u8; CHECKSUM_BYTES] {
     let d: [u8; 16] = Md5::digest(body).into();
@@ -371,14 +375,22 @@ pub fn unseal<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
 pub struct ObjectRow {
     pub actor: Option<Actor>,
     pub object: Object,
+    /// The store's generation when `actor` was last used: an actor of an older generation
+    /// may have issued dots a crash rolled back, so it is never used again.
+    #[serde(default)]
+    pub generation: u64,
 }
 
-/// A hinted row: as an owned row, and when it was created (hints expire).
+/// A hinted row: as an owned row, and when it was last written (a hint nobody wrote to
+/// for the reaped-record retention expires).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HintRow {
-    pub created_wall_ms: u64,
+    pub written_wall_ms: u64,
     pub actor: Option<Actor>,
     pub object: Object,
+    /// As [`ObjectRow::generation`].
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A reaped tombstone's record.
@@ -468,6 +480,9 @@ pub struct StoreState {
     hint_counts: BTreeMap<NodeId, u64>,
     epoch: u64,
     actors_drawn: u64,
+    /// Bumped when a restart may have lost commits that were acknowledged (a crash in
+    /// `buffered` mode): actors of older generations are retired.
+    generation: u64,
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -510,6 +525,7 @@ impl StoreState {
             }
         };
         let actors_drawn = read_u64(engine, META_ACTORS)?.unwrap_or(0);
+        let generation = read_u64(engine, META_GENERATION)?.unwrap_or(0);
         let mut trees = vec![MerkleTree::new(); q as usize];
         let mut bad: Vec<(Table, Vec<u8>)> = Vec::new();
         engine.scan(Table::Objects, &[], None, &mut |k, v| {
@@ -558,8 +574,24 @@ impl StoreState {
             engine.delete(*table, k)?;
             report.quarantined += 1;
         }
-        let state = StoreState { q, limits, trees, hint_counts, epoch, actors_drawn };
+        let state = StoreState { q, limits, trees, hint_counts, epoch, actors_drawn, generation };
         Ok((state, report))
+    }
+
+    /// Mark the store open (in the transaction that opened it). When the last run did not
+    /// close it and commits may have been lost with it (`rollback_possible`: buffered
+    /// durability), begin a new generation: every row's actor from before is retired, and
+    /// new actors differ from every one drawn before, even if the counter rolled back.
+    /// Returns whether a new generation began.
+    pub fn start<E: Engine>(&mut self, engine: &mut E, rollback_possible: bool) -> Result<bool, StoreError> {
+        let unclean = engine.get(Table::Meta, META_OPEN)?.is_some();
+        let bump = unclean && rollback_possible;
+        if bump {
+            self.generation = self.generation.checked_add(1).ok_or(StoreError::Io("generation exhausted".into()))?;
+            engine.put(Table::Meta, META_GENERATION, &self.generation.to_be_bytes())?;
+        }
+        engine.put(Table::Meta, META_OPEN, &[1])?;
+        Ok(bump)
     }
 
     /// The saved member table (empty when none was saved).
@@ -687,7 +719,8 @@ impl<E: Engine> Exec<'_, E> {
     /// A new actor for a row created here: unique to this node's epoch and never reused.
     fn fresh_actor(&mut self) -> Actor {
         self.actors_drawn = self.actors_drawn.wrapping_add(1);
-        Actor(mix(self.state.epoch ^ mix(self.actors_drawn)))
+        let generation = mix(self.state.generation.wrapping_mul(0x9e3779b97f4a7c15) ^ 0x5bd1e995);
+        Actor(mix(self.state.epoch ^ mix(self.actors_drawn) ^ generation))
     }
 
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Run<()> {
@@ -866,11 +899,9 @@ impl<E: Engine> Exec<'_, E> {
             None => Ok(None),
             Some(bytes) => match decode_reaped_row(&bytes) {
                 Ok(row) => Ok(Some(row)),
-                // A reaped record only filters; one that cannot be read is dropped.
-                Err(_) => {
-                    self.corrupt(Table::Reaped, &rk, String::new())?;
-                    Ok(None)
-                }
+                // Never read as absent: the operation fails and the record is quarantined
+                // (a retry then proceeds without it).
+                Err(detail) => Err(self.corrupt(Table::Reaped, &rk, detail)?),
             },
         }
     }
@@ -892,9 +923,9 @@ impl<E: Engine> Exec<'_, E> {
                 return Ok(false);
             }
         }
-        let (actor, old) = match &current {
-            Some(row) => (row.actor, Some(&row.object)),
-            None => (None, None),
+        let (actor, generation, old) = match &current {
+            Some(row) => (row.actor, row.generation, Some(&row.object)),
+            None => (None, 0, None),
         };
         let merged = match old {
             Some(o) => o.merge(&incoming),
@@ -903,7 +934,7 @@ impl<E: Engine> Exec<'_, E> {
         if old == Some(&merged) {
             return Ok(false);
         }
-        let row = ObjectRow { actor, object: merged };
+        let row = ObjectRow { actor, object: merged, generation };
         self.set_owned(key, old, &row)?;
         if old.is_none() {
             // The key lives again: its own clock carries the reaped record from now on.
@@ -916,11 +947,18 @@ impl<E: Engine> Exec<'_, E> {
         match op {
             StoreOp::Read { key } => {
                 let mut found = self.owned(&key)?.map(|r| r.object);
-                for (_, h) in self.hints_of(&key)? {
-                    found = Some(match found {
-                        Some(o) => o.merge(&h.object),
-                        None => h.object,
-                    });
+                let hints = self.hints_of(&key)?;
+                if !hints.is_empty() {
+                    for (_, h) in hints {
+                        found = Some(match found {
+                            Some(o) => o.merge(&h.object),
+                            None => h.object,
+                        });
+                    }
+                    // A hint may hold what a reaped tombstone of the key covered.
+                    if let (Some(o), Some(r)) = (found.as_mut(), self.reaped(&key)?) {
+                        *o = o.merge(&Object::from_clock(r.clock));
+                    }
                 }
                 Ok(StoreOutcome::Object(found))
             }
@@ -934,9 +972,11 @@ impl<E: Engine> Exec<'_, E> {
                         if !row.object.merge_from(&object) {
                             return Ok(StoreOutcome::Written { changed: false });
                         }
+                        // A fresh write into the row: it is not an old hint any more.
+                        row.written_wall_ms = self.now_wall_ms;
                         (row, true)
                     }
-                    None => (HintRow { created_wall_ms: self.now_wall_ms, actor: None, object }, false),
+                    None => (HintRow { written_wall_ms: self.now_wall_ms, actor: None, object, generation: 0 }, false),
                 };
                 self.set_hint(&key, &intended, existed, &row)?;
                 Ok(StoreOutcome::Written { changed: true })
@@ -1077,6 +1117,10 @@ impl<E: Engine> Exec<'_, E> {
                 self.quarantine(table, &row_key)?;
                 Ok(StoreOutcome::Done)
             }
+            StoreOp::Close => {
+                self.delete(Table::Meta, META_OPEN)?;
+                Ok(StoreOutcome::Done)
+            }
         }
     }
 
@@ -1105,11 +1149,16 @@ impl<E: Engine> Exec<'_, E> {
             return Ok(StoreOutcome::Coordinated(Err(Refusal::TooManySiblings(survivors))));
         }
         // The row the write lands in, and the actor that numbers its writes.
+        let current = self.state.generation;
         let (target_actor, old_owned, old_hint) = match &hint {
-            None => (owned.as_ref().and_then(|r| r.actor), owned.as_ref().map(|r| r.object.clone()), None),
+            None => (
+                owned.as_ref().filter(|r| r.generation == current).and_then(|r| r.actor),
+                owned.as_ref().map(|r| r.object.clone()),
+                None,
+            ),
             Some(h) => {
                 let row = hints.iter().find(|(i, _)| i == h).map(|(_, r)| r.clone());
-                (row.as_ref().and_then(|r| r.actor), None, row)
+                (row.as_ref().filter(|r| r.generation == current).and_then(|r| r.actor), None, row)
             }
         };
         let mut actor = match target_actor {
@@ -1133,15 +1182,19 @@ impl<E: Engine> Exec<'_, E> {
         }
         match hint {
             None => {
-                let row = ObjectRow { actor: Some(actor), object: object.clone() };
+                let row = ObjectRow { actor: Some(actor), object: object.clone(), generation: current };
                 self.set_owned(&key, old_owned.as_ref(), &row)?;
                 if old_owned.is_none() && reaped.is_some() {
                     self.delete(Table::Reaped, &object_row_key(&key, self.q()))?;
                 }
             }
             Some(intended) => {
-                let created = old_hint.as_ref().map_or(now_wall_ms, |r| r.created_wall_ms);
-                let row = HintRow { created_wall_ms: created, actor: Some(actor), object: object.clone() };
+                let row = HintRow {
+                    written_wall_ms: now_wall_ms,
+                    actor: Some(actor),
+                    object: object.clone(),
+                    generation: current,
+                };
                 self.set_hint(&key, &intended, old_hint.is_some(), &row)?;
             }
         }
@@ -1221,7 +1274,7 @@ impl<E: Engine> Exec<'_, E> {
                 break;
             }
             bytes = bytes.saturating_add(size);
-            hints.push((key, row.object, row.created_wall_ms));
+            hints.push((key, row.object, row.written_wall_ms));
         }
         Ok(StoreOutcome::Hints { hints, next })
     }
@@ -1510,6 +1563,43 @@ mod tests {
     }
 
     #[test]
+    fn after_a_crash_that_lost_buffered_commits_no_dot_is_issued_twice() {
+        // Buffered durability: a write is acknowledged (and replicated to `peer`) but the
+        // crash loses it here, with the actor counter. Without a new generation, the next
+        // blind write on the rolled-back row would reuse the lost write's dot.
+        let open = |engine: &mut MemEngine, rollback_possible: bool| {
+            let mut txn = engine.begin();
+            let (mut state, _) = StoreState::open(&mut txn, 16, StoreLimits::default(), 3).unwrap();
+            let bumped = state.start(&mut txn, rollback_possible).unwrap();
+            txn.commit();
+            (state, bumped)
+        };
+        let mut s = store();
+        let (state, bumped) = open(&mut s.engine, true);
+        assert!(!bumped, "a first start is clean");
+        s.state = state;
+        coordinate(&mut s, b"k", &VersionVector::new(), b"flushed", None);
+        let flushed = s.engine.clone();
+        let lost = coordinate(&mut s, b"k", &VersionVector::new(), b"lost", None);
+        let peer = lost.clone();
+        // The crash: back to the last flush, and the store was never closed.
+        s.engine = flushed;
+        let (state, bumped) = open(&mut s.engine, true);
+        s.state = state;
+        let after = coordinate(&mut s, b"k", &VersionVector::new(), b"after", None);
+        let merged = peer.merge(&after);
+        let mut values: Vec<&[u8]> = merged.values().collect();
+        values.sort();
+        assert_eq!(values, vec![b"after".as_slice(), b"flushed", b"lost"], "nothing swallowed");
+        assert!(bumped);
+        // A clean stop needs no new generation.
+        s.run(StoreOp::Close).unwrap();
+        assert!(!open(&mut s.engine, true).1);
+        // In sync mode nothing acknowledged is lost in a crash: no new generation either.
+        assert!(!open(&mut s.engine, false).1);
+    }
+
+    #[test]
     fn hinted_and_owned_rows_number_writes_apart() {
         // The node held a hint it coordinated; now it coordinates as owner: distinct dots.
         let mut s = store();
@@ -1715,9 +1805,13 @@ mod tests {
         s.engine.poke(Table::Reaped, &row_key(b"k"), bad);
         let mut o = Object::new();
         o.update(&VersionVector::new(), Actor(9), Some(b"v".to_vec()), 1, 10);
-        s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), o.clone())] }).unwrap();
-        assert_eq!(s.object(b"k"), Some(o), "stored, valid, and readable");
+        // Never read as absent: the merge that meets it fails and the record is set aside...
+        let merge = StoreOp::Merge { objects: vec![(b"k".to_vec(), o.clone())] };
+        assert!(matches!(s.run(merge.clone()), Err(StoreError::Corrupt { .. })));
         assert_eq!((s.engine.len(Table::Reaped), s.engine.len(Table::Quarantine)), (0, 1));
+        // ...and the next one stores a valid, readable object.
+        s.run(merge).unwrap();
+        assert_eq!(s.object(b"k"), Some(o), "stored, valid, and readable");
     }
 
     #[test]

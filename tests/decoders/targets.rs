@@ -521,12 +521,19 @@ fn object_rows() -> Vec<ObjectRow> {
     sample_objects()
         .into_iter()
         .enumerate()
-        .map(|(i, object)| ObjectRow { actor: (i % 2 == 0).then_some(Actor(i as u64 * 77)), object })
+        .map(|(i, object)| ObjectRow {
+            actor: (i % 2 == 0).then_some(Actor(i as u64 * 77)),
+            object,
+            generation: i as u64 % 3,
+        })
         .collect()
 }
 
 fn hint_rows() -> Vec<HintRow> {
-    object_rows().into_iter().map(|r| HintRow { created_wall_ms: NOW_MS, actor: r.actor, object: r.object }).collect()
+    object_rows()
+        .into_iter()
+        .map(|r| HintRow { written_wall_ms: NOW_MS, actor: r.actor, object: r.object, generation: r.generation })
+        .collect()
 }
 
 fn reaped_rows() -> Vec<ReapedRow> {

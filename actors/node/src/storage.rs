@@ -66,6 +66,18 @@ impl Handler<Flush> for StorageWorker {
     }
 }
 
+/// A clean stop: flush and mark the store closed.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+struct Close;
+
+impl Handler<Close> for StorageWorker {
+    type Result = Result<(), String>;
+    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
+        self.storage.close(now().wall_ms)
+    }
+}
+
 /// Operations waiting for the next batch at most; more are refused as overloaded.
 const PENDING_MAX: usize = 64 * 1024;
 
@@ -139,7 +151,7 @@ impl Handler<StoreRequest> for StorageFront {
     }
 }
 
-/// Wait for every queued batch, then flush.
+/// Wait for every queued batch, then flush and mark the store closed (a clean stop).
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct Drain;
@@ -147,8 +159,8 @@ pub struct Drain;
 impl Handler<Drain> for StorageFront {
     type Result = ResponseFuture<Result<(), String>>;
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        // The flush queues behind every batch already sent to the worker.
+        // The close (a durable commit) queues behind every batch already sent to the worker.
         let worker = self.worker.clone();
-        Box::pin(async move { worker.send(Flush).await.map_err(|e| e.to_string())? })
+        Box::pin(async move { worker.send(Close).await.map_err(|e| e.to_string())? })
     }
 }

@@ -164,7 +164,14 @@ impl Storage {
         let (state, report) = {
             let mut engine = WriteEngine::new(&txn)
                 .map_err(|e| format!("{}: {e} (a data directory of an older ringkv cannot be read)", path.display()))?;
-            StoreState::open(&mut engine, q, limits, fresh_epoch).map_err(|e| e.to_string())?
+            let (mut state, report) =
+                StoreState::open(&mut engine, q, limits, fresh_epoch).map_err(|e| e.to_string())?;
+            if state.start(&mut engine, mode == DurabilityMode::Buffered).map_err(|e| e.to_string())? {
+                tracing::warn!(
+                    "the last run stopped without flushing: writes are numbered under new actors from now on"
+                );
+            }
+            (state, report)
         };
         txn.commit().map_err(|e| e.to_string())?;
         let members = {
@@ -239,6 +246,15 @@ impl Storage {
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())
+    }
+
+    /// A clean stop: everything durable, and the store marked closed.
+    pub fn close(&mut self, now_wall_ms: u64) -> Result<(), String> {
+        match self.run(vec![StoreOp::Close], true, now_wall_ms).pop() {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("no outcome".into()),
+        }
     }
 }
 
