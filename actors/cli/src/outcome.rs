@@ -37,7 +37,8 @@ impl From<NetError> for Failure {
         };
         let hint = match &e {
             NetError::Refused(_) | NetError::BadServerProof => "; check cluster.name and the secret in --config",
-            NetError::Connect(..) | NetError::Timeout => "; is the node running? (--node ADDR picks another)",
+            NetError::Connect(..) => "; is the node running? (--node ADDR picks another)",
+            NetError::Timeout => "; is the node running? A write may still have been applied: read before retrying",
             _ => "",
         };
         Failure::new(status, format!("{e}{hint}"))

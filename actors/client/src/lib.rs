@@ -89,6 +89,20 @@ struct Inner {
     next_id: AtomicU64,
 }
 
+/// Removes a request's entry from the waiting map when dropped.
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.waiting.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
 /// A connection to one node of a cluster.
 #[derive(Clone)]
 pub struct Client {
@@ -104,7 +118,7 @@ impl Client {
         let (conn, _node) = connect(&ep, addr, creds).await?;
         let waiting: Waiting = Arc::default();
         let w = waiting.clone();
-        tokio::spawn(read_streams(conn.clone(), frame_max, move |msg| {
+        let reader = read_streams(conn.clone(), frame_max, move |msg| {
             let w = w.clone();
             async move {
                 let (id, response) = match msg {
@@ -117,8 +131,16 @@ impl Client {
                     let _ = tx.send(response);
                 }
             }
-        }));
-        let link = link_writer(conn);
+        });
+        // When the connection ends, every request still waiting fails at once.
+        let w = waiting.clone();
+        tokio::spawn(async move {
+            reader.await;
+            if let Ok(mut m) = w.lock() {
+                m.clear();
+            }
+        });
+        let link = link_writer(conn, frame_max);
         Ok(Client { inner: Arc::new(Inner { _endpoint: ep, link, waiting, next_id: AtomicU64::new(1) }) })
     }
 
@@ -134,29 +156,20 @@ impl Client {
     pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, NetError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        if self.inner.link.is_closed() {
+            return Err(NetError::Lost("the connection is closed".into()));
+        }
         if let Ok(mut m) = self.inner.waiting.lock() {
             m.insert(id, tx);
         }
-        let sent = self.inner.link.send(&Message::Client { id, request }).await;
-        let forget = || {
-            if let Ok(mut m) = self.inner.waiting.lock() {
-                m.remove(&id);
-            }
-        };
-        if let Err(e) = sent {
-            forget();
-            return Err(e);
-        }
+        // However this request ends (answered, failed, timed out, or the caller gave up),
+        // its entry goes.
+        let _forget = Forget { waiting: &self.inner.waiting, id };
+        self.inner.link.send(&Message::Client { id, request }).await?;
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => {
-                forget();
-                Err(NetError::Lost("the connection closed before the answer".into()))
-            }
-            Err(_) => {
-                forget();
-                Err(NetError::Timeout)
-            }
+            Ok(Err(_)) => Err(NetError::Lost("the connection closed before the answer".into())),
+            Err(_) => Err(NetError::Timeout),
         }
     }
 

@@ -107,7 +107,7 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, node: Option<Node
     let id = {
         let mut s = shared.borrow_mut();
         let id = s.conn_id();
-        s.conns.insert(id, net::link_writer(conn.clone()));
+        s.conns.insert(id, net::link_writer(conn.clone(), frame_max));
         id
     };
     let stages: Vec<(StageId, Recipient<Deliver>)> = shared.borrow().stages.clone();
@@ -212,13 +212,16 @@ impl Handler<SetStages> for TransportActor {
 }
 
 impl TransportActor {
-    fn send_to_addr(&mut self, addr: SocketAddr, node: Option<NodeId>, msg: Message) {
+    fn send_to_addr(&mut self, addr: SocketAddr, node: Option<NodeId>, msg: Message, ctx: &mut Context<Self>) {
         let existing = {
             let s = self.shared.borrow();
             s.pool.get(&addr).and_then(|id| s.conns.get(id)).filter(|l| !l.is_closed()).cloned()
         };
         if let Some(link) = existing {
-            return write(link, msg, node, self.shared.clone());
+            if let Some(wait) = write(link, msg, node, self.shared.clone()) {
+                ctx.wait(actix::fut::wrap_future(wait));
+            }
+            return;
         }
         {
             let mut s = self.shared.borrow_mut();
@@ -242,7 +245,9 @@ impl TransportActor {
                     let link = shared.borrow().conns.get(&id).cloned();
                     if let Some(link) = link {
                         for m in queued {
-                            write(link.clone(), m, node.clone(), shared.clone());
+                            if let Some(wait) = write(link.clone(), m, node.clone(), shared.clone()) {
+                                wait.await;
+                            }
                         }
                     }
                 }
@@ -257,38 +262,47 @@ impl TransportActor {
     }
 }
 
-/// Queue `msg` on a connection; a full outbox waits in a task, a closed one is reported.
-fn write(link: LinkSender, msg: Message, node: Option<NodeId>, shared: Rc<RefCell<Shared>>) {
+/// Queue `msg` on a connection. When its outbox is full, the future to wait on before
+/// anything else is sent (the transport holds its next message until then, so producers
+/// slow down instead of memory growing); a closed connection is reported.
+fn write(
+    link: LinkSender,
+    msg: Message,
+    node: Option<NodeId>,
+    shared: Rc<RefCell<Shared>>,
+) -> Option<impl std::future::Future<Output = ()>> {
     match link.try_send(&msg) {
-        Ok(true) => {}
-        Ok(false) if !link.is_closed() => {
-            actix::spawn(async move {
-                if link.send(&msg).await.is_err() {
-                    if let Some(n) = node {
-                        unreachable(&shared, n);
-                    }
+        Ok(true) => None,
+        Ok(false) if !link.is_closed() => Some(async move {
+            if link.send(&msg).await.is_err() {
+                if let Some(n) = node {
+                    unreachable(&shared, n);
                 }
-            });
-        }
+            }
+        }),
         Ok(false) => {
             if let Some(n) = node {
                 unreachable(&shared, n);
             }
+            None
         }
-        Err(e) => tracing::warn!(error = %e, kind = msg.kind(), "cannot encode a message"),
+        Err(e) => {
+            tracing::warn!(error = %e, kind = msg.kind(), "a message cannot be sent");
+            None
+        }
     }
 }
 
 impl Handler<Outgoing> for TransportActor {
     type Result = ();
 
-    fn handle(&mut self, out: Outgoing, _: &mut Context<Self>) {
+    fn handle(&mut self, out: Outgoing, ctx: &mut Context<Self>) {
         match out {
             Outgoing::Send { to, msg } => match to {
                 Dest::Conn(id) => {
                     let link = self.shared.borrow().conns.get(&id).cloned();
-                    if let Some(link) = link {
-                        write(link, msg, None, self.shared.clone());
+                    if let Some(wait) = link.and_then(|l| write(l, msg, None, self.shared.clone())) {
+                        ctx.wait(actix::fut::wrap_future(wait));
                     }
                 }
                 Dest::Node(node) => {
@@ -296,7 +310,7 @@ impl Handler<Outgoing> for TransportActor {
                         return;
                     }
                     match self.book.get(&node).copied() {
-                        Some(addr) => self.send_to_addr(addr, Some(node), msg),
+                        Some(addr) => self.send_to_addr(addr, Some(node), msg, ctx),
                         None => unreachable(&self.shared, node),
                     }
                 }
@@ -306,7 +320,7 @@ impl Handler<Outgoing> for TransportActor {
                         if node.as_ref().is_some_and(|n| self.shared.borrow().blocked.contains(n)) {
                             return;
                         }
-                        self.send_to_addr(addr, node, msg)
+                        self.send_to_addr(addr, node, msg, ctx)
                     }
                     Err(_) => tracing::debug!(addr = %a, "not an address"),
                 },

@@ -157,7 +157,7 @@ fn wrong_secret_is_refused_and_garbage_does_not_stop_the_node() {
                 let _ = tx.send(m).await;
             }
         }));
-        let link = ringkv_transport::link_writer(conn.clone());
+        let link = ringkv_transport::link_writer(conn.clone(), 1 << 20);
         let status = ringkv::wire::Message::Client { id: 7, request: ringkv::wire::ClientRequest::Status };
         link.send(&status).await.unwrap();
         let reply = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();

@@ -361,20 +361,32 @@ pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> 
 pub struct LinkSender {
     tx: mpsc::Sender<Vec<u8>>,
     conn: quinn::Connection,
+    frame_max: usize,
 }
 
 impl LinkSender {
     /// Queue a message; waits while the connection's outbox is full. An error when the
     /// connection is gone or the message cannot be encoded.
     pub async fn send(&self, msg: &Message) -> Result<(), NetError> {
-        let frame = wire::encode_frame(msg)?;
+        let frame = self.frame(msg)?;
         self.tx.send(frame).await.map_err(|_| NetError::Lost("connection closed".into()))
     }
 
     /// Queue a message without waiting: false when the outbox is full or the connection gone.
     pub fn try_send(&self, msg: &Message) -> Result<bool, NetError> {
-        let frame = wire::encode_frame(msg)?;
+        let frame = self.frame(msg)?;
         Ok(self.tx.try_send(frame).is_ok())
+    }
+
+    /// Encode a message; one larger than the frame limit is never sent (the peer would drop
+    /// the stream it came on, and everything behind it).
+    fn frame(&self, msg: &Message) -> Result<Vec<u8>, NetError> {
+        let frame = wire::encode_frame(msg)?;
+        let len = frame.len().saturating_sub(FRAME_HEADER_BYTES);
+        if len > self.frame_max {
+            return Err(NetError::Wire(WireError::TooLarge { len, max: self.frame_max }));
+        }
+        Ok(frame)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -386,8 +398,8 @@ impl LinkSender {
     }
 }
 
-/// Start the writer of a connection.
-pub fn link_writer(conn: quinn::Connection) -> LinkSender {
+/// Start the writer of a connection; messages over `frame_max` payload bytes are refused.
+pub fn link_writer(conn: quinn::Connection, frame_max: usize) -> LinkSender {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOX_FRAMES_MAX);
     let c = conn.clone();
     tokio::spawn(async move {
@@ -422,7 +434,7 @@ pub fn link_writer(conn: quinn::Connection) -> LinkSender {
             let _ = s.finish();
         }
     });
-    LinkSender { tx, conn }
+    LinkSender { tx, conn, frame_max }
 }
 
 /// Read every incoming stream of `conn` until the connection ends, handing each decoded
