@@ -21,7 +21,7 @@ use crate::membership::View;
 use crate::merkle::{respond, DiffInitiator, DiffStep, LEAVES};
 use crate::ring::NodeId;
 use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
-use crate::store::{StoreError, StoreOp, StoreOutcome};
+use crate::store::{ReapedRow, StoreError, StoreOp, StoreOutcome};
 use crate::version::Object;
 use crate::wire::{AeMessage, Bytes, Message};
 
@@ -305,10 +305,28 @@ impl AntiEntropyStage {
                 }
                 Err(_) => self.finish(id, false),
             },
-            (Step::Pushed { next }, AeMessage::PushAck) => match next.clone() {
-                Some(after) => self.read_page(id, now, Some(after)),
-                None => self.pull(id, now, None),
-            },
+            (Step::Pushed { next }, AeMessage::PushAck { reaped }) => {
+                let next = next.clone();
+                if !reaped.is_empty() {
+                    // The peer reaped keys this node still holds: adopt its records.
+                    let entries = reaped
+                        .into_iter()
+                        .map(|(k, clock, digest)| {
+                            (k.into_vec(), ReapedRow { reaped_wall_ms: now.wall_ms, clock, digest })
+                        })
+                        .collect();
+                    let token = self.ids.issue();
+                    self.effects.push_back(Effect::Store {
+                        token,
+                        op: StoreOp::AdoptReaped { entries },
+                        durable: false,
+                    });
+                }
+                match next {
+                    Some(after) => self.read_page(id, now, Some(after)),
+                    None => self.pull(id, now, None),
+                }
+            }
             (Step::Pull, AeMessage::Page { objects, next }) => {
                 let next = next.map(Bytes::into_vec);
                 if objects.is_empty() {
@@ -399,7 +417,10 @@ impl AntiEntropyStage {
             (Serving::Diff { conn, id, request }, Ok(StoreOutcome::Tree(tree))) => {
                 self.answer(conn, id, AeMessage::DiffReply { reply: respond(&tree, &request) })
             }
-            (Serving::Push { conn, id }, Ok(StoreOutcome::Merged { .. })) => self.answer(conn, id, AeMessage::PushAck),
+            (Serving::Push { conn, id }, Ok(StoreOutcome::Merged { reaped, .. })) => {
+                let reaped = reaped.into_iter().map(|(k, r)| (Bytes::from(k), r.clock, r.digest)).collect();
+                self.answer(conn, id, AeMessage::PushAck { reaped })
+            }
             (Serving::Pull { conn, id }, Ok(StoreOutcome::Page { objects, next })) => {
                 let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
                 self.answer(conn, id, AeMessage::Page { objects, next: next.map(Bytes::from) })

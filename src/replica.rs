@@ -277,7 +277,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(s.poll_effect().is_none(), "no ack before the merge committed");
-        s.handle(now(), Input::Stored { token, result: Ok(StoreOutcome::Merged { changed: 1 }) });
+        s.handle(now(), Input::Stored { token, result: Ok(StoreOutcome::Merged { changed: 1, reaped: vec![] }) });
         assert_eq!(
             s.poll_effect(),
             Some(Effect::Send { to: Dest::Conn(7), msg: Message::HandoffAck { id: 3, ok: true } })

@@ -186,6 +186,9 @@ pub enum StoreOp {
     SaveMembers { members: Vec<Member> },
     /// Move an unreadable row aside (a read-only batch found it).
     Quarantine { table: Table, row_key: Vec<u8> },
+    /// A peer reaped these keys' tombstones: drop what each record covers and keep the
+    /// record, as if this replica had taken part in the reaping.
+    AdoptReaped { entries: Vec<(Vec<u8>, ReapedRow)> },
     /// The node stops cleanly: every commit is durable (run it durably).
     Close,
 }
@@ -216,9 +219,11 @@ pub enum StoreOutcome {
         changed: bool,
     },
     Coordinated(Result<Object, Refusal>),
-    /// States merged; how many keys changed.
+    /// States merged; how many keys changed, and the keys whose incoming state a reaped
+    /// tombstone here covered entirely, with that record (the sender should adopt it).
     Merged {
         changed: usize,
+        reaped: Vec<(Vec<u8>, ReapedRow)>,
     },
     /// A page of objects and where the next one starts (None: the end).
     Page {
@@ -685,6 +690,14 @@ impl StoreState {
     }
 }
 
+/// What merging one state into an owned row did.
+enum Merged {
+    Changed,
+    Unchanged,
+    /// A reaped record here covered the whole incoming state (and no row exists).
+    Reaped(ReapedRow),
+}
+
 /// How an operation failed: alone, or taking its whole batch with it.
 enum Fault {
     Op(StoreError),
@@ -909,6 +922,10 @@ impl<E: Engine> Exec<'_, E> {
     /// Merge `incoming` into the owned copy of `key`, first dropping what a reaped
     /// tombstone of the key covered. Returns whether the stored state changed.
     fn merge_owned(&mut self, key: &[u8], incoming: &Object) -> Run<bool> {
+        Ok(matches!(self.merge_owned_noting(key, incoming)?, Merged::Changed))
+    }
+
+    fn merge_owned_noting(&mut self, key: &[u8], incoming: &Object) -> Run<Merged> {
         let current = match self.owned(key) {
             Ok(c) => c,
             // A merge brings a whole state: the unreadable row is quarantined and the
@@ -918,9 +935,9 @@ impl<E: Engine> Exec<'_, E> {
         };
         let mut incoming = incoming.clone();
         if let Some(r) = self.reaped(key)? {
-            incoming = incoming.merge(&Object::from_clock(r.clock));
+            incoming = incoming.merge(&Object::from_clock(r.clock.clone()));
             if current.is_none() && incoming.siblings().is_empty() {
-                return Ok(false);
+                return Ok(Merged::Reaped(r));
             }
         }
         let (actor, generation, old) = match &current {
@@ -932,7 +949,7 @@ impl<E: Engine> Exec<'_, E> {
             None => incoming,
         };
         if old == Some(&merged) {
-            return Ok(false);
+            return Ok(Merged::Unchanged);
         }
         let row = ObjectRow { actor, object: merged, generation };
         self.set_owned(key, old, &row)?;
@@ -940,7 +957,7 @@ impl<E: Engine> Exec<'_, E> {
             // The key lives again: its own clock carries the reaped record from now on.
             self.delete(Table::Reaped, &object_row_key(key, self.q()))?;
         }
-        Ok(true)
+        Ok(Merged::Changed)
     }
 
     fn execute(&mut self, op: StoreOp) -> Run<StoreOutcome> {
@@ -986,12 +1003,47 @@ impl<E: Engine> Exec<'_, E> {
             }
             StoreOp::Merge { objects } => {
                 let mut changed = 0;
+                let mut reaped = Vec::new();
                 for (key, object) in objects {
-                    if self.merge_owned(&key, &object)? {
-                        changed += 1;
+                    match self.merge_owned_noting(&key, &object)? {
+                        Merged::Changed => changed += 1,
+                        Merged::Unchanged => {}
+                        Merged::Reaped(r) => reaped.push((key, r)),
                     }
                 }
-                Ok(StoreOutcome::Merged { changed })
+                Ok(StoreOutcome::Merged { changed, reaped })
+            }
+            StoreOp::AdoptReaped { entries } => {
+                let mut count = 0;
+                for (key, rec) in entries {
+                    if rec.clock.validate().is_err() {
+                        continue;
+                    }
+                    let covered = Object::from_clock(rec.clock.clone());
+                    match self.owned(&key) {
+                        Ok(Some(row)) => {
+                            let merged = row.object.merge(&covered);
+                            if merged.siblings().is_empty() {
+                                self.remove_owned(&key, &row.object)?;
+                                let bytes = seal(&rec).map_err(Fault::Op)?;
+                                self.put(Table::Reaped, &object_row_key(&key, self.q()), &bytes)?;
+                                count += 1;
+                            } else if merged != row.object {
+                                let new = ObjectRow { object: merged, ..row.clone() };
+                                self.set_owned(&key, Some(&row.object), &new)?;
+                            }
+                        }
+                        Ok(None) => {
+                            if self.reaped(&key)?.is_none() {
+                                let bytes = seal(&rec).map_err(Fault::Op)?;
+                                self.put(Table::Reaped, &object_row_key(&key, self.q()), &bytes)?;
+                            }
+                        }
+                        Err(Fault::Op(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(StoreOutcome::Removed { count })
             }
             StoreOp::Page { partition, leaves, after, bytes_max } => {
                 let (objects, next) = self.page(partition, leaves.as_deref(), after, bytes_max)?;
@@ -1776,11 +1828,21 @@ mod tests {
         );
         assert!(s.object(b"k").is_none());
         // A stale copy arrives by handoff: nothing comes back.
-        assert_eq!(
-            s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), stale.clone())] }),
-            Ok(StoreOutcome::Merged { changed: 0 })
-        );
+        let reaped = match s.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), stale.clone())] }) {
+            Ok(StoreOutcome::Merged { changed: 0, reaped }) => reaped,
+            other => panic!("{other:?}"),
+        };
         assert!(s.object(b"k").is_none());
+        // The stale holder (a replica that joined after the reaping) is told, and adopts it.
+        assert_eq!(reaped.len(), 1);
+        let mut late = store();
+        late.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), stale.clone())] }).unwrap();
+        assert!(late.object(b"k").is_some());
+        assert_eq!(late.run(StoreOp::AdoptReaped { entries: reaped }), Ok(StoreOutcome::Removed { count: 1 }));
+        assert!(late.object(b"k").is_none());
+        assert_eq!(late.state.tree(partition_of(b"k", 16)).unwrap().keys(), 0);
+        let again = late.run(StoreOp::Merge { objects: vec![(b"k".to_vec(), stale.clone())] });
+        assert!(matches!(again, Ok(StoreOutcome::Merged { changed: 0, .. })));
         // A write the delete did not cover survives, and carries the reaped clock on.
         let mut concurrent = Object::new();
         concurrent.update(&VersionVector::new(), Actor(99), Some(b"new".to_vec()), 6, 10);

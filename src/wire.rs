@@ -198,7 +198,12 @@ pub enum AeMessage {
         partition: u32,
         objects: Vec<(Bytes, Object)>,
     },
-    PushAck,
+    /// The push is merged. `reaped` names pushed keys whose tombstone the responder reaped
+    /// (its reaped record's clock and digest covered everything pushed): the initiator,
+    /// which missed that reaping, adopts the records and drops what they cover.
+    PushAck {
+        reaped: Vec<(Bytes, VersionVector, Option<[u8; 16]>)>,
+    },
     /// A page of the responder's objects of `partition` in `leaves`, after key `after`,
     /// of at most `bytes_max` bytes (one larger object travels alone).
     Pull {
@@ -357,6 +362,9 @@ impl Message {
             },
             Message::ReplicaReply { reply: ReplicaReply::Object(Some(o)) | ReplicaReply::Coordinated(o), .. } => {
                 o.validate()
+            }
+            Message::AntiEntropy { msg: AeMessage::PushAck { reaped }, .. } => {
+                reaped.iter().try_for_each(|(_, clock, _)| clock.validate())
             }
             Message::Handoff { objects: list, .. }
             | Message::AntiEntropy {

@@ -291,7 +291,20 @@ pub fn sample_messages() -> Vec<Message> {
             msg: AeMessage::DiffReply { reply: DiffReply { level: 2, differing: vec![5, 1023] } },
         },
         Message::AntiEntropy { id: 17, msg: AeMessage::Push { partition: 3, objects: pairs.clone() } },
-        Message::AntiEntropy { id: 18, msg: AeMessage::PushAck },
+        Message::AntiEntropy {
+            id: 18,
+            msg: AeMessage::PushAck {
+                reaped: vec![(
+                    Bytes::from(b"k".to_vec()),
+                    {
+                        let mut vv = VersionVector::new();
+                        vv.witness(Actor(4), 2, 1);
+                        vv
+                    },
+                    Some([3; 16]),
+                )],
+            },
+        },
         Message::AntiEntropy {
             id: 19,
             msg: AeMessage::Pull { partition: 63, leaves: vec![0, 7, 1023], after: Some(b(b"k")), bytes_max: 1 << 20 },
