@@ -712,7 +712,8 @@ pub struct CoordinatorStage {
     effects: VecDeque<Effect>,
 }
 
-fn reply_of(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
+/// A replica's answer to a request, from the storage result (this node's own, or a peer's).
+pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
     match result {
         Ok(StoreOutcome::Object(o)) => ReplicaReply::Object(o),
         Ok(StoreOutcome::Written { .. }) => ReplicaReply::Written,
@@ -735,11 +736,6 @@ pub fn store_op(request: ReplicaRequest, now_wall_ms: u64) -> Option<StoreOp> {
         }
         ReplicaRequest::Forward { .. } => return None,
     })
-}
-
-/// A replica's answer to a request, from the storage result.
-pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
-    reply_of(result)
 }
 
 impl CoordinatorStage {
@@ -924,7 +920,7 @@ impl Stage for CoordinatorStage {
                 let Some(id) = self.local.remove(&token) else { return };
                 if let Some(e) = self.requests.get_mut(&id) {
                     let me = self.settings.me.clone();
-                    e.core.handle_reply(now.mono_ms, &me, reply_of(result));
+                    e.core.handle_reply(now.mono_ms, &me, replica_reply(result));
                     self.pump(now, id);
                 }
             }

@@ -435,6 +435,14 @@ pub fn decode_members(bytes: &[u8]) -> Result<Vec<Member>, String> {
     unseal(bytes)
 }
 
+/// Move an unreadable row of `table` aside into the quarantine table, bytes intact.
+fn set_aside(engine: &mut dyn Engine, table: Table, row_key: &[u8], bytes: &[u8]) -> Result<(), EngineError> {
+    let mut qk = vec![table.tag()];
+    qk.extend_from_slice(row_key);
+    engine.put(Table::Quarantine, &qk, bytes)?;
+    engine.delete(table, row_key)
+}
+
 /// A change to the in-memory state, applied once the batch committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Change {
@@ -572,11 +580,8 @@ impl StoreState {
         }
         for (table, k) in &bad {
             if let Some(bytes) = engine.get(*table, k)? {
-                let mut qk = vec![table.tag()];
-                qk.extend_from_slice(k);
-                engine.put(Table::Quarantine, &qk, &bytes)?;
+                set_aside(engine, *table, k, &bytes)?;
             }
-            engine.delete(*table, k)?;
             report.quarantined += 1;
         }
         let state = StoreState { q, limits, trees, hint_counts, epoch, actors_drawn, generation };
@@ -746,6 +751,13 @@ impl<E: Engine> Exec<'_, E> {
         Ok(self.engine.delete(table, key)?)
     }
 
+    /// Quarantine a row whose bytes are `bytes`, and count it.
+    fn set_aside(&mut self, table: Table, row_key: &[u8], bytes: &[u8]) -> Run<()> {
+        self.pending.wrote = true;
+        self.pending.quarantined += 1;
+        Ok(set_aside(self.engine, table, row_key, bytes)?)
+    }
+
     /// A row that cannot be read: move it aside (or, in a read-only batch, ask for that),
     /// and fail the operation that met it.
     fn corrupt(&mut self, table: Table, row_key: &[u8], detail: String) -> Run<Fault> {
@@ -774,11 +786,7 @@ impl<E: Engine> Exec<'_, E> {
         if readable {
             return Ok(());
         }
-        let mut qk = vec![table.tag()];
-        qk.extend_from_slice(row_key);
-        self.put(Table::Quarantine, &qk, &bytes)?;
-        self.delete(table, row_key)?;
-        self.pending.quarantined += 1;
+        self.set_aside(table, row_key, &bytes)?;
         match table {
             Table::Objects => {
                 if let Some(key) = key_of_object_row(row_key) {
@@ -819,12 +827,8 @@ impl<E: Engine> Exec<'_, E> {
         let removed = 1 + unreadable.len() as u64;
         for k in unreadable {
             if let Some(bytes) = self.engine.get(Table::Objects, &k)? {
-                let mut qk = vec![Table::Objects.tag()];
-                qk.extend_from_slice(&k);
-                self.put(Table::Quarantine, &qk, &bytes)?;
+                self.set_aside(Table::Objects, &k, &bytes)?;
             }
-            self.delete(Table::Objects, &k)?;
-            self.pending.quarantined += 1;
         }
         self.pending.changes.push(Change::Leaf { partition, leaf, hash, removed });
         Ok(())
