@@ -208,6 +208,13 @@ impl StoreOp {
                 | StoreOp::Summaries { .. }
         )
     }
+
+    /// Whether the operation reads rows and nothing of the store's in-memory state (no
+    /// Merkle tree, no hint count): a [`StoreReader`] runs it in any read snapshot, beside
+    /// the writer, so a replica read never waits behind a group commit.
+    pub fn reads_rows_only(&self) -> bool {
+        matches!(self, StoreOp::Read { .. } | StoreOp::ReapCheck { .. })
+    }
 }
 
 /// What an operation produced.
@@ -464,6 +471,30 @@ pub struct Pending {
     pub wrote: bool,
 }
 
+/// Runs the operations that read rows only ([`StoreOp::reads_rows_only`]) in a read
+/// snapshot, with none of the writer's in-memory state: the node serves replica reads on its
+/// own thread this way while the writer commits. Any other operation is refused. Rows it
+/// finds unreadable come back as quarantine operations for the writer
+/// ([`Pending::quarantine`]), as from any read-only batch.
+#[derive(Clone, Debug)]
+pub struct StoreReader {
+    state: StoreState,
+}
+
+impl StoreReader {
+    pub fn run<E: Engine>(&self, engine: &mut E, ops: Vec<StoreOp>, now_wall_ms: u64) -> BatchRun {
+        if let Some(op) = ops.iter().find(|op| !op.reads_rows_only()) {
+            let e = StoreError::Io(format!("a reader runs row reads only, not {op:?}"));
+            return BatchRun {
+                outcomes: ops.iter().map(|_| Err(e.clone())).collect(),
+                pending: Pending::default(),
+                failed: Some(e),
+            };
+        }
+        self.state.run(engine, ops, now_wall_ms)
+    }
+}
+
 /// The results of running one batch.
 #[derive(Debug)]
 pub struct BatchRun {
@@ -632,6 +663,21 @@ impl StoreState {
     /// Hints held, by intended node.
     pub fn hint_counts(&self) -> &BTreeMap<NodeId, u64> {
         &self.hint_counts
+    }
+
+    /// A reader for the operations that read rows only ([`StoreOp::reads_rows_only`]).
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            state: StoreState {
+                q: self.q,
+                limits: self.limits,
+                trees: Vec::new(),
+                hint_counts: BTreeMap::new(),
+                epoch: self.epoch,
+                actors_drawn: self.actors_drawn,
+                generation: self.generation,
+            },
+        }
     }
 
     /// Run a batch of operations in one transaction. Nothing in memory changes until
@@ -1742,6 +1788,43 @@ mod tests {
             StoreOutcome::Page { objects, next } => assert!(objects.len() == 1 && next.is_some()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_reader_answers_row_reads_as_the_writer_does_and_refuses_the_rest() {
+        let mut s = store();
+        let o = coordinate(&mut s, b"k", &VersionVector::new(), b"v", None);
+        let h = coordinate(&mut MemStore::new(16, StoreLimits::default(), 8), b"k", &VersionVector::new(), b"w", None);
+        s.run(StoreOp::Write { key: b"k".to_vec(), object: h, hint: Some("n3".into()) }).unwrap();
+        let reader = s.state.reader();
+        let ops = || {
+            vec![
+                StoreOp::Read { key: b"k".to_vec() },
+                StoreOp::Read { key: b"absent".to_vec() },
+                StoreOp::ReapCheck { key: b"k".to_vec(), digest: o.digest() },
+            ]
+        };
+        let by_reader = reader.run(&mut s.engine.clone(), ops(), 0);
+        assert!(by_reader.failed.is_none());
+        assert_eq!(by_reader.outcomes, s.clone().run_batch(ops()));
+        assert!(
+            matches!(&by_reader.outcomes[0], Ok(StoreOutcome::Object(Some(merged))) if merged.siblings().len() == 2)
+        );
+        // Anything that needs the writer's state or writes is refused, and nothing changes.
+        let before = s.engine.clone();
+        for op in [StoreOp::Tree { partition: 0 }, StoreOp::Write { key: b"x".to_vec(), object: o.clone(), hint: None }]
+        {
+            let run = reader.run(&mut s.engine, vec![op], 0);
+            assert!(run.failed.is_some() && run.outcomes.iter().all(Result::is_err));
+        }
+        assert_eq!(s.engine, before);
+        // An unreadable row is an error and comes back as a quarantine for the writer.
+        let mut bytes = s.engine.get(Table::Objects, &row_key(b"k")).unwrap().unwrap();
+        bytes[0] ^= 0x55;
+        s.engine.poke(Table::Objects, &row_key(b"k"), bytes);
+        let run = reader.run(&mut s.engine, vec![StoreOp::Read { key: b"k".to_vec() }], 0);
+        assert!(matches!(&run.outcomes[0], Err(StoreError::Corrupt { .. })));
+        assert!(matches!(&run.pending.quarantine[..], [StoreOp::Quarantine { table: Table::Objects, .. }]));
     }
 
     #[test]

@@ -722,19 +722,47 @@ impl Sim {
         (inc << 8) | i as u64
     }
 
-    /// Carry out node `i`'s effects until it has none.
+    /// Carry out node `i`'s effects until it has none. Row reads run at once in a read
+    /// snapshot of the committed store, beside the write queue, as the node runs them;
+    /// their results go in when the node has no effect left.
     fn pump(&mut self, i: usize) {
+        let mut read = VecDeque::new();
         for _ in 0..1_000_000 {
+            let now = self.now();
             let Some(node) = self.nodes[i].node.as_mut() else { return };
-            let Some((stage, effect)) = node.poll_effect() else { return };
+            let Some((stage, effect)) = node.poll_effect() else {
+                let Some((stage, input)) = read.pop_front() else { return };
+                node.input(now, stage, input);
+                continue;
+            };
             match effect {
                 Effect::Send { to, msg } => self.send(i, to, msg),
+                Effect::Store { token, op, .. } if op.reads_rows_only() => {
+                    let result = self.read_now(i, op);
+                    read.push_back((stage, Input::Stored { token, result }));
+                }
                 Effect::Store { token, op, .. } => self.enqueue(i, Some((stage, token)), op),
                 Effect::Signal(_) | Effect::Peers(_) | Effect::Block(_) => {}
             }
         }
         let id = self.nodes[i].id.clone();
         self.fail(format!("{id} never stops producing effects"));
+    }
+
+    /// Run a row read on node `i`'s committed store now; unreadable rows it finds are queued
+    /// for quarantine. Reads fail as injected.
+    fn read_now(&mut self, i: usize, op: StoreOp) -> Result<StoreOutcome, StoreError> {
+        if self.rng.chance(self.faults.read_error) {
+            self.storage_faults.read_errors += 1;
+            return Err(StoreError::Io("injected: read error".into()));
+        }
+        let now = self.now();
+        let store = &mut self.nodes[i].store;
+        let mut run = store.state.reader().run(&mut store.engine, vec![op], now.wall_ms);
+        for op in std::mem::take(&mut run.pending.quarantine) {
+            self.enqueue(i, None, op);
+        }
+        run.outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())))
     }
 
     fn enqueue(&mut self, i: usize, to: Option<(StageId, u64)>, op: StoreOp) {

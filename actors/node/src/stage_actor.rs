@@ -8,23 +8,27 @@
 //! receiver's mailbox is full this actor waits for room before it takes its next input, so
 //! a slow stage slows its producers instead of growing memory.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
 use ringkv::store::{StoreError, StoreOutcome};
+use ringkv_storage::Reader;
 
 use crate::clock::now;
 pub use crate::mailbox::Deliver;
 use crate::storage::{StorageFront, StoreRequest};
 use crate::transport::{Outgoing, TransportActor};
 
-/// Where a stage's effects go: every stage's mailbox, the transport, storage.
+/// Where a stage's effects go: every stage's mailbox, the transport, storage (row reads
+/// run here, in a read snapshot; everything else goes to the storage stage).
 pub struct Routes {
     pub stages: Vec<(StageId, Recipient<Deliver>)>,
     pub transport: Addr<TransportActor>,
     pub storage: Addr<StorageFront>,
+    pub reader: Reader,
 }
 
 impl Routes {
@@ -74,34 +78,53 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        while let Some(effect) = self.stage.poll_effect() {
-            match effect {
-                Effect::Send { to, msg } => {
-                    Self::deliver_bounded(&self.routes.transport, Outgoing::Send { to, msg }, ctx);
-                }
-                Effect::Store { token, op, durable } => {
-                    let storage = self.routes.storage.clone();
-                    let fut = storage.send(StoreRequest { op, durable });
-                    ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                        let result: Result<StoreOutcome, StoreError> = match res {
-                            Ok(r) => r,
-                            Err(e) => Err(StoreError::Io(format!("storage stage gone: {e}"))),
-                        };
-                        act.input(Input::Stored { token, result }, ctx);
-                    }));
-                }
-                Effect::Signal(sig) => {
-                    for &to in subscribers(&sig) {
-                        if let Some(r) = self.routes.stage(to) {
-                            Self::signal_bounded(r, Input::Signal(sig.clone()), ctx);
-                        }
-                    }
-                }
-                Effect::Peers(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Peers(peers), ctx),
-                Effect::Block(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Block(peers), ctx),
+        // Results of row reads, run on this thread as they come: handed in once the stage
+        // has no effect left, so the stage sees them as it would a storage result.
+        let mut read = VecDeque::new();
+        loop {
+            while let Some(effect) = self.stage.poll_effect() {
+                self.carry(effect, &mut read, ctx);
             }
+            let Some(input) = read.pop_front() else { break };
+            self.stage.handle(now(), input);
         }
         self.arm(ctx);
+    }
+
+    fn carry(&mut self, effect: Effect, read: &mut VecDeque<Input>, ctx: &mut Context<Self>) {
+        match effect {
+            Effect::Store { token, op, .. } if op.reads_rows_only() => {
+                let (mut outcomes, follow) = self.routes.reader.run(vec![op], now().wall_ms);
+                let result = outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())));
+                read.push_back(Input::Stored { token, result });
+                for op in follow {
+                    self.routes.storage.do_send(StoreRequest { op, durable: false });
+                }
+            }
+            Effect::Send { to, msg } => {
+                Self::deliver_bounded(&self.routes.transport, Outgoing::Send { to, msg }, ctx);
+            }
+            Effect::Store { token, op, durable } => {
+                let storage = self.routes.storage.clone();
+                let fut = storage.send(StoreRequest { op, durable });
+                ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                    let result: Result<StoreOutcome, StoreError> = match res {
+                        Ok(r) => r,
+                        Err(e) => Err(StoreError::Io(format!("storage stage gone: {e}"))),
+                    };
+                    act.input(Input::Stored { token, result }, ctx);
+                }));
+            }
+            Effect::Signal(sig) => {
+                for &to in subscribers(&sig) {
+                    if let Some(r) = self.routes.stage(to) {
+                        Self::signal_bounded(r, Input::Signal(sig.clone()), ctx);
+                    }
+                }
+            }
+            Effect::Peers(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Peers(peers), ctx),
+            Effect::Block(peers) => Self::deliver_bounded(&self.routes.transport, Outgoing::Block(peers), ctx),
+        }
     }
 
     /// Keep one timer, at the stage's next timeout.

@@ -79,7 +79,9 @@ async fn start_and_wait(
     })?;
     let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: Some(me.clone()) };
 
-    // Storage: the redb worker thread and the group-commit front.
+    // Storage: the redb worker thread and the group-commit front; row reads run on this
+    // thread in read snapshots.
+    let reader = storage.reader();
     let slot = Arc::new(Mutex::new(Some(storage)));
     let worker = SyncArbiter::start(1, move || {
         match slot.lock().ok().and_then(|mut s| s.take()) {
@@ -115,7 +117,7 @@ async fn start_and_wait(
         (StageId::Admission, c_admission.address().recipient()),
     ];
     transport.do_send(SetStages(recipients.clone()));
-    let routes = Rc::new(Routes { stages: recipients, transport: transport.clone(), storage: storage.clone() });
+    let routes = Rc::new(Routes { stages: recipients, transport: transport.clone(), storage: storage.clone(), reader });
     let Stages { coordinator, replica, gossip, failure_detector, handoff, anti_entropy, admission } = stages;
     start_stage(c_coordinator, coordinator, &routes);
     start_stage(c_replica, replica, &routes);

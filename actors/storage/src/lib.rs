@@ -5,7 +5,9 @@
 //! durably when asked or when the node is in `sync` mode, and applies the in-memory
 //! changes only after the commit succeeded. No actix here: the node hosts it on a thread.
 
+use std::cell::OnceCell;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -14,7 +16,7 @@ use redb::{
 use ringkv::config::Durability as DurabilityMode;
 use ringkv::membership::Member;
 use ringkv::store::{
-    Engine, EngineError, OpenReport, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreState, Table,
+    Engine, EngineError, OpenReport, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState, Table,
 };
 
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -36,19 +38,29 @@ fn err(e: impl std::fmt::Display) -> EngineError {
     EngineError(e.to_string())
 }
 
-/// The tables of one redb write transaction.
+/// The tables of one redb write transaction, each opened when first used.
 pub struct WriteEngine<'t> {
-    tables: Vec<redb::Table<'t, &'static [u8], &'static [u8]>>,
+    txn: &'t WriteTransaction,
+    tables: [OnceCell<redb::Table<'t, &'static [u8], &'static [u8]>>; 6],
 }
 
 impl<'t> WriteEngine<'t> {
     pub fn new(txn: &'t WriteTransaction) -> Result<Self, EngineError> {
-        let tables = Table::ALL.iter().map(|t| txn.open_table(def(*t)).map_err(err)).collect::<Result<_, _>>()?;
-        Ok(WriteEngine { tables })
+        Ok(WriteEngine { txn, tables: Default::default() })
     }
 
-    fn t(&self, table: Table) -> &redb::Table<'t, &'static [u8], &'static [u8]> {
-        &self.tables[table as usize]
+    fn t(&self, table: Table) -> Result<&redb::Table<'t, &'static [u8], &'static [u8]>, EngineError> {
+        let cell = &self.tables[table as usize];
+        if let Some(t) = cell.get() {
+            return Ok(t);
+        }
+        let opened = self.txn.open_table(def(table)).map_err(err)?;
+        Ok(cell.get_or_init(|| opened))
+    }
+
+    fn t_mut(&mut self, table: Table) -> Result<&mut redb::Table<'t, &'static [u8], &'static [u8]>, EngineError> {
+        self.t(table)?;
+        self.tables[table as usize].get_mut().ok_or_else(|| EngineError("table not open".into()))
     }
 }
 
@@ -74,14 +86,14 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 impl Engine for WriteEngine<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        Ok(self.t(table).get(key).map_err(err)?.map(|g| g.value().to_vec()))
+        Ok(self.t(table)?.get(key).map_err(err)?.map(|g| g.value().to_vec()))
     }
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
-        self.tables[table as usize].insert(key, value).map_err(err)?;
+        self.t_mut(table)?.insert(key, value).map_err(err)?;
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
-        self.tables[table as usize].remove(key).map_err(err)?;
+        self.t_mut(table)?.remove(key).map_err(err)?;
         Ok(())
     }
     fn scan(
@@ -91,25 +103,35 @@ impl Engine for WriteEngine<'_> {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        scan_table(self.t(table), from, to, visit)
+        scan_table(self.t(table)?, from, to, visit)
     }
 }
 
-/// The tables of one redb read transaction: a snapshot, writes refused.
+/// The tables of one redb read transaction, each opened when first used: a snapshot,
+/// writes refused.
 pub struct ReadEngine {
-    tables: Vec<ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    txn: ReadTransaction,
+    tables: [OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>; 6],
 }
 
 impl ReadEngine {
-    pub fn new(txn: &ReadTransaction) -> Result<Self, EngineError> {
-        let tables = Table::ALL.iter().map(|t| txn.open_table(def(*t)).map_err(err)).collect::<Result<_, _>>()?;
-        Ok(ReadEngine { tables })
+    pub fn new(txn: ReadTransaction) -> Self {
+        ReadEngine { txn, tables: Default::default() }
+    }
+
+    fn t(&self, table: Table) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>, EngineError> {
+        let cell = &self.tables[table as usize];
+        if let Some(t) = cell.get() {
+            return Ok(t);
+        }
+        let opened = self.txn.open_table(def(table)).map_err(err)?;
+        Ok(cell.get_or_init(|| opened))
     }
 }
 
 impl Engine for ReadEngine {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        Ok(self.tables[table as usize].get(key).map_err(err)?.map(|g| g.value().to_vec()))
+        Ok(self.t(table)?.get(key).map_err(err)?.map(|g| g.value().to_vec()))
     }
     fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
         Err(EngineError("read-only transaction".into()))
@@ -124,7 +146,7 @@ impl Engine for ReadEngine {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        scan_table(&self.tables[table as usize], from, to, visit)
+        scan_table(self.t(table)?, from, to, visit)
     }
     fn writable(&self) -> bool {
         false
@@ -133,9 +155,31 @@ impl Engine for ReadEngine {
 
 /// One node's redb file and its store state.
 pub struct Storage {
-    db: Database,
+    db: Arc<Database>,
     state: StoreState,
     mode: DurabilityMode,
+}
+
+/// Runs row reads ([`StoreOp::reads_rows_only`]) in read snapshots of the database, on the
+/// caller's thread: a replica read never waits behind the writer's group commit.
+#[derive(Clone)]
+pub struct Reader {
+    db: Arc<Database>,
+    reader: StoreReader,
+}
+
+impl Reader {
+    /// The outcomes, and the operations the writer must run after (quarantines of rows
+    /// found unreadable).
+    pub fn run(&self, ops: Vec<StoreOp>, now_wall_ms: u64) -> (Vec<Result<StoreOutcome, StoreError>>, Vec<StoreOp>) {
+        match self.db.begin_read() {
+            Ok(txn) => {
+                let run = self.reader.run(&mut ReadEngine::new(txn), ops, now_wall_ms);
+                (run.outcomes, run.pending.quarantine)
+            }
+            Err(e) => (ops.iter().map(|_| Err(StoreError::Io(e.to_string()))).collect(), Vec::new()),
+        }
+    }
 }
 
 /// What opening found.
@@ -176,14 +220,20 @@ impl Storage {
         txn.commit().map_err(|e| e.to_string())?;
         let members = {
             let read = db.begin_read().map_err(|e| e.to_string())?;
-            let engine = ReadEngine::new(&read).map_err(|e| e.to_string())?;
+            let engine = ReadEngine::new(read);
             StoreState::load_members(&engine)
                 .map_err(|e| format!("{}: the saved membership cannot be read ({e}); move the data directory aside to rejoin as a new node", path.display()))?
         };
         if report.quarantined > 0 {
             tracing::warn!(rows = report.quarantined, "unreadable rows quarantined; anti-entropy refills them");
         }
-        Ok(Opened { storage: Storage { db, state, mode }, members, report })
+        Ok(Opened { storage: Storage { db: Arc::new(db), state, mode }, members, report })
+    }
+
+    /// A reader of this database for the operations that read rows only, to run on any
+    /// thread beside this writer.
+    pub fn reader(&self) -> Reader {
+        Reader { db: self.db.clone(), reader: self.state.reader() }
     }
 
     pub fn state(&self) -> &StoreState {
@@ -198,16 +248,12 @@ impl Storage {
         let n = ops.len();
         let failed = |e: String| (0..n).map(|_| Err(StoreError::Io(e.clone()))).collect();
         if ops.iter().all(StoreOp::is_read_only) {
-            let run = match self.db.begin_read().map_err(|e| e.to_string()).and_then(|txn| {
-                let mut engine = ReadEngine::new(&txn).map_err(|e| e.to_string())?;
-                Ok(self.state.run(&mut engine, ops, now_wall_ms))
-            }) {
-                Ok(run) => run,
-                Err(e) => return failed(e),
+            let run = match self.db.begin_read() {
+                Ok(txn) => self.state.run(&mut ReadEngine::new(txn), ops, now_wall_ms),
+                Err(e) => return failed(e.to_string()),
             };
             if !run.pending.quarantine.is_empty() {
-                let follow = run.pending.quarantine.clone();
-                let _ = self.run(follow, false, now_wall_ms);
+                let _ = self.run(run.pending.quarantine, false, now_wall_ms);
             }
             return run.outcomes;
         }
@@ -271,6 +317,24 @@ mod tests {
             hint: None,
             now_wall_ms: 1,
         }
+    }
+
+    #[test]
+    fn a_reader_sees_every_committed_batch_and_runs_row_reads_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, 1)
+            .unwrap()
+            .storage;
+        let reader = s.reader();
+        let read = |k: &str| StoreOp::Read { key: k.as_bytes().to_vec() };
+        assert_eq!(reader.run(vec![read("a")], 1).0, vec![Ok(StoreOutcome::Object(None))]);
+        let written = s.run(vec![coordinate("a")], false, 1);
+        let Some(Ok(StoreOutcome::Coordinated(Ok(object)))) = written.into_iter().next() else { panic!() };
+        let (outcomes, follow) = reader.run(vec![read("a"), read("b")], 1);
+        assert_eq!(outcomes, vec![Ok(StoreOutcome::Object(Some(object))), Ok(StoreOutcome::Object(None))]);
+        assert!(follow.is_empty());
+        let (refused, _) = reader.run(vec![StoreOp::Tree { partition: 0 }], 1);
+        assert!(refused[0].is_err());
     }
 
     #[test]

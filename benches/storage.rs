@@ -1,0 +1,80 @@
+//! Criterion benches of the storage batch path: the core's store on redb, one transaction
+//! per batch, as the node's storage stage runs it (group commit). Shows what a commit costs
+//! and how batching shares it, for durable (`sync`) and buffered commits, and what a read
+//! costs. Run: `cargo bench -p ringkv-storage --bench storage`.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringkv::config::Durability;
+use ringkv::store::{StoreLimits, StoreOp};
+use ringkv::version::{Actor, Object, VersionVector};
+use ringkv_storage::Storage;
+
+const KEYS: u64 = 10_000;
+
+fn key(i: u64) -> Vec<u8> {
+    format!("bench:{i:010}").into_bytes()
+}
+
+fn object(i: u64) -> Object {
+    let mut o = Object::new();
+    o.update(&VersionVector::new(), Actor(i % 3 + 1), Some(vec![b'x'; 100]), i, 10);
+    o
+}
+
+fn open(mode: Durability) -> (tempfile::TempDir, Storage) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opened = Storage::open(&dir.path().join("db.redb"), 64, StoreLimits::default(), mode, 1).expect("open");
+    let mut s = opened.storage;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
+        let ops = chunk.iter().map(|&i| StoreOp::Write { key: key(i), object: object(i), hint: None }).collect();
+        s.run(ops, false, 1);
+    }
+    (dir, s)
+}
+
+fn writes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage/replica_writes_100B");
+    for mode in [Durability::Sync, Durability::Buffered] {
+        let (_dir, mut s) = open(mode);
+        let mut i = 0u64;
+        for batch in [1u64, 8, 64] {
+            g.throughput(Throughput::Elements(batch));
+            g.bench_with_input(BenchmarkId::new(format!("{mode:?}").to_lowercase(), batch), &batch, |b, &n| {
+                b.iter(|| {
+                    let ops = (0..n)
+                        .map(|_| {
+                            i = (i + 7919) % KEYS;
+                            StoreOp::Write { key: key(i), object: object(i + KEYS), hint: None }
+                        })
+                        .collect();
+                    black_box(s.run(ops, false, 1))
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn reads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage/reads_100B");
+    let (_dir, mut s) = open(Durability::Sync);
+    let mut i = 0u64;
+    for batch in [1u64, 8] {
+        g.throughput(Throughput::Elements(batch));
+        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &n| {
+            b.iter(|| {
+                let ops = (0..n)
+                    .map(|_| {
+                        i = (i + 7919) % KEYS;
+                        StoreOp::Read { key: key(i) }
+                    })
+                    .collect();
+                black_box(s.run(ops, false, 1))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, writes, reads);
+criterion_main!(benches);
