@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -82,17 +82,8 @@ async fn start_and_wait(
     // Storage: the redb worker thread and the group-commit front; row reads run on this
     // thread in read snapshots.
     let reader = storage.reader();
-    let slot = Arc::new(Mutex::new(Some(storage)));
-    let worker = SyncArbiter::start(1, move || {
-        match slot.lock().ok().and_then(|mut s| s.take()) {
-            Some(s) => StorageWorker::new(s),
-            None => {
-                // The worker thread cannot be restarted without reopening: stop the node.
-                tracing::error!("the storage worker stopped; stopping the node");
-                std::process::exit(5);
-            }
-        }
-    });
+    let worker = StorageWorker::start(storage)
+        .map_err(|e| StartError::Other(format!("cannot start the storage thread: {e}")))?;
     let flush = (config.storage.durability == Durability::Buffered)
         .then(|| Duration::from_millis(config.storage.flush_interval_ms));
     let storage = StorageFront::new(worker, config.storage.commit_batch_max as usize, flush).start();

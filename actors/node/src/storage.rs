@@ -1,17 +1,18 @@
-//! The storage stage: [`StorageWorker`] runs on its own thread (a `SyncArbiter`, since redb
-//! blocks) and executes batches with [`ringkv_storage::Storage`]; [`StorageFront`] collects
+//! The storage stage: [`StorageWorker`] runs on its own thread (redb blocks) and executes
+//! batches with [`ringkv_storage::Storage`]; [`StorageFront`] collects
 //! the operations that arrive while a batch is running and sends them as the next batch,
 //! so concurrent durable writes share one commit (group commit). A caller hears back only
 //! after the batch holding its operation committed. In `buffered` mode a timer makes
 //! commits durable every `storage.flush_interval_ms`.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use ringkv::store::{StoreError, StoreOp, StoreOutcome};
 use ringkv_storage::Storage;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::now;
 
@@ -25,56 +26,71 @@ pub struct StoreRequest {
     pub durable: bool,
 }
 
-/// The redb side.
+/// The redb side: a thread of its own (redb blocks) taking jobs in order from a channel,
+/// parked while there is none.
 pub struct StorageWorker {
-    storage: Storage,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+enum Job {
+    Batch {
+        ops: Vec<StoreOp>,
+        durable: bool,
+        reply: oneshot::Sender<Vec<Result<StoreOutcome, StoreError>>>,
+    },
+    /// Make buffered commits durable.
+    Flush,
+    /// A clean stop: flush and mark the store closed.
+    Close {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Stops the node when the storage thread dies: nothing could be stored any more.
+struct ExitOnPanic;
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the storage thread failed; stopping the node");
+            std::process::exit(5);
+        }
+    }
 }
 
 impl StorageWorker {
-    pub fn new(storage: Storage) -> Self {
-        StorageWorker { storage }
+    pub fn start(mut storage: Storage) -> std::io::Result<StorageWorker> {
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        std::thread::Builder::new().name("ringkv-storage".into()).spawn(move || {
+            let _guard = ExitOnPanic;
+            while let Some(job) = rx.blocking_recv() {
+                match job {
+                    Job::Batch { ops, durable, reply } => {
+                        let _ = reply.send(storage.run(ops, durable, now().wall_ms));
+                    }
+                    Job::Flush => {
+                        if let Err(e) = storage.flush() {
+                            tracing::error!(error = %e, "storage flush failed");
+                        }
+                    }
+                    Job::Close { reply } => {
+                        let _ = reply.send(storage.close(now().wall_ms));
+                    }
+                }
+            }
+        })?;
+        Ok(StorageWorker { jobs })
     }
-}
 
-impl Actor for StorageWorker {
-    type Context = SyncContext<Self>;
-}
-
-#[derive(Message)]
-#[rtype(result = "Vec<Result<StoreOutcome, StoreError>>")]
-struct Batch {
-    ops: Vec<StoreOp>,
-    durable: bool,
-}
-
-impl Handler<Batch> for StorageWorker {
-    type Result = MessageResult<Batch>;
-    fn handle(&mut self, b: Batch, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.storage.run(b.ops, b.durable, now().wall_ms))
-    }
-}
-
-/// Make buffered commits durable.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct Flush;
-
-impl Handler<Flush> for StorageWorker {
-    type Result = Result<(), String>;
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
-        self.storage.flush()
-    }
-}
-
-/// A clean stop: flush and mark the store closed.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-struct Close;
-
-impl Handler<Close> for StorageWorker {
-    type Result = Result<(), String>;
-    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
-        self.storage.close(now().wall_ms)
+    /// Run a batch; the outcomes once it committed.
+    async fn run(&self, ops: Vec<StoreOp>, durable: bool) -> Vec<Result<StoreOutcome, StoreError>> {
+        let n = ops.len();
+        let (reply, rx) = oneshot::channel();
+        let sent = self.jobs.send(Job::Batch { ops, durable, reply }).is_ok();
+        match rx.await {
+            Ok(outcomes) if sent => outcomes,
+            _ => (0..n).map(|_| Err(StoreError::Io("storage worker gone".into()))).collect(),
+        }
     }
 }
 
@@ -83,7 +99,7 @@ const PENDING_MAX: usize = 64 * 1024;
 
 /// The front of the storage stage: group commit.
 pub struct StorageFront {
-    worker: Addr<StorageWorker>,
+    worker: Rc<StorageWorker>,
     pending: VecDeque<(StoreOp, bool, Reply)>,
     busy: bool,
     batch_max: usize,
@@ -91,8 +107,14 @@ pub struct StorageFront {
 }
 
 impl StorageFront {
-    pub fn new(worker: Addr<StorageWorker>, batch_max: usize, flush_interval: Option<Duration>) -> Self {
-        StorageFront { worker, pending: VecDeque::new(), busy: false, batch_max: batch_max.max(1), flush_interval }
+    pub fn new(worker: StorageWorker, batch_max: usize, flush_interval: Option<Duration>) -> Self {
+        StorageFront {
+            worker: Rc::new(worker),
+            pending: VecDeque::new(),
+            busy: false,
+            batch_max: batch_max.max(1),
+            flush_interval,
+        }
     }
 
     fn kick(&mut self, ctx: &mut Context<Self>) {
@@ -109,13 +131,10 @@ impl StorageFront {
             durable |= d;
             replies.push(tx);
         }
-        self.worker
-            .send(Batch { ops, durable })
+        let worker = self.worker.clone();
+        async move { worker.run(ops, durable).await }
             .into_actor(self)
-            .map(move |res, act, ctx| {
-                let outcomes = res.unwrap_or_else(|e| {
-                    (0..replies.len()).map(|_| Err(StoreError::Io(format!("storage worker gone: {e}")))).collect()
-                });
+            .map(move |outcomes, act, ctx| {
                 for (tx, out) in replies.into_iter().zip(outcomes) {
                     let _ = tx.send(out);
                 }
@@ -132,7 +151,9 @@ impl Actor for StorageFront {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(64 * 1024);
         if let Some(every) = self.flush_interval {
-            ctx.run_interval(every, |act, _| act.worker.do_send(Flush));
+            ctx.run_interval(every, |act, _| {
+                let _ = act.worker.jobs.send(Job::Flush);
+            });
         }
     }
 }
@@ -160,7 +181,13 @@ impl Handler<Drain> for StorageFront {
     type Result = ResponseFuture<Result<(), String>>;
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
         // The close (a durable commit) queues behind every batch already sent to the worker.
-        let worker = self.worker.clone();
-        Box::pin(async move { worker.send(Close).await.map_err(|e| e.to_string())? })
+        let (reply, rx) = oneshot::channel();
+        let sent = self.worker.jobs.send(Job::Close { reply }).is_ok();
+        Box::pin(async move {
+            match rx.await {
+                Ok(r) if sent => r,
+                _ => Err("storage worker gone".into()),
+            }
+        })
     }
 }

@@ -10,10 +10,11 @@
 //! be dialled, or whose connection fails, is reported to every stage that waits on peers
 //! ([`Signal::Unreachable`]). With fault injection, traffic with blocked peers is dropped.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -54,7 +55,8 @@ struct Shared {
     pool: HashMap<SocketAddr, ConnId>,
     /// Dials in progress: messages wait for them.
     dialing: HashMap<SocketAddr, Vec<Message>>,
-    blocked: HashSet<NodeId>,
+    /// Read by the connections' readers, on the runtime.
+    blocked: Arc<Mutex<HashSet<NodeId>>>,
     stages: Vec<(StageId, Recipient<Deliver>)>,
     next_conn: ConnId,
     handshaking: usize,
@@ -85,6 +87,10 @@ impl TransportActor {
         TransportActor { endpoint, creds, frame_max, book: HashMap::new(), shared: Rc::default() }
     }
 
+    fn is_blocked(&self, node: &NodeId) -> bool {
+        self.shared.borrow().blocked.lock().is_ok_and(|b| b.contains(node))
+    }
+
     fn node_of(&self, addr: SocketAddr) -> Option<NodeId> {
         self.book.iter().find(|(_, a)| **a == addr).map(|(n, _)| n.clone())
     }
@@ -111,37 +117,29 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, node: Option<Node
         id
     };
     let stages: Vec<(StageId, Recipient<Deliver>)> = shared.borrow().stages.clone();
-    let blocked = shared.clone();
+    let blocked = shared.borrow().blocked.clone();
     let origin_node = node.clone();
-    // Whether the peer is blocked is read on this thread; the readers run on the runtime.
-    let is_blocked = Rc::new(Cell::new(false));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(1024);
+    // Each message goes straight from the connection's reader to its stage's mailbox; only
+    // a full mailbox makes the reader wait (a slow stage slows this connection, not memory).
     actix::spawn(net::read_streams(conn.clone(), frame_max, move |msg| {
-        let tx = tx.clone();
+        let is_blocked = origin_node.as_ref().is_some_and(|n| blocked.lock().is_ok_and(|b| b.contains(n)));
+        let target = match route(&msg) {
+            _ if is_blocked => None,
+            None => {
+                tracing::debug!(kind = msg.kind(), "not a request or answer a stage takes; dropped");
+                None
+            }
+            Some(stage) => stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()),
+        };
+        let input = Input::Message { from: Origin { conn: id, node: origin_node.clone() }, msg };
         async move {
-            let _ = tx.send(msg).await;
+            if let Some(r) = target {
+                if let Err(SendError::Full(input)) = r.try_send(Deliver(input)) {
+                    let _ = r.send(input).await;
+                }
+            }
         }
     }));
-    let sh = shared.clone();
-    actix::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            is_blocked.set(origin_node.as_ref().is_some_and(|n| blocked.borrow().blocked.contains(n)));
-            if is_blocked.get() {
-                continue;
-            }
-            let Some(stage) = route(&msg) else {
-                tracing::debug!(kind = msg.kind(), "not a request or answer a stage takes; dropped");
-                continue;
-            };
-            let Some(r) = stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()) else { continue };
-            let input = Input::Message { from: Origin { conn: id, node: origin_node.clone() }, msg };
-            // Awaited: a stage with a full mailbox slows this connection, not memory.
-            if r.send(Deliver(input)).await.is_err() {
-                break;
-            }
-        }
-        sh.borrow_mut().conns.remove(&id);
-    });
     let sh = shared.clone();
     actix::spawn(async move {
         let reason = conn.closed().await;
@@ -306,7 +304,7 @@ impl Handler<Outgoing> for TransportActor {
                     }
                 }
                 Dest::Node(node) => {
-                    if self.shared.borrow().blocked.contains(&node) {
+                    if self.is_blocked(&node) {
                         return;
                     }
                     match self.book.get(&node).copied() {
@@ -317,7 +315,7 @@ impl Handler<Outgoing> for TransportActor {
                 Dest::Addr(a) => match a.parse::<SocketAddr>() {
                     Ok(addr) => {
                         let node = self.node_of(addr);
-                        if node.as_ref().is_some_and(|n| self.shared.borrow().blocked.contains(n)) {
+                        if node.as_ref().is_some_and(|n| self.is_blocked(n)) {
                             return;
                         }
                         self.send_to_addr(addr, node, msg, ctx)
@@ -330,12 +328,13 @@ impl Handler<Outgoing> for TransportActor {
             }
             Outgoing::Block(peers) => {
                 let addrs: Vec<SocketAddr> = {
-                    let mut s = self.shared.borrow_mut();
+                    let s = self.shared.borrow();
+                    let Ok(mut blocked) = s.blocked.lock() else { return };
                     match peers {
-                        Some(p) => s.blocked.extend(p),
-                        None => s.blocked.clear(),
+                        Some(p) => blocked.extend(p),
+                        None => blocked.clear(),
                     }
-                    self.book.iter().filter(|(n, _)| s.blocked.contains(*n)).map(|(_, a)| *a).collect()
+                    self.book.iter().filter(|(n, _)| blocked.contains(*n)).map(|(_, a)| *a).collect()
                 };
                 // Close connections to blocked peers so nothing in flight slips through.
                 let mut s = self.shared.borrow_mut();

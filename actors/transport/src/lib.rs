@@ -398,27 +398,47 @@ impl LinkSender {
     }
 }
 
+/// Frames gathered into one write on the message stream at most (more wait for the next).
+const COALESCE_BYTES: usize = 64 * 1024;
+
 /// Start the writer of a connection; messages over `frame_max` payload bytes are refused.
+/// Frames queued together leave in one write, so several messages share a packet.
 pub fn link_writer(conn: quinn::Connection, frame_max: usize) -> LinkSender {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(OUTBOX_FRAMES_MAX);
     let c = conn.clone();
     tokio::spawn(async move {
         let mut stream: Option<quinn::SendStream> = None;
-        while let Some(frame) = rx.recv().await {
-            let res = if frame.len() > BULK_BYTES {
+        // A bulk frame met while gathering small ones: sent after them.
+        let mut held: Option<Vec<u8>> = None;
+        while let Some(first) = match held.take() {
+            Some(f) => Some(f),
+            None => rx.recv().await,
+        } {
+            let res = if first.len() > BULK_BYTES {
                 async {
                     let mut s = c.open_uni().await.map_err(|e| e.to_string())?;
-                    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    s.write_all(&first).await.map_err(|e| e.to_string())?;
                     s.finish().map_err(|e| e.to_string())
                 }
                 .await
             } else {
+                let mut batch = first;
+                while batch.len() < COALESCE_BYTES {
+                    match rx.try_recv() {
+                        Ok(f) if f.len() > BULK_BYTES => {
+                            held = Some(f);
+                            break;
+                        }
+                        Ok(f) => batch.extend_from_slice(&f),
+                        Err(_) => break,
+                    }
+                }
                 async {
                     if stream.is_none() {
                         stream = Some(c.open_uni().await.map_err(|e| e.to_string())?);
                     }
                     match stream.as_mut() {
-                        Some(s) => s.write_all(&frame).await.map_err(|e| e.to_string()),
+                        Some(s) => s.write_all(&batch).await.map_err(|e| e.to_string()),
                         None => Err("no stream".to_string()),
                     }
                 }
