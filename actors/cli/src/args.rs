@@ -110,8 +110,8 @@ pub enum FaultCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// a: 50/50 read/update; b: 95/5; c: read only.
-    #[arg(long, default_value = "a", value_parser = ["a", "b", "c"])]
+    /// a: 50/50 read/blind update; b: 95/5; c: read only; f: 50/50 read/read-modify-write.
+    #[arg(long, default_value = "a", value_parser = ["a", "b", "c", "f"])]
     pub workload: String,
     /// Concurrent clients.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -119,12 +119,18 @@ pub struct BenchArgs {
     /// Operations in all.
     #[arg(long, default_value_t = 20000)]
     pub ops: u64,
+    /// Run for this many seconds instead of a number of operations.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     pub value_size: usize,
     /// Distinct keys.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub keys: u64,
+    /// The keys were loaded by an earlier run: do not write them first.
+    #[arg(long)]
+    pub no_preload: bool,
     /// More node addresses to spread requests over (default: every member the node reports).
     #[arg(long, value_name = "ADDR")]
     pub nodes: Vec<String>,

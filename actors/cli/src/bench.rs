@@ -1,23 +1,36 @@
-//! `ringkv bench`: a YCSB-style load generator. Workload a is 50% reads and 50% updates, b
-//! 95/5, c read-only; keys are drawn uniformly from `--keys` and preloaded first. Each client
-//! is one connection, spread round-robin over the cluster's nodes, issuing one request at a
-//! time. Latencies go into an HDR histogram (microseconds).
+//! `ringkv bench`: a YCSB-style load generator. Workload a is 50% reads and 50% blind
+//! updates, b 95/5, c read-only, f 50% reads and 50% read-modify-writes (a get, then a put
+//! with the context it returned: the honest update for a store that keeps concurrent
+//! writes as siblings, where blind updates to the same keys pile siblings up). Keys are
+//! drawn uniformly from `--keys` and preloaded first (unless `--no-preload`). Each client is
+//! one connection, spread round-robin over the cluster's nodes, issuing one request at a
+//! time; all share one local endpoint. The run ends after `--ops` operations, or after
+//! `--duration` seconds when given. Latencies go into an HDR histogram (microseconds); on a
+//! terminal a progress line shows what is done.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
-use ringkv::wire::{ClientRequest, ClientResponse};
+use ringkv::wire::{Bytes, ClientRequest, ClientResponse};
 use serde_json::json;
 
 use crate::args::BenchArgs;
 use crate::outcome::{exit, Failure, Outcome};
-use ringkv_client::Client;
-use ringkv_client::Credentials;
+use ringkv_client::{Client, Connector, Credentials};
 
-fn key(i: u64) -> Vec<u8> {
-    format!("bench:{i:010}").into_bytes()
+/// Preload writes each client keeps in flight on its connection.
+const PRELOAD_DEPTH: usize = 16;
+/// Latencies recorded up to this many microseconds (a minute); longer ones count as it.
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+fn key(i: u64) -> Bytes {
+    Bytes::from(format!("bench:{i:010}").into_bytes())
 }
 
 /// Addresses to spread clients over: `--nodes`, else every member the node reports.
@@ -42,82 +55,152 @@ async fn node_addrs(args: &BenchArgs, first: &Client, addr: SocketAddr) -> Vec<S
     out
 }
 
+/// What each operation of a workload is.
+#[derive(Clone, Copy)]
+enum Mix {
+    /// Reads with this probability, else blind updates.
+    Blind { read_share: f64 },
+    /// Reads with this probability, else read-modify-writes.
+    ReadModifyWrite { read_share: f64 },
+}
+
+impl Mix {
+    fn of(workload: &str) -> Mix {
+        match workload {
+            "a" => Mix::Blind { read_share: 0.5 },
+            "b" => Mix::Blind { read_share: 0.95 },
+            "f" => Mix::ReadModifyWrite { read_share: 0.5 },
+            _ => Mix::Blind { read_share: 1.0 },
+        }
+    }
+}
+
+/// A progress line on a terminal (hidden otherwise).
+fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} ({per_sec}, {eta} left)")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {pos} ops ({per_sec}), {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Write every key once, `PRELOAD_DEPTH` writes in flight per client. The number of
+/// failed writes.
+async fn preload(clients: &[Client], keys: u64, value: &Bytes) -> u64 {
+    let next = Arc::new(AtomicU64::new(0));
+    let bar = progress(Some(keys), "preloading");
+    let loaders = clients.iter().flat_map(|client| (0..PRELOAD_DEPTH).map(move |_| client)).map(|client| {
+        let (next, value, bar) = (next.clone(), value.clone(), bar.clone());
+        async move {
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return errors;
+                }
+                let req = ClientRequest::Put { key: key(i), context: None, value: Some(value.clone()), w: None };
+                if !matches!(client.request(req).await, Ok(ClientResponse::Written { .. })) {
+                    errors += 1;
+                }
+                bar.inc(1);
+            }
+        }
+    });
+    let errors = futures::future::join_all(loaders).await.into_iter().sum();
+    bar.finish_and_clear();
+    errors
+}
+
+/// One operation; whether it succeeded.
+async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> bool {
+    let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None });
+    let put = |k: Bytes, context: Option<String>| {
+        client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None })
+    };
+    match mix {
+        Mix::Blind { read_share } | Mix::ReadModifyWrite { read_share } if rng.gen_bool(read_share) => {
+            matches!(get(k).await, Ok(ClientResponse::Values { .. }))
+        }
+        Mix::Blind { .. } => matches!(put(k, None).await, Ok(ClientResponse::Written { .. })),
+        Mix::ReadModifyWrite { .. } => match get(k.clone()).await {
+            Ok(ClientResponse::Values { context, .. }) => {
+                matches!(put(k, context).await, Ok(ClientResponse::Written { .. }))
+            }
+            _ => false,
+        },
+    }
+}
+
 pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Outcome, Failure> {
     if args.keys == 0 || args.ops == 0 {
         return Err(Failure::new(exit::BAD_INPUT, "--keys and --ops must be at least 1"));
     }
-    let read_share = match args.workload.as_str() {
-        "a" => 0.5,
-        "b" => 0.95,
-        _ => 1.0,
+    let duration = match args.duration {
+        Some(s) if !(s.is_finite() && s > 0.0 && s <= 86_400.0) => {
+            return Err(Failure::new(exit::BAD_INPUT, "--duration must be more than 0 and at most 86400 seconds"));
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
     };
-    let first = Client::connect(addr, creds, frame_max).await?;
+    let mix = Mix::of(&args.workload);
+    let connector = Connector::new(addr.is_ipv6())?;
+    let first = connector.connect(addr, creds, frame_max).await?;
     let addrs = node_addrs(&args, &first, addr).await;
     let mut clients = Vec::with_capacity(args.clients as usize);
     for i in 0..args.clients as usize {
-        clients.push(Client::connect(addrs[i % addrs.len()], creds, frame_max).await?);
+        clients.push(connector.connect(addrs[i % addrs.len()], creds, frame_max).await?);
     }
-    let value = vec![b'x'; args.value_size];
+    let value = Bytes::from(vec![b'x'; args.value_size]);
 
-    // Preload every key, spread over the clients.
-    let per = args.keys.div_ceil(clients.len() as u64);
-    let loads = clients.iter().enumerate().map(|(c, client)| {
-        let value = value.clone();
-        async move {
-            let mut errors = 0u64;
-            for i in (c as u64 * per)..((c as u64 + 1) * per).min(args.keys) {
-                let req = ClientRequest::Put {
-                    key: key(i).into(),
-                    context: None,
-                    value: Some(value.clone().into()),
-                    w: None,
-                };
-                if !matches!(client.request(req).await, Ok(ClientResponse::Written { .. })) {
-                    errors += 1;
-                }
-            }
-            errors
+    let preload_started = Instant::now();
+    if !args.no_preload {
+        let errors = preload(&clients, args.keys, &value).await;
+        if errors > 0 {
+            return Err(Failure::new(exit::UNAVAILABLE, format!("{errors} preload writes failed")));
         }
-    });
-    let load_errors: u64 = futures::future::join_all(loads).await.into_iter().sum();
-    if load_errors > 0 {
-        return Err(Failure::new(exit::UNAVAILABLE, format!("{load_errors} preload writes failed")));
     }
+    let preload_s = preload_started.elapsed().as_secs_f64();
 
-    let ops_per = args.ops.div_ceil(clients.len() as u64);
+    // Operations are drawn from one budget (none with --duration), so fast clients do more.
+    let budget = Arc::new(AtomicU64::new(if duration.is_some() { u64::MAX } else { args.ops }));
+    let bar = progress(if duration.is_some() { None } else { Some(args.ops) }, &format!("workload {}", args.workload));
     let started = Instant::now();
-    let runs = clients.iter().enumerate().map(|(c, client)| {
-        let value = value.clone();
-        let n = ops_per.min(args.ops.saturating_sub(c as u64 * ops_per));
+    let runs = clients.iter().map(|client| {
+        let (budget, value, bar) = (budget.clone(), value.clone(), bar.clone());
         async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
-            let mut errors = 0u64;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+            let (mut errors, mut done) = (0u64, 0u64);
             let mut rng = rand::thread_rng();
-            for _ in 0..n {
-                let k = key(rng.gen_range(0..args.keys));
-                let read = rng.gen_bool(read_share);
-                let t = Instant::now();
-                let ok = if read {
-                    matches!(
-                        client.request(ClientRequest::Get { key: k.into(), r: None }).await,
-                        Ok(ClientResponse::Values { .. })
-                    )
-                } else {
-                    let req =
-                        ClientRequest::Put { key: k.into(), context: None, value: Some(value.clone().into()), w: None };
-                    matches!(client.request(req).await, Ok(ClientResponse::Written { .. }))
-                };
-                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-                if !ok {
-                    errors += 1;
+            while budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok() {
+                if duration.is_some_and(|d| started.elapsed() >= d) {
+                    break;
                 }
+                let k = key(rng.gen_range(0..args.keys));
+                let t = Instant::now();
+                let ok = operation(client, mix, k, &value, &mut rng).await;
+                hist.saturating_record((t.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX));
+                errors += u64::from(!ok);
+                done += 1;
+                bar.inc(1);
             }
-            (hist, errors, n)
+            (hist, errors, done)
         }
     });
     let results = futures::future::join_all(runs).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    bar.finish_and_clear();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
     let (mut errors, mut ops) = (0, 0);
     for (h, e, n) in results {
         let _ = hist.add(h);
@@ -127,17 +210,19 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let doc = json!({
         "workload": args.workload, "ops": ops, "errors": errors, "clients": args.clients,
-        "value_size": args.value_size, "keys": args.keys, "nodes": addrs.len(),
-        "ops_per_sec": ops as f64 / elapsed.max(1e-9),
+        "value_size": args.value_size, "keys": if args.no_preload { 0 } else { args.keys }, "key_space": args.keys,
+        "nodes": addrs.len(), "ops_per_sec": ops as f64 / elapsed.max(1e-9), "duration_s": elapsed,
+        "preload_s": preload_s,
         "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0},
     });
     let human = format!(
-        "workload {} | {} ops, {} errors, {} clients over {} nodes | {:.0} ops/s | p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+        "workload {} | {} ops, {} errors, {} clients over {} nodes, {} keys | {:.0} ops/s | p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
         args.workload,
         ops,
         errors,
         args.clients,
         addrs.len(),
+        args.keys,
         ops as f64 / elapsed.max(1e-9),
         ms(0.5),
         ms(0.99),

@@ -109,28 +109,38 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-impl Client {
-    /// Connect and authenticate to the node at `addr`.
-    pub async fn connect(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+/// A local QUIC endpoint (one UDP socket and its driver) that many [`Client`]s can share:
+/// a program talking to several nodes, or opening many connections, pays for one socket.
+#[derive(Clone)]
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+}
+
+impl Connector {
+    /// An endpoint on an ephemeral port of every IPv4 (or, with `ipv6`, IPv6) address.
+    pub fn new(ipv6: bool) -> Result<Connector, NetError> {
         let local: SocketAddr =
-            if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-        let ep = endpoint(local, None).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
-        let (conn, _node) = connect(&ep, addr, creds).await?;
+            if ipv6 { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() } else { ([0, 0, 0, 0], 0).into() };
+        let endpoint = endpoint(local, None).map_err(|e| NetError::Connect(local.to_string(), e.to_string()))?;
+        Ok(Connector { endpoint })
+    }
+
+    /// Connect and authenticate to the node at `addr`.
+    pub async fn connect(&self, addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+        let (conn, _node) = connect(&self.endpoint, addr, creds).await?;
         let waiting: Waiting = Arc::default();
         let w = waiting.clone();
         let reader = read_streams(conn.clone(), frame_max, move |msg| {
-            let w = w.clone();
-            async move {
-                let (id, response) = match msg {
-                    Message::ClientReply { id, response } => (id, response),
-                    Message::Error { id, kind, message } => (id, ClientResponse::Error { kind, message }),
-                    _ => return,
-                };
-                let tx = w.lock().ok().and_then(|mut m| m.remove(&id));
-                if let Some(tx) = tx {
-                    let _ = tx.send(response);
-                }
+            let (id, response) = match msg {
+                Message::ClientReply { id, response } => (id, response),
+                Message::Error { id, kind, message } => (id, ClientResponse::Error { kind, message }),
+                _ => return std::future::ready(()),
+            };
+            let tx = w.lock().ok().and_then(|mut m| m.remove(&id));
+            if let Some(tx) = tx {
+                let _ = tx.send(response);
             }
+            std::future::ready(())
         });
         // When the connection ends, every request still waiting fails at once.
         let w = waiting.clone();
@@ -141,7 +151,16 @@ impl Client {
             }
         });
         let link = link_writer(conn, frame_max);
-        Ok(Client { inner: Arc::new(Inner { _endpoint: ep, link, waiting, next_id: AtomicU64::new(1) }) })
+        Ok(Client {
+            inner: Arc::new(Inner { _endpoint: self.endpoint.clone(), link, waiting, next_id: AtomicU64::new(1) }),
+        })
+    }
+}
+
+impl Client {
+    /// Connect and authenticate to the node at `addr`, on an endpoint of its own.
+    pub async fn connect(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+        Connector::new(addr.is_ipv6())?.connect(addr, creds, frame_max).await
     }
 
     /// Connect to the node a config file names (its `node.listen`), with the cluster secret
