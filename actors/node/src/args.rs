@@ -25,5 +25,9 @@ pub enum NodeCommand {
         /// Directory for configs and data (default: a fresh temporary directory).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// storage.durability of every node: sync (a write is on disk before it is
+        /// acknowledged) or buffered (flushed every storage.flush_interval_ms).
+        #[arg(long, default_value = "sync", value_parser = ["sync", "buffered"])]
+        durability: String,
     },
 }

@@ -14,7 +14,7 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// The text of node `i`'s config.
-pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, secret: &str) -> String {
+pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, secret: &str, durability: &str) -> String {
     let n = nodes.min(3);
     let quorum = n / 2 + 1;
     let seeds: Vec<String> = ports.iter().take(2).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
@@ -33,6 +33,9 @@ partitions = 64
 replicas = {n}
 read_quorum = {quorum}
 write_quorum = {quorum}
+
+[storage]
+durability = "{durability}"
 
 [gossip]
 interval_ms = 500
@@ -81,7 +84,7 @@ fn stop(children: &mut [(String, Child)]) {
 }
 
 /// Run the dev cluster; returns the exit status.
-pub fn run(nodes: u32, dir: Option<PathBuf>) -> i32 {
+pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str) -> i32 {
     let dir = dir.unwrap_or_else(fresh_dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("ringkv-node dev: cannot create {}: {e}", dir.display());
@@ -108,7 +111,7 @@ pub fn run(nodes: u32, dir: Option<PathBuf>) -> i32 {
         let cfg = dir.join(format!("n{i}.toml"));
         let log = dir.join(format!("n{i}.log"));
         let written = std::fs::File::create(&cfg)
-            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &secret).as_bytes()));
+            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &secret, durability).as_bytes()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
         let (Ok(()), Ok(log_file)) = (written, log_file) else {
             eprintln!("ringkv-node dev: cannot write into {}", dir.display());

@@ -9,7 +9,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let status = match (args.command, args.config) {
-        (Some(NodeCommand::Dev { nodes, dir }), _) => ringkv_node::dev::run(nodes, dir),
+        (Some(NodeCommand::Dev { nodes, dir, durability }), _) => ringkv_node::dev::run(nodes, dir, &durability),
         (None, Some(config)) => match start::run(&config) {
             Ok(()) => 0,
             Err(StartError::Config(m)) => {

@@ -102,6 +102,7 @@ pub struct StorageFront {
     worker: Rc<StorageWorker>,
     pending: VecDeque<(StoreOp, bool, Reply)>,
     busy: bool,
+    kick_scheduled: bool,
     batch_max: usize,
     flush_interval: Option<Duration>,
 }
@@ -112,6 +113,7 @@ impl StorageFront {
             worker: Rc::new(worker),
             pending: VecDeque::new(),
             busy: false,
+            kick_scheduled: false,
             batch_max: batch_max.max(1),
             flush_interval,
         }
@@ -167,7 +169,14 @@ impl Handler<StoreRequest> for StorageFront {
         }
         let (tx, rx) = oneshot::channel();
         self.pending.push_back((req.op, req.durable, tx));
-        self.kick(ctx);
+        // The batch leaves once every task ready now has run: what they store joins it.
+        if !self.busy && !self.kick_scheduled {
+            self.kick_scheduled = true;
+            ctx.spawn(actix::fut::wrap_future::<_, Self>(tokio::task::yield_now()).map(|_, act, ctx| {
+                act.kick_scheduled = false;
+                act.kick(ctx);
+            }));
+        }
         Box::pin(async move { rx.await.unwrap_or_else(|_| Err(StoreError::Io("storage stopped".into()))) })
     }
 }
