@@ -1,4 +1,9 @@
 use clap::Parser;
+
+/// mimalloc: a node and the bench allocate many small short-lived buffers per request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use ringkv_cli::args::ClientArgs;
 
 fn main() {
