@@ -434,8 +434,18 @@ pub fn context_bytes_seeds() -> Vec<Vec<u8>> {
 // ---------------------------------------------------------------------------------------
 // Stored rows: as read from the disk, and their bodies behind a valid checksum.
 
-/// Row bytes around an arbitrary body: format byte 1, the first 8 bytes of its MD5, the body.
+/// Row bytes around an arbitrary body, in the format rows are written in: format byte 2,
+/// the CRC32 of the body, the body.
 pub fn row_around(body: &[u8]) -> Vec<u8> {
+    let mut out = vec![2u8];
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Row bytes in the first format (still read): format byte 1, the first 8 bytes of the
+/// body's MD5, the body.
+pub fn row_around_md5(body: &[u8]) -> Vec<u8> {
     let digest: [u8; 16] = Md5::digest(body).into();
     let mut out = vec![1u8];
     out.extend_from_slice(&digest[..8]);
@@ -443,8 +453,10 @@ pub fn row_around(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The body of a sealed row of either format.
 fn body_of(row: &[u8]) -> Vec<u8> {
-    row[9..].to_vec()
+    let header = if row.first() == Some(&1) { 9 } else { 5 };
+    row.get(header..).unwrap_or_default().to_vec()
 }
 
 pub fn object_row(data: &[u8]) {
@@ -453,6 +465,7 @@ pub fn object_row(data: &[u8]) {
 
 pub fn object_row_body(data: &[u8]) {
     check_object_row(&row_around(data));
+    check_object_row(&row_around_md5(data));
 }
 
 fn check_object_row(bytes: &[u8]) {
@@ -685,8 +698,8 @@ fn engine_to(q: u32, engine: &MemEngine, seal_bodies: bool) -> Vec<u8> {
     let mut out = vec![q.trailing_zeros() as u8];
     for (t, table) in Table::ALL.iter().enumerate() {
         for (k, v) in engine.rows(*table) {
-            let sealed = seal_bodies && v.len() >= 9 && row_around(&v[9..]) == v;
-            let v = if sealed { &v[9..] } else { v };
+            let sealed = seal_bodies && v.len() >= 5 && row_around(&v[5..]) == v;
+            let v = if sealed { &v[5..] } else { v };
             if k.len() > 255 || v.len() > u16::MAX as usize {
                 continue;
             }
