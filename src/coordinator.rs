@@ -710,7 +710,15 @@ pub struct CoordinatorStage {
     local: BTreeMap<u64, u64>,
     ids: Ids,
     effects: VecDeque<Effect>,
+    /// Client requests taken: coordinated as a replica of the key, and for keys this node
+    /// does not replicate. Reported to gossip (for `status`) at most every
+    /// [`COUNTERS_INTERVAL_MS`], when they changed.
+    counters: (u64, u64),
+    counters_due_ms: Option<u64>,
 }
+
+/// How often at most the coordinator reports its counters.
+pub const COUNTERS_INTERVAL_MS: u64 = 1000;
 
 /// A replica's answer to a request, from the storage result (this node's own, or a peer's).
 pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
@@ -750,6 +758,8 @@ impl CoordinatorStage {
             local: BTreeMap::new(),
             ids: Ids::default(),
             effects: VecDeque::new(),
+            counters: (0, 0),
+            counters_due_ms: None,
         }
     }
 
@@ -778,6 +788,14 @@ impl CoordinatorStage {
             return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Overloaded, message: e.into() });
         }
         let plan = ring.preference_list(ring.partition_for_key(&key), self.settings.limits.replicas);
+        if plan.primaries.contains(&self.settings.me) {
+            self.counters.0 = self.counters.0.saturating_add(1);
+        } else {
+            self.counters.1 = self.counters.1.saturating_add(1);
+        }
+        if self.counters_due_ms.is_none() {
+            self.counters_due_ms = Some(now.mono_ms.saturating_add(COUNTERS_INTERVAL_MS));
+        }
         let timeouts = Timeouts {
             deadline_ms: now.mono_ms.saturating_add(self.settings.request_timeout_ms),
             replica_ms: self.settings.replica_timeout_ms,
@@ -925,6 +943,11 @@ impl Stage for CoordinatorStage {
                 }
             }
             Input::Tick { .. } => {
+                if self.counters_due_ms.is_some_and(|d| d <= now.mono_ms) {
+                    self.counters_due_ms = None;
+                    let (coordinated, forwarded) = self.counters;
+                    self.effects.push_back(Effect::Signal(Signal::Counters { coordinated, forwarded }));
+                }
                 let due: Vec<u64> =
                     self.timers.iter().take_while(|(d, _)| *d <= now.mono_ms).map(|(_, id)| *id).collect();
                 for id in due {
@@ -960,7 +983,11 @@ impl Stage for CoordinatorStage {
     }
 
     fn poll_timeout(&self) -> Option<u64> {
-        self.timers.first().map(|(d, _)| *d)
+        let request = self.timers.first().map(|(d, _)| *d);
+        match (request, self.counters_due_ms) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
     }
 }
 

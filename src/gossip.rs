@@ -21,6 +21,8 @@ pub struct GossipStage {
     replicas: usize,
     down: DownSet,
     pending: (u64, u64),
+    /// Client requests coordinated here, and for keys this node does not replicate.
+    counters: (u64, u64),
     ids: Ids,
     effects: VecDeque<Effect>,
 }
@@ -37,6 +39,7 @@ impl GossipStage {
             replicas,
             down: DownSet::default(),
             pending: (0, 0),
+            counters: (0, 0),
             ids: Ids::default(),
             effects: VecDeque::new(),
         };
@@ -109,6 +112,7 @@ impl GossipStage {
             "ring_epoch": self.membership.epoch(),
             "members": members,
             "pending": {"hints": self.pending.0, "transfers": self.pending.1},
+            "counters": {"coordinated": self.counters.0, "forwarded": self.counters.1},
         }))
     }
 
@@ -187,6 +191,7 @@ impl Stage for GossipStage {
             Input::Stored { .. } => {}
             Input::Signal(Signal::Down(d)) => self.down.set(d),
             Input::Signal(Signal::Pending { hints, transfers }) => self.pending = (hints, transfers),
+            Input::Signal(Signal::Counters { coordinated, forwarded }) => self.counters = (coordinated, forwarded),
             Input::Signal(Signal::MarkLeft) => {
                 let me = self.membership.id().clone();
                 if self.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving) {

@@ -494,6 +494,28 @@ mod tests {
     }
 
     #[test]
+    fn status_counts_requests_for_keys_this_node_does_not_replicate() {
+        let mut m = Mini::new(5, "");
+        let ring = m.view(0).ring.clone().unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+        let elsewhere = keys
+            .iter()
+            .filter(|k| !ring.preference_list(ring.partition_for_key(k.as_bytes()), 3).primaries.contains(&"n1".into()))
+            .count() as u64;
+        assert!(elsewhere > 0 && elsewhere < 20, "a 5-node ring with N=3 replicates some keys elsewhere");
+        for k in &keys {
+            assert!(matches!(m.put(0, k, b"v".to_vec(), None), ClientResponse::Written { .. }));
+        }
+        m.get(0, "k0");
+        m.run(1500);
+        let ClientResponse::Document { json } = m.client(0, ClientRequest::Status) else { panic!() };
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let replicated_k0 = ring.preference_list(ring.partition_for_key(b"k0"), 3).primaries.contains(&"n1".into());
+        assert_eq!(doc["counters"]["forwarded"], elsewhere + u64::from(!replicated_k0), "{doc}");
+        assert_eq!(doc["counters"]["coordinated"], 20 - elsewhere + u64::from(replicated_k0), "{doc}");
+    }
+
+    #[test]
     fn a_wiped_node_is_refilled_page_by_page() {
         // Pages of about one object: a partition takes many pages each way.
         let mut m = Mini::new(3, "[anti_entropy]\nmax_inflight = 2\npage_bytes = 200\n");

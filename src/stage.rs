@@ -108,6 +108,10 @@ pub enum Signal {
     MarkLeft,
     /// Background work waiting, for `ringkv status` (handoff to gossip).
     Pending { hints: u64, transfers: u64 },
+    /// Client requests this node took since it started, for `ringkv status` (coordinator to
+    /// gossip): coordinated as a replica of the key, or for a key it does not replicate
+    /// (a put forwarded to a replica, a get read from remote replicas only).
+    Counters { coordinated: u64, forwarded: u64 },
 }
 
 /// An input to a stage.
@@ -199,7 +203,7 @@ pub fn subscribers(signal: &Signal) -> &'static [StageId] {
         Signal::Unreachable { .. } => &[Coordinator, Gossip, FailureDetector, Handoff, AntiEntropy],
         Signal::Budgets { .. } => &[Handoff, AntiEntropy],
         Signal::Latency { .. } => &[Admission],
-        Signal::MarkLeft | Signal::Pending { .. } => &[Gossip],
+        Signal::MarkLeft | Signal::Pending { .. } | Signal::Counters { .. } => &[Gossip],
     }
 }
 
