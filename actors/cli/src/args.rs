@@ -131,7 +131,12 @@ pub struct BenchArgs {
     /// The keys were loaded by an earlier run: do not write them first.
     #[arg(long)]
     pub no_preload: bool,
-    /// More node addresses to spread requests over (default: every member the node reports).
-    #[arg(long, value_name = "ADDR")]
+    /// Spread the clients over these nodes, each sending every request to its node
+    /// (server-driven coordination; default: each request to a node of its key's
+    /// preference list).
+    #[arg(long, value_name = "ADDR", conflicts_with = "pin")]
     pub nodes: Vec<String>,
+    /// Send every request to this node (server-driven coordination).
+    #[arg(long, value_name = "ADDR")]
+    pub pin: Option<String>,
 }

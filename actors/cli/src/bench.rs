@@ -2,9 +2,11 @@
 //! updates, b 95/5, c read-only, f 50% reads and 50% read-modify-writes (a get, then a put
 //! with the context it returned: the honest update for a store that keeps concurrent
 //! writes as siblings, where blind updates to the same keys pile siblings up). Keys are
-//! drawn uniformly from `--keys` and preloaded first (unless `--no-preload`). Each client is
-//! one connection, spread round-robin over the cluster's nodes, issuing one request at a
-//! time; all share one local endpoint. The run ends after `--ops` operations, or after
+//! drawn uniformly from `--keys` and preloaded first (unless `--no-preload`). Each client
+//! issues one request at a time. By default they share one partition-aware
+//! [`ringkv_client::Client`] (each request goes to a node of its key's preference list, one
+//! connection per node); `--pin ADDR` sends everything to one node and `--nodes` spreads the
+//! clients over the nodes listed (server-driven coordination, for comparison). The run ends after `--ops` operations, or after
 //! `--duration` seconds when given. Latencies go into an HDR histogram (microseconds); on a
 //! terminal a progress line shows what is done.
 
@@ -22,7 +24,7 @@ use serde_json::json;
 
 use crate::args::BenchArgs;
 use crate::outcome::{exit, Failure, Outcome};
-use ringkv_client::{Client, Connector, Credentials};
+use ringkv_client::{Client, Credentials};
 
 /// Preload writes each client keeps in flight on its connection.
 const PRELOAD_DEPTH: usize = 16;
@@ -31,28 +33,6 @@ const LATENCY_US_MAX: u64 = 60_000_000;
 
 fn key(i: u64) -> Bytes {
     Bytes::from(format!("bench:{i:010}").into_bytes())
-}
-
-/// Addresses to spread clients over: `--nodes`, else every member the node reports.
-async fn node_addrs(args: &BenchArgs, first: &Client, addr: SocketAddr) -> Vec<SocketAddr> {
-    if !args.nodes.is_empty() {
-        return args.nodes.iter().filter_map(|n| n.parse().ok()).collect();
-    }
-    let mut out = vec![addr];
-    if let Ok(ClientResponse::Document { json }) = first.request(ClientRequest::Status).await {
-        if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&json) {
-            for m in doc["members"].as_array().into_iter().flatten() {
-                if m["state"] == "up" {
-                    if let Some(a) = m["addr"].as_str().and_then(|a| a.parse().ok()) {
-                        if !out.contains(&a) {
-                            out.push(a);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 /// What each operation of a workload is.
@@ -154,13 +134,28 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         None => None,
     };
     let mix = Mix::of(&args.workload);
-    let connector = Connector::new(addr.is_ipv6())?;
-    let first = connector.connect(addr, creds, frame_max).await?;
-    let addrs = node_addrs(&args, &first, addr).await;
-    let mut clients = Vec::with_capacity(args.clients as usize);
-    for i in 0..args.clients as usize {
-        clients.push(connector.connect(addrs[i % addrs.len()], creds, frame_max).await?);
-    }
+    // Routed by default (each request to a node of its key's preference list); --pin sends
+    // everything to one node, --nodes spreads the clients over nodes (server-driven).
+    let (clients, routing) = if let Some(pin) = &args.pin {
+        let pin: SocketAddr = pin
+            .parse()
+            .map_err(|_| Failure::new(exit::BAD_INPUT, format!("--pin {pin:?} is not an IP:port address")))?;
+        let c = Client::pinned(pin, creds, frame_max).await?;
+        ((0..args.clients).map(|_| c.clone()).collect::<Vec<_>>(), format!("pinned to {pin}"))
+    } else if !args.nodes.is_empty() {
+        let mut pinned = Vec::new();
+        for n in &args.nodes {
+            let a: SocketAddr = n
+                .parse()
+                .map_err(|_| Failure::new(exit::BAD_INPUT, format!("--nodes {n:?} is not an IP:port address")))?;
+            pinned.push(Client::pinned(a, creds, frame_max).await?);
+        }
+        let spread = (0..args.clients as usize).map(|i| pinned[i % pinned.len()].clone()).collect();
+        (spread, format!("spread over {} nodes", pinned.len()))
+    } else {
+        let c = Client::connect(addr, creds, frame_max).await?;
+        ((0..args.clients).map(|_| c.clone()).collect(), "routed".to_string())
+    };
     let value = Bytes::from(vec![b'x'; args.value_size]);
 
     let preload_started = Instant::now();
@@ -199,6 +194,12 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     });
     let results = futures::future::join_all(runs).await;
     let elapsed = started.elapsed().as_secs_f64();
+    // Nodes the requests went to.
+    let nodes = match (&args.pin, args.nodes.len()) {
+        (Some(_), _) => 1,
+        (None, 0) => clients.first().map(Client::connected).unwrap_or(0),
+        (None, n) => n,
+    };
     bar.finish_and_clear();
     let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
     let (mut errors, mut ops) = (0, 0);
@@ -211,17 +212,17 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     let doc = json!({
         "workload": args.workload, "ops": ops, "errors": errors, "clients": args.clients,
         "value_size": args.value_size, "keys": if args.no_preload { 0 } else { args.keys }, "key_space": args.keys,
-        "nodes": addrs.len(), "ops_per_sec": ops as f64 / elapsed.max(1e-9), "duration_s": elapsed,
+        "routing": routing, "nodes": nodes, "ops_per_sec": ops as f64 / elapsed.max(1e-9), "duration_s": elapsed,
         "preload_s": preload_s,
         "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0},
     });
     let human = format!(
-        "workload {} | {} ops, {} errors, {} clients over {} nodes, {} keys | {:.0} ops/s | p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+        "workload {} | {} ops, {} errors, {} clients ({}), {} keys | {:.0} ops/s | p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
         args.workload,
         ops,
         errors,
         args.clients,
-        addrs.len(),
+        routing,
         args.keys,
         ops as f64 / elapsed.max(1e-9),
         ms(0.5),

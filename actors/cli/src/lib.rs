@@ -24,7 +24,8 @@ pub fn run(args: ClientArgs) -> i32 {
             if let ClientCommand::Bench(b) = &args.command {
                 return bench::run(b.clone(), addr, &creds, config.frame_bytes_max()).await;
             }
-            let client = Client::connect(addr, &creds, config.frame_bytes_max()).await?;
+            // The CLI talks to the node it is given (--node, else the config's address).
+            let client = Client::pinned(addr, &creds, config.frame_bytes_max()).await?;
             execute(&client, args.command, &config).await
         })
     })();

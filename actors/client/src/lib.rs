@@ -1,22 +1,38 @@
-//! ringkv-client: talk to a ringkv cluster from Rust. One authenticated QUIC connection to a
-//! node carries many requests at once (each answer is matched to its request by id), so a
-//! [`Client`] can be cloned and shared by many tasks. No actix and no redb in its tree.
+//! ringkv-client: talk to a ringkv cluster from Rust. No actix and no redb in its tree.
+//!
+//! [`Client`] is partition-aware (the Dynamo paper's client-driven coordination): it learns
+//! the ring from any node it reaches, sends each request straight to a node of the key's
+//! preference list, and keeps one connection per node, shared by concurrent requests; it is
+//! cheap to clone. [`Connection`] is one connection to one node (status and admin commands
+//! go to a particular node); [`Connector`] is the local endpoint connections share.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), ringkv_client::Error> {
-//! let client = ringkv_client::Client::from_config_file("config/cluster/n1.toml").await?;
-//! client.put("cart:alice", b"apple".to_vec(), None).await?;
-//! let read = client.get("cart:alice").await?;
-//! assert!(read.values.iter().any(|v| v.as_slice() == b"apple"));
-//! # Ok(()) }
+//! use ringkv_client::{Client, Error};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Error> {
+//!     // A node config file (address, seeds and credentials) is enough to reach the cluster.
+//!     let client = Client::from_config_file("config/cluster/n1.toml").await?;
+//!     client.put("cart:alice", b"apple".to_vec(), None).await?; // blind write
+//!     let read = client.get("cart:alice").await?; // every sibling + context
+//!     assert!(read.values.iter().any(|v| v.as_slice() == b"apple"));
+//!     let ctx = read.context.expect("a stored key has a context");
+//!     client.put("cart:alice", b"apple,pear".to_vec(), Some(&ctx)).await?; // supersedes what was read
+//!     client.delete("cart:alice", None).await?; // reads the context first
+//!     Ok(())
+//! }
 //! ```
+//!
+//! Per-request R and W: [`Client::get_with`] and [`Client::put_with`]. A get of an absent
+//! key returns empty `values` (with the tombstone's context if it was deleted). Every
+//! [`Error`] has a kind matching the CLI's exit statuses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ringkv::config::Config;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message};
@@ -103,9 +119,11 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// A connection to one node of a cluster.
+/// One authenticated QUIC connection to one node: many requests in flight, each answer
+/// matched to its request by id. Cheap to clone. [`Client`] keeps one per node it talks to;
+/// use a `Connection` directly to ask one particular node (status, admin commands).
 #[derive(Clone)]
-pub struct Client {
+pub struct Connection {
     inner: Arc<Inner>,
 }
 
@@ -126,7 +144,12 @@ impl Connector {
     }
 
     /// Connect and authenticate to the node at `addr`.
-    pub async fn connect(&self, addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        creds: &Credentials,
+        frame_max: usize,
+    ) -> Result<Connection, NetError> {
         let (conn, _node) = connect(&self.endpoint, addr, creds).await?;
         let waiting: Waiting = Arc::default();
         let w = waiting.clone();
@@ -151,24 +174,16 @@ impl Connector {
             }
         });
         let link = link_writer(conn, frame_max);
-        Ok(Client {
+        Ok(Connection {
             inner: Arc::new(Inner { _endpoint: self.endpoint.clone(), link, waiting, next_id: AtomicU64::new(1) }),
         })
     }
 }
 
-impl Client {
+impl Connection {
     /// Connect and authenticate to the node at `addr`, on an endpoint of its own.
-    pub async fn connect(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+    pub async fn connect(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Connection, NetError> {
         Connector::new(addr.is_ipv6())?.connect(addr, creds, frame_max).await
-    }
-
-    /// Connect to the node a config file names (its `node.listen`), with the cluster secret
-    /// it holds.
-    pub async fn from_config_file(path: impl AsRef<Path>) -> Result<Client, Error> {
-        let (config, secret) = ringkv_transport::load_config(path.as_ref()).map_err(Error::BadRequest)?;
-        let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: None };
-        Ok(Client::connect(config.listen_addr(), &creds, config.frame_bytes_max()).await?)
     }
 
     /// Send one request and wait for its answer.
@@ -192,9 +207,262 @@ impl Client {
         }
     }
 
+    /// Whether the connection has ended (a new one must be made).
+    pub fn is_closed(&self) -> bool {
+        self.inner.link.is_closed()
+    }
+}
+
+/// How often at least a [`Client`] refreshes its view of the ring (the paper's clients poll
+/// every 10 seconds).
+pub const VIEW_REFRESH: Duration = Duration::from_secs(10);
+
+/// Per-request read options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Answers to wait for (default: the cluster's `read_quorum`).
+    pub r: Option<u8>,
+}
+
+/// Per-request write options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Durable writes to wait for (default: the cluster's `write_quorum`).
+    pub w: Option<u8>,
+}
+
+/// Where each partition's requests go: the addresses of its preference list.
+struct View {
+    partitions: u32,
+    lists: Vec<Vec<SocketAddr>>,
+    fetched: Instant,
+}
+
+struct Shared {
+    connector: Connector,
+    creds: Credentials,
+    frame_max: usize,
+    /// Where to learn the ring: the address given, then a config's seeds.
+    seeds: Vec<SocketAddr>,
+    /// Send everything to this node (server-driven coordination).
+    pin: Option<SocketAddr>,
+    pool: Mutex<HashMap<SocketAddr, Connection>>,
+    view: Mutex<Option<Arc<View>>>,
+    /// One refresh at a time.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// A client of a ringkv cluster, partition-aware (the paper's client-driven coordination):
+/// it learns the ring from any node it reaches, sends each request straight to the first
+/// reachable node of the key's preference list (falling down the list when a node cannot be
+/// reached), refreshes its view at least every [`VIEW_REFRESH`] and after a failure, and
+/// keeps one pooled connection per node, shared by concurrent requests. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+fn document(r: ClientResponse) -> Option<serde_json::Value> {
+    match r {
+        ClientResponse::Document { json } => serde_json::from_str(&json).ok(),
+        _ => None,
+    }
+}
+
+impl Client {
+    /// A client that learns the cluster from the node at `addr` (reached now, to fail early).
+    pub async fn connect(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+        Client::start(vec![addr], None, creds, frame_max).await
+    }
+
+    /// A client that sends every request to the node at `addr`, which coordinates it or
+    /// forwards it (server-driven coordination).
+    pub async fn pinned(addr: SocketAddr, creds: &Credentials, frame_max: usize) -> Result<Client, NetError> {
+        Client::start(vec![addr], Some(addr), creds, frame_max).await
+    }
+
+    /// A client of the cluster a node config file names: its `node.listen` address, then its
+    /// seeds, and the cluster secret it holds.
+    pub async fn from_config_file(path: impl AsRef<Path>) -> Result<Client, Error> {
+        let (config, secret) = ringkv_transport::load_config(path.as_ref()).map_err(Error::BadRequest)?;
+        let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: None };
+        let mut seeds = vec![config.listen_addr()];
+        seeds.extend(config.node.seeds.iter().filter_map(|s| s.parse::<SocketAddr>().ok()));
+        seeds.dedup();
+        Ok(Client::start(seeds, None, &creds, config.frame_bytes_max()).await?)
+    }
+
+    async fn start(
+        seeds: Vec<SocketAddr>,
+        pin: Option<SocketAddr>,
+        creds: &Credentials,
+        frame_max: usize,
+    ) -> Result<Client, NetError> {
+        let ipv6 = seeds.first().is_some_and(SocketAddr::is_ipv6);
+        let client = Client {
+            shared: Arc::new(Shared {
+                connector: Connector::new(ipv6)?,
+                creds: creds.clone(),
+                frame_max,
+                seeds,
+                pin,
+                pool: Mutex::default(),
+                view: Mutex::default(),
+                refreshing: tokio::sync::Mutex::new(()),
+            }),
+        };
+        let mut last = NetError::Connect("no address".into(), "give a node address".into());
+        for addr in client.shared.seeds.clone() {
+            match client.connection(addr).await {
+                Ok(_) => return Ok(client),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// How many nodes this client holds a live connection to.
+    pub fn connected(&self) -> usize {
+        self.shared.pool.lock().map(|p| p.values().filter(|c| !c.is_closed()).count()).unwrap_or(0)
+    }
+
+    /// The pooled connection to the node at `addr`, made when there is none.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, NetError> {
+        let pooled = self.shared.pool.lock().ok().and_then(|p| p.get(&addr).cloned());
+        if let Some(c) = pooled.filter(|c| !c.is_closed()) {
+            return Ok(c);
+        }
+        let c = self.shared.connector.connect(addr, &self.shared.creds, self.shared.frame_max).await?;
+        if let Ok(mut p) = self.shared.pool.lock() {
+            p.insert(addr, c.clone());
+        }
+        Ok(c)
+    }
+
+    /// Send a request: one for a key to the first reachable node of its preference list
+    /// (or to the pinned node), anything else to the first reachable seed.
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, NetError> {
+        let (key, retry_after_send) = match &request {
+            ClientRequest::Get { key, .. } => (Some(key.to_vec()), true),
+            // A put that may have reached its node is not sent twice (a blind write would
+            // land twice, as two siblings).
+            ClientRequest::Put { key, .. } => (Some(key.to_vec()), false),
+            _ => (None, true),
+        };
+        let targets = match (&key, self.shared.pin) {
+            (_, Some(pin)) => vec![pin],
+            (Some(key), None) => self.targets(key).await,
+            (None, None) => self.shared.seeds.clone(),
+        };
+        let mut last = NetError::Connect("no node".into(), "the cluster has no reachable member".into());
+        for addr in targets {
+            let conn = match self.connection(addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.stale();
+                    last = e;
+                    continue;
+                }
+            };
+            match conn.request(request.clone()).await {
+                Err(e) if e.is_unreachable() && retry_after_send => {
+                    self.stale();
+                    last = e;
+                }
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Where a key's request goes, in order: its preference list as last learned, then the
+    /// seeds (any node coordinates or forwards).
+    async fn targets(&self, key: &[u8]) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        if let Some(view) = self.view().await {
+            let p = ringkv::ring::partition_of_position(ringkv::ring::key_position(key), view.partitions);
+            if let Some(list) = view.lists.get(p as usize) {
+                out.extend(list.iter().copied());
+            }
+        }
+        for s in &self.shared.seeds {
+            if !out.contains(s) {
+                out.push(*s);
+            }
+        }
+        out
+    }
+
+    /// Forget the view: the next request learns the ring again.
+    fn stale(&self) {
+        if let Ok(mut v) = self.shared.view.lock() {
+            *v = None;
+        }
+    }
+
+    /// The current view of the ring, refreshed when it is older than [`VIEW_REFRESH`].
+    async fn view(&self) -> Option<Arc<View>> {
+        let current = self.shared.view.lock().ok().and_then(|v| v.clone());
+        if let Some(v) = current.as_ref().filter(|v| v.fetched.elapsed() < VIEW_REFRESH) {
+            return Some(v.clone());
+        }
+        let _one = self.shared.refreshing.lock().await;
+        if let Some(v) = self.shared.view.lock().ok().and_then(|v| v.clone()) {
+            if v.fetched.elapsed() < VIEW_REFRESH {
+                return Some(v);
+            }
+        }
+        let mut sources: Vec<SocketAddr> =
+            self.shared.pool.lock().map(|p| p.keys().copied().collect()).unwrap_or_default();
+        sources.extend(self.shared.seeds.iter().copied());
+        for addr in sources {
+            if let Some(view) = self.fetch_view(addr).await {
+                let view = Arc::new(view);
+                if let Ok(mut v) = self.shared.view.lock() {
+                    *v = Some(view.clone());
+                }
+                return Some(view);
+            }
+        }
+        // No node answered: keep routing by the last view, if any.
+        current
+    }
+
+    /// The ring and the members' addresses, from the node at `addr`.
+    async fn fetch_view(&self, addr: SocketAddr) -> Option<View> {
+        let conn = self.connection(addr).await.ok()?;
+        let ring = document(conn.request(ClientRequest::Ring).await.ok()?)?;
+        let status = document(conn.request(ClientRequest::Status).await.ok()?)?;
+        let addrs: HashMap<&str, SocketAddr> = status["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "up" || m["state"] == "joining")
+            .filter_map(|m| Some((m["id"].as_str()?, m["addr"].as_str()?.parse().ok()?)))
+            .collect();
+        let lists: Vec<Vec<SocketAddr>> = ring["partitions"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                p["preference_list"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str().and_then(|n| addrs.get(n)).copied())
+                    .collect()
+            })
+            .collect();
+        let partitions = u32::try_from(lists.len()).ok().filter(|q| q.is_power_of_two())?;
+        Some(View { partitions, lists, fetched: Instant::now() })
+    }
+
     /// Every concurrent value of `key` and the context to write back with.
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Read, Error> {
-        let request = ClientRequest::Get { key: Bytes::from(key.as_ref().to_vec()), r: None };
+        self.get_with(key, ReadOptions::default()).await
+    }
+
+    /// [`get`](Self::get) with per-request options.
+    pub async fn get_with(&self, key: impl AsRef<[u8]>, options: ReadOptions) -> Result<Read, Error> {
+        let request = ClientRequest::Get { key: Bytes::from(key.as_ref().to_vec()), r: options.r };
         match self.request(request).await? {
             ClientResponse::Values { values, context } => {
                 Ok(Read { values: values.into_iter().map(Bytes::into_vec).collect(), context })
@@ -207,7 +475,18 @@ impl Client {
     /// Write `value`, superseding what `context` (from a get) covers; None writes blind.
     /// Returns the new context.
     pub async fn put(&self, key: impl AsRef<[u8]>, value: Vec<u8>, context: Option<&str>) -> Result<String, Error> {
-        self.write(key.as_ref(), Some(value), context).await
+        self.put_with(key, value, context, WriteOptions::default()).await
+    }
+
+    /// [`put`](Self::put) with per-request options.
+    pub async fn put_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: Vec<u8>,
+        context: Option<&str>,
+        options: WriteOptions,
+    ) -> Result<String, Error> {
+        self.write(key.as_ref(), Some(value), context, options).await
     }
 
     /// Delete `key`: a tombstone superseding what `context` covers; without a context the
@@ -221,15 +500,21 @@ impl Client {
                 read.context.as_deref()
             }
         };
-        self.write(key.as_ref(), None, context).await
+        self.write(key.as_ref(), None, context, WriteOptions::default()).await
     }
 
-    async fn write(&self, key: &[u8], value: Option<Vec<u8>>, context: Option<&str>) -> Result<String, Error> {
+    async fn write(
+        &self,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        context: Option<&str>,
+        options: WriteOptions,
+    ) -> Result<String, Error> {
         let request = ClientRequest::Put {
             key: Bytes::from(key.to_vec()),
             context: context.map(str::to_string),
             value: value.map(Bytes::from),
-            w: None,
+            w: options.w,
         };
         match self.request(request).await? {
             ClientResponse::Written { context } => Ok(context),

@@ -222,3 +222,65 @@ fn buffered_node_flushes_on_graceful_stop() {
         assert_eq!(c.values(0, k), Some(vec![v.clone()]), "{k}");
     }
 }
+
+/// The counters of every node's `status`: (coordinated, forwarded), summed.
+fn counters(c: &Cluster) -> (u64, u64) {
+    (0..c.nodes.len()).fold((0, 0), |(co, fw), i| {
+        let (_, doc) = c.json(i, &["status"]);
+        (
+            co + doc["counters"]["coordinated"].as_u64().unwrap_or(0),
+            fw + doc["counters"]["forwarded"].as_u64().unwrap_or(0),
+        )
+    })
+}
+
+#[test]
+fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
+    let mut c = Cluster::new(5, 3, 2, 2, "");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3, 4], Duration::from_secs(30));
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--workload", "a", "--keys", "100", "--ops", "300", "--clients", "4"];
+        args.extend(extra);
+        let (code, doc) = c.json(0, &args);
+        assert_eq!((code, doc["errors"].as_u64()), (0, Some(0)), "{doc}");
+        doc
+    };
+    let doc = bench(&[]);
+    assert_eq!(doc["routing"], "routed");
+    assert!(doc["nodes"].as_u64().unwrap_or(0) > 1, "routed requests reach several nodes: {doc}");
+    // Counters reach status within a second.
+    let mut seen = (0, 0);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = counters(&c);
+            seen.0 >= 400
+        }),
+        "the 100 preload writes and 300 operations are counted: {seen:?}"
+    );
+    assert_eq!(seen.1, 0, "routed requests all went to a replica of their key");
+
+    // Pinned to one node, requests for keys it does not replicate take the extra hop.
+    let pin = format!("127.0.0.1:{}", c.nodes[4].port);
+    bench(&["--pin", &pin, "--no-preload"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = counters(&c);
+            seen.1 > 0
+        }),
+        "with 5 nodes and N=3, a pinned node gets keys it does not replicate: {seen:?}"
+    );
+
+    // The library's example runs against the cluster.
+    let example = std::path::Path::new(NODE).with_file_name("examples").join("quickstart");
+    if !example.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "ringkv-client", "--example", "quickstart"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot build the client example");
+    }
+    let out = Command::new(&example).arg(&c.nodes[2].config).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
