@@ -587,7 +587,7 @@ impl Coordinator {
             let response = match &merged {
                 Some(o) => ClientResponse::Values {
                     values: o.values().map(|v| Bytes::from(v.to_vec())).collect(),
-                    context: (!o.clock().is_empty()).then(|| o.context().encode_context()),
+                    context: (!o.clock().is_empty()).then(|| o.context().encode_context_from(self.fastest.as_deref())),
                 },
                 None => ClientResponse::Values { values: Vec::new(), context: None },
             };
@@ -1210,6 +1210,9 @@ mod tests {
         let out = replies(&drain(&mut c));
         assert!(matches!(&out[..], [ClientResponse::Values { values, context: Some(_) }] if values.len() == 1));
         assert_eq!(c.fastest.as_deref(), Some("a"));
+        // The context names the fastest replica: the client sends the write back there.
+        let [ClientResponse::Values { context: Some(ctx), .. }] = &out[..] else { panic!() };
+        assert_eq!(crate::version::split_context(ctx).1, Some("a"));
         let mut older = Object::new();
         older.update(&VersionVector::new(), Actor(7), Some(b"old".to_vec()), 0, 10);
         c.handle_reply(3, "c", read(Some(older)));

@@ -34,6 +34,8 @@ use base64::Engine;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
+use crate::membership::valid_node_id;
+
 /// Default number of clock entries past which a put prunes the oldest.
 pub const PRUNE_THRESHOLD_DEFAULT: usize = 10;
 
@@ -171,11 +173,26 @@ impl VersionVector {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// Parse a context produced by [`encode_context`](Self::encode_context). Timestamps are
-    /// not carried by contexts; entries get `now_ms`.
+    /// [`encode_context`](Self::encode_context), naming the replica that answered the read
+    /// fastest: that node coordinates the write back (the paper's section 6.4), which a
+    /// client learns from the context (`CLOCK.NODE`; base64url has no '.').
+    pub fn encode_context_from(&self, fastest: Option<&str>) -> String {
+        match fastest {
+            Some(node) => format!("{}.{node}", self.encode_context()),
+            None => self.encode_context(),
+        }
+    }
+
+    /// Parse a context produced by [`encode_context`](Self::encode_context) or
+    /// [`encode_context_from`](Self::encode_context_from). Timestamps are not carried by
+    /// contexts; entries get `now_ms`.
     pub fn decode_context(text: &str, now_ms: u64) -> Result<VersionVector, ContextError> {
         if text.is_empty() {
             return Err(ContextError::Empty);
+        }
+        let (text, fastest) = split_context(text);
+        if fastest.is_some_and(|n| !valid_node_id(n)) {
+            return Err(ContextError::Malformed);
         }
         if text.len() > CONTEXT_BYTES_MAX * 4 / 3 + 4 {
             return Err(ContextError::TooLarge);
@@ -221,6 +238,15 @@ pub enum ContextError {
     UnknownFormat(u8),
     #[error("the context is malformed: pass back the context a get returned, untouched")]
     Malformed,
+}
+
+/// A context's clock part and the node it names as the fastest replica of its read, if any.
+/// The node is not checked here ([`VersionVector::decode_context`] checks it).
+pub fn split_context(text: &str) -> (&str, Option<&str>) {
+    match text.split_once('.') {
+        Some((clock, node)) => (clock, Some(node)),
+        None => (text, None),
+    }
 }
 
 /// One concurrent version of a key: a value, or a tombstone (`value: None`).
@@ -574,6 +600,13 @@ mod tests {
         assert_eq!(VersionVector::decode_context("AQ", 0), Err(ContextError::Malformed));
         let huge = "A".repeat(100_000);
         assert_eq!(VersionVector::decode_context(&huge, 0), Err(ContextError::TooLarge));
+        // A context may name the fastest replica of its read; the clock is the same, and a
+        // name that is no node id is refused.
+        let named = vv.encode_context_from(Some("n2.east"));
+        assert_eq!(split_context(&named), (text.as_str(), Some("n2.east")));
+        assert_eq!(VersionVector::decode_context(&named, 0).unwrap(), back);
+        assert_eq!(VersionVector::decode_context(&format!("{text}.bad node"), 0), Err(ContextError::Malformed));
+        assert_eq!(VersionVector::decode_context(&format!("{text}."), 0), Err(ContextError::Malformed));
         // A counter past the limit (a forged context) is refused, not wrapped.
         for c in [COUNTER_MAX + 1, u64::MAX] {
             let mut forged = VersionVector::new();

@@ -139,4 +139,8 @@ pub struct BenchArgs {
     /// Send every request to this node (server-driven coordination).
     #[arg(long, value_name = "ADDR")]
     pub pin: Option<String>,
+    /// Routed puts go to the first node of the preference list, not to the replica that
+    /// answered the read before fastest (workload f).
+    #[arg(long)]
+    pub no_fastest: bool,
 }

@@ -153,7 +153,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         let spread = (0..args.clients as usize).map(|i| pinned[i % pinned.len()].clone()).collect();
         (spread, format!("spread over {} nodes", pinned.len()))
     } else {
-        let c = Client::connect(addr, creds, frame_max).await?;
+        let c = Client::connect(addr, creds, frame_max).await?.with_fastest_replica(!args.no_fastest);
         ((0..args.clients).map(|_| c.clone()).collect(), "routed".to_string())
     };
     let value = Bytes::from(vec![b'x'; args.value_size]);

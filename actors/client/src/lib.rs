@@ -235,6 +235,7 @@ pub struct WriteOptions {
 struct View {
     partitions: u32,
     lists: Vec<Vec<SocketAddr>>,
+    addrs: HashMap<String, SocketAddr>,
     fetched: Instant,
 }
 
@@ -260,6 +261,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
+    /// Send a put to the replica its context names as the fastest of the read before.
+    fastest_replica: bool,
 }
 
 fn document(r: ClientResponse) -> Option<serde_json::Value> {
@@ -310,6 +313,7 @@ impl Client {
                 view: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(()),
             }),
+            fastest_replica: true,
         };
         let mut last = NetError::Connect("no address".into(), "give a node address".into());
         for addr in client.shared.seeds.clone() {
@@ -319,6 +323,14 @@ impl Client {
             }
         }
         Err(last)
+    }
+
+    /// Whether a put goes first to the replica its context names as the one that answered
+    /// the read before fastest (the paper's section 6.4; on by default), or like any request
+    /// to the first node of the preference list.
+    pub fn with_fastest_replica(mut self, on: bool) -> Client {
+        self.fastest_replica = on;
+        self
     }
 
     /// How many nodes this client holds a live connection to.
@@ -349,9 +361,15 @@ impl Client {
             ClientRequest::Put { key, .. } => (Some(key.to_vec()), false),
             _ => (None, true),
         };
+        let fastest = match &request {
+            ClientRequest::Put { context: Some(c), .. } if self.fastest_replica => {
+                ringkv::version::split_context(c).1.map(str::to_string)
+            }
+            _ => None,
+        };
         let targets = match (&key, self.shared.pin) {
             (_, Some(pin)) => vec![pin],
-            (Some(key), None) => self.targets(key).await,
+            (Some(key), None) => self.targets(key, fastest.as_deref()).await,
             (None, None) => self.shared.seeds.clone(),
         };
         let mut last = NetError::Connect("no node".into(), "the cluster has no reachable member".into());
@@ -375,14 +393,22 @@ impl Client {
         Err(last)
     }
 
-    /// Where a key's request goes, in order: its preference list as last learned, then the
-    /// seeds (any node coordinates or forwards).
-    async fn targets(&self, key: &[u8]) -> Vec<SocketAddr> {
+    /// Where a key's request goes, in order: the `fastest` replica when it is in the key's
+    /// preference list, the preference list as last learned, then the seeds (any node
+    /// coordinates or forwards).
+    async fn targets(&self, key: &[u8], fastest: Option<&str>) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         if let Some(view) = self.view().await {
             let p = ringkv::ring::partition_of_position(ringkv::ring::key_position(key), view.partitions);
             if let Some(list) = view.lists.get(p as usize) {
-                out.extend(list.iter().copied());
+                if let Some(f) = fastest.and_then(|n| view.addrs.get(n)).filter(|a| list.contains(a)) {
+                    out.push(*f);
+                }
+                for a in list {
+                    if !out.contains(a) {
+                        out.push(*a);
+                    }
+                }
             }
         }
         for s in &self.shared.seeds {
@@ -433,11 +459,11 @@ impl Client {
         let conn = self.connection(addr).await.ok()?;
         let ring = document(conn.request(ClientRequest::Ring).await.ok()?)?;
         let status = document(conn.request(ClientRequest::Status).await.ok()?)?;
-        let addrs: HashMap<&str, SocketAddr> = status["members"]
+        let addrs: HashMap<String, SocketAddr> = status["members"]
             .as_array()?
             .iter()
             .filter(|m| m["state"] == "up" || m["state"] == "joining")
-            .filter_map(|m| Some((m["id"].as_str()?, m["addr"].as_str()?.parse().ok()?)))
+            .filter_map(|m| Some((m["id"].as_str()?.to_string(), m["addr"].as_str()?.parse().ok()?)))
             .collect();
         let lists: Vec<Vec<SocketAddr>> = ring["partitions"]
             .as_array()?
@@ -452,7 +478,7 @@ impl Client {
             })
             .collect();
         let partitions = u32::try_from(lists.len()).ok().filter(|q| q.is_power_of_two())?;
-        Some(View { partitions, lists, fetched: Instant::now() })
+        Some(View { partitions, lists, addrs, fetched: Instant::now() })
     }
 
     /// Every concurrent value of `key` and the context to write back with.
