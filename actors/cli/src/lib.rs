@@ -31,11 +31,16 @@ pub fn run(args: ClientArgs) -> i32 {
     })();
     match result {
         Ok(out) => {
-            if json {
-                println!("{}", out.doc);
+            // A closed stdout (`ringkv ... | head`) is not a reason to panic.
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            let _ = if json {
+                writeln!(stdout, "{}", out.doc)
             } else if !out.human.is_empty() {
-                println!("{}", out.human);
-            }
+                writeln!(stdout, "{}", out.human)
+            } else {
+                Ok(())
+            };
             out.status
         }
         Err(f) => {

@@ -283,4 +283,17 @@ fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
     }
     let out = Command::new(&example).arg(&c.nodes[2].config).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    // A reader that goes away (`ringkv ring | head -1`) does not make the CLI panic.
+    let mut child = Command::new(&*CLI)
+        .arg("--config")
+        .arg(&c.nodes[0].config)
+        .arg("ring")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
