@@ -103,6 +103,12 @@ enum Scan {
     Removal {
         then: Option<Kind>,
     },
+    /// Re-routed hints of keys this node now replicates, merged into its own data first;
+    /// then delivered to the keys' other replicas (or, when there is none, dropped).
+    Adopt {
+        intended: NodeId,
+        batches: Vec<(Vec<NodeId>, Vec<(Vec<u8>, Object)>)>,
+    },
 }
 
 /// The handoff stage.
@@ -349,16 +355,32 @@ impl HandoffStage {
         // The hint is dropped when every one of them holds it: handing it to only some,
         // which may already hold it, would leave fewer copies than the write was
         // acknowledged with.
+        // A key this node now replicates itself (its intended node left and this node took
+        // its place) is merged here first: this copy counts, and must not be dropped as a
+        // hint once the others hold it.
         let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return };
         let mut by_targets: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
+        let mut adopt: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
         for (k, o, _) in live {
-            let targets = self.owners(ring.partition_for_key(&k));
-            if !targets.is_empty() && targets.iter().all(|t| self.down.is_up(t)) {
-                by_targets.entry(targets).or_default().push((k, o));
+            let p = ring.partition_for_key(&k);
+            let targets = self.owners(p);
+            let mine = ring.preference_list(p, self.settings.replicas).primaries.contains(&self.settings.me);
+            if !targets.iter().all(|t| self.down.is_up(t)) {
+                continue;
+            }
+            match (mine, targets.is_empty()) {
+                (true, _) => adopt.entry(targets).or_default().push((k, o)),
+                (false, false) => by_targets.entry(targets).or_default().push((k, o)),
+                (false, true) => {}
             }
         }
         for (targets, objects) in by_targets {
             self.start_batch(now, Kind::Hints { intended: intended.clone() }, targets, objects);
+        }
+        if !adopt.is_empty() {
+            let objects: Vec<(Vec<u8>, Object)> = adopt.values().flatten().cloned().collect();
+            let batches = adopt.into_iter().collect();
+            self.store(StoreOp::Merge { objects }, Scan::Adopt { intended, batches });
         }
     }
 
@@ -482,6 +504,17 @@ impl HandoffStage {
             (Scan::Sweep, Ok(StoreOutcome::Swept { next, .. })) => self.sweep_after = next,
             (Scan::Removal { then: Some(kind) }, Ok(StoreOutcome::Removed { count })) if count > 0 => {
                 self.continue_with(kind)
+            }
+            (Scan::Adopt { intended, batches }, Ok(StoreOutcome::Merged { .. })) => {
+                for (targets, objects) in batches {
+                    if targets.is_empty() {
+                        let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
+                        let op = StoreOp::RemoveHints { intended: intended.clone(), keys };
+                        self.store(op, Scan::Removal { then: None });
+                    } else {
+                        self.start_batch(now, Kind::Hints { intended: intended.clone() }, targets, objects);
+                    }
+                }
             }
             _ => {}
         }
@@ -742,6 +775,57 @@ mod tests {
         let mut owners = owners_of(&key);
         owners.sort();
         assert_eq!(sent(&mut h, 200), owners, "every current replica gets it");
+    }
+
+    #[test]
+    fn a_re_routed_hint_of_a_key_this_node_now_replicates_is_kept_here_first() {
+        // Found by the simulation (seed 2253 of 3000): a W=3 write held by two primaries and
+        // by this node as a hint for a node that then left; this node took the leaver's place
+        // but handed the hint only to the two others, which had it, and dropped it; two wipes
+        // then destroyed an acknowledged write.
+        let ring = view("c", &["b"]).ring.clone().unwrap();
+        let owners_of = |k: &[u8]| ring.preference_list(ring.partition_for_key(k), 3).primaries;
+        let key = (0..1000)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| owners_of(k).contains(&"c".to_string()))
+            .expect("a key c replicates");
+        let mut h = stage("c", &["b"], 1);
+        let effects = round(&mut h, 100, vec![], &[("b", 1)]);
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("hints for a node that left move");
+        let hints = vec![(key.clone(), obj(1), now(100).wall_ms)];
+        h.handle(now(100), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
+        let effects = drain(&mut h);
+        let merge = effects.iter().find_map(|e| match e {
+            Effect::Store { token, op: StoreOp::Merge { objects }, .. } => Some((*token, objects.clone())),
+            _ => None,
+        });
+        let Some((token, objects)) = merge else { panic!("the hint is merged here first: {effects:?}") };
+        assert_eq!(objects, vec![(key.clone(), obj(1))]);
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::Send { .. } | Effect::Store { op: StoreOp::RemoveHints { .. }, .. })),
+            "nothing leaves and nothing is dropped before this copy is stored"
+        );
+        let merged = Ok(StoreOutcome::Merged { changed: 1, reaped: Vec::new() });
+        h.handle(now(110), Input::Stored { token, result: merged });
+        let mut to: Vec<String> = drain(&mut h)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                _ => None,
+            })
+            .collect();
+        to.sort();
+        let mut others: Vec<String> = owners_of(&key).into_iter().filter(|n| n != "c").collect();
+        others.sort();
+        assert_eq!(to, others, "then the other replicas get it");
     }
 
     #[test]
