@@ -107,9 +107,12 @@ enum Scan {
     /// then delivered to the keys' other replicas (or, when there is none, dropped).
     Adopt {
         intended: NodeId,
-        batches: Vec<(Vec<NodeId>, Vec<(Vec<u8>, Object)>)>,
+        batches: Vec<(Vec<NodeId>, Keyed)>,
     },
 }
+
+/// Objects by key.
+type Keyed = Vec<(Vec<u8>, Object)>;
 
 /// The handoff stage.
 pub struct HandoffStage {
