@@ -739,45 +739,60 @@ mod tests {
         );
     }
 
+    /// A key `node` replicates under the ring of `v`, and its owners.
+    fn key_of(v: &View, node: &str) -> (Vec<u8>, Vec<NodeId>) {
+        let ring = v.ring.clone().unwrap();
+        (0..1000)
+            .map(|i| format!("k{i}").into_bytes())
+            .map(|k| {
+                let owners = ring.preference_list(ring.partition_for_key(&k), 3).primaries;
+                (k, owners)
+            })
+            .find(|(_, owners)| owners.iter().any(|o| o == node))
+            .expect("a key the node replicates")
+    }
+
+    /// A round whose hint page (hints for `intended`) holds `key`'s hint: the effects after.
+    fn hint_round(h: &mut HandoffStage, at: u64, intended: &str, key: &[u8]) -> Vec<Effect> {
+        let effects = round(h, at, vec![], &[(intended, 1)]);
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("the hints move");
+        let hints = vec![(key.to_vec(), obj(1), now(at).wall_ms)];
+        h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
+        drain(h)
+    }
+
+    /// The nodes handoff batches go to, sorted.
+    fn handoff_targets(effects: Vec<Effect>) -> Vec<String> {
+        let mut to: Vec<String> = effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                _ => None,
+            })
+            .collect();
+        to.sort();
+        to
+    }
+
     #[test]
     fn re_routed_hints_wait_for_every_current_replica() {
         // Found by the simulation (seed 2, harsh faults and a forced leave): a leaving node
         // handed a W=3 write's hints to the one replica it could reach, which already held
         // the write, and dropped them; two wipes then destroyed the acknowledged write.
-        let ring = view("a", &["a"]).ring.clone().unwrap();
-        let owners_of = |k: &[u8]| ring.preference_list(ring.partition_for_key(k), 3).primaries;
-        let key = (0..1000)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| owners_of(k).contains(&"b".to_string()))
-            .expect("a key b replicates");
+        let (key, mut owners) = key_of(&view("a", &["a"]), "b");
         let mut h = stage("a", &["a"], 1);
         h.handle(now(0), Input::Signal(Signal::Down(Arc::new(["b".to_string()].into()))));
-        let sent = |h: &mut HandoffStage, at: u64| -> Vec<String> {
-            let effects = round(h, at, vec![], &[("e", 1)]);
-            let token = effects
-                .iter()
-                .find_map(|e| match e {
-                    Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
-                    _ => None,
-                })
-                .expect("a leaving node moves its hints");
-            let hints = vec![(key.clone(), obj(1), now(at).wall_ms)];
-            h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
-            let mut to: Vec<String> = drain(h)
-                .into_iter()
-                .filter_map(|e| match e {
-                    Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
-                    _ => None,
-                })
-                .collect();
-            to.sort();
-            to
-        };
-        assert_eq!(sent(&mut h, 100), Vec::<String>::new(), "b is down: the hint stays here");
+        let sent = handoff_targets(hint_round(&mut h, 100, "e", &key));
+        assert_eq!(sent, Vec::<String>::new(), "b is down: the hint stays here");
         h.handle(now(150), Input::Signal(Signal::Down(Arc::default())));
-        let mut owners = owners_of(&key);
         owners.sort();
-        assert_eq!(sent(&mut h, 200), owners, "every current replica gets it");
+        assert_eq!(handoff_targets(hint_round(&mut h, 200, "e", &key)), owners, "every current replica gets it");
     }
 
     #[test]
@@ -786,24 +801,9 @@ mod tests {
         // by this node as a hint for a node that then left; this node took the leaver's place
         // but handed the hint only to the two others, which had it, and dropped it; two wipes
         // then destroyed an acknowledged write.
-        let ring = view("c", &["b"]).ring.clone().unwrap();
-        let owners_of = |k: &[u8]| ring.preference_list(ring.partition_for_key(k), 3).primaries;
-        let key = (0..1000)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| owners_of(k).contains(&"c".to_string()))
-            .expect("a key c replicates");
+        let (key, owners) = key_of(&view("c", &["b"]), "c");
         let mut h = stage("c", &["b"], 1);
-        let effects = round(&mut h, 100, vec![], &[("b", 1)]);
-        let token = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
-                _ => None,
-            })
-            .expect("hints for a node that left move");
-        let hints = vec![(key.clone(), obj(1), now(100).wall_ms)];
-        h.handle(now(100), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
-        let effects = drain(&mut h);
+        let effects = hint_round(&mut h, 100, "b", &key);
         let merge = effects.iter().find_map(|e| match e {
             Effect::Store { token, op: StoreOp::Merge { objects }, .. } => Some((*token, objects.clone())),
             _ => None,
@@ -818,17 +818,9 @@ mod tests {
         );
         let merged = Ok(StoreOutcome::Merged { changed: 1, reaped: Vec::new() });
         h.handle(now(110), Input::Stored { token, result: merged });
-        let mut to: Vec<String> = drain(&mut h)
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
-                _ => None,
-            })
-            .collect();
-        to.sort();
-        let mut others: Vec<String> = owners_of(&key).into_iter().filter(|n| n != "c").collect();
+        let mut others: Vec<String> = owners.into_iter().filter(|n| n != "c").collect();
         others.sort();
-        assert_eq!(to, others, "then the other replicas get it");
+        assert_eq!(handoff_targets(drain(&mut h)), others, "then the other replicas get it");
     }
 
     #[test]
