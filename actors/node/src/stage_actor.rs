@@ -1,8 +1,11 @@
 //! One actor per stage of the core ([`ringkv::stage::Stage`]): it hands the stage its
 //! inputs with the time, and carries out the effects the stage returns, mechanically:
 //! messages go to the transport, storage operations to the storage stage (their results
-//! come back to this stage), signals to the stages [`ringkv::stage::subscribers`] names. It
-//! keeps the stage's timer. It takes no decision of its own.
+//! come back to this stage), signals to the stages [`ringkv::stage::subscribers`] names.
+//! Row reads ([`ringkv::store::StoreOp::reads_rows_only`]) run here, in a redb read
+//! snapshot, and their results go back in once the stage has no effect left: a replica read
+//! never waits behind a group commit or crosses threads. It keeps the stage's timer. It
+//! takes no decision of its own.
 //!
 //! Sends between actors are bounded: an effect is queued with `try_send`, and when the
 //! receiver's mailbox is full this actor waits for room before it takes its next input, so

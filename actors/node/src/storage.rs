@@ -1,9 +1,10 @@
-//! The storage stage: [`StorageWorker`] runs on its own thread (redb blocks) and executes
-//! batches with [`ringkv_storage::Storage`]; [`StorageFront`] collects
-//! the operations that arrive while a batch is running and sends them as the next batch,
-//! so concurrent durable writes share one commit (group commit). A caller hears back only
-//! after the batch holding its operation committed. In `buffered` mode a timer makes
-//! commits durable every `storage.flush_interval_ms`.
+//! The storage stage: [`StorageWorker`] runs on its own thread (redb blocks; it parks while
+//! idle) and executes batches with [`ringkv_storage::Storage`]; [`StorageFront`] collects
+//! the operations that arrive while a batch is running, and those the tasks ready now
+//! produce, and sends them as the next batch, so concurrent durable writes share one commit
+//! (group commit). A caller hears back only after the batch holding its operation
+//! committed. In `buffered` mode a timer makes commits durable every
+//! `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.)
 
 use std::collections::VecDeque;
 use std::rc::Rc;
