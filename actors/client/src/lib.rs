@@ -217,6 +217,9 @@ impl Connection {
 /// every 10 seconds).
 pub const VIEW_REFRESH: Duration = Duration::from_secs(10);
 
+/// How long a node that could not be reached is tried only after the others.
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
 /// Per-request read options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadOptions {
@@ -248,6 +251,8 @@ struct Shared {
     /// Send everything to this node (server-driven coordination).
     pin: Option<SocketAddr>,
     pool: Mutex<HashMap<SocketAddr, Connection>>,
+    /// Nodes that could not be reached lately: tried last until [`UNREACHABLE_FOR`] passed.
+    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
     view: Mutex<Option<Arc<View>>>,
     /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
@@ -310,6 +315,7 @@ impl Client {
                 seeds,
                 pin,
                 pool: Mutex::default(),
+                unreachable: Mutex::default(),
                 view: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(()),
             }),
@@ -372,11 +378,15 @@ impl Client {
             (Some(key), None) => self.targets(key, fastest.as_deref()).await,
             (None, None) => self.shared.seeds.clone(),
         };
+        let targets = self.reachable_first(targets);
         let mut last = NetError::Connect("no node".into(), "the cluster has no reachable member".into());
         for addr in targets {
             let conn = match self.connection(addr).await {
                 Ok(c) => c,
                 Err(e) => {
+                    if let Ok(mut u) = self.shared.unreachable.lock() {
+                        u.insert(addr, Instant::now());
+                    }
                     self.stale();
                     last = e;
                     continue;
@@ -417,6 +427,15 @@ impl Client {
             }
         }
         out
+    }
+
+    /// `targets` with the nodes that could not be reached lately moved last (a dead node
+    /// costs a connection timeout once, not on every request).
+    fn reachable_first(&self, targets: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        match self.shared.unreachable.lock() {
+            Ok(mut u) => reachable_first(targets, &mut u, Instant::now()),
+            Err(_) => targets,
+        }
     }
 
     /// Forget the view: the next request learns the ring again.
@@ -550,7 +569,37 @@ impl Client {
     }
 }
 
+/// `targets` in order, but those that failed within [`UNREACHABLE_FOR`] of `now` last;
+/// older failures are forgotten.
+fn reachable_first(
+    targets: Vec<SocketAddr>,
+    unreachable: &mut HashMap<SocketAddr, Instant>,
+    now: Instant,
+) -> Vec<SocketAddr> {
+    unreachable.retain(|_, at| now.saturating_duration_since(*at) < UNREACHABLE_FOR);
+    let (late, ok): (Vec<SocketAddr>, Vec<SocketAddr>) = targets.into_iter().partition(|a| unreachable.contains_key(a));
+    ok.into_iter().chain(late).collect()
+}
+
 /// The address and credentials a node config file gives a client.
 pub fn target_of(config: &Config, secret: Vec<u8>) -> (SocketAddr, Credentials) {
     (config.listen_addr(), Credentials { cluster: config.cluster.name.clone(), secret, node: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_could_not_be_reached_is_tried_last_for_a_while() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let t0 = Instant::now();
+        let mut failed = HashMap::from([(a, t0)]);
+        assert_eq!(reachable_first(vec![a, b, c], &mut failed, t0), vec![b, c, a]);
+        assert_eq!(reachable_first(vec![c, a], &mut failed, t0 + UNREACHABLE_FOR / 2), vec![c, a]);
+        assert_eq!(reachable_first(vec![a, b], &mut failed, t0 + UNREACHABLE_FOR), vec![a, b], "then first again");
+        assert!(failed.is_empty());
+    }
 }
