@@ -34,8 +34,11 @@ async fn pair() -> (LinkSender, mpsc::UnboundedReceiver<Message>, quinn::Endpoin
         let link = Arc::new(Mutex::new(link_writer(conn.clone(), FRAME_BYTES_MAX_DEFAULT)));
         read_streams(conn, FRAME_BYTES_MAX_DEFAULT, move |msg| {
             if let (Message::Client { id, .. }, Ok(l)) = (msg, link.lock()) {
-                let _ =
-                    l.try_send(&Message::ClientReply { id, response: ClientResponse::Written { context: "c".into() } });
+                let _ = l.try_send(&Message::ClientReply {
+                    id,
+                    response: ClientResponse::Written { context: "c".into() },
+                    epoch: 0,
+                });
             }
             std::future::ready(())
         })

@@ -218,7 +218,8 @@ impl AdmissionStage {
     }
 
     fn reply(&mut self, conn: u64, id: u64, response: ClientResponse) {
-        self.effects.push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::ClientReply { id, response } });
+        self.effects
+            .push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::ClientReply { id, response, epoch: 0 } });
     }
 }
 

@@ -701,6 +701,8 @@ struct Entry {
 pub struct CoordinatorStage {
     settings: CoordinatorSettings,
     ring: Option<Arc<Ring>>,
+    /// The ring epoch of the view `ring` came with, told to clients in every answer.
+    epoch: u64,
     /// This node is leaving (or left): it coordinates no forwarded put here.
     leaving: bool,
     down: DownSet,
@@ -751,6 +753,7 @@ impl CoordinatorStage {
         CoordinatorStage {
             settings,
             ring: None,
+            epoch: 0,
             leaving: false,
             down: DownSet::default(),
             requests: BTreeMap::new(),
@@ -770,7 +773,9 @@ impl CoordinatorStage {
 
     fn answer(&mut self, waiter: &Waiter, response: ClientResponse) {
         let (to, msg) = match waiter {
-            Waiter::Client { conn, id } => (Dest::Conn(*conn), Message::ClientReply { id: *id, response }),
+            Waiter::Client { conn, id } => {
+                (Dest::Conn(*conn), Message::ClientReply { id: *id, response, epoch: self.epoch })
+            }
             Waiter::Forwarded { conn, id } => {
                 (Dest::Conn(*conn), Message::ReplicaReply { id: *id, reply: ReplicaReply::Forwarded(response) })
             }
@@ -959,6 +964,7 @@ impl Stage for CoordinatorStage {
             }
             Input::Signal(Signal::View(v)) => {
                 self.ring = v.ring.clone();
+                self.epoch = v.epoch;
                 self.leaving = matches!(
                     v.my_state(),
                     Some(crate::membership::MemberState::Leaving | crate::membership::MemberState::Left)

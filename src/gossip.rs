@@ -90,7 +90,10 @@ impl GossipStage {
     }
 
     fn reply(&mut self, conn: ConnId, id: u64, response: ClientResponse) {
-        self.effects.push_back(Effect::Send { to: Dest::Conn(conn), msg: Message::ClientReply { id, response } });
+        self.effects.push_back(Effect::Send {
+            to: Dest::Conn(conn),
+            msg: Message::ClientReply { id, response, epoch: self.membership.epoch() },
+        });
     }
 
     fn status(&mut self) -> ClientResponse {

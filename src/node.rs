@@ -292,6 +292,8 @@ mod tests {
         now: u64,
         peers: Vec<Peer>,
         inbox: BTreeMap<u64, ClientResponse>,
+        /// The ring epoch each answer told.
+        epochs: BTreeMap<u64, u64>,
         next_id: u64,
         rng: u64,
     }
@@ -325,7 +327,8 @@ mod tests {
 
     impl Mini {
         fn new(n: usize, extra: &str) -> Mini {
-            let mut m = Mini { now: 1, peers: Vec::new(), inbox: BTreeMap::new(), next_id: 1, rng: 7 };
+            let mut m =
+                Mini { now: 1, peers: Vec::new(), inbox: BTreeMap::new(), epochs: BTreeMap::new(), next_id: 1, rng: 7 };
             for i in 1..=n {
                 m.add(&config(i, extra));
             }
@@ -377,8 +380,9 @@ mod tests {
                                 Dest::Node(id) => self.index(id),
                                 Dest::Addr(a) => self.peers.iter().position(|p| p.settings.identity.addr == *a),
                                 Dest::Conn(c) if *c >= CLIENT_CONN => {
-                                    if let Message::ClientReply { id, response } = msg.clone() {
+                                    if let Message::ClientReply { id, response, epoch } = msg.clone() {
                                         self.inbox.insert(id, response);
+                                        self.epochs.insert(id, epoch);
                                     }
                                     None
                                 }
@@ -507,6 +511,8 @@ mod tests {
             assert!(matches!(m.put(0, k, b"v".to_vec(), None), ClientResponse::Written { .. }));
         }
         m.get(0, "k0");
+        let answer = m.next_id - 1;
+        assert_eq!(m.epochs.get(&answer).copied(), Some(m.view(0).epoch), "answers tell the ring epoch");
         m.run(1500);
         let ClientResponse::Document { json } = m.client(0, ClientRequest::Status) else { panic!() };
         let doc: serde_json::Value = serde_json::from_str(&json).unwrap();

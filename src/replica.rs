@@ -78,7 +78,7 @@ impl ReplicaStage {
     }
 
     fn client(&mut self, conn: ConnId, id: u64, response: ClientResponse) {
-        self.send(conn, Message::ClientReply { id, response });
+        self.send(conn, Message::ClientReply { id, response, epoch: 0 });
     }
 
     fn handle_message(&mut self, now: Now, from: Origin, msg: Message) {

@@ -275,7 +275,8 @@ mod tests {
         assert_eq!(
             route(&Message::ClientReply {
                 id: 1,
-                response: crate::wire::ClientResponse::Written { context: String::new() }
+                response: crate::wire::ClientResponse::Written { context: String::new() },
+                epoch: 0,
             }),
             None
         );

@@ -261,6 +261,11 @@ pub enum Message {
     ClientReply {
         id: u64,
         response: ClientResponse,
+        /// The ring epoch the answering node knows (0 when it has none or does not say): a
+        /// client routing by an older view learns the ring again. Absent from the frames of
+        /// earlier versions, read as 0.
+        #[serde(default)]
+        epoch: u64,
     },
 
     /// Coordinator to replica (Dynamo §4.5): read, merge, coordinate or forward.
@@ -493,6 +498,7 @@ mod tests {
             Message::ClientReply {
                 id: 2,
                 response: ClientResponse::Values { values: vec![b(b"a"), b(b"b")], context: Some("AQ".into()) },
+                epoch: 12,
             },
             Message::Replica {
                 id: 3,
@@ -509,6 +515,42 @@ mod tests {
             Message::Handoff { id: 5, objects: vec![(b(b"k"), object())] },
             Message::Error { id: 6, kind: ErrorKind::Unavailable, message: "no quorum".into() },
         ]
+    }
+
+    #[test]
+    fn a_client_reply_of_an_earlier_version_without_an_epoch_reads_as_epoch_0() {
+        // The message as earlier versions wrote it: the same variants in the same order, and
+        // no epoch in the answer.
+        #[derive(Serialize)]
+        enum Earlier {
+            #[allow(dead_code)]
+            Hello(Hello),
+            #[allow(dead_code)]
+            Welcome {
+                node: NodeId,
+                proof: Bytes,
+            },
+            #[allow(dead_code)]
+            Refused {
+                reason: String,
+            },
+            #[allow(dead_code)]
+            Client {
+                id: u64,
+                request: ClientRequest,
+            },
+            ClientReply {
+                id: u64,
+                response: ClientResponse,
+            },
+        }
+        let response = ClientResponse::Written { context: "AQ".into() };
+        let mut frame = vec![PROTOCOL_VERSION, 0, 0, 0, 0];
+        frame.extend(rmp_serde::to_vec(&Earlier::ClientReply { id: 9, response: response.clone() }).unwrap());
+        let len = (frame.len() - FRAME_HEADER_BYTES) as u32;
+        frame[1..5].copy_from_slice(&len.to_be_bytes());
+        let (msg, _) = decode_frame(&frame, FRAME_BYTES_MAX_DEFAULT).unwrap().unwrap();
+        assert_eq!(msg, Message::ClientReply { id: 9, response, epoch: 0 });
     }
 
     #[test]

@@ -797,7 +797,7 @@ impl Sim {
                 let client = ((c - CLIENT_CONN) >> 32) as usize;
                 let Some(msg) = self.codec(msg) else { return };
                 match msg {
-                    Message::ClientReply { id, response } => {
+                    Message::ClientReply { id, response, .. } => {
                         self.schedule(1, Event::ClientReply { client, op: id, response })
                     }
                     other => self.fail(format!("a client was sent {other:?}")),

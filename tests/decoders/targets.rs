@@ -240,12 +240,14 @@ pub fn sample_messages() -> Vec<Message> {
         Message::ClientReply {
             id: 2,
             response: ClientResponse::Values { values: vec![b(b"a"), b(b"")], context: Some(ctx.encode_context()) },
+            epoch: 7,
         },
-        Message::ClientReply { id: 3, response: ClientResponse::Written { context: ctx.encode_context() } },
-        Message::ClientReply { id: 4, response: ClientResponse::Document { json: "{\"a\":1}".into() } },
+        Message::ClientReply { id: 3, response: ClientResponse::Written { context: ctx.encode_context() }, epoch: 0 },
+        Message::ClientReply { id: 4, response: ClientResponse::Document { json: "{\"a\":1}".into() }, epoch: 1 },
         Message::ClientReply {
             id: 5,
             response: ClientResponse::Error { kind: ErrorKind::Overloaded, message: "busy".into() },
+            epoch: u64::MAX,
         },
         Message::Replica { id: 6, request: ReplicaRequest::Read { key: b"k".to_vec() } },
         Message::Replica {

@@ -103,6 +103,8 @@ struct Inner {
     link: LinkSender,
     waiting: Waiting,
     next_id: AtomicU64,
+    /// The newest ring epoch the node told in its answers.
+    epoch: Arc<AtomicU64>,
 }
 
 /// Removes a request's entry from the waiting map when dropped.
@@ -152,10 +154,14 @@ impl Connector {
     ) -> Result<Connection, NetError> {
         let (conn, _node) = connect(&self.endpoint, addr, creds).await?;
         let waiting: Waiting = Arc::default();
-        let w = waiting.clone();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (w, seen) = (waiting.clone(), epoch.clone());
         let reader = read_streams(conn.clone(), frame_max, move |msg| {
             let (id, response) = match msg {
-                Message::ClientReply { id, response } => (id, response),
+                Message::ClientReply { id, response, epoch } => {
+                    seen.fetch_max(epoch, Ordering::Relaxed);
+                    (id, response)
+                }
                 Message::Error { id, kind, message } => (id, ClientResponse::Error { kind, message }),
                 _ => return std::future::ready(()),
             };
@@ -175,7 +181,13 @@ impl Connector {
         });
         let link = link_writer(conn, frame_max);
         Ok(Connection {
-            inner: Arc::new(Inner { _endpoint: self.endpoint.clone(), link, waiting, next_id: AtomicU64::new(1) }),
+            inner: Arc::new(Inner {
+                _endpoint: self.endpoint.clone(),
+                link,
+                waiting,
+                next_id: AtomicU64::new(1),
+                epoch,
+            }),
         })
     }
 }
@@ -207,6 +219,11 @@ impl Connection {
         }
     }
 
+    /// The newest ring epoch the node has told this connection (0: none yet).
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Relaxed)
+    }
+
     /// Whether the connection has ended (a new one must be made).
     pub fn is_closed(&self) -> bool {
         self.inner.link.is_closed()
@@ -216,6 +233,9 @@ impl Connection {
 /// How often at least a [`Client`] refreshes its view of the ring (the paper's clients poll
 /// every 10 seconds).
 pub const VIEW_REFRESH: Duration = Duration::from_secs(10);
+
+/// A newer ring epoch in an answer refreshes a view at most this often.
+pub const EPOCH_REFRESH_MIN: Duration = Duration::from_secs(1);
 
 /// How long a node that could not be reached is tried only after the others.
 pub const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
@@ -236,6 +256,7 @@ pub struct WriteOptions {
 
 /// Where each partition's requests go: the addresses of its preference list.
 struct View {
+    epoch: u64,
     partitions: u32,
     lists: Vec<Vec<SocketAddr>>,
     addrs: HashMap<String, SocketAddr>,
@@ -261,7 +282,8 @@ struct Shared {
 /// A client of a ringkv cluster, partition-aware (the paper's client-driven coordination):
 /// it learns the ring from any node it reaches, sends each request straight to the first
 /// reachable node of the key's preference list (falling down the list when a node cannot be
-/// reached), refreshes its view at least every [`VIEW_REFRESH`] and after a failure, and
+/// reached), refreshes its view at least every [`VIEW_REFRESH`], after a failure, and when
+/// a node answers with a newer ring epoch than its view's, and
 /// keeps one pooled connection per node, shared by concurrent requests. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -397,7 +419,15 @@ impl Client {
                     self.stale();
                     last = e;
                 }
-                other => return other,
+                other => {
+                    // The node knows a newer ring than the view it was chosen by: learn it (at
+                    // most once a second, in case the nodes asked still know the older one).
+                    let view = self.shared.view.lock().ok().and_then(|v| v.as_ref().map(|v| (v.epoch, v.fetched)));
+                    if view.is_some_and(|(e, at)| conn.epoch() > e && at.elapsed() >= EPOCH_REFRESH_MIN) {
+                        self.stale();
+                    }
+                    return other;
+                }
             }
         }
         Err(last)
@@ -497,7 +527,8 @@ impl Client {
             })
             .collect();
         let partitions = u32::try_from(lists.len()).ok().filter(|q| q.is_power_of_two())?;
-        Some(View { partitions, lists, addrs, fetched: Instant::now() })
+        let epoch = ring["epoch"].as_u64().unwrap_or(0);
+        Some(View { epoch, partitions, lists, addrs, fetched: Instant::now() })
     }
 
     /// Every concurrent value of `key` and the context to write back with.

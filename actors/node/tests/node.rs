@@ -297,3 +297,42 @@ fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_routing_client_follows_the_ring_when_a_node_joins_mid_run() {
+    // N=2 over 3 nodes, then a 4th joins while one routed client runs: answers tell the
+    // new ring epoch and the client learns the ring again at once, well before its
+    // 10-second refresh, so requests keep reaching a replica of their key.
+    let mut c = Cluster::new(4, 2, 1, 1, "");
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    let config = c.nodes[0].config.clone();
+    let bench = std::thread::spawn(move || {
+        let out = Command::new(&*CLI)
+            .arg("--config")
+            .arg(&config)
+            .args(["--json", "bench", "--workload", "a", "--keys", "200", "--duration", "8", "--clients", "2"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or(serde_json::Value::Null)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    c.start(3);
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    let doc = bench.join().unwrap();
+    assert_eq!(doc["errors"], 0, "{doc}");
+    let ops = doc["ops"].as_u64().unwrap() + doc["keys"].as_u64().unwrap();
+    let (_, st) = c.json(3, &["status"]);
+    let n4 = st["members"].as_array().unwrap().iter().find(|m| m["id"] == "n4").cloned().unwrap();
+    assert!(n4["partitions"].as_u64().unwrap() > 0, "the ring moved: n4 owns partitions: {st}");
+    let mut seen = (0, 0);
+    assert!(wait_until(Duration::from_secs(10), || {
+        seen = counters(&c);
+        seen.0 + seen.1 >= ops
+    }));
+    // A client that kept its first view would send about a quarter of the requests after
+    // the join to nodes that no longer replicate their keys.
+    assert!(seen.1 * 20 < ops, "{} of {ops} requests reached a node off the key's preference list", seen.1);
+}
