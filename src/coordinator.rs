@@ -26,7 +26,7 @@ use std::sync::Arc;
 use crate::ring::{NodeId, PreferenceList, Ring};
 use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
 use crate::store::{StoreError, StoreOp, StoreOutcome};
-use crate::version::{Object, VersionVector};
+use crate::version::{split_context, Object, VersionVector};
 use crate::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message, ReplicaReply, ReplicaRequest};
 
 /// Something a request wants done.
@@ -783,7 +783,10 @@ impl CoordinatorStage {
         self.effects.push_back(Effect::Send { to, msg });
     }
 
-    fn start(&mut self, now: Now, key: Vec<u8>, op: Operation, waiter: Waiter) {
+    /// Start coordinating a request. A client's put whose context names another replica of
+    /// the key that is up (the one that answered the read before fastest, the paper's
+    /// section 6.4) is forwarded to it first, then down the list as any forward.
+    fn start(&mut self, now: Now, key: Vec<u8>, op: Operation, waiter: Waiter, fastest: Option<NodeId>) {
         let Some(ring) = self.ring.clone() else {
             let e = "this node has not joined a cluster yet: check its seeds";
             return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Unavailable, message: e.into() });
@@ -792,7 +795,7 @@ impl CoordinatorStage {
             let e = "too many requests in flight on this node; retry";
             return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Overloaded, message: e.into() });
         }
-        let plan = ring.preference_list(ring.partition_for_key(&key), self.settings.limits.replicas);
+        let mut plan = ring.preference_list(ring.partition_for_key(&key), self.settings.limits.replicas);
         if plan.primaries.contains(&self.settings.me) {
             self.counters.0 = self.counters.0.saturating_add(1);
         } else {
@@ -800,6 +803,15 @@ impl CoordinatorStage {
         }
         if self.counters_due_ms.is_none() {
             self.counters_due_ms = Some(now.mono_ms.saturating_add(COUNTERS_INTERVAL_MS));
+        }
+        let me = &self.settings.me;
+        let client_put = matches!(op, Operation::Put { forwarded: false, .. });
+        if let Some(x) = fastest.filter(|x| client_put && x != me && plan.primaries.contains(x) && self.down.is_up(x)) {
+            // Without this node among the targets the request forwards: to `x` first.
+            let mut primaries = vec![x.clone()];
+            primaries.extend(plan.primaries.iter().filter(|p| **p != x && *p != me).cloned());
+            let fallbacks = plan.fallbacks.iter().filter(|f| *f != me).cloned().collect();
+            plan = PreferenceList { primaries, fallbacks };
         }
         let timeouts = Timeouts {
             deadline_ms: now.mono_ms.saturating_add(self.settings.request_timeout_ms),
@@ -888,15 +900,17 @@ impl CoordinatorStage {
             Message::Client { id, request: ClientRequest::Get { key, r } } => {
                 let waiter = Waiter::Client { conn: from.conn, id };
                 match self.settings.limits.get(&key, r) {
-                    Ok(op) => self.start(now, key.into_vec(), op, waiter),
+                    Ok(op) => self.start(now, key.into_vec(), op, waiter, None),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }
             Message::Client { id, request: ClientRequest::Put { key, context, value, w } } => {
                 let waiter = Waiter::Client { conn: from.conn, id };
                 let value = value.map(Bytes::into_vec);
+                // The replica the context names as the fastest of the read before.
+                let fastest = context.as_deref().and_then(|c| split_context(c).1).map(str::to_string);
                 match self.settings.limits.put(&key, context.as_deref(), value, w, now.wall_ms) {
-                    Ok(op) => self.start(now, key.into_vec(), op, waiter),
+                    Ok(op) => self.start(now, key.into_vec(), op, waiter, fastest),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }
@@ -909,7 +923,7 @@ impl CoordinatorStage {
             Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
                 let waiter = Waiter::Forwarded { conn: from.conn, id };
                 match self.settings.limits.forwarded(&key, context, value, w) {
-                    Ok(op) => self.start(now, key, op, waiter),
+                    Ok(op) => self.start(now, key, op, waiter, None),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }

@@ -277,7 +277,7 @@ mod tests {
     use crate::stage::Dest;
     use crate::store::{MemStore, StoreOp, StoreOutcome};
     use crate::version::VersionVector;
-    use crate::wire::{Bytes, ClientRequest, ClientResponse};
+    use crate::wire::{Bytes, ClientRequest, ClientResponse, ReplicaRequest};
     use std::collections::BTreeMap;
 
     const CLIENT_CONN: u64 = 1 << 40;
@@ -294,6 +294,8 @@ mod tests {
         inbox: BTreeMap<u64, ClientResponse>,
         /// The ring epoch each answer told.
         epochs: BTreeMap<u64, u64>,
+        /// Puts forwarded: (from node index, to node id).
+        forwards: Vec<(usize, String)>,
         next_id: u64,
         rng: u64,
     }
@@ -327,8 +329,15 @@ mod tests {
 
     impl Mini {
         fn new(n: usize, extra: &str) -> Mini {
-            let mut m =
-                Mini { now: 1, peers: Vec::new(), inbox: BTreeMap::new(), epochs: BTreeMap::new(), next_id: 1, rng: 7 };
+            let mut m = Mini {
+                now: 1,
+                peers: Vec::new(),
+                inbox: BTreeMap::new(),
+                epochs: BTreeMap::new(),
+                forwards: Vec::new(),
+                next_id: 1,
+                rng: 7,
+            };
             for i in 1..=n {
                 m.add(&config(i, extra));
             }
@@ -376,6 +385,11 @@ mod tests {
                         }
                         Effect::Send { to, msg } => {
                             let me = self.peers[i].settings.identity.id.clone();
+                            if let (Dest::Node(n), Message::Replica { request: ReplicaRequest::Forward { .. }, .. }) =
+                                (&to, &msg)
+                            {
+                                self.forwards.push((i, n.clone()));
+                            }
                             let target = match &to {
                                 Dest::Node(id) => self.index(id),
                                 Dest::Addr(a) => self.peers.iter().position(|p| p.settings.identity.addr == *a),
@@ -519,6 +533,30 @@ mod tests {
         let replicated_k0 = ring.preference_list(ring.partition_for_key(b"k0"), 3).primaries.contains(&"n1".into());
         assert_eq!(doc["counters"]["forwarded"], elsewhere + u64::from(!replicated_k0), "{doc}");
         assert_eq!(doc["counters"]["coordinated"], 20 - elsewhere + u64::from(replicated_k0), "{doc}");
+    }
+
+    #[test]
+    fn a_put_goes_back_to_the_replica_that_answered_its_read_fastest() {
+        let mut m = Mini::new(5, "");
+        let ring = m.view(0).ring.clone().unwrap();
+        let owners = |k: &str| ring.preference_list(ring.partition_for_key(k.as_bytes()), 3).primaries;
+        let key = (0..100).map(|i| format!("f{i}")).find(|k| owners(k).contains(&"n1".into())).unwrap();
+        let other = owners(&key).into_iter().find(|n| n != "n1").unwrap();
+        let j = m.index(&other).unwrap();
+        assert!(matches!(m.put(0, &key, b"v1".to_vec(), None), ClientResponse::Written { .. }));
+        // n1 coordinates the read: its own replica answers first, and the context says so.
+        let (_, ctx) = m.get(0, &key);
+        let ctx = ctx.unwrap();
+        assert_eq!(crate::version::split_context(&ctx).1, Some("n1"));
+        // The write back with that context, sent to another replica, is forwarded to n1.
+        m.forwards.clear();
+        assert!(matches!(m.put(j, &key, b"v2".to_vec(), Some(ctx)), ClientResponse::Written { .. }));
+        assert_eq!(m.forwards, vec![(j, "n1".to_string())]);
+        assert_eq!(m.get(2, &key).0, vec![b"v2".to_vec()], "the write superseded what was read");
+        // A blind put, or one naming this node, is coordinated where it arrives.
+        m.forwards.clear();
+        assert!(matches!(m.put(j, &key, b"v3".to_vec(), None), ClientResponse::Written { .. }));
+        assert!(m.forwards.is_empty());
     }
 
     #[test]
