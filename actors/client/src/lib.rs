@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringkv::config::Config;
+use ringkv::version::split_context;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message};
 use ringkv_transport::{connect, endpoint, link_writer, read_streams, LinkSender};
 pub use ringkv_transport::{Credentials, NetError};
@@ -382,25 +383,20 @@ impl Client {
     /// Send a request: one for a key to the first reachable node of its preference list
     /// (or to the pinned node), anything else to the first reachable seed.
     pub async fn request(&self, request: ClientRequest) -> Result<ClientResponse, NetError> {
-        let (key, retry_after_send) = match &request {
-            ClientRequest::Get { key, .. } => (Some(key.to_vec()), true),
-            // A put that may have reached its node is not sent twice (a blind write would
-            // land twice, as two siblings).
-            ClientRequest::Put { key, .. } => (Some(key.to_vec()), false),
-            _ => (None, true),
-        };
-        let fastest = match &request {
-            ClientRequest::Put { context: Some(c), .. } if self.fastest_replica => {
-                ringkv::version::split_context(c).1.map(str::to_string)
-            }
-            _ => None,
-        };
-        let targets = match (&key, self.shared.pin) {
+        // A put that may have reached its node is not sent twice (a blind write would land
+        // twice, as two siblings): it moves to the first node reached, uncopied.
+        let retry_after_send = !matches!(request, ClientRequest::Put { .. });
+        let targets = match (&request, self.shared.pin) {
             (_, Some(pin)) => vec![pin],
-            (Some(key), None) => self.targets(key, fastest.as_deref()).await,
-            (None, None) => self.shared.seeds.clone(),
+            (ClientRequest::Get { key, .. }, None) => self.targets(key, None).await,
+            (ClientRequest::Put { key, context, .. }, None) => {
+                let fastest = context.as_deref().filter(|_| self.fastest_replica).and_then(|c| split_context(c).1);
+                self.targets(key, fastest).await
+            }
+            (_, None) => self.shared.seeds.clone(),
         };
         let targets = self.reachable_first(targets);
+        let mut request = Some(request);
         let mut last = NetError::Connect("no node".into(), "the cluster has no reachable member".into());
         for addr in targets {
             let conn = match self.connection(addr).await {
@@ -414,7 +410,9 @@ impl Client {
                     continue;
                 }
             };
-            match conn.request(request.clone()).await {
+            let attempt = if retry_after_send { request.clone() } else { request.take() };
+            let Some(attempt) = attempt else { break };
+            match conn.request(attempt).await {
                 Err(e) if e.is_unreachable() && retry_after_send => {
                     self.stale();
                     last = e;
