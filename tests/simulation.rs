@@ -749,12 +749,20 @@ impl Sim {
         self.fail(format!("{id} never stops producing effects"));
     }
 
+    /// An injected read error for one storage operation, at the run's rate (counted).
+    fn read_error(&mut self) -> Option<StoreError> {
+        if !self.rng.chance(self.faults.read_error) {
+            return None;
+        }
+        self.storage_faults.read_errors += 1;
+        Some(StoreError::Io("injected: read error".into()))
+    }
+
     /// Run a row read on node `i`'s committed store now; unreadable rows it finds are queued
     /// for quarantine. Reads fail as injected.
     fn read_now(&mut self, i: usize, op: StoreOp) -> Result<StoreOutcome, StoreError> {
-        if self.rng.chance(self.faults.read_error) {
-            self.storage_faults.read_errors += 1;
-            return Err(StoreError::Io("injected: read error".into()));
+        if let Some(e) = self.read_error() {
+            return Err(e);
         }
         let now = self.now();
         let store = &mut self.nodes[i].store;
@@ -901,12 +909,12 @@ impl Sim {
         let mut ops = Vec::new();
         let mut run_index = Vec::new();
         for (k, (_, op)) in batch.iter().enumerate() {
-            if self.rng.chance(f.read_error) {
-                self.storage_faults.read_errors += 1;
-                results[k] = Some(Err(StoreError::Io("injected: read error".into())));
-            } else {
-                ops.push(op.clone());
-                run_index.push(k);
+            match self.read_error() {
+                Some(e) => results[k] = Some(Err(e)),
+                None => {
+                    ops.push(op.clone());
+                    run_index.push(k);
+                }
             }
         }
         let read_only = ops.iter().all(StoreOp::is_read_only);
