@@ -16,6 +16,7 @@
 //! - [`store`]: a replica's local store over any ordered key-value engine: row layout,
 //!   checksums, merges, coordinated writes, hints, reaped records, quarantine (§4, §4.6).
 //! - [`wire`]: every message and the frame codec; [`config`]: the node's TOML.
+//! - [`access`]: identities, roles, and the role each message needs.
 //!
 //! **Stages** (SEDA; each one concern of the paper, each a [`stage::Stage`]: inputs with
 //! the time in, effects out):
@@ -36,6 +37,7 @@
 //! only after the batch holding the operation committed, so every answer that promises
 //! durability (a replica's acknowledgement, a handoff ack) waits for the disk.
 
+pub mod access;
 pub mod admission;
 pub mod anti_entropy;
 pub mod config;
