@@ -439,7 +439,7 @@ impl Stage for AntiEntropyStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
-            Input::Message { from: Origin { conn, node: Some(node) }, msg: Message::AntiEntropy { id, msg } } => {
+            Input::Message { from: Origin { conn, node: Some(node), .. }, msg: Message::AntiEntropy { id, msg } } => {
                 if let Some(e) = self.down.heard(&node) {
                     self.effects.push_back(e);
                 }

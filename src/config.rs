@@ -51,6 +51,158 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub testing: TestingConfig,
+    /// Mutual TLS against a cluster CA; absent: secret-only mode.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the cluster CA and this side's certificate and key (PEM), as paths relative to
+/// the config file's directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl TlsConfig {
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        for (key, v) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            if v.is_empty() {
+                return Err(ConfigError::new(&format!("{section}.{key}"), "must name a file"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shortest cluster secret a node accepts: in secret-only mode the secret is the whole trust
+/// boundary, and a short one can be guessed offline from one observed handshake.
+pub const SECRET_BYTES_MIN: usize = 16;
+
+/// Check a cluster secret's strength (a node's config load; `key` names where it came from).
+pub fn check_secret(key: &str, secret: &[u8]) -> Result<(), ConfigError> {
+    if secret.len() < SECRET_BYTES_MIN {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "the secret is {} bytes; use at least {SECRET_BYTES_MIN} random bytes \
+                 (for example `openssl rand -hex 16`), or set up [tls]",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A client's file: `[client]` with the nodes to reach and either certificates or the
+/// cluster secret. (A node's own config also serves a client, as the node's operator.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub client: ClientConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Nodes to reach first (the client learns the rest of the cluster from them).
+    pub nodes: Vec<String>,
+    /// The cluster's name: needed with a secret (proofs are bound to it); with certificates
+    /// the CA names the cluster and this may be left out.
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<String>,
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+impl ClientConfig {
+    /// The certificates, when the file gives them.
+    pub fn tls(&self) -> Option<TlsConfig> {
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(TlsConfig { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    pub fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().filter_map(|s| s.parse().ok()).collect()
+    }
+}
+
+impl ClientFile {
+    /// Parse and validate a client file's text.
+    pub fn parse(text: &str) -> Result<ClientFile, ConfigError> {
+        let file: ClientFile = deserialize(text)?;
+        let c = &file.client;
+        if c.nodes.is_empty() {
+            return Err(ConfigError::new("client.nodes", "list at least one node address"));
+        }
+        for n in &c.nodes {
+            parse_addr("client.nodes", n)?;
+        }
+        let certs = [&c.ca, &c.cert, &c.key].iter().filter(|v| v.is_some()).count();
+        let secret = c.secret.is_some() || c.secret_file.is_some();
+        match (certs, secret) {
+            (3, false) => c.tls().map(|t| t.validate("client")).transpose().map(|_| ())?,
+            (0, true) => {
+                if c.secret.is_some() && c.secret_file.is_some() {
+                    return Err(ConfigError::new("client.secret", "give secret or secret_file, not both"));
+                }
+                if c.secret.as_deref() == Some("") || c.secret_file.as_deref() == Some("") {
+                    return Err(ConfigError::new("client.secret", "must not be empty"));
+                }
+                if c.cluster.is_empty() {
+                    return Err(ConfigError::new(
+                        "client.cluster",
+                        "name the cluster (a secret's proofs are bound to it)",
+                    ));
+                }
+            }
+            (0, false) => {
+                return Err(ConfigError::new("client", "give ca, cert and key (certificates) or secret / secret_file"))
+            }
+            (_, true) => return Err(ConfigError::new("client", "give certificates or a secret, not both")),
+            _ => return Err(ConfigError::new("client", "give all three of ca, cert and key")),
+        }
+        Ok(file)
+    }
+
+    /// Whether a config file's text is a client file (has a `[client]` table) rather than a
+    /// node's config.
+    pub fn is_client_file(text: &str) -> bool {
+        toml::from_str::<toml::Table>(text).is_ok_and(|t| t.contains_key("client"))
+    }
+}
+
+/// Deserialize TOML, naming the key and line of the first error.
+fn deserialize<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // The span is in bytes and need not fall on a character boundary: count newlines.
+        let line = inner
+            .span()
+            .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
+        let mut message = inner.message().to_string();
+        if let Some(l) = line {
+            message = format!("{message} (line {l})");
+        }
+        let key = if path == "." || path.is_empty() { "(top level)".to_string() } else { path };
+        ConfigError { key, message }
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,8 +402,11 @@ fn retention_default() -> u64 {
 fn batch_bytes_default() -> u64 {
     4 * 1024 * 1024
 }
+/// Default `limits.object_bytes_max`.
+pub const OBJECT_BYTES_DEFAULT: u64 = 8 * 1024 * 1024;
+
 fn object_bytes_default() -> u64 {
-    8 * 1024 * 1024
+    OBJECT_BYTES_DEFAULT
 }
 fn gossip_interval_default() -> u64 {
     1000
@@ -286,8 +441,11 @@ fn latency_target_default() -> u64 {
 fn latency_window_default() -> u64 {
     10000
 }
+/// Default `limits.max_value_bytes`.
+pub const VALUE_BYTES_DEFAULT: u64 = 1024 * 1024;
+
 fn value_bytes_default() -> u64 {
-    1024 * 1024
+    VALUE_BYTES_DEFAULT
 }
 fn key_bytes_default() -> u64 {
     4096
@@ -323,21 +481,7 @@ pub const OBJECT_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 impl Config {
     /// Parse and validate a config file's text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            // The span is in bytes and need not fall on a character boundary: count newlines.
-            let line = inner
-                .span()
-                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1);
-            let mut message = inner.message().to_string();
-            if let Some(l) = line {
-                message = format!("{message} (line {l})");
-            }
-            let key = if path == "." || path.is_empty() { "(top level)".to_string() } else { path };
-            ConfigError { key, message }
-        })?;
+        let config: Config = deserialize(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -369,6 +513,9 @@ impl Config {
             return Err(ConfigError::new("node.weight", "must be in 1..=1000"));
         }
 
+        if let Some(t) = &self.tls {
+            t.validate("tls")?;
+        }
         let c = &self.cluster;
         if c.name.is_empty() {
             return Err(ConfigError::new("cluster.name", "must not be empty"));
@@ -377,7 +524,9 @@ impl Config {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new("cluster.secret", "give secret or secret_file, not both"));
             }
-            (None, None) => return Err(ConfigError::new("cluster.secret", "give secret or secret_file")),
+            (None, None) if self.tls.is_none() => {
+                return Err(ConfigError::new("cluster.secret", "give secret or secret_file (or set up [tls])"))
+            }
             (Some(s), None) if s.is_empty() => return Err(ConfigError::new("cluster.secret", "must not be empty")),
             (None, Some(f)) if f.is_empty() => {
                 return Err(ConfigError::new("cluster.secret_file", "must not be empty"));
@@ -624,5 +773,41 @@ secret = "change-me"
         let text = e.to_string();
         assert!(text.starts_with("config key cluster.partitions:"), "{text}");
         assert!(text.contains("line"), "{text}");
+    }
+
+    #[test]
+    fn with_tls_the_secret_is_optional() {
+        let tls = GOOD.replace("secret = \"change-me\"", "")
+            + "\n[tls]\nca = \"ca.crt\"\ncert = \"n1.crt\"\nkey = \"n1.key\"\n";
+        let c = Config::parse(&tls).unwrap();
+        assert_eq!(c.tls.map(|t| t.cert), Some("n1.crt".to_string()));
+        assert!(Config::parse(&tls.replace("key = \"n1.key\"", "")).unwrap_err().to_string().contains("key"));
+        assert_eq!(err_key(&tls.replace("key = \"n1.key\"", "key = \"\"")), "tls.key");
+    }
+
+    #[test]
+    fn short_secrets_are_refused_naming_the_key() {
+        assert_eq!(check_secret("cluster.secret", b"change-me").map_err(|e| e.key), Err("cluster.secret".to_string()));
+        assert!(check_secret("cluster.secret", b"0123456789abcdef").is_ok());
+    }
+
+    #[test]
+    fn client_files() {
+        let certs = "[client]\nnodes = [\"127.0.0.1:7101\"]\nca = \"ca.crt\"\ncert = \"ops.crt\"\nkey = \"ops.key\"\n";
+        assert!(ClientFile::is_client_file(certs));
+        assert!(!ClientFile::is_client_file(GOOD));
+        let f = ClientFile::parse(certs).unwrap();
+        assert_eq!(f.client.tls().map(|t| t.key), Some("ops.key".to_string()));
+        assert_eq!(f.client.node_addrs().len(), 1);
+        let secret = "[client]\nnodes = [\"127.0.0.1:7101\"]\ncluster = \"dev\"\nsecret = \"s\"\n";
+        assert!(ClientFile::parse(secret).is_ok());
+        let key = |t: &str| ClientFile::parse(t).unwrap_err().key;
+        assert_eq!(key(&secret.replace("cluster = \"dev\"\n", "")), "client.cluster");
+        assert_eq!(key("[client]\nnodes = []\nsecret = \"s\"\ncluster = \"c\"\n"), "client.nodes");
+        assert_eq!(key("[client]\nnodes = [\"nowhere\"]\nsecret = \"s\"\ncluster = \"c\"\n"), "client.nodes");
+        assert_eq!(key(&certs.replace("key = \"ops.key\"\n", "")), "client");
+        assert_eq!(key(&format!("{certs}secret = \"s\"\n")), "client");
+        assert_eq!(key("[client]\nnodes = [\"127.0.0.1:1\"]\n"), "client");
+        assert_eq!(key(&format!("{certs}colour = 1\n")), "client.colour");
     }
 }

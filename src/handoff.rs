@@ -853,17 +853,14 @@ mod tests {
         for t in &targets[..2] {
             h.handle(
                 now(110),
-                Input::Message {
-                    from: Origin { conn: 1, node: Some(t.clone()) },
-                    msg: Message::HandoffAck { id: batch, ok: true },
-                },
+                Input::Message { from: Origin::node(1, t.clone()), msg: Message::HandoffAck { id: batch, ok: true } },
             );
         }
         assert!(drain(&mut h).iter().all(|e| !matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
         h.handle(
             now(120),
             Input::Message {
-                from: Origin { conn: 1, node: Some(targets[2].clone()) },
+                from: Origin::node(1, targets[2].clone()),
                 msg: Message::HandoffAck { id: batch, ok: true },
             },
         );

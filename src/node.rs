@@ -16,7 +16,7 @@ use crate::handoff::{HandoffSettings, HandoffStage, Planted};
 use crate::membership::{Identity, Member, Membership};
 use crate::replica::{ReplicaSettings, ReplicaStage};
 use crate::ring::NodeId;
-use crate::stage::{route, subscribers, Effect, Input, Now, Origin, Signal, Stage, StageId};
+use crate::stage::{admit, route, subscribers, Dest, Effect, Input, Now, Origin, Signal, Stage, StageId};
 use crate::store::StoreLimits;
 use crate::wire::Message;
 
@@ -232,8 +232,13 @@ impl LocalNode {
 
     /// A message from the network, to the stage that takes it.
     pub fn message(&mut self, now: Now, from: Origin, msg: Message) {
-        if let Some(stage) = route(&msg) {
-            self.input(now, stage, Input::Message { from, msg });
+        match admit(&from, &msg) {
+            Ok(stage) => self.input(now, stage, Input::Message { from, msg }),
+            Err(Some(refusal)) => {
+                let stage = route(&msg).unwrap_or(StageId::Gossip);
+                self.out.push_back((stage, Effect::Send { to: Dest::Conn(from.conn), msg: refusal }));
+            }
+            Err(None) => {}
         }
     }
 
@@ -274,7 +279,7 @@ mod tests {
     //! the same under faults.
 
     use super::*;
-    use crate::stage::Dest;
+    use crate::access::Role;
     use crate::store::{MemStore, StoreOp, StoreOutcome};
     use crate::version::VersionVector;
     use crate::wire::{Bytes, ClientRequest, ClientResponse, ReplicaRequest};
@@ -406,7 +411,7 @@ mod tests {
                             let frame = crate::wire::encode_frame(&msg).unwrap();
                             let (msg, _) = crate::wire::decode_frame(&frame, 1 << 30).unwrap().unwrap();
                             match target.and_then(|t| self.peers[t].node.as_mut().map(|n| (t, n))) {
-                                Some((_, n)) => n.message(now, Origin { conn: i as u64, node: Some(me) }, msg),
+                                Some((_, n)) => n.message(now, Origin::node(i as u64, me), msg),
                                 None if matches!(to, Dest::Node(_)) => {
                                     let to_id = match &to {
                                         Dest::Node(id) => id.clone(),
@@ -451,7 +456,7 @@ mod tests {
             let id = self.next_id;
             self.next_id += 1;
             let now = self.now();
-            let origin = Origin { conn: CLIENT_CONN + id, node: None };
+            let origin = Origin::client(CLIENT_CONN + id, Role::Admin);
             self.peers[i].node.as_mut().unwrap().message(now, origin, Message::Client { id, request });
             for _ in 0..1000 {
                 self.settle();

@@ -257,7 +257,7 @@ mod tests {
     }
 
     fn peer() -> Origin {
-        Origin { conn: 7, node: Some("n2".into()) }
+        Origin::node(7, "n2".into())
     }
 
     #[test]
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn clients_may_not_send_node_requests_and_bad_requests_change_nothing() {
         let mut s = stage();
-        let client = Origin { conn: 9, node: None };
+        let client = Origin::client(9, crate::access::Role::Admin);
         let read = Message::Replica { id: 1, request: crate::wire::ReplicaRequest::Read { key: b"k".to_vec() } };
         s.handle(now(), Input::Message { from: client.clone(), msg: read });
         assert!(matches!(

@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::access::{self, Identity, Role};
 use crate::membership::View;
 use crate::ring::NodeId;
 use crate::store::{StoreError, StoreOp, StoreOutcome};
@@ -76,6 +77,28 @@ impl StageId {
 pub struct Origin {
     pub conn: ConnId,
     pub node: Option<NodeId>,
+    /// What the peer may do ([`crate::access`]): `Node` exactly when `node` is set.
+    pub role: Role,
+}
+
+impl Origin {
+    /// A peer node that authenticated as `node`.
+    pub fn node(conn: ConnId, node: NodeId) -> Origin {
+        Origin { conn, node: Some(node), role: Role::Node }
+    }
+
+    /// A client holding `role`.
+    pub fn client(conn: ConnId, role: Role) -> Origin {
+        Origin { conn, node: None, role }
+    }
+
+    /// Whoever authenticated as `identity`.
+    pub fn of(conn: ConnId, identity: &Identity) -> Origin {
+        match identity {
+            Identity::Node(n) => Origin::node(conn, n.clone()),
+            Identity::Client { role, .. } => Origin::client(conn, *role),
+        }
+    }
 }
 
 /// Where a message goes.
@@ -191,6 +214,14 @@ pub fn route(msg: &Message) -> Option<StageId> {
         | Message::ClientReply { .. }
         | Message::Error { .. } => return None,
     })
+}
+
+/// Where a message from the network goes, once the sender's role permits it
+/// ([`access::check`]): Err with the refusal to send back, if the message expects an answer,
+/// when it does not, or when no stage takes the message.
+pub fn admit(from: &Origin, msg: &Message) -> Result<StageId, Option<Message>> {
+    access::check(from.role, msg)?;
+    route(msg).ok_or(None)
 }
 
 /// The stages a signal goes to.

@@ -36,6 +36,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
+use ringkv::access::Role;
 use ringkv::config::Config;
 use ringkv::handoff::Planted;
 use ringkv::membership::MemberState;
@@ -884,7 +885,7 @@ impl Sim {
             self.log(|| format!("{} -> {}: {msg:?}", self.nodes[from].id, self.nodes[to].id));
         }
         let now = self.now();
-        let origin = Origin { conn: Sim::conn_of(from, from_inc), node: Some(self.nodes[from].id.clone()) };
+        let origin = Origin::node(Sim::conn_of(from, from_inc), self.nodes[from].id.clone());
         if let Some(node) = self.nodes[to].node.as_mut() {
             node.message(now, origin, msg);
         }
@@ -1074,7 +1075,7 @@ impl Sim {
         let Some(msg) = self.codec(Message::Client { id: op, request }) else { return };
         let now = self.now();
         if let Some(node) = self.nodes[i].node.as_mut() {
-            node.message(now, Origin { conn, node: None }, msg);
+            node.message(now, Origin::client(conn, Role::Admin), msg);
         }
         self.pump(i);
     }
