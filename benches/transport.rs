@@ -16,7 +16,7 @@ use ringkv_transport::{
 use tokio::sync::mpsc;
 
 fn creds(node: Option<&str>) -> Credentials {
-    Credentials { cluster: "bench".into(), secret: b"bench-secret".to_vec(), node: node.map(str::to_string) }
+    Credentials::secret("bench", b"bench-secret-of-16+".to_vec(), node.map(str::to_string))
 }
 
 /// A connected pair: the sender's link and the channel its answers arrive on.
@@ -45,7 +45,7 @@ async fn pair() -> (LinkSender, mpsc::UnboundedReceiver<Message>, quinn::Endpoin
         .await;
     });
     let client = endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None).expect("bind");
-    let (conn, _) = connect(&client, addr, &creds(None)).await.expect("connect");
+    let (conn, _) = connect(&client, addr, &creds(None), None).await.expect("connect");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(read_streams(conn.clone(), FRAME_BYTES_MAX_DEFAULT, move |msg| {
         let _ = tx.send(msg);

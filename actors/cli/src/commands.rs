@@ -6,32 +6,34 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use base64::Engine;
-use ringkv::config::Config;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse};
 use serde_json::{json, Value};
 
 use crate::args::{AdminCommand, ClientCommand, FaultCommand, LimitsCommand};
 use crate::outcome::{exit, status_of, Failure, Outcome};
 pub use ringkv_client::Client;
-use ringkv_client::Credentials;
+use ringkv_transport::ClientSetup;
 
-/// Where to connect and how to authenticate, from `--config` and `--node`.
-pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, Credentials, Config), Failure> {
+/// Where to connect and how to authenticate, from `--config` (a client file, or a node's own
+/// config) and `--node`.
+pub fn target(config: Option<&Path>, node: Option<&str>) -> Result<(SocketAddr, ClientSetup), Failure> {
     let Some(path) = config else {
         return Err(Failure::new(
             exit::BAD_INPUT,
-            "give --config FILE (a node config: its address and the cluster secret)",
+            "give --config FILE (a client file with [client], or a node's config on its machine)",
         ));
     };
-    let (config, secret) = ringkv_transport::load_config(path).map_err(|m| Failure::new(exit::BAD_INPUT, m))?;
+    let setup = ringkv_transport::load_client(path).map_err(|m| Failure::new(exit::BAD_INPUT, m))?;
     let addr = match node {
         Some(n) => {
             n.parse().map_err(|_| Failure::new(exit::BAD_INPUT, format!("--node {n:?} is not an IP:port address")))?
         }
-        None => config.listen_addr(),
+        None => match setup.nodes.first() {
+            Some(a) => *a,
+            None => return Err(Failure::new(exit::BAD_INPUT, format!("{} names no node", path.display()))),
+        },
     };
-    let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: None };
-    Ok((addr, creds, config))
+    Ok((addr, setup))
 }
 
 /// A value as JSON: a string when it is UTF-8, else `{"base64": ...}`.
@@ -107,7 +109,7 @@ fn parse_pair(p: &str) -> Result<(String, i64), Failure> {
 }
 
 /// Run one command against the connected node.
-pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -> Result<Outcome, Failure> {
+pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u64) -> Result<Outcome, Failure> {
     match command {
         ClientCommand::Get { key, r } => {
             let (values, context) =
@@ -128,7 +130,7 @@ pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -
         ClientCommand::Put { key, value, context, w } => {
             let bytes = if value == "-" {
                 let mut buf = Vec::new();
-                let limit = config.limits.max_value_bytes;
+                let limit = value_bytes_max;
                 std::io::stdin()
                     .take(limit + 1)
                     .read_to_end(&mut buf)
@@ -137,13 +139,10 @@ pub async fn execute(client: &Client, command: ClientCommand, config: &Config) -
             } else {
                 value.into_bytes()
             };
-            if bytes.len() as u64 > config.limits.max_value_bytes {
+            if bytes.len() as u64 > value_bytes_max {
                 return Err(Failure::new(
                     exit::BAD_INPUT,
-                    format!(
-                        "the value is over limits.max_value_bytes ({} bytes); nothing was stored",
-                        config.limits.max_value_bytes
-                    ),
+                    format!("the value is over limits.max_value_bytes ({} bytes); nothing was stored", value_bytes_max),
                 ));
             }
             let req =

@@ -15,18 +15,18 @@ use outcome::{exit, Failure, Outcome};
 pub fn run(args: ClientArgs) -> i32 {
     let json = args.global.json;
     let result = (|| -> Result<Outcome, Failure> {
-        let (addr, creds, config) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
+        let (addr, setup) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Failure::new(exit::OTHER, format!("cannot start the runtime: {e}")))?;
         rt.block_on(async {
             if let ClientCommand::Bench(b) = &args.command {
-                return bench::run(b.clone(), addr, &creds, config.frame_bytes_max()).await;
+                return bench::run(b.clone(), addr, &setup.creds, setup.frame_max).await;
             }
             // The CLI talks to the node it is given (--node, else the config's address).
-            let client = Client::pinned(addr, &creds, config.frame_bytes_max()).await?;
-            execute(&client, args.command, &config).await
+            let client = Client::pinned(addr, &setup.creds, setup.frame_max).await?;
+            execute(&client, args.command, setup.value_bytes_max).await
         })
     })();
     match result {

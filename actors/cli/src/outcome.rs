@@ -32,11 +32,19 @@ impl From<NetError> for Failure {
     fn from(e: NetError) -> Self {
         let status = match &e {
             NetError::Refused(_) | NetError::BadServerProof => exit::REFUSED,
-            NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout => exit::UNAVAILABLE,
+            NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout | NetError::WrongNode { .. } => {
+                exit::UNAVAILABLE
+            }
             NetError::Wire(_) | NetError::Unexpected(_) => exit::OTHER,
         };
         let hint = match &e {
-            NetError::Refused(_) | NetError::BadServerProof => "; check cluster.name and the secret in --config",
+            NetError::Refused(m) if m.starts_with("TLS") => {
+                "; check that --config's certificate was made by this cluster's CA (ringkv-node certs)"
+            }
+            NetError::Refused(m) if m.starts_with("not permitted") => "",
+            NetError::Refused(_) | NetError::BadServerProof => {
+                "; check the cluster name and the secret (or certificates) in --config"
+            }
             NetError::Connect(..) => "; is the node running? (--node ADDR picks another)",
             NetError::Timeout => "; is the node running? A write may still have been applied: read before retrying",
             _ => "",

@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringkv::config::Config;
 use ringkv::version::split_context;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message};
 use ringkv_transport::{connect, endpoint, link_writer, read_streams, LinkSender};
@@ -65,13 +64,14 @@ pub enum Error {
 impl From<NetError> for Error {
     fn from(e: NetError) -> Self {
         match &e {
+            NetError::Refused(m) if m.starts_with("not permitted") => Error::Refused(m.clone()),
             NetError::Refused(_) | NetError::BadServerProof => {
-                Error::Refused(format!("{e}; check cluster.name and the secret in the config"))
+                Error::Refused(format!("{e}; check the cluster name and the secret or certificates in the config"))
             }
             NetError::Connect(..) | NetError::Timeout => {
                 Error::Unavailable(format!("{e}; is the node running? (--node ADDR picks another)"))
             }
-            NetError::Lost(_) => Error::Unavailable(e.to_string()),
+            NetError::Lost(_) | NetError::WrongNode { .. } => Error::Unavailable(e.to_string()),
             NetError::Wire(_) | NetError::Unexpected(_) => Error::Other(e.to_string()),
         }
     }
@@ -153,7 +153,7 @@ impl Connector {
         creds: &Credentials,
         frame_max: usize,
     ) -> Result<Connection, NetError> {
-        let (conn, _node) = connect(&self.endpoint, addr, creds).await?;
+        let (conn, _node) = connect(&self.endpoint, addr, creds, None).await?;
         let waiting: Waiting = Arc::default();
         let epoch = Arc::new(AtomicU64::new(0));
         let (w, seen) = (waiting.clone(), epoch.clone());
@@ -312,15 +312,12 @@ impl Client {
         Client::start(vec![addr], Some(addr), creds, frame_max).await
     }
 
-    /// A client of the cluster a node config file names: its `node.listen` address, then its
-    /// seeds, and the cluster secret it holds.
+    /// A client of the cluster a config file names: a client file (`[client]`: the nodes to
+    /// reach and certificates or the secret), or a node's own config (its address, then its
+    /// seeds, and its credentials).
     pub async fn from_config_file(path: impl AsRef<Path>) -> Result<Client, Error> {
-        let (config, secret) = ringkv_transport::load_config(path.as_ref()).map_err(Error::BadRequest)?;
-        let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: None };
-        let mut seeds = vec![config.listen_addr()];
-        seeds.extend(config.node.seeds.iter().filter_map(|s| s.parse::<SocketAddr>().ok()));
-        seeds.dedup();
-        Ok(Client::start(seeds, None, &creds, config.frame_bytes_max()).await?)
+        let setup = ringkv_transport::load_client(path.as_ref()).map_err(Error::BadRequest)?;
+        Ok(Client::start(setup.nodes, None, &setup.creds, setup.frame_max).await?)
     }
 
     async fn start(
@@ -608,11 +605,6 @@ fn reachable_first(
     unreachable.retain(|_, at| now.saturating_duration_since(*at) < UNREACHABLE_FOR);
     let (late, ok): (Vec<SocketAddr>, Vec<SocketAddr>) = targets.into_iter().partition(|a| unreachable.contains_key(a));
     ok.into_iter().chain(late).collect()
-}
-
-/// The address and credentials a node config file gives a client.
-pub fn target_of(config: &Config, secret: Vec<u8>) -> (SocketAddr, Credentials) {
-    (config.listen_addr(), Credentials { cluster: config.cluster.name.clone(), secret, node: None })
 }
 
 #[cfg(test)]

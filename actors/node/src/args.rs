@@ -29,5 +29,42 @@ pub enum NodeCommand {
         /// acknowledged) or buffered (flushed every storage.flush_interval_ms).
         #[arg(long, default_value = "sync", value_parser = ["sync", "buffered"])]
         durability: String,
+        /// Authenticate with a shared cluster secret instead of certificates (the secret is
+        /// then the whole trust boundary).
+        #[arg(long)]
+        secret_only: bool,
+    },
+    /// Make the cluster's certificates: a CA, then one certificate per node and per client.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write DIR/ca.crt and DIR/ca.key: the cluster's certificate authority (keep ca.key offline).
+    CreateCa {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Write DIR/ID.crt and DIR/ID.key: node ID's certificate, signed by DIR's CA.
+    CreateNode {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The node's id (node.id in its config).
+        #[arg(long)]
+        id: String,
+    },
+    /// Write DIR/NAME.crt and DIR/NAME.key: a client's certificate with its role, signed by DIR's CA.
+    CreateClient {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A name for the client or operator (in the node's logs).
+        #[arg(long)]
+        name: String,
+        /// read: get, status, ring; write: also put and delete; admin: also every admin command.
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        role: String,
     },
 }

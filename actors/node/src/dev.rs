@@ -1,6 +1,7 @@
 //! `ringkv-node dev`: the one-command local cluster. Writes one config per node into a
-//! directory, starts one node process per config on loopback, prints how to use the CLI
-//! against them, and stops every node it started on Ctrl-C (or SIGTERM).
+//! directory (with a cluster CA, a certificate per node and an admin client file, unless
+//! asked for secret-only mode), starts one node process per config on loopback, prints how
+//! to use the CLI against them, and stops every node it started on Ctrl-C (or SIGTERM).
 
 use std::io::Write;
 use std::net::UdpSocket;
@@ -13,8 +14,29 @@ fn free_port() -> std::io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How a dev cluster authenticates.
+pub enum DevAuth {
+    /// Mutual TLS with the certificates in `DIR/certs`.
+    Tls,
+    /// Secret-only mode with this secret.
+    Secret(String),
+}
+
+/// Where a dev cluster's certificates live, relative to its directory.
+const CERTS: &str = "certs";
+
 /// The text of node `i`'s config.
-pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, secret: &str, durability: &str) -> String {
+pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, auth: &DevAuth, durability: &str) -> String {
+    let auth_text = match auth {
+        DevAuth::Tls => {
+            format!("\n[tls]\nca = \"{CERTS}/ca.crt\"\ncert = \"{CERTS}/n{i}.crt\"\nkey = \"{CERTS}/n{i}.key\"\n")
+        }
+        DevAuth::Secret(s) => format!("secret = \"{s}\"\n"),
+    };
+    let (secret_line, tls_section) = match auth {
+        DevAuth::Tls => (String::new(), auth_text),
+        DevAuth::Secret(_) => (auth_text, String::new()),
+    };
     let n = nodes.min(3);
     let quorum = n / 2 + 1;
     let seeds: Vec<String> = ports.iter().take(2).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
@@ -28,8 +50,7 @@ seeds = [{seeds}]
 
 [cluster]
 name = "dev"
-secret = "{secret}"
-partitions = 64
+{secret_line}partitions = 64
 replicas = {n}
 read_quorum = {quorum}
 write_quorum = {quorum}
@@ -47,7 +68,7 @@ max_inflight = 2
 [anti_entropy]
 interval_ms = 10000
 max_inflight = 1
-"#,
+{tls_section}"#,
         port = ports[(i - 1) as usize],
         data = dir.join("data").join(format!("n{i}")).display(),
         seeds = seeds.join(", "),
@@ -83,8 +104,37 @@ fn stop(children: &mut [(String, Child)]) {
     }
 }
 
+/// The admin client file of a dev cluster with certificates.
+fn admin_file_text(ports: &[u16]) -> String {
+    let nodes: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    format!(
+        "# The dev cluster's administrator, written by `ringkv-node dev`: ringkv --config THIS_FILE ...\n\
+         [client]\nnodes = [{}]\ncluster = \"dev\"\nca = \"{CERTS}/ca.crt\"\ncert = \"{CERTS}/admin.crt\"\nkey = \"{CERTS}/admin.key\"\n",
+        nodes.join(", ")
+    )
+}
+
+/// The dev cluster's CA, node certificates and admin certificate, made unless already there
+/// (a dev directory given again keeps its CA).
+fn make_certs(dir: &Path, nodes: u32) -> Result<(), String> {
+    use ringkv_transport::pki;
+    let certs = dir.join(CERTS);
+    if !certs.join(pki::CA_CERT_FILE).exists() {
+        pki::create_ca(&certs)?;
+    }
+    for i in 1..=nodes {
+        if !certs.join(format!("n{i}.crt")).exists() {
+            pki::create_node(&certs, &format!("n{i}"))?;
+        }
+    }
+    if !certs.join("admin.crt").exists() {
+        pki::create_client(&certs, "admin", ringkv::access::Role::Admin)?;
+    }
+    Ok(())
+}
+
 /// Run the dev cluster; returns the exit status.
-pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str) -> i32 {
+pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool) -> i32 {
     let dir = dir.unwrap_or_else(fresh_dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("ringkv-node dev: cannot create {}: {e}", dir.display());
@@ -105,13 +155,24 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str) -> i32 {
             }
         }
     }
-    let secret = format!("dev-{:016x}", rand::random::<u64>());
+    let auth = if secret_only {
+        DevAuth::Secret(format!("dev-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()))
+    } else {
+        let admin = dir.join("admin.toml");
+        let made = make_certs(&dir, nodes)
+            .and_then(|()| std::fs::write(&admin, admin_file_text(&ports)).map_err(|e| e.to_string()));
+        if let Err(e) = made {
+            eprintln!("ringkv-node dev: cannot make the cluster's certificates in {}: {e}", dir.display());
+            return 5;
+        }
+        DevAuth::Tls
+    };
     let mut children: Vec<(String, Child)> = Vec::new();
     for i in 1..=nodes {
         let cfg = dir.join(format!("n{i}.toml"));
         let log = dir.join(format!("n{i}.log"));
         let written = std::fs::File::create(&cfg)
-            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &secret, durability).as_bytes()));
+            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &auth, durability).as_bytes()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
         let (Ok(()), Ok(log_file)) = (written, log_file) else {
             eprintln!("ringkv-node dev: cannot write into {}", dir.display());
@@ -138,14 +199,21 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str) -> i32 {
     if !cli.exists() {
         println!("(the ringkv CLI is not built yet next to this program: `cargo build --release` builds both)");
     }
-    let c1 = dir.join("n1.toml");
-    println!("ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?}");
+    let (c1, cn) = match auth {
+        DevAuth::Tls => (dir.join("admin.toml"), dir.join("admin.toml")),
+        DevAuth::Secret(_) => (dir.join("n1.toml"), dir.join(format!("n{nodes}.toml"))),
+    };
+    let mode = match auth {
+        DevAuth::Tls => format!("mutual TLS, certificates in {}", dir.join(CERTS).display()),
+        DevAuth::Secret(_) => "secret-only: the secret in the configs is the whole trust boundary".to_string(),
+    };
+    println!("ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?} ({mode})");
     println!("configs, data and logs in {}", dir.display());
     println!();
     println!("try, in another terminal:");
     println!("  {} --config {} status", cli.display(), c1.display());
     println!("  {} --config {} put hello world", cli.display(), c1.display());
-    println!("  {} --config {} get hello", cli.display(), dir.join(format!("n{nodes}.toml")).display());
+    println!("  {} --config {} get hello", cli.display(), cn.display());
     println!();
     println!("Ctrl-C stops every node.");
 

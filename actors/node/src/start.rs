@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use ringkv::access::Identity;
 use ringkv::config::{Config, Durability};
 use ringkv::node::{NodeSettings, Stages};
 use ringkv::stage::{Stage, StageId};
 use ringkv_storage::Storage;
-use ringkv_transport::{self as net, Credentials};
+use ringkv_transport::{self as net, Auth, Credentials};
 
 use crate::clock::now;
 use crate::stage_actor::{Deliver, Routes, StageActor};
@@ -28,14 +29,34 @@ pub enum StartError {
     Other(String),
 }
 
-/// Read a config file, and its secret file if it names one.
-pub fn load_config(path: &Path) -> Result<(Config, Vec<u8>), StartError> {
-    net::load_config(path).map_err(StartError::Config)
+/// Read a config file and the credentials it names (its secret file, or its `[tls]` files),
+/// and hold them to what a node needs: a secret of at least
+/// [`ringkv::config::SECRET_BYTES_MIN`] bytes, or a certificate that names this node.
+pub fn load_config(path: &Path) -> Result<(Config, Auth), StartError> {
+    let (config, auth) = net::load_config(path).map_err(StartError::Config)?;
+    let fail = |e: String| StartError::Config(format!("{}: {e}", path.display()));
+    match &auth {
+        Auth::Secret(secret) => {
+            let key = if config.cluster.secret.is_some() { "cluster.secret" } else { "cluster.secret_file" };
+            ringkv::config::check_secret(key, secret).map_err(|e| fail(e.to_string()))?;
+        }
+        Auth::Tls(tls) => match tls.identity() {
+            Identity::Node(id) if *id == config.node.id => {}
+            other => {
+                return Err(fail(format!(
+                    "config key tls.cert: the certificate is {other:?}, not node {:?}'s; \
+                     make one with `ringkv-node certs create-node --id {}`",
+                    config.node.id, config.node.id
+                )))
+            }
+        },
+    }
+    Ok((config, auth))
 }
 
 /// Run a node until it is told to stop.
 pub fn run(config_path: &Path) -> Result<(), StartError> {
-    let (config, secret) = load_config(config_path)?;
+    let (config, auth) = load_config(config_path)?;
     let settings = NodeSettings::from_config(&config);
     let db_path = PathBuf::from(&config.node.data_dir).join("ringkv.redb");
     let opened =
@@ -54,9 +75,8 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         "storage open"
     );
     let system = System::new();
-    system.block_on(
-        async move { start_and_wait(Arc::new(config), settings, secret, opened.storage, opened.members).await },
-    )
+    system
+        .block_on(async move { start_and_wait(Arc::new(config), settings, auth, opened.storage, opened.members).await })
 }
 
 /// Start one stage's actor in a context made earlier (so every address exists first).
@@ -67,17 +87,24 @@ fn start_stage<S: Stage + Unpin + 'static>(ctx: Context<StageActor<S>>, stage: S
 async fn start_and_wait(
     config: Arc<Config>,
     settings: NodeSettings,
-    secret: Vec<u8>,
+    auth: Auth,
     storage: Storage,
     saved: Vec<ringkv::membership::Member>,
 ) -> Result<(), StartError> {
     let me = config.node.id.clone();
     let listen = config.listen_addr();
-    let server = net::server_config().map_err(StartError::Other)?;
+    match &auth {
+        Auth::Tls(_) => tracing::info!("mutual TLS: peers and clients are who their certificates say"),
+        Auth::Secret(_) => tracing::warn!(
+            "secret-only mode: the cluster secret is the whole trust boundary (whoever holds it may act as any \
+             node or administrator); set up [tls] to tell nodes, clients and operators apart"
+        ),
+    }
+    let creds = Credentials { cluster: config.cluster.name.clone(), auth, node: Some(me.clone()) };
+    let server = creds.server_config().map_err(StartError::Other)?;
     let endpoint = net::endpoint(listen, Some(server)).map_err(|e| {
         StartError::Other(format!("cannot listen on {listen} (node.listen): {e}; is another node using the port?"))
     })?;
-    let creds = Credentials { cluster: config.cluster.name.clone(), secret, node: Some(me.clone()) };
 
     // Storage: the redb worker thread and the group-commit front; row reads run on this
     // thread in read snapshots.

@@ -3,8 +3,9 @@
 //! Incoming: every connection must pass the handshake ([`ringkv_transport::accept_handshake`])
 //! before it may open a stream; at most [`HANDSHAKES_MAX`] connections may be handshaking at
 //! once, and refusals are logged at most once a second. Then every message read from the
-//! connection goes to the stage [`ringkv::stage::route`] names, with its origin (the
-//! connection, and the node id the peer authenticated as). Outgoing: a message goes back on
+//! connection goes to the stage [`ringkv::stage::admit`] names, with its origin (the
+//! connection, and the identity the peer authenticated as), or, when the peer's role does
+//! not permit it, the refusal `admit` gives goes back. Outgoing: a message goes back on
 //! a connection, or to a member by id (through the address book the gossip stage keeps
 //! current) or to an address, on a pooled connection dialled on demand. A peer that cannot
 //! be dialled, or whose connection fails, is reported to every stage that waits on peers
@@ -18,8 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use ringkv::access::Identity;
 use ringkv::ring::NodeId;
-use ringkv::stage::{route, subscribers, ConnId, Dest, Input, Origin, Signal, StageId};
+use ringkv::stage::{admit, subscribers, ConnId, Dest, Input, Origin, Signal, StageId};
 use ringkv::wire::Message;
 use ringkv_transport::{self as net, Credentials, LinkSender};
 
@@ -109,29 +111,34 @@ fn unreachable(shared: &Rc<RefCell<Shared>>, node: NodeId) {
 }
 
 /// Serve a connection that passed its handshake: register it and read its streams.
-fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, node: Option<NodeId>, frame_max: usize) -> ConnId {
+fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, frame_max: usize) -> ConnId {
+    let link = net::link_writer(conn.clone(), frame_max);
     let id = {
         let mut s = shared.borrow_mut();
         let id = s.conn_id();
-        s.conns.insert(id, net::link_writer(conn.clone(), frame_max));
+        s.conns.insert(id, link.clone());
         id
     };
+    let node = peer.node().cloned();
+    let origin = Origin::of(id, &peer);
     let stages: Vec<(StageId, Recipient<Deliver>)> = shared.borrow().stages.clone();
     let blocked = shared.borrow().blocked.clone();
-    let origin_node = node.clone();
     // Each message goes straight from the connection's reader to its stage's mailbox; only
     // a full mailbox makes the reader wait (a slow stage slows this connection, not memory).
     actix::spawn(net::read_streams(conn.clone(), frame_max, move |msg| {
-        let is_blocked = origin_node.as_ref().is_some_and(|n| blocked.lock().is_ok_and(|b| b.contains(n)));
-        let target = match route(&msg) {
+        let is_blocked = origin.node.as_ref().is_some_and(|n| blocked.lock().is_ok_and(|b| b.contains(n)));
+        let target = match admit(&origin, &msg) {
             _ if is_blocked => None,
-            None => {
-                tracing::debug!(kind = msg.kind(), "not a request or answer a stage takes; dropped");
+            Err(refusal) => {
+                tracing::debug!(kind = msg.kind(), role = origin.role.name(), "not permitted or not served; dropped");
+                if let Some(r) = refusal {
+                    let _ = link.try_send(&r);
+                }
                 None
             }
-            Some(stage) => stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()),
+            Ok(stage) => stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()),
         };
-        let input = Input::Message { from: Origin { conn: id, node: origin_node.clone() }, msg };
+        let input = Input::Message { from: origin.clone(), msg };
         async move {
             if let Some(r) = target {
                 if let Err(SendError::Full(input)) = r.try_send(Deliver(input)) {
@@ -183,6 +190,7 @@ impl Actor for TransportActor {
                     shared.borrow_mut().handshaking -= 1;
                     match accepted {
                         Ok((conn, peer)) => {
+                            tracing::debug!(%remote, ?peer, "accepted a connection");
                             serve(shared, conn, peer, frame_max);
                         }
                         Err(reason) => {
@@ -234,11 +242,11 @@ impl TransportActor {
         let (ep, creds, shared, frame_max) =
             (self.endpoint.clone(), self.creds.clone(), self.shared.clone(), self.frame_max);
         actix::spawn(async move {
-            let dialled = net::connect(&ep, addr, &creds).await;
+            let dialled = net::connect(&ep, addr, &creds, node.as_deref()).await;
             let queued = shared.borrow_mut().dialing.remove(&addr).unwrap_or_default();
             match dialled {
                 Ok((conn, peer)) => {
-                    let id = serve(shared.clone(), conn, Some(peer).filter(|p| !p.is_empty()), frame_max);
+                    let id = serve(shared.clone(), conn, Identity::Node(peer), frame_max);
                     shared.borrow_mut().pool.insert(addr, id);
                     let link = shared.borrow().conns.get(&id).cloned();
                     if let Some(link) = link {

@@ -141,10 +141,9 @@ fn wrong_secret_is_refused_and_garbage_does_not_stop_the_node() {
     // the connection and the node keep serving.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (config, secret) = ringkv_transport::load_config(&c.nodes[0].config).unwrap();
-        let creds = ringkv_transport::Credentials { cluster: config.cluster.name.clone(), secret, node: None };
+        let setup = ringkv_transport::load_client(&c.nodes[0].config).unwrap();
         let ep = ringkv_transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let (conn, _) = ringkv_transport::connect(&ep, config.listen_addr(), &creds).await.unwrap();
+        let (conn, _) = ringkv_transport::connect(&ep, setup.nodes[0], &setup.creds, None).await.unwrap();
         for garbage in [&[2u8, 0, 0, 0, 3, 0xc1, 0xc1, 0xc1][..], &[2, 0xff, 0xff, 0xff, 0xff], &[9, 0, 0, 0, 1, 0]] {
             let mut send = conn.open_uni().await.unwrap();
             send.write_all(garbage).await.unwrap();

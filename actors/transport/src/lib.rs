@@ -9,8 +9,13 @@
 //! they carry, so many requests share a stream. Until a peer has authenticated, its
 //! connection may open no stream but the handshake's, and its receive window is small.
 //!
-//! TLS gives an encrypted channel with a throwaway self-signed certificate; authentication
-//! is the cluster secret. Each side proves it knows the secret with an HMAC-SHA256 over
+//! Two ways to authenticate ([`Auth`]). With certificates (`[tls]`, see [`pki`]), every
+//! connection is mutual TLS against the cluster's CA and each side's identity (a node id, or
+//! a client's name and role) is the one its certificate names: a peer's `Hello` must claim
+//! the id its certificate holds, and a node dialled by id must answer with that id's
+//! certificate. In secret-only mode, TLS gives an encrypted channel with a throwaway
+//! self-signed certificate and authentication is the cluster secret, which is then the
+//! whole trust boundary: whoever holds it may act as any node. Each side proves it knows the secret with an HMAC-SHA256 over
 //! keying material exported from *this* TLS session (RFC 5705), so a proof cannot be
 //! replayed on another connection and a man in the middle, holding two different
 //! sessions, cannot relay one. The opener sends `Hello` with its proof on the first stream;
@@ -22,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv::config::Config;
+use ringkv::access::Identity;
+use ringkv::config::{ClientFile, Config, TlsConfig};
 use ringkv::wire::FrameDecoder;
 use tokio::sync::mpsc;
 
@@ -33,8 +39,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+pub mod pki;
+
 /// ALPN protocol name.
-const ALPN: &[u8] = b"ringkv/1";
+pub(crate) const ALPN: &[u8] = b"ringkv/1";
 /// Label for the exported keying material the proofs are computed over.
 const EKM_LABEL: &[u8] = b"EXPORTER-ringkv-auth";
 /// How long the opener of a connection has to complete the handshake.
@@ -51,6 +59,8 @@ pub enum NetError {
     Refused(String),
     #[error("the node did not prove the cluster secret: wrong cluster or secret on one side")]
     BadServerProof,
+    #[error("reached {got:?} at {addr}, not the node {expected:?}")]
+    WrongNode { addr: String, expected: String, got: String },
     #[error("connection lost: {0}")]
     Lost(String),
     #[error("timed out")]
@@ -64,7 +74,7 @@ pub enum NetError {
 impl NetError {
     /// True when the failure says the node is not there (as opposed to a refusal).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout)
+        matches!(self, NetError::Connect(..) | NetError::Lost(_) | NetError::Timeout | NetError::WrongNode { .. })
     }
 }
 
@@ -87,7 +97,7 @@ const OUTBOX_FRAMES_MAX: usize = 4096;
 /// Transport settings: the acceptor lets a new connection open only the handshake's
 /// stream, in a small window, and raises both once the peer authenticated
 /// ([`authenticated`]); a connection we open trusts its peer's stream limits.
-fn transport_config(acceptor: bool) -> Arc<quinn::TransportConfig> {
+pub(crate) fn transport_config(acceptor: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(if acceptor { 0u32 } else { STREAMS_MAX }.into());
@@ -195,16 +205,12 @@ pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// An endpoint on `addr`, serving when `server` is given.
+/// An endpoint on `addr`, serving when `server` is given. [`connect`] dials with the
+/// credentials it is given.
 pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
     let socket = bind_socket(addr)?;
     let runtime = Arc::new(quinn::TokioRuntime);
-    let mut ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)?;
-    match client_config() {
-        Ok(c) => ep.set_default_client_config(c),
-        Err(e) => return Err(std::io::Error::other(e)),
-    }
-    Ok(ep)
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
 /// What a side's proof signs: its role, then keying material exported from this session.
@@ -257,53 +263,207 @@ pub async fn call(conn: &quinn::Connection, msg: &Message, max: usize) -> Result
     read_message(&mut recv, max).await
 }
 
-/// Who is authenticating: the cluster and its secret, and our node id (None for a client).
+/// How a side authenticates.
+#[derive(Clone)]
+pub enum Auth {
+    /// Secret-only mode: a proof of the cluster secret bound to the TLS session.
+    Secret(Vec<u8>),
+    /// Mutual TLS against the cluster CA; the identity is the certificate's.
+    Tls(pki::Tls),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Secret(_) => write!(f, "Secret(..)"),
+            Auth::Tls(t) => write!(f, "Tls({:?})", t.identity()),
+        }
+    }
+}
+
+/// Who is authenticating: the cluster, how, and our node id (None for a client).
 #[derive(Clone, Debug)]
 pub struct Credentials {
     pub cluster: String,
-    pub secret: Vec<u8>,
+    pub auth: Auth,
     pub node: Option<String>,
 }
 
-/// Open an authenticated connection to `addr`: the connection and the node id the peer
-/// gave.
+impl Credentials {
+    /// Secret-only credentials.
+    pub fn secret(cluster: impl Into<String>, secret: impl Into<Vec<u8>>, node: Option<String>) -> Credentials {
+        Credentials { cluster: cluster.into(), auth: Auth::Secret(secret.into()), node }
+    }
+
+    /// The config to dial with.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, String> {
+        match &self.auth {
+            Auth::Secret(_) => client_config(),
+            Auth::Tls(t) => pki::client_config(t),
+        }
+    }
+
+    /// The config to serve with.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, String> {
+        match &self.auth {
+            Auth::Secret(_) => server_config(),
+            Auth::Tls(t) => pki::server_config(t),
+        }
+    }
+
+    fn secret_bytes(&self) -> Option<&[u8]> {
+        match &self.auth {
+            Auth::Secret(s) => Some(s),
+            Auth::Tls(_) => None,
+        }
+    }
+}
+
+/// A connection failure: a TLS refusal (bad, unknown or missing certificate) is `Refused`.
+fn connection_failed(addr: SocketAddr, e: &quinn::ConnectionError) -> NetError {
+    if pki::is_tls_refusal(e) {
+        NetError::Refused(format!("TLS: {e} (a certificate from another CA, or none where one is needed)"))
+    } else {
+        NetError::Connect(addr.to_string(), e.to_string())
+    }
+}
+
+/// Open an authenticated connection to `addr`: the connection and the node id of the peer.
+/// With `expected`, the peer must be that node (with certificates, its certificate must name
+/// it).
 pub async fn connect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     creds: &Credentials,
+    expected: Option<&str>,
 ) -> Result<(quinn::Connection, String), NetError> {
-    let connecting = ep.connect(addr, SERVER_NAME).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
+    let config = creds.client_config().map_err(|e| NetError::Connect(addr.to_string(), e))?;
+    let connecting =
+        ep.connect_with(config, addr, SERVER_NAME).map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
         .await
         .map_err(|_| NetError::Timeout)?
-        .map_err(|e| NetError::Connect(addr.to_string(), e.to_string()))?;
-    let my_proof =
-        proof(&conn, &creds.secret, &creds.cluster, OPENER).ok_or(NetError::Lost("no keying material".into()))?;
+        .map_err(|e| connection_failed(addr, &e))?;
+    let wrong = |got: &str| NetError::WrongNode {
+        addr: addr.to_string(),
+        expected: expected.unwrap_or_default().to_string(),
+        got: got.to_string(),
+    };
+    // With certificates, the peer is who its certificate says, and must be a node.
+    let certified = match &creds.auth {
+        Auth::Secret(_) => None,
+        Auth::Tls(_) => match pki::peer_identity(&conn) {
+            Some(Identity::Node(id)) => Some(id),
+            _ => {
+                conn.close(1u32.into(), b"not a node certificate");
+                return Err(NetError::Refused(format!("{addr} did not present a node certificate")));
+            }
+        },
+    };
+    if let (Some(e), Some(c)) = (expected, &certified) {
+        if e != c {
+            conn.close(1u32.into(), b"wrong node");
+            return Err(wrong(c));
+        }
+    }
+    let my_proof = match creds.secret_bytes() {
+        Some(secret) => {
+            proof(&conn, secret, &creds.cluster, OPENER).ok_or(NetError::Lost("no keying material".into()))?
+        }
+        None => Vec::new(),
+    };
     let hello = Message::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         cluster: creds.cluster.clone(),
         node: creds.node.clone(),
         proof: Bytes::from(my_proof),
     });
-    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, call(&conn, &hello, 64 * 1024))
-        .await
-        .map_err(|_| NetError::Timeout)??;
-    match answer {
-        Message::Welcome { proof: p, node } if verify_proof(&conn, &creds.secret, &creds.cluster, ACCEPTOR, &p) => {
-            Ok((conn, node))
+    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, call(&conn, &hello, 64 * 1024)).await {
+        Err(_) => return Err(NetError::Timeout),
+        Ok(Err(e)) => {
+            return Err(match conn.close_reason() {
+                Some(reason) if pki::is_tls_refusal(&reason) => connection_failed(addr, &reason),
+                _ => e,
+            })
         }
-        Message::Welcome { .. } => {
-            conn.close(1u32.into(), b"bad proof");
-            Err(NetError::BadServerProof)
+        Ok(Ok(answer)) => answer,
+    };
+    let node = match answer {
+        Message::Welcome { proof: p, node } => {
+            let proven = match (creds.secret_bytes(), &certified) {
+                (Some(secret), _) => verify_proof(&conn, secret, &creds.cluster, ACCEPTOR, &p),
+                (None, Some(c)) => *c == node,
+                (None, None) => false,
+            };
+            if !proven {
+                conn.close(1u32.into(), b"bad proof");
+                return Err(NetError::BadServerProof);
+            }
+            node
         }
-        Message::Refused { reason } => Err(NetError::Refused(reason)),
-        other => Err(NetError::Unexpected(format!("{other:?}").chars().take(80).collect())),
+        Message::Refused { reason } => return Err(NetError::Refused(reason)),
+        other => return Err(NetError::Unexpected(format!("{other:?}").chars().take(80).collect())),
+    };
+    if !ringkv::membership::valid_node_id(&node) {
+        conn.close(1u32.into(), b"bad node id");
+        return Err(NetError::Unexpected(format!("the node answered with the id {node:?}")));
+    }
+    if expected.is_some_and(|e| e != node) {
+        conn.close(1u32.into(), b"wrong node");
+        return Err(wrong(&node));
+    }
+    Ok((conn, node))
+}
+
+/// The identity a `Hello` authenticates, or why it does not.
+fn authenticate(conn: &quinn::Connection, creds: &Credentials, h: &Hello) -> Result<Identity, String> {
+    if h.protocol != PROTOCOL_VERSION {
+        return Err(format!("protocol {} not spoken here (this node speaks {PROTOCOL_VERSION})", h.protocol));
+    }
+    if h.node.as_deref().is_some_and(|n| !ringkv::membership::valid_node_id(n)) {
+        return Err("a node id must be 1..=64 letters, digits, '-', '_' or '.'".into());
+    }
+    match &creds.auth {
+        Auth::Secret(secret) => {
+            if h.cluster != creds.cluster {
+                return Err(format!("this node belongs to cluster {:?}", creds.cluster));
+            }
+            if !verify_proof(conn, secret, &creds.cluster, OPENER, &h.proof) {
+                return Err("wrong cluster secret".into());
+            }
+            // The secret is the whole trust boundary: whoever holds it is what it claims.
+            Ok(match &h.node {
+                Some(n) => Identity::Node(n.clone()),
+                None => Identity::Client { name: "secret holder".into(), role: ringkv::access::Role::Admin },
+            })
+        }
+        Auth::Tls(_) => {
+            // The CA names the cluster; a name, when given, must still match.
+            if !h.cluster.is_empty() && h.cluster != creds.cluster {
+                return Err(format!("this node belongs to cluster {:?}", creds.cluster));
+            }
+            match (pki::peer_identity(conn), &h.node) {
+                (None, _) => Err("no client certificate".into()),
+                (Some(Identity::Node(id)), Some(claimed)) if id == *claimed => Ok(Identity::Node(id)),
+                (Some(Identity::Node(id)), Some(claimed)) => {
+                    Err(format!("the certificate is node {id}'s; it cannot join as {claimed}"))
+                }
+                // A node's certificate used by its operator, not to act as the node.
+                (Some(Identity::Node(id)), None) => {
+                    Ok(Identity::Client { name: format!("operator of {id}"), role: ringkv::access::Role::Admin })
+                }
+                (Some(Identity::Client { name, .. }), Some(_)) => {
+                    Err(format!("{name} holds a client certificate; only a node certificate may act as a node"))
+                }
+                (Some(client), None) => Ok(client),
+            }
+        }
     }
 }
 
-/// Accept the handshake on a new incoming connection: the peer's node id (None for a
-/// client) once it proved the secret; Err after answering `Refused`.
-pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> Result<Option<String>, String> {
+/// Accept the handshake on a new incoming connection: who the peer authenticated as; Err
+/// after answering `Refused`.
+pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> Result<Identity, String> {
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| "no handshake in time".to_string())?
@@ -312,39 +472,25 @@ pub async fn accept_handshake(conn: &quinn::Connection, creds: &Credentials) -> 
         .await
         .map_err(|_| "no handshake in time".to_string())?
         .map_err(|e| e.to_string())?;
-    let refuse = |reason: String| Message::Refused { reason };
     let answer = match &msg {
-        Message::Hello(h) if h.protocol != PROTOCOL_VERSION => {
-            Err(refuse(format!("protocol {} not spoken here (this node speaks {PROTOCOL_VERSION})", h.protocol)))
-        }
-        Message::Hello(h) if h.cluster != creds.cluster => {
-            Err(refuse(format!("this node belongs to cluster {:?}", creds.cluster)))
-        }
-        Message::Hello(h) if !verify_proof(conn, &creds.secret, &creds.cluster, OPENER, &h.proof) => {
-            Err(refuse("wrong cluster secret".into()))
-        }
-        Message::Hello(h) if h.node.as_deref().is_some_and(|n| !ringkv::membership::valid_node_id(n)) => {
-            Err(refuse("a node id must be 1..=64 letters, digits, '-', '_' or '.'".into()))
-        }
-        Message::Hello(h) => Ok(h.node.clone()),
-        _ => Err(refuse("expected a handshake".into())),
+        Message::Hello(h) => authenticate(conn, creds, h),
+        _ => Err("expected a handshake".into()),
     };
     match answer {
-        Ok(node) => {
+        Ok(identity) => {
             authenticated(conn);
-            let p = proof(conn, &creds.secret, &creds.cluster, ACCEPTOR).unwrap_or_default();
+            let p = match creds.secret_bytes() {
+                Some(secret) => proof(conn, secret, &creds.cluster, ACCEPTOR).unwrap_or_default(),
+                None => Vec::new(),
+            };
             let me = creds.node.clone().unwrap_or_default();
             write_message(&mut send, &Message::Welcome { node: me, proof: Bytes::from(p) })
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(node)
+            Ok(identity)
         }
-        Err(refusal) => {
-            let reason = match &refusal {
-                Message::Refused { reason } => reason.clone(),
-                _ => String::new(),
-            };
-            let _ = write_message(&mut send, &refusal).await;
+        Err(reason) => {
+            let _ = write_message(&mut send, &Message::Refused { reason: reason.clone() }).await;
             // Let the refusal reach the peer before the connection goes.
             let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
             conn.close(2u32.into(), b"refused");
@@ -493,29 +639,87 @@ where
     }
 }
 
-/// Who to authenticate as and how, read from a node config file: the cluster name and
-/// secret. `cluster.secret_file` is read relative to the config file's directory.
-pub fn load_config(path: &Path) -> Result<(Config, Vec<u8>), String> {
+/// A path a config file gives, relative to the config file's directory.
+fn beside(config_path: &Path, file: &str) -> PathBuf {
+    config_path.parent().map(|d| d.join(file)).unwrap_or_else(|| PathBuf::from(file))
+}
+
+/// Load a config's `[tls]` files.
+fn load_tls(t: &TlsConfig, config_path: &Path, section: &str) -> Result<pki::Tls, String> {
+    pki::Tls::load(&beside(config_path, &t.ca), &beside(config_path, &t.cert), &beside(config_path, &t.key))
+        .map_err(|e| format!("config key {section}: {e}"))
+}
+
+/// A node's config file and how the node authenticates: its certificate with `[tls]` (which
+/// must name this node), else the cluster secret (`cluster.secret_file` is read relative to
+/// the config file's directory).
+pub fn load_config(path: &Path) -> Result<(Config, Auth), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let config = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let secret = secret_of(&config, path)?;
-    Ok((config, secret))
+    let auth = match &config.tls {
+        Some(t) => Auth::Tls(load_tls(t, path, "tls")?),
+        None => Auth::Secret(secret_of(&config, path)?),
+    };
+    Ok((config, auth))
 }
 
 /// The cluster secret: `cluster.secret`, or the trimmed contents of `cluster.secret_file`.
 pub fn secret_of(config: &Config, config_path: &Path) -> Result<Vec<u8>, String> {
-    match (&config.cluster.secret, &config.cluster.secret_file) {
+    read_secret(config.cluster.secret.as_deref(), config.cluster.secret_file.as_deref(), config_path, "cluster")
+}
+
+fn read_secret(secret: Option<&str>, file: Option<&str>, config_path: &Path, section: &str) -> Result<Vec<u8>, String> {
+    match (secret, file) {
         (Some(s), _) => Ok(s.as_bytes().to_vec()),
         (None, Some(f)) => {
-            let p = config_path.parent().map(|d| d.join(f)).unwrap_or_else(|| PathBuf::from(f));
+            let p = beside(config_path, f);
             let text = std::fs::read_to_string(&p)
-                .map_err(|e| format!("config key cluster.secret_file: cannot read {}: {e}", p.display()))?;
+                .map_err(|e| format!("config key {section}.secret_file: cannot read {}: {e}", p.display()))?;
             let s = text.trim();
             if s.is_empty() {
-                return Err(format!("config key cluster.secret_file: {} is empty", p.display()));
+                return Err(format!("config key {section}.secret_file: {} is empty", p.display()));
             }
             Ok(s.as_bytes().to_vec())
         }
-        (None, None) => Err("config key cluster.secret: give secret or secret_file".into()),
+        (None, None) => Err(format!("config key {section}.secret: give secret or secret_file")),
     }
+}
+
+/// What a client needs to reach a cluster: the nodes to try first, credentials, the frame
+/// limit.
+#[derive(Clone, Debug)]
+pub struct ClientSetup {
+    pub nodes: Vec<SocketAddr>,
+    pub creds: Credentials,
+    pub frame_max: usize,
+    /// Values larger than this are refused before they are sent (the node's limit when the
+    /// file is a node's config, else the default).
+    pub value_bytes_max: u64,
+}
+
+/// A client's setup from a client file (`[client]`) or, for the operator on a node's
+/// machine, from that node's own config (its address first, then its seeds).
+pub fn load_client(path: &Path) -> Result<ClientSetup, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !ClientFile::is_client_file(&text) {
+        let (config, auth) = load_config(path)?;
+        let mut nodes = vec![config.listen_addr()];
+        nodes.extend(config.seed_addrs().into_iter().filter(|a| *a != config.listen_addr()));
+        let creds = Credentials { cluster: config.cluster.name.clone(), auth, node: None };
+        let (frame_max, value_bytes_max) = (config.frame_bytes_max(), config.limits.max_value_bytes);
+        return Ok(ClientSetup { nodes, creds, frame_max, value_bytes_max });
+    }
+    let file = ClientFile::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let c = &file.client;
+    let auth = match c.tls() {
+        Some(t) => Auth::Tls(load_tls(&t, path, "client")?),
+        None => Auth::Secret(read_secret(c.secret.as_deref(), c.secret_file.as_deref(), path, "client")?),
+    };
+    Ok(ClientSetup {
+        nodes: c.node_addrs(),
+        creds: Credentials { cluster: c.cluster.clone(), auth, node: None },
+        frame_max: ringkv::wire::FRAME_BYTES_MAX_DEFAULT
+            .max(2 * ringkv::config::OBJECT_BYTES_DEFAULT as usize + (1 << 20)),
+        value_bytes_max: ringkv::config::VALUE_BYTES_DEFAULT,
+    })
 }

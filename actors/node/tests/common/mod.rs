@@ -45,6 +45,13 @@ pub struct Cluster {
     pub partitions: u32,
     /// coordinator.request_timeout_ms and replica_timeout_ms.
     pub timeouts_ms: (u64, u64),
+    /// Mutual TLS with certificates in `dir/certs` (see [`Cluster::use_tls`]).
+    pub tls: bool,
+}
+
+/// A few random bits for names and secrets (no rand dependency in the tests).
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
 }
 
 fn free_port() -> u16 {
@@ -58,12 +65,13 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             nodes: Vec::new(),
-            secret: format!("test-{}", std::process::id()),
+            secret: format!("test-secret-{}-{:x}", std::process::id(), rand_suffix()),
             replicas,
             quorum: (r, w),
             extra: extra.to_string(),
             partitions: 16,
             timeouts_ms: (3000, 500),
+            tls: false,
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         for (i, port) in ports.iter().enumerate() {
@@ -93,6 +101,45 @@ impl Cluster {
         }
     }
 
+    /// Switch to mutual TLS (before the nodes first start): a CA and a certificate per node
+    /// in `dir/certs`, and configs with `[tls]` and no secret.
+    pub fn use_tls(&mut self) {
+        let certs = self.certs();
+        ringkv_transport::pki::create_ca(&certs).unwrap();
+        for n in &self.nodes {
+            ringkv_transport::pki::create_node(&certs, &n.id).unwrap();
+        }
+        self.tls = true;
+        for i in 0..self.nodes.len() {
+            self.write_config(i, &self.secret.clone());
+        }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// A client file for a new client certificate `name` with `role`, reaching node 0.
+    pub fn client_file(&self, name: &str, role: ringkv::access::Role) -> PathBuf {
+        ringkv_transport::pki::create_client(&self.certs(), name, role).unwrap();
+        self.client_file_for(name, &self.certs().join("ca.crt"))
+    }
+
+    /// A client file using `certs/NAME.crt` and `.key`, trusting the CA at `ca`.
+    pub fn client_file_for(&self, name: &str, ca: &Path) -> PathBuf {
+        let path = self.dir.path().join(format!("client-{name}.toml"));
+        let certs = self.certs();
+        let text = format!(
+            "[client]\nnodes = [\"127.0.0.1:{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.nodes[0].port,
+            ca.display(),
+            certs.join(format!("{name}.crt")).display(),
+            certs.join(format!("{name}.key")).display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     pub fn write_config(&self, i: usize, secret: &str) {
         let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("\"127.0.0.1:{}\"", n.port)).collect();
         let n = &self.nodes[i];
@@ -105,8 +152,7 @@ seeds = [{seeds}]
 
 [cluster]
 name = "test"
-secret = "{secret}"
-partitions = {partitions}
+{secret_line}partitions = {partitions}
 replicas = {replicas}
 read_quorum = {r}
 write_quorum = {w}
@@ -123,7 +169,19 @@ request_timeout_ms = {request_ms}
 replica_timeout_ms = {replica_ms}
 
 {extra}
-"#,
+{tls}"#,
+            secret_line = if self.tls { String::new() } else { format!("secret = \"{secret}\"\n") },
+            tls = if self.tls {
+                let c = self.certs();
+                format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    c.join("ca.crt").display(),
+                    c.join(format!("{}.crt", n.id)).display(),
+                    c.join(format!("{}.key", n.id)).display()
+                )
+            } else {
+                String::new()
+            },
             id = n.id,
             port = n.port,
             data = n.data.display(),
