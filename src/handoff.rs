@@ -594,6 +594,7 @@ mod tests {
             addr: format!("10.0.0.{seq}:1"),
             zone: None,
             weight: 1,
+            signature: None,
         }
     }
 

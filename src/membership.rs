@@ -6,6 +6,11 @@
 //! idempotent and any gossip order converges. Departed members stay as `Left` tombstones so
 //! an old record cannot bring them back.
 //!
+//! With certificates, a record is signed by its owner's key ([`RecordSigner`]) and a record
+//! whose signature does not check is dropped like a malformed one, on receipt and on load: no
+//! other node, and no client, can change where a node's traffic goes. A record also may not
+//! jump more than [`INCARNATION_STEP_MAX`] past the one it replaces.
+//!
 //! The ring is not gossiped: every node derives it from the table. Each join and leave is an
 //! event stamped with a Lamport sequence number; the ring is the fold of those events in
 //! (sequence, id) order, each step a minimal-movement [`Ring::rebalance`]. Nodes with the
@@ -65,9 +70,69 @@ pub struct Member {
     pub addr: String,
     pub zone: Option<String>,
     pub weight: u32,
+    /// The owner's signature over every other field, with certificates; None in secret-only
+    /// mode (and in records of earlier versions, read as None).
+    #[serde(default)]
+    pub signature: Option<RecordSignature>,
 }
 
+/// A member record's signature by its owner's key, with the owner's certificate (DER): opaque
+/// here; a [`RecordSigner`] makes and checks them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RecordSignature {
+    #[serde(with = "serde_bytes")]
+    pub cert: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+}
+
+/// Signs this node's own member records and checks everyone's: the node's certificate and
+/// key, handed in like time and randomness (the core holds no keys and does no crypto).
+pub trait RecordSigner: Send + Sync {
+    /// This node's signature over a record's content; None when it cannot sign.
+    fn sign(&self, content: &[u8]) -> Option<RecordSignature>;
+    /// Whether `signature` is node `id`'s over `content`.
+    fn verify(&self, id: &str, content: &[u8], signature: &RecordSignature) -> bool;
+}
+
+/// A shared [`RecordSigner`], for settings that compare and print.
+#[derive(Clone)]
+pub struct Signer(pub Arc<dyn RecordSigner>);
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signer")
+    }
+}
+
+impl PartialEq for Signer {
+    fn eq(&self, other: &Signer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Signer {}
+
+/// Most a member's incarnation may rise in one step: an owner raises it by one per change,
+/// so a record far past the one held is forged or corrupt.
+pub const INCARNATION_STEP_MAX: u64 = 1 << 20;
+
 impl Member {
+    /// The bytes a signature covers: every field but the signature.
+    pub fn signed_content(&self) -> Vec<u8> {
+        let fields = (
+            self.incarnation,
+            self.state,
+            self.join_seq,
+            self.leave_seq,
+            &self.id,
+            &self.addr,
+            &self.zone,
+            self.weight,
+        );
+        rmp_serde::to_vec(&fields).unwrap_or_default()
+    }
+
     pub fn spec(&self) -> NodeSpec {
         NodeSpec { id: self.id.clone(), zone: self.zone.clone(), weight: self.weight }
     }
@@ -157,6 +222,8 @@ pub struct Membership {
     /// The ring of the current table; dropped whenever the table changes.
     ring: Option<Arc<Ring>>,
     outbox: VecDeque<GossipAction>,
+    /// With certificates: signs our records, checks everyone's.
+    signer: Option<Signer>,
 }
 
 /// Every how many rounds a node also gossips with a seed.
@@ -182,6 +249,7 @@ impl Membership {
         replicas: u32,
         interval_ms: u64,
         now_ms: u64,
+        signer: Option<Signer>,
     ) -> Membership {
         let Identity { id, addr, zone, weight } = identity;
         let me = Member {
@@ -193,6 +261,7 @@ impl Membership {
             addr,
             zone,
             weight,
+            signature: None,
         };
         let mut m = Membership {
             me,
@@ -206,6 +275,7 @@ impl Membership {
             round: 0,
             ring: None,
             outbox: VecDeque::new(),
+            signer,
         };
         // A saved record is checked as a gossiped one is: a bad one is dropped, never merged.
         for rec in saved.into_iter().filter(|r| r.validate().is_ok()) {
@@ -245,10 +315,27 @@ impl Membership {
         self.members.values().map(|m| m.join_seq.max(m.leave_seq.unwrap_or(0))).max().unwrap_or(0)
     }
 
+    /// Sign one of our own records (with certificates).
+    fn seal(&self, mut rec: Member) -> Member {
+        rec.signature = None;
+        rec.signature = self.signer.as_ref().and_then(|s| s.0.sign(&rec.signed_content()));
+        rec
+    }
+
+    /// Whether a record is its owner's: always in secret-only mode; with certificates, when
+    /// its signature checks against the owner's certificate.
+    fn authentic(&self, rec: &Member) -> bool {
+        match &self.signer {
+            None => true,
+            Some(s) => rec.signature.as_ref().is_some_and(|sig| s.0.verify(&rec.id, &rec.signed_content(), sig)),
+        }
+    }
+
     fn join(&mut self) {
         let mut rec = self.me.clone();
         rec.join_seq = self.max_seq() + 1;
         rec.state = MemberState::Up;
+        let rec = self.seal(rec);
         self.members.insert(rec.id.clone(), rec);
         self.status = JoinStatus::Member;
         self.changed();
@@ -271,6 +358,7 @@ impl Membership {
                 weight: self.me.weight,
                 ..cur
             };
+            let rec = self.seal(rec);
             self.members.insert(rec.id.clone(), rec);
             self.changed();
         }
@@ -287,6 +375,8 @@ impl Membership {
     fn absorb(&mut self, rec: Member) -> bool {
         match self.members.get(&rec.id) {
             Some(cur) if *cur >= rec => false,
+            Some(cur) if rec.incarnation > cur.incarnation.saturating_add(INCARNATION_STEP_MAX) => false,
+            _ if !self.authentic(&rec) => false,
             _ => {
                 self.members.insert(rec.id.clone(), rec);
                 true
@@ -335,7 +425,11 @@ impl Membership {
         if others == 0 {
             return Err(MembershipError::LastMember(node.to_string()));
         }
+        if self.signer.is_some() && node != self.me.id {
+            return Err(MembershipError::NotOwner(node.to_string()));
+        }
         let rec = Member { incarnation: cur.incarnation + 1, state: MemberState::Leaving, leave_seq: Some(seq), ..cur };
+        let rec = self.seal(rec);
         self.members.insert(rec.id.clone(), rec);
         self.changed();
         Ok(())
@@ -344,8 +438,9 @@ impl Membership {
     /// A leaving node has handed everything away: record it as gone.
     pub fn mark_left(&mut self, node: &str) {
         if let Some(cur) = self.members.get(node).cloned() {
-            if cur.state == MemberState::Leaving {
+            if cur.state == MemberState::Leaving && (self.signer.is_none() || node == self.me.id) {
                 let rec = Member { incarnation: cur.incarnation + 1, state: MemberState::Left, ..cur };
+                let rec = self.seal(rec);
                 self.members.insert(rec.id.clone(), rec);
                 self.changed();
             }
@@ -422,6 +517,10 @@ pub enum MembershipError {
     NotMember(NodeId),
     #[error("{0} is the last member: a cluster cannot be left empty")]
     LastMember(NodeId),
+    #[error(
+        "with certificates only {0} itself may change its record: send `admin leave {0}` to {0} (ringkv --node ITS_ADDRESS ...)"
+    )]
+    NotOwner(NodeId),
 }
 
 /// The ring a member table describes: join and leave events folded in (sequence, id) order.
@@ -471,6 +570,7 @@ mod tests {
             3,
             100,
             0,
+            None,
         )
     }
 
@@ -504,6 +604,7 @@ mod tests {
             addr: format!("127.0.0.1:{port}"),
             zone: None,
             weight: 1,
+            signature: None,
         };
         assert!(bad("n1", 1).validate().is_err());
         let saved = vec![bad("n1", 9), Member { weight: 0, ..bad("n2", 7102) }];
@@ -515,6 +616,7 @@ mod tests {
             3,
             100,
             0,
+            None,
         );
         assert_eq!(m.member("n1").map(|r| r.incarnation), Some(0), "the bad saved record was dropped");
         assert!(m.member("n2").is_none());
@@ -614,6 +716,7 @@ mod tests {
                 addr: format!("a{a}"),
                 zone: None,
                 weight: 1,
+                signature: None,
             },
         )
     }
@@ -637,5 +740,89 @@ mod tests {
             prop_assert_eq!(merged(&[&merged(&[&a, &b]), &c]), merged(&[&a, &merged(&[&b, &c])]));
             prop_assert_eq!(merged(&[&a, &a]), merged(&[&a]));
         }
+    }
+
+    /// A stand-in for certificates: node X's "signature" is an MD5 of X's secret and the
+    /// content; the "certificate" names X.
+    struct FakeSigner(String);
+
+    fn fake_sig(id: &str, content: &[u8]) -> Vec<u8> {
+        use md5::{Digest, Md5};
+        Md5::new().chain_update(b"key of ").chain_update(id).chain_update(content).finalize().to_vec()
+    }
+
+    impl RecordSigner for FakeSigner {
+        fn sign(&self, content: &[u8]) -> Option<RecordSignature> {
+            Some(RecordSignature { cert: self.0.as_bytes().to_vec(), sig: fake_sig(&self.0, content) })
+        }
+        fn verify(&self, id: &str, content: &[u8], s: &RecordSignature) -> bool {
+            s.cert == id.as_bytes() && s.sig == fake_sig(id, content)
+        }
+    }
+
+    fn signed_node(i: u32, seeds: &[u32]) -> Membership {
+        let id = format!("n{i}");
+        Membership::new(
+            Identity { id: id.clone(), addr: format!("127.0.0.1:{}", 7100 + i), zone: None, weight: 1 },
+            seeds.iter().map(|s| format!("127.0.0.1:{}", 7100 + s)).collect(),
+            Vec::new(),
+            64,
+            3,
+            100,
+            0,
+            Some(Signer(Arc::new(FakeSigner(id)))),
+        )
+    }
+
+    #[test]
+    fn with_signatures_only_a_records_owner_can_change_it() {
+        let mut a = signed_node(1, &[1]);
+        let mut b = signed_node(2, &[1]);
+        b.handle_gossip(0, a.table());
+        a.handle_gossip(0, b.table());
+        assert!(a.member("n2").is_some_and(|m| m.signature.is_some()), "b's own signed record is taken");
+        let n2 = a.member("n2").cloned().unwrap();
+        // n1 (or anyone) forging n2's record: unsigned, signed by n1, or n2's signature over
+        // other content. None is taken.
+        let moved =
+            Member { incarnation: n2.incarnation + 1, addr: "127.0.0.1:9".into(), signature: None, ..n2.clone() };
+        let by_n1 = Member { signature: FakeSigner("n1".into()).sign(&moved.signed_content()), ..moved.clone() };
+        let replayed = Member { signature: n2.signature.clone(), ..moved.clone() };
+        for forged in [moved, by_n1, replayed] {
+            assert!(!a.handle_gossip(1, vec![forged.clone()]), "{forged:?}");
+            assert_eq!(a.member("n2"), Some(&n2));
+        }
+        // A leave of another node is refused; the node itself may leave.
+        assert_eq!(a.leave("n2"), Err(MembershipError::NotOwner("n2".into())));
+        assert_eq!(b.leave("n2"), Ok(()));
+        assert!(a.handle_gossip(2, b.table()));
+        assert_eq!(a.member("n2").map(|m| m.state), Some(MemberState::Leaving));
+        // Saved records are held to the same rule.
+        let mut saved = a.table();
+        saved.iter_mut().for_each(|m| m.signature = None);
+        let c = Membership::new(
+            Identity { id: "n3".into(), addr: "127.0.0.1:7103".into(), zone: None, weight: 1 },
+            vec!["127.0.0.1:7101".into()],
+            saved,
+            64,
+            3,
+            100,
+            0,
+            Some(Signer(Arc::new(FakeSigner("n3".into())))),
+        );
+        assert_eq!(c.members().count(), 0);
+    }
+
+    #[test]
+    fn a_record_may_not_jump_far_past_the_one_it_replaces() {
+        let mut a = node(1, &[1]);
+        let mut b = node(2, &[1]);
+        b.handle_gossip(0, a.table());
+        a.handle_gossip(0, b.table());
+        let n2 = a.member("n2").cloned().unwrap();
+        let far = Member { incarnation: n2.incarnation + INCARNATION_STEP_MAX + 1, weight: 5, ..n2.clone() };
+        assert!(!a.handle_gossip(1, vec![far]));
+        let near = Member { incarnation: n2.incarnation + 2, weight: 5, ..n2.clone() };
+        assert!(a.handle_gossip(1, vec![near]));
     }
 }

@@ -297,6 +297,7 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             zone: None,
             weight: 1,
+            signature: None,
         };
         let view = View { me: "n1".into(), members: vec![me], ring: None, epoch: 2 };
         s.handle(now(), Input::Signal(Signal::View(std::sync::Arc::new(view))));

@@ -210,6 +210,7 @@ fn sample_members() -> Vec<Member> {
         addr: format!("127.0.0.1:{}", 7100 + i),
         zone: zone.map(str::to_string),
         weight: 1 + i as u32,
+        signature: None,
     };
     vec![
         m(1, MemberState::Up, None),
@@ -628,7 +629,7 @@ fn check_members(bytes: &[u8]) {
     // dropped, never merged (as gossip does).
     for me in ["n1", "n9"] {
         let identity = Identity { id: me.into(), addr: "127.0.0.1:7101".into(), zone: Some("z1".into()), weight: 2 };
-        let mut m = Membership::new(identity, vec!["127.0.0.1:7101".into()], list.clone(), 64, 3, 1000, 0);
+        let mut m = Membership::new(identity, vec!["127.0.0.1:7101".into()], list.clone(), 64, 3, 1000, 0, None);
         for rec in m.table().iter().filter(|r| list.contains(r)) {
             rec.validate().expect("a saved record the node keeps is valid");
         }
@@ -914,6 +915,7 @@ pub fn config(data: &[u8]) {
         addr: settings.identity.addr.clone(),
         zone: settings.identity.zone.clone(),
         weight: settings.identity.weight,
+        signature: None,
     };
     me.validate().expect("the node's own member record is valid");
     assert_eq!(c.listen_addr().to_string().parse::<std::net::SocketAddr>().ok(), c.node.listen.parse().ok());

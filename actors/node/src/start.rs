@@ -57,7 +57,10 @@ pub fn load_config(path: &Path) -> Result<(Config, Auth), StartError> {
 /// Run a node until it is told to stop.
 pub fn run(config_path: &Path) -> Result<(), StartError> {
     let (config, auth) = load_config(config_path)?;
-    let settings = NodeSettings::from_config(&config);
+    let mut settings = NodeSettings::from_config(&config);
+    if let Auth::Tls(tls) = &auth {
+        settings.signer = Some(ringkv::membership::Signer(Arc::new(tls.clone())));
+    }
     let db_path = PathBuf::from(&config.node.data_dir).join("ringkv.redb");
     let opened =
         Storage::open(&db_path, config.cluster.partitions, settings.store, config.storage.durability, rand::random())

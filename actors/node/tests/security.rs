@@ -37,7 +37,10 @@ fn status_members(c: &Cluster, config: &std::path::Path) -> Vec<(String, String)
         .as_array()
         .map(|ms| {
             ms.iter()
-                .map(|m| (m["id"].as_str().unwrap_or("").to_string(), m["addr"].as_str().unwrap_or("").to_string()))
+                .map(|m| {
+                    let field = |k: &str| m[k].as_str().unwrap_or("").to_string();
+                    (field("id"), format!("{} {}", field("addr"), field("state")))
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -82,8 +85,17 @@ fn each_role_does_what_it_may_and_is_refused_the_rest() {
     let out = c.cli_with(&admin, &["admin", "limits", "set", "handoff.max_inflight=5"], None);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(code(&c.cli_with(&admin, &["admin", "partitions"], None)), 0);
+    // With certificates only n3 may change n3's record: the leave goes to n3 itself.
     let out = c.cli_with(&admin, &["admin", "leave", "n3"], None);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("send `admin leave n3` to n3"), "{}", stderr(&out));
+    let n3 = format!("127.0.0.1:{}", c.nodes[2].port);
+    let out = c.cli_with(&admin, &["--node", &n3, "admin", "leave", "n3"], None);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(10), || {
+        let doc = c.json(0, &["status"]).1;
+        doc["members"].as_array().is_some_and(|ms| ms.iter().any(|m| m["id"] == "n3" && m["state"] != "up"))
+    }));
     // The node's operator, with the node's own config, may do what an admin does.
     assert_eq!(c.json(0, &["admin", "limits"]).0, 0);
 }
@@ -142,6 +154,7 @@ fn certificates_from_another_ca_or_for_another_node_are_refused() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let ids: Vec<String> = status_members(&c, &c.nodes[0].config).into_iter().map(|(id, _)| id).collect();
+    assert!(!c.logs().contains("panicked"));
     assert_eq!(ids, vec!["n1", "n2", "n3"]);
 }
 
@@ -183,6 +196,7 @@ fn forged_members(c: &Cluster) -> Vec<Member> {
         addr,
         zone: None,
         weight,
+        signature: None,
     };
     vec![
         record("n2", "127.0.0.1:9".to_string(), 1),
@@ -226,6 +240,35 @@ fn a_client_cannot_act_as_a_node() {
     assert_eq!(status_members(&c, &c.nodes[0].config), before, "the member table is unchanged");
     assert_eq!(c.values(0, "planted"), Some(vec![]), "not found");
     assert_eq!(c.values(0, "planted2"), Some(vec![]), "not found");
+}
+
+#[test]
+fn a_node_cannot_change_another_nodes_record() {
+    let c = tls_cluster();
+    let before = status_members(&c, &c.nodes[2].config);
+    let certs = c.certs();
+    let tls =
+        ringkv_transport::pki::Tls::load(&certs.join("ca.crt"), &certs.join("n1.crt"), &certs.join("n1.key")).unwrap();
+    // n1's key signs a record that says n2 left (which n2 could not undo: a departed member
+    // stays departed); and the same record unsigned.
+    let mut moved = Member {
+        state: MemberState::Left,
+        leave_seq: Some(100),
+        addr: format!("127.0.0.1:{}", c.nodes[1].port),
+        ..forged_members(&c).remove(0)
+    };
+    let unsigned = moved.clone();
+    moved.signature = ringkv::membership::RecordSigner::sign(&tls, &moved.signed_content());
+    assert!(moved.signature.is_some());
+    let creds = Credentials { cluster: "test".into(), auth: Auth::Tls(tls), node: Some("n1".into()) };
+    let addr: SocketAddr = format!("127.0.0.1:{}", c.nodes[2].port).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answers = rt.block_on(send_as(&creds, addr, vec![Message::Gossip { members: vec![moved, unsigned] }]));
+    assert!(matches!(answers.first(), Some(Message::GossipReply { .. })), "n1 may gossip: {answers:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status_members(&c, &c.nodes[2].config), before, "n2's record is unchanged on n3");
+    assert_eq!(c.values(2, "k-after"), Some(vec![]));
+    assert_eq!(code(&c.cli(2, &["put", "k-after", "v"])), 0);
 }
 
 #[test]
