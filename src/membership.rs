@@ -236,6 +236,8 @@ pub struct Identity {
     pub addr: String,
     pub zone: Option<String>,
     pub weight: u32,
+    /// With certificates: signs this node's records and checks everyone's.
+    pub signer: Option<Signer>,
 }
 
 impl Membership {
@@ -249,9 +251,8 @@ impl Membership {
         replicas: u32,
         interval_ms: u64,
         now_ms: u64,
-        signer: Option<Signer>,
     ) -> Membership {
-        let Identity { id, addr, zone, weight } = identity;
+        let Identity { id, addr, zone, weight, signer } = identity;
         let me = Member {
             incarnation: 0,
             state: MemberState::Up,
@@ -563,14 +564,19 @@ mod tests {
 
     fn node(i: u32, seeds: &[u32]) -> Membership {
         Membership::new(
-            Identity { id: format!("n{i}"), addr: format!("127.0.0.1:{}", 7100 + i), zone: None, weight: 1 },
+            Identity {
+                id: format!("n{i}"),
+                addr: format!("127.0.0.1:{}", 7100 + i),
+                zone: None,
+                weight: 1,
+                signer: None,
+            },
             seeds.iter().map(|s| format!("127.0.0.1:{}", 7100 + s)).collect(),
             Vec::new(),
             64,
             3,
             100,
             0,
-            None,
         )
     }
 
@@ -609,14 +615,13 @@ mod tests {
         assert!(bad("n1", 1).validate().is_err());
         let saved = vec![bad("n1", 9), Member { weight: 0, ..bad("n2", 7102) }];
         let mut m = Membership::new(
-            Identity { id: "n1".into(), addr: "127.0.0.1:7101".into(), zone: None, weight: 1 },
+            Identity { id: "n1".into(), addr: "127.0.0.1:7101".into(), zone: None, weight: 1, signer: None },
             vec!["127.0.0.1:7101".into()],
             saved,
             64,
             3,
             100,
             0,
-            None,
         );
         assert_eq!(m.member("n1").map(|r| r.incarnation), Some(0), "the bad saved record was dropped");
         assert!(m.member("n2").is_none());
@@ -763,14 +768,19 @@ mod tests {
     fn signed_node(i: u32, seeds: &[u32]) -> Membership {
         let id = format!("n{i}");
         Membership::new(
-            Identity { id: id.clone(), addr: format!("127.0.0.1:{}", 7100 + i), zone: None, weight: 1 },
+            Identity {
+                id: id.clone(),
+                addr: format!("127.0.0.1:{}", 7100 + i),
+                zone: None,
+                weight: 1,
+                signer: Some(Signer(Arc::new(FakeSigner(id.clone())))),
+            },
             seeds.iter().map(|s| format!("127.0.0.1:{}", 7100 + s)).collect(),
             Vec::new(),
             64,
             3,
             100,
             0,
-            Some(Signer(Arc::new(FakeSigner(id)))),
         )
     }
 
@@ -801,14 +811,19 @@ mod tests {
         let mut saved = a.table();
         saved.iter_mut().for_each(|m| m.signature = None);
         let c = Membership::new(
-            Identity { id: "n3".into(), addr: "127.0.0.1:7103".into(), zone: None, weight: 1 },
+            Identity {
+                id: "n3".into(),
+                addr: "127.0.0.1:7103".into(),
+                zone: None,
+                weight: 1,
+                signer: Some(Signer(Arc::new(FakeSigner("n3".into())))),
+            },
             vec!["127.0.0.1:7101".into()],
             saved,
             64,
             3,
             100,
             0,
-            Some(Signer(Arc::new(FakeSigner("n3".into())))),
         );
         assert_eq!(c.members().count(), 0);
     }

@@ -13,7 +13,7 @@ use crate::coordinator::{CoordinatorSettings, CoordinatorStage, RequestLimits};
 use crate::failure_detector::{FailureDetector, FailureDetectorStage};
 use crate::gossip::GossipStage;
 use crate::handoff::{HandoffSettings, HandoffStage, Planted};
-use crate::membership::{Identity, Member, Membership, Signer};
+use crate::membership::{Identity, Member, Membership};
 use crate::replica::{ReplicaSettings, ReplicaStage};
 use crate::ring::NodeId;
 use crate::stage::{admit, route, subscribers, Dest, Effect, Input, Now, Origin, Signal, Stage, StageId};
@@ -40,8 +40,6 @@ pub struct NodeSettings {
     pub latency_window_ms: u64,
     pub store: StoreLimits,
     pub frame_bytes_max: usize,
-    /// With certificates: signs this node's member records and checks everyone's.
-    pub signer: Option<Signer>,
 }
 
 /// How long a handoff batch or reaping step may wait for its acknowledgements.
@@ -64,6 +62,7 @@ impl NodeSettings {
                 addr: c.node.listen.clone(),
                 zone: c.node.zone.clone(),
                 weight: c.node.weight,
+                signer: None,
             },
             seeds: c.node.seeds.clone(),
             partitions: c.cluster.partitions,
@@ -107,7 +106,6 @@ impl NodeSettings {
                 object_bytes_max: c.limits.object_bytes_max as usize,
             },
             frame_bytes_max: c.frame_bytes_max(),
-            signer: None,
         }
     }
 }
@@ -134,7 +132,6 @@ impl Stages {
             s.replicas as u32,
             s.gossip_interval_ms,
             now.mono_ms,
-            s.signer.clone(),
         );
         let me = s.identity.id.clone();
         Stages {

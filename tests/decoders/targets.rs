@@ -628,8 +628,9 @@ fn check_members(bytes: &[u8]) {
     // What a node does with its saved table: start from it and route by it. A bad record is
     // dropped, never merged (as gossip does).
     for me in ["n1", "n9"] {
-        let identity = Identity { id: me.into(), addr: "127.0.0.1:7101".into(), zone: Some("z1".into()), weight: 2 };
-        let mut m = Membership::new(identity, vec!["127.0.0.1:7101".into()], list.clone(), 64, 3, 1000, 0, None);
+        let identity =
+            Identity { id: me.into(), addr: "127.0.0.1:7101".into(), zone: Some("z1".into()), weight: 2, signer: None };
+        let mut m = Membership::new(identity, vec!["127.0.0.1:7101".into()], list.clone(), 64, 3, 1000, 0);
         for rec in m.table().iter().filter(|r| list.contains(r)) {
             rec.validate().expect("a saved record the node keeps is valid");
         }

@@ -59,7 +59,7 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     let (config, auth) = load_config(config_path)?;
     let mut settings = NodeSettings::from_config(&config);
     if let Auth::Tls(tls) = &auth {
-        settings.signer = Some(ringkv::membership::Signer(Arc::new(tls.clone())));
+        settings.identity.signer = Some(ringkv::membership::Signer(Arc::new(tls.clone())));
     }
     let db_path = PathBuf::from(&config.node.data_dir).join("ringkv.redb");
     let opened =

@@ -541,6 +541,19 @@ impl ServerCertVerifier for ClusterServer {
     }
 }
 
+/// With certificates, a node signs its own member records with its key and checks everyone
+/// else's against the cluster CA (the core's membership holds no keys).
+impl ringkv::membership::RecordSigner for Tls {
+    fn sign(&self, content: &[u8]) -> Option<ringkv::membership::RecordSignature> {
+        let sig = Tls::sign(self, content).ok()?;
+        Some(ringkv::membership::RecordSignature { cert: self.cert_der().to_vec(), sig })
+    }
+
+    fn verify(&self, id: &str, content: &[u8], s: &ringkv::membership::RecordSignature) -> bool {
+        self.verify_node_signature(&s.cert, content, &s.sig).is_ok_and(|signer| signer == id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,18 +761,5 @@ mod tests {
         let (client, _server) = handshake(build_server_config(&ops).unwrap(), client_config(&reader).unwrap()).await;
         let client = client.unwrap_err();
         assert!(is_tls_refusal(&client), "{client:?}");
-    }
-}
-
-/// With certificates, a node signs its own member records with its key and checks everyone
-/// else's against the cluster CA (the core's membership holds no keys).
-impl ringkv::membership::RecordSigner for Tls {
-    fn sign(&self, content: &[u8]) -> Option<ringkv::membership::RecordSignature> {
-        let sig = Tls::sign(self, content).ok()?;
-        Some(ringkv::membership::RecordSignature { cert: self.cert_der().to_vec(), sig })
-    }
-
-    fn verify(&self, id: &str, content: &[u8], s: &ringkv::membership::RecordSignature) -> bool {
-        self.verify_node_signature(&s.cert, content, &s.sig).is_ok_and(|signer| signer == id)
     }
 }
