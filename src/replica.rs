@@ -121,7 +121,11 @@ impl ReplicaStage {
             Message::Handoff { id, objects } => {
                 let keys_ok =
                     objects.iter().all(|(k, _)| !k.is_empty() && k.len() <= self.settings.limits.key_bytes_max);
-                if !from_node || !keys_ok {
+                // A leaving node takes no hints or transfers: it may already count itself left
+                // and be stopped with them (its peers may not know yet); the sender keeps
+                // them and sends them on to the key's replicas once it hears of the leave
+                // (sim seed 2367 with signed records).
+                if !from_node || !keys_ok || self.leaving() {
                     return self.send(conn, Message::HandoffAck { id, ok: false });
                 }
                 let objects = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
@@ -316,6 +320,13 @@ mod tests {
             matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Read { .. }, .. })),
             "reads are still served"
         );
+        let hint = vec![(Bytes::from(b"k".to_vec()), Object::new())];
+        s.handle(now(), Input::Message { from: peer(), msg: Message::Handoff { id: 3, objects: hint } });
+        assert!(
+            matches!(s.poll_effect(), Some(Effect::Send { msg: Message::HandoffAck { id: 3, ok: false }, .. })),
+            "nor hints and transfers"
+        );
+        assert!(s.poll_effect().is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// A node config: the node's address and the cluster secret.
+    /// A client file ([client]: node addresses and certificates or the secret), or a node's own config.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The node to talk to, overriding the config's address.

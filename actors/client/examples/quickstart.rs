@@ -1,13 +1,13 @@
 //! A program using ringkv-client: write, read, resolve and delete one key.
 //! Run against a local cluster (`target/release/ringkv-node dev` prints its config paths):
-//!     cargo run -p ringkv-client --example quickstart -- /tmp/ringkv-dev-.../n1.toml
+//!     cargo run -p ringkv-client --example quickstart -- /tmp/ringkv-dev-.../admin.toml
 
 use ringkv_client::{Client, Error};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     let config = std::env::args().nth(1).unwrap_or_else(|| "config/cluster/n1.toml".into());
-    // A node config file (address, seeds and credentials) is enough to reach the cluster.
+    // A client file ([client]: nodes and certificates) or a node config reaches the cluster.
     let client = Client::from_config_file(&config).await?;
     client.put("cart:alice", b"apple".to_vec(), None).await?; // blind write
     let read = client.get("cart:alice").await?; // every sibling + context

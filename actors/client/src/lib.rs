@@ -11,7 +11,7 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Error> {
-//!     // A node config file (address, seeds and credentials) is enough to reach the cluster.
+//!     // A client file ([client]: nodes and certificates) or a node config reaches the cluster.
 //!     let client = Client::from_config_file("config/cluster/n1.toml").await?;
 //!     client.put("cart:alice", b"apple".to_vec(), None).await?; // blind write
 //!     let read = client.get("cart:alice").await?; // every sibling + context
