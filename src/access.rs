@@ -195,7 +195,7 @@ mod tests {
         let delete = client(ClientRequest::Put { key: Bytes::default(), context: None, value: None, w: None });
         let leave = client(ClientRequest::Leave { node: "n1".into() });
         let set = client(ClientRequest::SetLimits { pairs: vec![] });
-        let gossip = Message::Gossip { members: vec![] };
+        let gossip = Message::Gossip { members: vec![], loads: vec![] };
         let write = Message::Replica { id: 3, request: ReplicaRequest::Read { key: vec![] } };
         let handoff = Message::Handoff { id: 4, objects: vec![] };
         let table: [(&Message, Role); 8] = [

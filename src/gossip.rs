@@ -4,13 +4,15 @@
 //! it saves the table durably whenever it changes and publishes the new view (members,
 //! ring, epoch) to the stages that route by it, and the members' addresses to the
 //! transport. It also carries out `admin leave` and a leaving node's final step (marking
-//! itself left), and answers `status` and `ring`.
+//! itself left), and answers `status` and `ring`. Gossip also carries each member's request
+//! load over the last minute, for the load balance `status` reports (§6.2).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::load_balance::{balance, LoadStat, LoadTable, RequestWindow};
 use crate::membership::{GossipAction, Member, MemberState, Membership};
 use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
 use crate::wire::{ClientRequest, ClientResponse, ErrorKind, Message};
@@ -23,6 +25,9 @@ pub struct GossipStage {
     pending: (u64, u64),
     /// Client requests coordinated here, and for keys this node does not replicate.
     counters: (u64, u64),
+    /// Requests served here over the last minute, and every member's as gossiped.
+    window: RequestWindow,
+    loads: LoadTable,
     ids: Ids,
     effects: VecDeque<Effect>,
 }
@@ -40,6 +45,8 @@ impl GossipStage {
             down: DownSet::default(),
             pending: (0, 0),
             counters: (0, 0),
+            window: RequestWindow::default(),
+            loads: LoadTable::default(),
             ids: Ids::default(),
             effects: VecDeque::new(),
         };
@@ -74,7 +81,8 @@ impl GossipStage {
                         Some(id) => Dest::Node(id),
                         None => Dest::Addr(to_addr),
                     };
-                    self.effects.push_back(Effect::Send { to: dest, msg: Message::Gossip { members } });
+                    let loads = self.loads.all();
+                    self.effects.push_back(Effect::Send { to: dest, msg: Message::Gossip { members, loads } });
                 }
             }
         }
@@ -96,9 +104,27 @@ impl GossipStage {
         });
     }
 
+    /// This node's request count: recorded over time, and its figure in the load table.
+    fn note_load(&mut self, now: Now) {
+        self.window.record(now.mono_ms, self.counters.0.saturating_add(self.counters.1));
+        let me = LoadStat {
+            node: self.membership.id().clone(),
+            requests_last_minute: self.window.last_minute(),
+            stamp_ms: now.wall_ms,
+        };
+        self.loads.merge(vec![me], |_| true);
+    }
+
+    /// Merge the loads a peer gossiped, for members of the table only.
+    fn merge_loads(&mut self, loads: Vec<LoadStat>) {
+        let m = &self.membership;
+        self.loads.merge(loads, |id| m.member(id).is_some_and(|r| r.state != MemberState::Left));
+    }
+
     fn status(&mut self) -> ClientResponse {
         let ring = self.membership.ring();
         let counts = ring.as_ref().map(|r| r.owned_counts()).unwrap_or_default();
+        let balances = ring.as_ref().map(|r| balance(r, &self.loads)).unwrap_or_default();
         let members: Vec<serde_json::Value> = self
             .membership
             .members()
@@ -106,16 +132,29 @@ impl GossipStage {
             .map(|m: &Member| {
                 let state =
                     if m.state == MemberState::Up && self.down.contains(&m.id) { "down" } else { m.state.as_str() };
-                json!({"id": m.id, "addr": m.addr, "state": state, "partitions": counts.get(&m.id).copied().unwrap_or(0),
-                       "zone": m.zone, "weight": m.weight})
+                let mut doc = json!({"id": m.id, "addr": m.addr, "state": state,
+                       "partitions": counts.get(&m.id).copied().unwrap_or(0), "zone": m.zone, "weight": m.weight});
+                if let Some(b) = balances.iter().find(|b| b.id == m.id) {
+                    let fields = json!({
+                        "partition_share": b.partition_share, "fair_share": b.fair_share, "imbalance": b.imbalance,
+                        "requests_last_minute": b.requests_last_minute, "request_share": b.request_share,
+                        "request_imbalance": b.request_imbalance, "out_of_balance": b.out_of_balance,
+                    });
+                    if let (Some(d), Some(f)) = (doc.as_object_mut(), fields.as_object()) {
+                        d.extend(f.clone());
+                    }
+                }
+                doc
             })
             .collect();
+        let out: Vec<&str> = balances.iter().filter(|b| b.out_of_balance).map(|b| b.id.as_str()).collect();
         document(json!({
             "node": self.membership.id(),
             "ring_epoch": self.membership.epoch(),
             "members": members,
             "pending": {"hints": self.pending.0, "transfers": self.pending.1},
             "counters": {"coordinated": self.counters.0, "forwarded": self.counters.1},
+            "out_of_balance": out,
         }))
     }
 
@@ -140,15 +179,20 @@ impl GossipStage {
         }
         match msg {
             // Only nodes gossip: a client's table is never merged.
-            Message::Gossip { members } if from.node.is_some() => {
+            Message::Gossip { members, loads } if from.node.is_some() => {
                 self.membership.handle_gossip(now.mono_ms, members);
+                self.merge_loads(loads);
                 let members = self.membership.table();
-                self.effects
-                    .push_back(Effect::Send { to: Dest::Conn(from.conn), msg: Message::GossipReply { members } });
+                let loads = self.loads.all();
+                self.effects.push_back(Effect::Send {
+                    to: Dest::Conn(from.conn),
+                    msg: Message::GossipReply { members, loads },
+                });
                 self.drain();
             }
-            Message::GossipReply { members } if from.node.is_some() => {
+            Message::GossipReply { members, loads } if from.node.is_some() => {
                 self.membership.handle_gossip(now.mono_ms, members);
+                self.merge_loads(loads);
                 self.drain();
             }
             Message::Client { id, request: ClientRequest::Status } => {
@@ -184,6 +228,7 @@ impl Stage for GossipStage {
         match input {
             Input::Message { from, msg } => self.handle_message(now, from, msg),
             Input::Tick { random } => {
+                self.note_load(now);
                 let down = &self.down;
                 self.membership.handle_tick(now.mono_ms, random, |id| down.is_up(id));
                 self.drain();
@@ -194,7 +239,10 @@ impl Stage for GossipStage {
             Input::Stored { .. } => {}
             Input::Signal(Signal::Down(d)) => self.down.set(d),
             Input::Signal(Signal::Pending { hints, transfers }) => self.pending = (hints, transfers),
-            Input::Signal(Signal::Counters { coordinated, forwarded }) => self.counters = (coordinated, forwarded),
+            Input::Signal(Signal::Counters { coordinated, forwarded }) => {
+                self.counters = (coordinated, forwarded);
+                self.note_load(now);
+            }
             Input::Signal(Signal::MarkLeft) => {
                 let me = self.membership.id().clone();
                 if self.membership.member(&me).is_some_and(|m| m.state == MemberState::Leaving) {

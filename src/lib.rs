@@ -17,6 +17,7 @@
 //!   checksums, merges, coordinated writes, hints, reaped records, quarantine (§4, §4.6).
 //! - [`wire`]: every message and the frame codec; [`config`]: the node's TOML.
 //! - [`access`]: identities, roles, and the role each message needs.
+//! - [`load_balance`]: data and request load against each member's fair share (§6.2).
 //!
 //! **Stages** (SEDA; each one concern of the paper, each a [`stage::Stage`]: inputs with
 //! the time in, effects out):
@@ -45,6 +46,7 @@ pub mod coordinator;
 pub mod failure_detector;
 pub mod gossip;
 pub mod handoff;
+pub mod load_balance;
 pub mod membership;
 pub mod merkle;
 pub mod node;

@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::load_balance::LoadStat;
 use crate::membership::Member;
 use crate::merkle::{DiffReply, DiffRequest};
 use crate::ring::NodeId;
@@ -278,12 +279,17 @@ pub enum Message {
         reply: ReplicaReply,
     },
 
-    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull).
+    /// Gossip (push): the sender's member table; answered with `GossipReply` (pull). With
+    /// them, the request loads the sender knows (absent from earlier versions' frames).
     Gossip {
         members: Vec<Member>,
+        #[serde(default)]
+        loads: Vec<LoadStat>,
     },
     GossipReply {
         members: Vec<Member>,
+        #[serde(default)]
+        loads: Vec<LoadStat>,
     },
 
     /// Anti-entropy (Dynamo §4.7): one step of an exchange, and its answer.

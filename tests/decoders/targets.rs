@@ -280,8 +280,8 @@ pub fn sample_messages() -> Vec<Message> {
             id: 14,
             reply: ReplicaReply::Forwarded(ClientResponse::Written { context: ctx.encode_context() }),
         },
-        Message::Gossip { members: sample_members() },
-        Message::GossipReply { members: Vec::new() },
+        Message::Gossip { members: sample_members(), loads: Vec::new() },
+        Message::GossipReply { members: Vec::new(), loads: Vec::new() },
         Message::AntiEntropy {
             id: 15,
             msg: AeMessage::Diff {

@@ -79,16 +79,32 @@ fn status_table(doc: &Value) -> String {
         doc["pending"]["hints"],
         doc["pending"]["transfers"]
     );
-    out.push_str(&format!("{:<12} {:<22} {:<8} {:>10}  {}\n", "ID", "ADDRESS", "STATE", "PARTITIONS", "ZONE"));
+    out.push_str(&format!(
+        "  {:<12} {:<22} {:<8} {:>10} {:>8} {:>10} {:>8}  {}\n",
+        "ID", "ADDRESS", "STATE", "PARTITIONS", "VS FAIR", "REQ/MIN", "VS FAIR", "ZONE"
+    ));
+    let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |f| format!("{:+.0}%", f * 100.0));
+    let mut marked = false;
     for m in doc["members"].as_array().into_iter().flatten() {
+        let out_of_balance = m["out_of_balance"].as_bool().unwrap_or(false);
+        marked |= out_of_balance;
         out.push_str(&format!(
-            "{:<12} {:<22} {:<8} {:>10}  {}\n",
+            "{} {:<12} {:<22} {:<8} {:>10} {:>8} {:>10} {:>8}  {}\n",
+            if out_of_balance { "*" } else { " " },
             m["id"].as_str().unwrap_or("?"),
             m["addr"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             m["partitions"].as_u64().unwrap_or(0),
+            pct(&m["imbalance"]),
+            m["requests_last_minute"].as_u64().map_or("-".to_string(), |r| r.to_string()),
+            pct(&m["request_imbalance"]),
             m["zone"].as_str().unwrap_or("-")
         ));
+    }
+    if marked {
+        out.push_str(
+            "* out of balance: partitions or requests off the member's fair share (by weight) by more than 15%\n",
+        );
     }
     out.trim_end().to_string()
 }

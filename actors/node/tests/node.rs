@@ -269,6 +269,26 @@ fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
         }),
         "with 5 nodes and N=3, a pinned node gets keys it does not replicate: {seen:?}"
     );
+    // Load balance (§6.2): the node that took every pinned request is out of balance by
+    // requests, as another node sees it through gossip.
+    let mut status = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            status = c.json(0, &["status"]).1;
+            let n5 = status["members"].as_array().and_then(|ms| ms.iter().find(|m| m["id"] == "n5")).cloned();
+            n5.is_some_and(|m| {
+                m["requests_last_minute"].as_u64().unwrap_or(0) >= 300
+                    && m["request_imbalance"].as_f64().unwrap_or(0.0) > 0.5
+                    && m["out_of_balance"] == true
+            })
+        }),
+        "n5 took the pinned requests: {status}"
+    );
+    assert!(status["out_of_balance"].as_array().is_some_and(|o| o.iter().any(|id| id == "n5")), "{status}");
+    assert!(status["members"][0]["fair_share"].as_f64().is_some_and(|f| (f - 0.2).abs() < 1e-9), "{status}");
+    let out = Command::new(&*CLI).arg("--config").arg(&c.nodes[0].config).arg("status").output().unwrap();
+    let human = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(human.lines().any(|l| l.starts_with("* n5 ")), "the table marks n5's line: {human}");
 
     // The library's example runs against the cluster.
     let example = std::path::Path::new(NODE).with_file_name("examples").join("quickstart");
