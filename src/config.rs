@@ -28,7 +28,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -281,14 +281,20 @@ pub struct GossipConfig {
     pub interval_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailureDetectorConfig {
-    /// First probe of an unreachable peer after this long; doubles up to the max.
+    /// First probe of a peer down after this long; doubles up to the max.
     #[serde(default = "probe_min_default")]
     pub probe_interval_ms: u64,
     #[serde(default = "probe_max_default")]
     pub probe_interval_max_ms: u64,
+    /// How often each member is pinged: the heartbeats phi is computed from.
+    #[serde(default = "heartbeat_default")]
+    pub heartbeat_interval_ms: u64,
+    /// Suspicion above which a peer is down (phi-accrual; Cassandra's default is 8).
+    #[serde(default = "phi_default")]
+    pub phi_threshold: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,6 +416,12 @@ fn object_bytes_default() -> u64 {
 }
 fn gossip_interval_default() -> u64 {
     1000
+}
+fn heartbeat_default() -> u64 {
+    250
+}
+fn phi_default() -> f64 {
+    8.0
 }
 fn probe_min_default() -> u64 {
     250
@@ -564,6 +576,11 @@ impl Config {
         }
         positive("gossip.interval_ms", self.gossip.interval_ms)?;
         positive("failure_detector.probe_interval_ms", self.failure_detector.probe_interval_ms)?;
+        positive("failure_detector.heartbeat_interval_ms", self.failure_detector.heartbeat_interval_ms)?;
+        let phi = self.failure_detector.phi_threshold;
+        if !(phi.is_finite() && (1.0..=32.0).contains(&phi)) {
+            return Err(ConfigError::new("failure_detector.phi_threshold", format!("{phi} is not in 1..=32")));
+        }
         if self.failure_detector.probe_interval_max_ms < self.failure_detector.probe_interval_ms {
             return Err(ConfigError::new(
                 "failure_detector.probe_interval_max_ms",

@@ -28,6 +28,8 @@ pub struct GossipStage {
     /// Requests served here over the last minute, and every member's as gossiped.
     window: RequestWindow,
     loads: LoadTable,
+    /// Each member's phi in hundredths, from the failure detector.
+    suspicion: Arc<Vec<(crate::ring::NodeId, u64)>>,
     ids: Ids,
     effects: VecDeque<Effect>,
 }
@@ -47,6 +49,7 @@ impl GossipStage {
             counters: (0, 0),
             window: RequestWindow::default(),
             loads: LoadTable::default(),
+            suspicion: Arc::default(),
             ids: Ids::default(),
             effects: VecDeque::new(),
         };
@@ -132,8 +135,10 @@ impl GossipStage {
             .map(|m: &Member| {
                 let state =
                     if m.state == MemberState::Up && self.down.contains(&m.id) { "down" } else { m.state.as_str() };
+                let phi = self.suspicion.iter().find(|(id, _)| *id == m.id).map(|(_, c)| *c as f64 / 100.0);
                 let mut doc = json!({"id": m.id, "addr": m.addr, "state": state,
-                       "partitions": counts.get(&m.id).copied().unwrap_or(0), "zone": m.zone, "weight": m.weight});
+                       "partitions": counts.get(&m.id).copied().unwrap_or(0), "zone": m.zone, "weight": m.weight,
+                       "phi": phi});
                 if let Some(b) = balances.iter().find(|b| b.id == m.id) {
                     let fields = json!({
                         "partition_share": b.partition_share, "fair_share": b.fair_share, "imbalance": b.imbalance,
@@ -238,6 +243,7 @@ impl Stage for GossipStage {
             }
             Input::Stored { .. } => {}
             Input::Signal(Signal::Down(d)) => self.down.set(d),
+            Input::Signal(Signal::Suspicion(s)) => self.suspicion = s,
             Input::Signal(Signal::Pending { hints, transfers }) => self.pending = (hints, transfers),
             Input::Signal(Signal::Counters { coordinated, forwarded }) => {
                 self.counters = (coordinated, forwarded);

@@ -10,7 +10,7 @@ use crate::admission::{Admission, AdmissionStage};
 use crate::anti_entropy::{AntiEntropySettings, AntiEntropyStage};
 use crate::config::Config;
 use crate::coordinator::{CoordinatorSettings, CoordinatorStage, RequestLimits};
-use crate::failure_detector::{FailureDetector, FailureDetectorStage};
+use crate::failure_detector::{DetectorSettings, FailureDetector, FailureDetectorStage};
 use crate::gossip::GossipStage;
 use crate::handoff::{HandoffSettings, HandoffStage, Planted};
 use crate::membership::{Identity, Member, Membership};
@@ -21,15 +21,14 @@ use crate::store::StoreLimits;
 use crate::wire::Message;
 
 /// Everything a node's stages are built from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeSettings {
     pub identity: Identity,
     pub seeds: Vec<String>,
     pub partitions: u32,
     pub replicas: usize,
     pub gossip_interval_ms: u64,
-    pub probe_interval_ms: u64,
-    pub probe_interval_max_ms: u64,
+    pub detector: DetectorSettings,
     pub coordinator: CoordinatorSettings,
     pub replica: ReplicaSettings,
     pub handoff: HandoffSettings,
@@ -68,8 +67,12 @@ impl NodeSettings {
             partitions: c.cluster.partitions,
             replicas,
             gossip_interval_ms: c.gossip.interval_ms,
-            probe_interval_ms: c.failure_detector.probe_interval_ms,
-            probe_interval_max_ms: c.failure_detector.probe_interval_max_ms,
+            detector: DetectorSettings {
+                heartbeat_interval_ms: c.failure_detector.heartbeat_interval_ms,
+                phi_threshold: c.failure_detector.phi_threshold,
+                probe_interval_ms: c.failure_detector.probe_interval_ms,
+                probe_interval_max_ms: c.failure_detector.probe_interval_max_ms,
+            },
             coordinator: CoordinatorSettings {
                 me: me.clone(),
                 limits,
@@ -138,10 +141,7 @@ impl Stages {
             coordinator: CoordinatorStage::new(s.coordinator.clone()),
             replica: ReplicaStage::new(s.replica.clone()),
             gossip: GossipStage::new(membership, s.replicas),
-            failure_detector: FailureDetectorStage::new(
-                FailureDetector::new(s.probe_interval_ms, s.probe_interval_max_ms),
-                me,
-            ),
+            failure_detector: FailureDetectorStage::new(FailureDetector::new(s.detector), me),
             handoff: HandoffStage::new(s.handoff.clone(), now.mono_ms),
             anti_entropy: AntiEntropyStage::new(s.anti_entropy.clone(), now.mono_ms),
             admission: AdmissionStage::new(Admission::new(

@@ -119,6 +119,8 @@ pub enum Signal {
     View(Arc<View>),
     /// The peers currently considered down (from the failure detector).
     Down(Arc<BTreeSet<NodeId>>),
+    /// Each member's suspicion, phi in hundredths (failure detector to gossip, for status).
+    Suspicion(Arc<Vec<(NodeId, u64)>>),
     /// An exchange with `node` succeeded or failed (to the failure detector).
     Report { node: NodeId, ok: bool },
     /// The transport could not reach `node`: every stage gives up what waits on it.
@@ -234,7 +236,7 @@ pub fn subscribers(signal: &Signal) -> &'static [StageId] {
         Signal::Unreachable { .. } => &[Coordinator, Gossip, FailureDetector, Handoff, AntiEntropy],
         Signal::Budgets { .. } => &[Handoff, AntiEntropy],
         Signal::Latency { .. } => &[Admission],
-        Signal::MarkLeft | Signal::Pending { .. } | Signal::Counters { .. } => &[Gossip],
+        Signal::MarkLeft | Signal::Pending { .. } | Signal::Counters { .. } | Signal::Suspicion(_) => &[Gossip],
     }
 }
 

@@ -80,8 +80,8 @@ fn status_table(doc: &Value) -> String {
         doc["pending"]["transfers"]
     );
     out.push_str(&format!(
-        "  {:<12} {:<22} {:<8} {:>10} {:>8} {:>10} {:>8}  {}\n",
-        "ID", "ADDRESS", "STATE", "PARTITIONS", "VS FAIR", "REQ/MIN", "VS FAIR", "ZONE"
+        "  {:<12} {:<22} {:<8} {:>6} {:>10} {:>8} {:>10} {:>8}  {}\n",
+        "ID", "ADDRESS", "STATE", "PHI", "PARTITIONS", "VS FAIR", "REQ/MIN", "VS FAIR", "ZONE"
     ));
     let pct = |v: &Value| v.as_f64().map_or("-".to_string(), |f| format!("{:+.0}%", f * 100.0));
     let mut marked = false;
@@ -89,11 +89,12 @@ fn status_table(doc: &Value) -> String {
         let out_of_balance = m["out_of_balance"].as_bool().unwrap_or(false);
         marked |= out_of_balance;
         out.push_str(&format!(
-            "{} {:<12} {:<22} {:<8} {:>10} {:>8} {:>10} {:>8}  {}\n",
+            "{} {:<12} {:<22} {:<8} {:>6} {:>10} {:>8} {:>10} {:>8}  {}\n",
             if out_of_balance { "*" } else { " " },
             m["id"].as_str().unwrap_or("?"),
             m["addr"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
+            m["phi"].as_f64().map_or("-".to_string(), |p| format!("{p:.1}")),
             m["partitions"].as_u64().unwrap_or(0),
             pct(&m["imbalance"]),
             m["requests_last_minute"].as_u64().map_or("-".to_string(), |r| r.to_string()),

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Cluster;
+use common::{wait_until, Cluster};
 
 const AE_PAUSED: &str = "[anti_entropy]\ninterval_ms = 500\nmax_inflight = 0\n[handoff]\ninterval_ms = 300\n";
 const AE_ON: &str = "[anti_entropy]\ninterval_ms = 500\nmax_inflight = 2\n[handoff]\ninterval_ms = 300\n";
@@ -289,4 +289,43 @@ fn a_reaped_delete_stays_deleted_when_an_old_hint_arrives() {
     for i in 0..4 {
         assert_eq!(c.values(i, key), Some(vec![]), "the reaped delete was undone via {}", c.nodes[i].id);
     }
+}
+
+fn member_status(c: &Cluster, via: usize, id: &str) -> serde_json::Value {
+    let doc = c.json(via, &["status"]).1;
+    doc["members"].as_array().and_then(|ms| ms.iter().find(|m| m["id"] == id).cloned()).unwrap_or_default()
+}
+
+#[test]
+fn phi_accrual_rides_out_a_short_pause_and_convicts_a_dead_node() {
+    let mut c = Cluster::new(3, 3, 2, 2, "");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    // Heartbeats flow: every peer has a small phi.
+    assert!(wait_until(Duration::from_secs(10), || {
+        ["n2", "n3"].iter().all(|id| member_status(&c, 0, id)["phi"].as_f64().is_some_and(|p| p < 2.0))
+    }));
+    // A pause of a second (a few lost heartbeats) is not a failure.
+    c.signal(1, libc::SIGSTOP);
+    let paused = std::time::Instant::now();
+    let mut max_phi: f64 = 0.0;
+    while paused.elapsed() < Duration::from_millis(1200) {
+        let n2 = member_status(&c, 0, "n2");
+        assert_eq!(n2["state"], "up", "a short pause marked n2 down: {n2}");
+        max_phi = max_phi.max(n2["phi"].as_f64().unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.signal(1, libc::SIGCONT);
+    assert!(max_phi > 0.5, "suspicion rose during the pause: {max_phi}");
+    // A dead node is convicted in bounded time (phi 8: about 18 heartbeat intervals).
+    c.kill(2);
+    let killed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || member_status(&c, 0, "n3")["state"] == "down"),
+        "n3 never marked down"
+    );
+    let took = killed.elapsed();
+    println!("phi-accrual: a SIGKILLed node marked down after {took:?}");
+    assert!(member_status(&c, 0, "n3")["phi"].as_f64().is_some_and(|p| p > 8.0));
+    assert_eq!(member_status(&c, 0, "n2")["state"], "up");
 }
