@@ -10,8 +10,9 @@
 //! briefly for the other replicas and sends the merged state to any that were stale (read
 //! repair). A put is coordinated on a replica: that replica applies the write under a new
 //! version (so it must hold the key's state) and the result goes to the other targets; the
-//! client hears back after W durable acknowledgements, the coordinating replica's own
-//! included. A node outside the targets forwards the put to one inside.
+//! client hears back after W acknowledgements, the coordinating replica's own included, and
+//! that one is always durable ([`durable_writer`]: with buffered storage the others may
+//! still be in memory). A node outside the targets forwards the put to one inside.
 //!
 //! [`Coordinator`] is one request: inputs [`Coordinator::handle_reply`],
 //! [`Coordinator::handle_failure`], [`Coordinator::handle_timeout`], each with the current
@@ -28,6 +29,15 @@ use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage
 use crate::store::{StoreError, StoreOp, StoreOutcome};
 use crate::version::{split_context, Object, VersionVector};
 use crate::wire::{Bytes, ClientRequest, ClientResponse, ErrorKind, Message, ReplicaReply, ReplicaRequest};
+
+/// Whether a replica operation commits durably whatever the node's durability mode: a
+/// put's coordinating replica is its one durable writer (the paper's §6.1). With
+/// `storage.durability = "buffered"` the other replicas buffer, but no put is acknowledged
+/// before its coordinating replica (always among the W) has it on disk, so a cluster that
+/// loses every node at once still has every acknowledged write on one disk.
+pub fn durable_writer(op: &StoreOp) -> bool {
+    matches!(op, StoreOp::Coordinate { .. })
+}
 
 /// Something a request wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -848,7 +858,8 @@ impl CoordinatorStage {
                     Some(op) => {
                         let token = self.ids.issue();
                         self.local.insert(token, id);
-                        self.effects.push_back(Effect::Store { token, op, durable: false });
+                        let durable = durable_writer(&op);
+                        self.effects.push_back(Effect::Store { token, op, durable });
                     }
                     None => {
                         if let Some(e) = self.requests.get_mut(&id) {

@@ -108,7 +108,10 @@ impl ReplicaStage {
                 // A coordinated write is stamped with the time this replica took it.
                 let op = store_op(request, now.wall_ms);
                 match op {
-                    Some(op) => self.store(op, false, Answer::Replica { conn, id }),
+                    Some(op) => {
+                        let durable = crate::coordinator::durable_writer(&op);
+                        self.store(op, durable, Answer::Replica { conn, id })
+                    }
                     None => {
                         let reply = ReplicaReply::Failed {
                             kind: ErrorKind::BadRequest,
@@ -354,5 +357,21 @@ mod tests {
             })
         ));
         assert!(s.poll_effect().is_none(), "no storage operation for a refused request");
+    }
+
+    #[test]
+    fn a_coordinated_write_is_durable_and_a_replicated_one_follows_the_mode() {
+        let mut s = stage();
+        let coordinate = crate::wire::ReplicaRequest::Coordinate {
+            key: b"k".to_vec(),
+            context: crate::version::VersionVector::new(),
+            value: Some(b"v".to_vec()),
+            hint: None,
+        };
+        s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 1, request: coordinate } });
+        assert!(matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Coordinate { .. }, durable: true, .. })));
+        let write = crate::wire::ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: None };
+        s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 2, request: write } });
+        assert!(matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Write { .. }, durable: false, .. })));
     }
 }

@@ -222,6 +222,28 @@ fn buffered_node_flushes_on_graceful_stop() {
     }
 }
 
+#[test]
+fn a_buffered_cluster_killed_at_once_keeps_every_acknowledged_write_on_one_disk() {
+    // Buffered commits are flushed only once a minute: without the one durable writer per
+    // put, every write below would be gone after the SIGKILLs.
+    let mut c = Cluster::new(3, 3, 2, 2, "[storage]\ndurability = \"buffered\"\nflush_interval_ms = 60000\n");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    let acked = c.write_keys(&[0, 1, 2], "k", 30, "");
+    assert_eq!(acked.len(), 30);
+    for i in 0..3 {
+        c.kill(i);
+    }
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    for (k, v) in &acked {
+        // R = N: every replica answers, so the one durable copy is among them.
+        let (code, doc) = c.json(0, &["get", k, "--r", "3"]);
+        assert_eq!(code, 0, "acknowledged write {k} lost: {doc}");
+        assert!(doc["values"].as_array().is_some_and(|vs| vs.iter().any(|x| x == v.as_str())), "{k}: {doc}");
+    }
+}
+
 /// The counters of every node's `status`: (coordinated, forwarded), summed.
 fn counters(c: &Cluster) -> (u64, u64) {
     (0..c.nodes.len()).fold((0, 0), |(co, fw), i| {
