@@ -987,9 +987,12 @@ impl Sim {
                 results[k] = Some(outcome);
             }
         }
-        if !ops.is_empty() && !read_only && !committed {
-            // The batch's writes are gone: perhaps the last copy of some write (an
-            // anti-entropy page from a node wiped since; seed 2217 of harsh,leave).
+        let removes = ops.iter().any(|op| matches!(op, StoreOp::RemoveHints { .. } | StoreOp::RemoveObjects { .. }));
+        if !ops.is_empty() && !read_only && (!committed || removes) {
+            // The batch's writes are gone, or it dropped copies handed to another node:
+            // perhaps the last copy of some write (an anti-entropy page from a node wiped
+            // since, seed 2217 of harsh,leave; a hint acknowledged by a node wiped before
+            // the acknowledgement arrived, seed 327).
             self.note_destroyed();
         }
         if crash {
