@@ -4,6 +4,12 @@
 //! layout ([`StoreState`]) over a fault-injecting wrapper of [`MemEngine`]. Nothing of the
 //! protocol lives here: only the harness, the clients and the checks.
 //!
+//! Modes drawn per seed: half the seeds sign member records (as certificates do; leaves go
+//! to the leaver), a third run buffered storage (a crash loses what was committed since the
+//! node's last durable commit, made every 100 ms or by an operation that must be durable:
+//! each put's coordinating replica, handoff merges). `RINGKV_SIM_SIGNED=0|1` and
+//! `RINGKV_SIM_BUFFERED=0|1` force a mode.
+//!
 //! The harness: a seeded network that drops, delays, duplicates, reorders and partitions
 //! messages, each of which crosses the real codec; a virtual clock; a storage executor that
 //! commits queued operations in batches (group commit) and injects failed transactions,
@@ -18,7 +24,8 @@
 //! handoff, anti-entropy and reaping, then the checks:
 //! - no acknowledged write is lost: it is present on the key's primaries, or each dot it was
 //!   written under was superseded (a write's context covered it) or had every copy destroyed
-//!   by at least W wipes (or corrupted rows);
+//!   by at least W wipes (or corrupted rows; buffered: one, as only the coordinating
+//!   replica's copy is durable);
 //! - no acknowledged delete is undone: nothing its acknowledged context covers is back, but
 //!   for the concurrent values its own result kept, unless every copy of the tombstone (any
 //!   clock or reaped record that saw it) was destroyed the same way;
@@ -66,6 +73,8 @@ const CLIENT_CONN: u64 = 1 << 60;
 const ADMIN: u64 = 0xffff;
 /// Most operations one storage batch commits (`storage.commit_batch_max`).
 const BATCH_MAX: usize = 256;
+/// Buffered mode: a node's commits become durable this often (storage.flush_interval_ms).
+const FLUSH_MS: u64 = 100;
 /// Most a client waits between two operations: 30 operations spread over the chaos phase.
 const THINK_MS: u64 = 400;
 /// Events one run may process before it is declared stuck.
@@ -185,7 +194,9 @@ enum Event {
 
 /// A queued storage operation: the stage and token its result goes back to (None for a
 /// follow-up the executor itself runs, such as quarantining a row a read batch found bad).
-type Queued = (Option<(StageId, u64)>, StoreOp);
+/// A storage operation waiting for a batch: who asked, the operation, whether it must be
+/// durable (buffered mode).
+type Queued = (Option<(StageId, u64)>, StoreOp, bool);
 
 struct SimNode {
     id: NodeId,
@@ -193,6 +204,9 @@ struct SimNode {
     settings: NodeSettings,
     /// The engine persists across crashes; the state beside it is rebuilt at every boot.
     store: MemStore,
+    /// Buffered mode: the engine as last made durable; a crash goes back to it.
+    durable: MemEngine,
+    last_flush_ms: u64,
     node: Option<LocalNode>,
     incarnation: u64,
     queue: VecDeque<Queued>,
@@ -455,6 +469,9 @@ struct Sim {
     reaped: u64,
     /// Member records signed by their owners (as with certificates): half the seeds.
     signed: bool,
+    /// Buffered storage: a crash loses what was committed since the last durable commit
+    /// (each put's coordinating replica commits it durably): a third of the seeds.
+    buffered: bool,
 }
 
 impl Sim {
@@ -493,6 +510,7 @@ impl Sim {
             storage_faults: StorageFaults::default(),
             reaped: 0,
             signed: false,
+            buffered: false,
         };
         sim.signed = sim.rng.chance(0.5);
         // RINGKV_SIM_SIGNED=0|1 forces the mode (the draw above still happens, so a seed's run
@@ -503,6 +521,13 @@ impl Sim {
             _ => {}
         }
         sim.log(|| format!("member records signed: {}", sim.signed));
+        sim.buffered = sim.rng.chance(1.0 / 3.0);
+        match std::env::var("RINGKV_SIM_BUFFERED").as_deref() {
+            Ok("0") => sim.buffered = false,
+            Ok("1") => sim.buffered = true,
+            _ => {}
+        }
+        sim.log(|| format!("buffered storage: {}", sim.buffered));
         for _ in 0..nodes {
             sim.add_node();
         }
@@ -545,6 +570,8 @@ impl Sim {
             id: settings.identity.id.clone(),
             addr: settings.identity.addr.clone(),
             settings,
+            durable: store.engine.clone(),
+            last_flush_ms: 0,
             store,
             node: None,
             incarnation: 0,
@@ -577,6 +604,8 @@ impl Sim {
         };
         txn.commit();
         n.store.state = state;
+        n.durable = n.store.engine.clone();
+        n.last_flush_ms = self.now;
         let saved = match StoreState::load_members(&n.store.engine) {
             Ok(m) => m,
             Err(e) => {
@@ -606,7 +635,15 @@ impl Sim {
     fn crash(&mut self, i: usize, wipe: bool) {
         self.log(|| format!("crash {} (wipe: {wipe})", self.nodes[i].id));
         self.stop(i);
+        if !wipe && self.buffered {
+            // What was committed since the last durable commit is gone: not a wipe (it
+            // counts for no write's loss allowance), but perhaps the last copy of a write.
+            let n = &mut self.nodes[i];
+            n.store.engine = n.durable.clone();
+            self.note_destroyed();
+        }
         if wipe {
+            self.nodes[i].durable = MemEngine::new();
             self.wipes += 1;
             let mut here = Copies::default();
             here.add_store(&self.nodes[i].store);
@@ -656,6 +693,7 @@ impl Sim {
         self.nodes[i].removed = true;
         // Its disk goes too (a new one would open with a fresh epoch).
         self.nodes[i].store.engine = MemEngine::new();
+        self.nodes[i].durable = MemEngine::new();
     }
 
     fn tracked(&self) -> Vec<(Vec<u8>, Dot, bool)> {
@@ -679,7 +717,7 @@ impl Sim {
         let mut c = Copies::default();
         for n in &self.nodes {
             c.add_store(&n.store);
-            for (_, op) in &n.queue {
+            for (_, op, _) in &n.queue {
                 op_copies(op, &mut c);
             }
         }
@@ -758,7 +796,7 @@ impl Sim {
                     let result = self.read_now(i, op);
                     read.push_back((stage, Input::Stored { token, result }));
                 }
-                Effect::Store { token, op, .. } => self.enqueue(i, Some((stage, token)), op),
+                Effect::Store { token, op, durable } => self.enqueue(i, Some((stage, token)), op, durable),
                 Effect::Signal(_) | Effect::Peers(_) | Effect::Block(_) => {}
             }
         }
@@ -785,17 +823,17 @@ impl Sim {
         let store = &mut self.nodes[i].store;
         let mut run = store.state.reader().run(&mut store.engine, vec![op], now.wall_ms);
         for op in std::mem::take(&mut run.pending.quarantine) {
-            self.enqueue(i, None, op);
+            self.enqueue(i, None, op, false);
         }
         run.outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())))
     }
 
-    fn enqueue(&mut self, i: usize, to: Option<(StageId, u64)>, op: StoreOp) {
+    fn enqueue(&mut self, i: usize, to: Option<(StageId, u64)>, op: StoreOp, durable: bool) {
         if self.trace_messages && !op.is_read_only() {
             self.log(|| format!("{} stores {op:?}", self.nodes[i].id));
         }
         let n = &mut self.nodes[i];
-        n.queue.push_back((to, op));
+        n.queue.push_back((to, op, durable));
         if !n.flush_scheduled {
             n.flush_scheduled = true;
             let inc = n.incarnation;
@@ -925,7 +963,7 @@ impl Sim {
         let mut results: Vec<Option<Result<StoreOutcome, StoreError>>> = vec![None; batch.len()];
         let mut ops = Vec::new();
         let mut run_index = Vec::new();
-        for (k, (_, op)) in batch.iter().enumerate() {
+        for (k, (_, op, _)) in batch.iter().enumerate() {
             match self.read_error() {
                 Some(e) => results[k] = Some(Err(e)),
                 None => {
@@ -936,6 +974,7 @@ impl Sim {
         }
         let read_only = ops.iter().all(StoreOp::is_read_only);
         let mut committed = false;
+        let mut made_durable = false;
         let mut crash = false;
         let mut follow_ups = Vec::new();
         if !ops.is_empty() {
@@ -968,9 +1007,15 @@ impl Sim {
                     store.state.commit(&run.pending);
                     committed = true;
                     follow_ups = run.pending.quarantine;
+                    // A durable commit persists every commit before it (as redb's does).
+                    made_durable = !self.buffered || batch.iter().any(|(_, _, durable)| *durable);
                 }
                 (run.outcomes, run.failed)
             };
+            if made_durable {
+                let n = &mut self.nodes[i];
+                n.durable = n.store.engine.clone();
+            }
             if outcomes.len() != count {
                 let id = self.nodes[i].id.clone();
                 return self.fail(format!(
@@ -1004,10 +1049,10 @@ impl Sim {
             return;
         }
         for op in follow_ups {
-            self.enqueue(i, None, op);
+            self.enqueue(i, None, op, false);
         }
         self.kick(i);
-        for ((to, _), result) in batch.into_iter().zip(results) {
+        for ((to, _, _), result) in batch.into_iter().zip(results) {
             let (Some((stage, token)), Some(result)) = (to, result) else { continue };
             if let Some(node) = self.nodes[i].node.as_mut() {
                 node.input(now, stage, Input::Stored { token, result });
@@ -1244,6 +1289,11 @@ impl Sim {
                 }
                 Event::Tick { node, inc } => {
                     if self.is_up(node) && self.nodes[node].incarnation == inc {
+                        if self.buffered && self.now >= self.nodes[node].last_flush_ms + FLUSH_MS {
+                            let n = &mut self.nodes[node];
+                            n.durable = n.store.engine.clone();
+                            n.last_flush_ms = self.now;
+                        }
                         self.tick(node);
                         if chaos {
                             self.chaos(node);
@@ -1371,6 +1421,7 @@ struct Stats {
     reaped: u64,
     converged_at_ms: u64,
     signed: bool,
+    buffered: bool,
 }
 
 /// Signed member records, as certificates make them on the node: node X's "signature" is an
@@ -1488,7 +1539,10 @@ fn check(sim: &Sim) -> Result<(), String> {
         !dots.is_empty()
             && dots.iter().all(|d| {
                 let kd = (key.as_bytes().to_vec(), *d);
-                sim.destroyed.contains_key(&kd) && sim.wiped_holders.get(&kd).is_some_and(|h| h.len() >= w)
+                // Buffered: one durable copy (the coordinating replica's) is all a write
+                // has; its loss needs a wipe.
+                let wipes_needed = if sim.buffered { 1 } else { w };
+                sim.destroyed.contains_key(&kd) && sim.wiped_holders.get(&kd).is_some_and(|h| h.len() >= wipes_needed)
             })
     };
     for (key, v, w, ack) in &sim.acked {
@@ -1700,6 +1754,7 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
         reaped,
         converged_at_ms: t - heal_start,
         signed: sim.signed,
+        buffered: sim.buffered,
     })
 }
 
@@ -1749,6 +1804,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     let mut total = Stats::default();
     let mut joins = 0;
     let mut signed = 0;
+    let mut buffered = 0;
     let mut slowest = 0;
     for &seed in &seeds {
         match run_seed(seed, scenario, trace) {
@@ -1764,6 +1820,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
                 total.faults.corrupted_rows += s.faults.corrupted_rows;
                 joins += s.joined as usize;
                 signed += s.signed as usize;
+                buffered += s.buffered as usize;
                 slowest = slowest.max(s.converged_at_ms);
             }
             Err(e) => panic!(
@@ -1774,7 +1831,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     }
     let f = total.faults;
     println!(
-        "{} seeds ({signed} with signed member records) passed in {:.1}s: {} acknowledged writes and {} acknowledged deletes checked, {joins} joins, \
+        "{} seeds ({signed} with signed member records, {buffered} buffered) passed in {:.1}s: {} acknowledged writes and {} acknowledged deletes checked, {joins} joins, \
          {} leaves, {} wipes, storage faults: {} failed transactions, {} batches lost to crashes, {} read errors, \
          {} corrupted rows; {} tombstones reaped, slowest convergence {slowest} ms of virtual time",
         seeds.len(),
