@@ -4,7 +4,8 @@
 //!
 //! The controller holds run-time limits an operator can read and change
 //! (`handoff.max_inflight`, `anti_entropy.max_inflight`, `admission.latency_target_ms`;
-//! 0 pauses a kind of work). It also watches foreground latency: every client request's
+//! 0 pauses a kind of work; `handoff.bytes_per_sec`, `anti_entropy.bytes_per_sec`, 0
+//! meaning unlimited, paced by a [`RateLimiter`] in the stage doing the work). It also watches foreground latency: every client request's
 //! latency is a sample in a sliding window, and while the window's p99 is above the target
 //! the effective budget of every background kind is halved (down to one unit, never zero
 //! unless paused by the operator), growing back by one unit per window once latency
@@ -31,6 +32,77 @@ impl Work {
             Work::AntiEntropy => "anti_entropy.max_inflight",
         }
     }
+
+    fn rate_name(self) -> &'static str {
+        match self {
+            Work::Handoff => "handoff.bytes_per_sec",
+            Work::AntiEntropy => "anti_entropy.bytes_per_sec",
+        }
+    }
+}
+
+/// A token bucket in bytes, refilled at `rate` bytes a second up to one second's worth; 0
+/// means unlimited. Work may go while the bucket is not in debt, and what it sends is taken
+/// from the bucket afterwards (a batch larger than a second's worth still goes, then waits
+/// it off), so pacing holds for any batch size. Time comes in as arguments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RateLimiter {
+    rate: u64,
+    /// Bytes available (negative: owed).
+    tokens: i64,
+    last_ms: u64,
+}
+
+impl RateLimiter {
+    pub fn new(rate: u64) -> Self {
+        RateLimiter { rate, tokens: rate.min(i64::MAX as u64) as i64, last_ms: 0 }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    pub fn set_rate(&mut self, rate: u64) {
+        if rate != self.rate {
+            self.rate = rate;
+            self.tokens = self.tokens.min(rate.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        let added = (self.rate as u128 * elapsed as u128 / 1000).min(i64::MAX as u128) as i64;
+        let cap = self.rate.min(i64::MAX as u64) as i64;
+        self.tokens = self.tokens.saturating_add(added).min(cap);
+        self.last_ms = now_ms.max(self.last_ms);
+    }
+
+    /// Whether work may go now.
+    pub fn ready(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        self.rate == 0 || self.tokens >= 0
+    }
+
+    /// `bytes` went out.
+    pub fn spend(&mut self, now_ms: u64, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.refill(now_ms);
+        self.tokens = self.tokens.saturating_sub(bytes.min(i64::MAX as u64) as i64);
+    }
+
+    /// When work may go again, if it may not now.
+    pub fn ready_at(&self, now_ms: u64) -> Option<u64> {
+        if self.rate == 0 || self.tokens >= 0 {
+            return None;
+        }
+        let owed = self.tokens.unsigned_abs() as u128;
+        Some(now_ms.saturating_add((owed * 1000).div_ceil(self.rate as u128).min(u64::MAX as u128) as u64))
+    }
 }
 
 /// Most samples the latency window keeps.
@@ -41,7 +113,7 @@ pub const LIMIT_MAX: i64 = 1_000_000;
 /// Why a limit change was refused; nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
-    #[error("unknown limit {0:?}; known limits: handoff.max_inflight, anti_entropy.max_inflight, admission.latency_target_ms")]
+    #[error("unknown limit {0:?}; known limits: handoff.max_inflight, anti_entropy.max_inflight, handoff.bytes_per_sec, anti_entropy.bytes_per_sec, admission.latency_target_ms")]
     Unknown(String),
     #[error("limit {name} cannot be {value}: use 0..={LIMIT_MAX}{extra}")]
     Invalid { name: String, value: i64, extra: &'static str },
@@ -51,6 +123,8 @@ pub enum LimitError {
 #[derive(Clone, Debug)]
 pub struct Admission {
     max_inflight: BTreeMap<Work, u32>,
+    /// Bytes a second each kind of work may move (0: unlimited).
+    bytes_per_sec: BTreeMap<Work, u64>,
     /// Effective budget under latency feedback.
     budget: BTreeMap<Work, u32>,
     inflight: BTreeMap<Work, u32>,
@@ -67,6 +141,7 @@ impl Admission {
         Admission {
             budget: max_inflight.clone(),
             max_inflight,
+            bytes_per_sec: Work::ALL.iter().map(|w| (*w, 0)).collect(),
             inflight: Work::ALL.iter().map(|w| (*w, 0)).collect(),
             latency_target_ms: latency_target_ms.max(1),
             window_ms: window_ms.max(1),
@@ -79,8 +154,43 @@ impl Admission {
     pub fn limits(&self) -> BTreeMap<String, i64> {
         let mut out: BTreeMap<String, i64> =
             self.max_inflight.iter().map(|(w, v)| (w.limit_name().to_string(), *v as i64)).collect();
+        for w in Work::ALL {
+            out.insert(w.rate_name().into(), self.rate(w).min(i64::MAX as u64) as i64);
+        }
         out.insert("admission.latency_target_ms".into(), self.latency_target_ms as i64);
         out
+    }
+
+    /// Start with these byte rates (0: unlimited), as configured.
+    pub fn with_rates(mut self, handoff: u64, anti_entropy: u64) -> Self {
+        self.bytes_per_sec.insert(Work::Handoff, handoff);
+        self.bytes_per_sec.insert(Work::AntiEntropy, anti_entropy);
+        self
+    }
+
+    /// The byte rate `work` may move at (0: unlimited).
+    pub fn rate(&self, work: Work) -> u64 {
+        self.bytes_per_sec.get(&work).copied().unwrap_or(0)
+    }
+
+    /// `admin limits`: every limit by its flat name as configured, and beside them what is
+    /// in force now under latency feedback (`effective`) and the p99 it reacts to.
+    pub fn limits_doc(&self) -> serde_json::Value {
+        let mut doc = serde_json::json!(self.limits());
+        let effective: BTreeMap<String, i64> = Work::ALL
+            .iter()
+            .flat_map(|w| {
+                [
+                    (w.limit_name().to_string(), self.budget(*w) as i64),
+                    (w.rate_name().to_string(), self.rate(*w) as i64),
+                ]
+            })
+            .collect();
+        if let Some(d) = doc.as_object_mut() {
+            d.insert("effective".into(), serde_json::json!(effective));
+            d.insert("latency_p99_ms".into(), serde_json::json!(self.p99_ms()));
+        }
+        doc
     }
 
     /// The budgets in force now (after latency feedback).
@@ -105,6 +215,10 @@ impl Admission {
             }
         }
         for (name, value) in pairs {
+            if let Some(w) = Work::ALL.iter().find(|w| w.rate_name() == name) {
+                self.bytes_per_sec.insert(*w, *value as u64);
+                continue;
+            }
             match Work::ALL.iter().find(|w| w.limit_name() == name) {
                 Some(w) => {
                     self.max_inflight.insert(*w, *value as u32);
@@ -194,7 +308,7 @@ impl Admission {
 /// change.
 pub struct AdmissionStage {
     admission: Admission,
-    told: Option<(u32, u32)>,
+    told: Option<(u32, u32, u64, u64)>,
     effects: VecDeque<Effect>,
 }
 
@@ -210,10 +324,17 @@ impl AdmissionStage {
     }
 
     fn tell(&mut self) {
-        let now = (self.admission.budget(Work::Handoff), self.admission.budget(Work::AntiEntropy));
+        let a = &self.admission;
+        let now =
+            (a.budget(Work::Handoff), a.budget(Work::AntiEntropy), a.rate(Work::Handoff), a.rate(Work::AntiEntropy));
         if self.told != Some(now) {
             self.told = Some(now);
-            self.effects.push_back(Effect::Signal(Signal::Budgets { handoff: now.0, anti_entropy: now.1 }));
+            self.effects.push_back(Effect::Signal(Signal::Budgets {
+                handoff: now.0,
+                anti_entropy: now.1,
+                handoff_bytes_per_sec: now.2,
+                anti_entropy_bytes_per_sec: now.3,
+            }));
         }
     }
 
@@ -223,8 +344,8 @@ impl AdmissionStage {
     }
 }
 
-fn limits_doc(limits: BTreeMap<String, i64>) -> ClientResponse {
-    ClientResponse::Document { json: serde_json::to_string(&limits).unwrap_or_else(|_| "{}".into()) }
+fn limits_doc(doc: serde_json::Value) -> ClientResponse {
+    ClientResponse::Document { json: doc.to_string() }
 }
 
 impl Stage for AdmissionStage {
@@ -237,13 +358,13 @@ impl Stage for AdmissionStage {
             Input::Tick { .. } => self.admission.handle_tick(now.mono_ms),
             Input::Signal(Signal::Latency { ms }) => self.admission.record_latency(now.mono_ms, ms),
             Input::Message { from, msg: Message::Client { id, request: ClientRequest::Limits } } => {
-                self.reply(from.conn, id, limits_doc(self.admission.limits()));
+                self.reply(from.conn, id, limits_doc(self.admission.limits_doc()));
             }
             Input::Message { from, msg: Message::Client { id, request: ClientRequest::SetLimits { pairs } } } => {
                 let response = match self.admission.set_limits(&pairs) {
                     Ok(()) => {
                         tracing::info!(limits = ?pairs, "admission limits changed");
-                        limits_doc(self.admission.limits())
+                        limits_doc(self.admission.limits_doc())
                     }
                     Err(e) => ClientResponse::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
                 };
@@ -316,5 +437,49 @@ mod tests {
         }
         assert_eq!(a.budgets()["handoff.budget"], 8);
         assert_eq!(a.budgets()["anti_entropy.budget"], 4);
+    }
+
+    #[test]
+    fn a_rate_limiter_paces_bytes_and_zero_is_unlimited() {
+        let mut r = RateLimiter::new(1000);
+        assert!(r.ready(0));
+        r.spend(0, 3000);
+        assert!(!r.ready(0), "in debt after a large batch");
+        assert_eq!(r.ready_at(0), Some(2000), "2000 bytes owed at 1000 bytes a second");
+        assert!(!r.ready(1999));
+        assert!(r.ready(2000));
+        // Idle time refills at most one second's worth.
+        assert!(r.ready(100_000));
+        r.spend(100_000, 1500);
+        assert_eq!(r.ready_at(100_000), Some(100_500));
+        let mut free = RateLimiter::new(0);
+        free.spend(0, u64::MAX);
+        assert!(free.ready(0) && free.ready_at(0).is_none());
+        free.set_rate(10);
+        free.spend(0, 20);
+        assert!(!free.ready(0), "a rate set at run time applies at once");
+    }
+
+    #[test]
+    fn byte_rates_are_limits_an_operator_sets_and_reads() {
+        let mut a = Admission::new(2, 1, 50, 1000).with_rates(0, 4096);
+        assert_eq!(a.limits().get("handoff.bytes_per_sec"), Some(&0));
+        assert_eq!(a.limits().get("anti_entropy.bytes_per_sec"), Some(&4096));
+        a.set_limits(&[("handoff.bytes_per_sec".into(), 1_000_000)]).unwrap();
+        assert_eq!(a.rate(Work::Handoff), 1_000_000);
+        assert!(a.set_limits(&[("handoff.bytes_per_sec".into(), -1)]).is_err());
+        let doc = a.limits_doc();
+        assert_eq!(doc["handoff.max_inflight"], 2, "the flat names stay as they were");
+        assert_eq!(doc["effective"]["handoff.bytes_per_sec"], 1_000_000);
+        assert_eq!(doc["effective"]["anti_entropy.max_inflight"], 1);
+        // Latency over the target halves the effective budget; the configured value stays.
+        for t in 0..100 {
+            a.record_latency(t, 500);
+        }
+        a.handle_tick(100);
+        let doc = a.limits_doc();
+        assert_eq!(doc["handoff.max_inflight"], 2);
+        assert_eq!(doc["effective"]["handoff.max_inflight"], 1);
+        assert_eq!(doc["latency_p99_ms"], 500);
     }
 }

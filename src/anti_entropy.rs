@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use crate::admission::RateLimiter;
 use crate::membership::View;
 use crate::merkle::{respond, DiffInitiator, DiffStep, LEAVES};
 use crate::ring::NodeId;
@@ -92,6 +93,9 @@ pub struct AntiEntropyStage {
     view: Option<Arc<View>>,
     down: DownSet,
     budget: u32,
+    /// Paces the bytes exchanges move (`anti_entropy.bytes_per_sec`): a new exchange starts
+    /// only while the bucket is not in debt.
+    rate: RateLimiter,
     next_round_ms: u64,
     cursor: usize,
     /// Pairs this pass has yet to visit.
@@ -113,6 +117,7 @@ impl AntiEntropyStage {
             view: None,
             down: DownSet::default(),
             budget: 0,
+            rate: RateLimiter::default(),
             cursor: 0,
             pass_left: 0,
             exchanges: BTreeMap::new(),
@@ -206,7 +211,7 @@ impl AntiEntropyStage {
         if self.pass_left == 0 {
             self.pass_left = pairs.len();
         }
-        while self.exchanges.len() < self.budget as usize && self.pass_left > 0 {
+        while self.exchanges.len() < self.budget as usize && self.pass_left > 0 && self.rate.ready(now.mono_ms) {
             let (partition, peer) = pairs[self.cursor % pairs.len()].clone();
             self.cursor = self.cursor.wrapping_add(1);
             self.pass_left -= 1;
@@ -229,6 +234,11 @@ impl AntiEntropyStage {
         }
         let wait = if self.pass_left == 0 { self.settings.interval_ms } else { PASS_RETRY_MS };
         self.next_round_ms = now.mono_ms.saturating_add(wait);
+        if self.pass_left > 0 {
+            if let Some(at) = self.rate.ready_at(now.mono_ms) {
+                self.next_round_ms = self.next_round_ms.max(at);
+            }
+        }
     }
 
     fn read_page(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {
@@ -276,6 +286,8 @@ impl AntiEntropyStage {
                 }
                 e.keys_sent += objects.len() as u64;
                 let partition = e.partition;
+                let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
+                self.rate.spend(now.mono_ms, bytes);
                 let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
                 self.touch(id, now.mono_ms, Step::Pushed { next });
                 self.send(id, AeMessage::Push { partition, objects });
@@ -336,6 +348,8 @@ impl AntiEntropyStage {
                     };
                 }
                 e.keys_received += objects.len() as u64;
+                let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
+                self.rate.spend(now.mono_ms, bytes);
                 let objects: Vec<(Vec<u8>, Object)> = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
                 self.touch(id, now.mono_ms, Step::Merging { next });
                 self.store(id, StoreOp::Merge { objects }, false);
@@ -465,7 +479,10 @@ impl Stage for AntiEntropyStage {
             Input::Tick { .. } => self.round(now),
             Input::Signal(Signal::View(v)) => self.view = Some(v),
             Input::Signal(Signal::Down(d)) => self.down.set(d),
-            Input::Signal(Signal::Budgets { anti_entropy, .. }) => self.budget = anti_entropy,
+            Input::Signal(Signal::Budgets { anti_entropy, anti_entropy_bytes_per_sec, .. }) => {
+                self.budget = anti_entropy;
+                self.rate.set_rate(anti_entropy_bytes_per_sec);
+            }
             Input::Signal(Signal::Unreachable { node }) => {
                 let failed: Vec<u64> =
                     self.exchanges.iter().filter(|(_, e)| e.peer == node).map(|(id, _)| *id).collect();

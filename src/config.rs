@@ -325,6 +325,9 @@ pub struct HandoffConfig {
     /// Encoded bytes in one handoff or transfer batch (a larger object travels alone).
     #[serde(default = "batch_bytes_default")]
     pub batch_bytes: u64,
+    /// Initial run-time limit on the bytes a second hints and transfers move; 0: unlimited.
+    #[serde(default)]
+    pub bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +341,9 @@ pub struct AntiEntropyConfig {
     /// Encoded bytes in one page of an exchange (a larger object travels alone).
     #[serde(default = "batch_bytes_default")]
     pub page_bytes: u64,
+    /// Initial run-time limit on the bytes a second exchanges move; 0: unlimited.
+    #[serde(default)]
+    pub bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

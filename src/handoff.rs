@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use crate::admission::RateLimiter;
 use crate::membership::{MemberState, View};
 use crate::reaper::{ReapAction, Reaper};
 use crate::ring::NodeId;
@@ -120,6 +121,8 @@ pub struct HandoffStage {
     view: Option<Arc<View>>,
     down: DownSet,
     budget: u32,
+    /// Paces the bytes hints and transfers move (`handoff.bytes_per_sec`).
+    rate: RateLimiter,
     next_round_ms: u64,
     /// Destinations of hints, served round-robin: the last one served.
     last_served: Option<NodeId>,
@@ -147,6 +150,7 @@ impl HandoffStage {
             view: None,
             down: DownSet::default(),
             budget: 0,
+            rate: RateLimiter::default(),
             last_served: None,
             hint_cursor: BTreeMap::new(),
             scans: BTreeMap::new(),
@@ -277,7 +281,7 @@ impl HandoffStage {
             destinations.rotate_left(start);
         }
         for d in destinations {
-            if self.inflight() >= self.budget as usize {
+            if self.inflight() >= self.budget as usize || !self.paced(now) {
                 break;
             }
             let busy = self.batches.values().any(|b| b.kind == Kind::Hints { intended: d.clone() })
@@ -294,7 +298,7 @@ impl HandoffStage {
             self.store(op, Scan::Hints { intended: d });
         }
         for p in foreign {
-            if self.inflight() >= self.budget as usize {
+            if self.inflight() >= self.budget as usize || !self.paced(now) {
                 break;
             }
             let busy = self.batches.values().any(|b| b.kind == Kind::Transfer { partition: p })
@@ -305,7 +309,18 @@ impl HandoffStage {
             let op = StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: self.settings.batch_bytes };
             self.store(op, Scan::Partition { partition: p });
         }
-        let _ = now;
+    }
+
+    /// Whether the byte rate lets the next batch go now; if not, the next round comes as
+    /// soon as it does.
+    fn paced(&mut self, now: Now) -> bool {
+        if self.rate.ready(now.mono_ms) {
+            return true;
+        }
+        if let Some(at) = self.rate.ready_at(now.mono_ms) {
+            self.next_round_ms = self.next_round_ms.min(at);
+        }
+        false
     }
 
     /// Whether hints for `d` can move now: directly to it, or re-routed.
@@ -326,6 +341,8 @@ impl HandoffStage {
             return;
         }
         let id = self.ids.issue();
+        let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
+        self.rate.spend(now.mono_ms, bytes.saturating_mul(to.len() as u64));
         let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
         let wire: Vec<(Bytes, Object)> = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
         for t in &to {
@@ -426,8 +443,8 @@ impl HandoffStage {
 
     /// A batch was delivered and dropped: go on with the same destination or partition at
     /// once, rather than a round later, while the budget allows.
-    fn continue_with(&mut self, kind: Kind) {
-        if self.budget == 0 || self.inflight() >= self.budget as usize {
+    fn continue_with(&mut self, now: Now, kind: Kind) {
+        if self.budget == 0 || self.inflight() >= self.budget as usize || !self.paced(now) {
             return;
         }
         match kind {
@@ -506,7 +523,7 @@ impl HandoffStage {
             }
             (Scan::Sweep, Ok(StoreOutcome::Swept { next, .. })) => self.sweep_after = next,
             (Scan::Removal { then: Some(kind) }, Ok(StoreOutcome::Removed { count })) if count > 0 => {
-                self.continue_with(kind)
+                self.continue_with(now, kind)
             }
             (Scan::Adopt { intended, batches }, Ok(StoreOutcome::Merged { .. })) => {
                 for (targets, objects) in batches {
@@ -556,7 +573,10 @@ impl Stage for HandoffStage {
                 self.view = Some(v);
             }
             Input::Signal(Signal::Down(d)) => self.down.set(d),
-            Input::Signal(Signal::Budgets { handoff, .. }) => self.budget = handoff,
+            Input::Signal(Signal::Budgets { handoff, handoff_bytes_per_sec, .. }) => {
+                self.budget = handoff;
+                self.rate.set_rate(handoff_bytes_per_sec);
+            }
             Input::Signal(Signal::Unreachable { node }) => {
                 let failed: Vec<u64> =
                     self.batches.iter().filter(|(_, b)| b.waiting.contains(&node)).map(|(id, _)| *id).collect();
@@ -636,7 +656,15 @@ mod tests {
     fn stage(me: &str, leaving: &[&str], budget: u32) -> HandoffStage {
         let mut h = HandoffStage::new(settings(me), 0);
         h.handle(now(0), Input::Signal(Signal::View(view(me, leaving))));
-        h.handle(now(0), Input::Signal(Signal::Budgets { handoff: budget, anti_entropy: 0 }));
+        h.handle(
+            now(0),
+            Input::Signal(Signal::Budgets {
+                handoff: budget,
+                anti_entropy: 0,
+                handoff_bytes_per_sec: 0,
+                anti_entropy_bytes_per_sec: 0,
+            }),
+        );
         h
     }
 
@@ -866,5 +894,41 @@ mod tests {
             },
         );
         assert!(drain(&mut h).iter().any(|e| matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
+    }
+
+    #[test]
+    fn hints_move_no_faster_than_the_byte_rate() {
+        let mut h = stage("a", &[], 4);
+        h.handle(
+            now(0),
+            Input::Signal(Signal::Budgets {
+                handoff: 4,
+                anti_entropy: 0,
+                handoff_bytes_per_sec: 1000,
+                anti_entropy_bytes_per_sec: 0,
+            }),
+        );
+        let effects = round(&mut h, 100, vec![], &[("c", 1)]);
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::HintPage { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("the first batch goes at once");
+        let mut big = Object::new();
+        big.update(&VersionVector::new(), crate::version::Actor(1), Some(vec![7; 5000]), 1, 10);
+        let hints = vec![(b"big".to_vec(), big, now(100).wall_ms)];
+        h.handle(now(100), Input::Stored { token, result: Ok(StoreOutcome::Hints { hints, next: None }) });
+        assert!(drain(&mut h).iter().any(|e| matches!(e, Effect::Send { msg: Message::Handoff { .. }, .. })));
+        // About 5 KB went out at 1000 bytes a second: no new page for about five seconds.
+        let next = h.poll_timeout().expect("a next round");
+        assert!(
+            round(&mut h, next.max(200), vec![], &[("c", 1), ("d", 1)])
+                .iter()
+                .all(|e| hint_pages(std::slice::from_ref(e)).is_empty()),
+            "paced"
+        );
+        assert!(hint_pages(&round(&mut h, 6000, vec![], &[("d", 1)])) == vec!["d".to_string()], "then on again");
     }
 }

@@ -35,6 +35,9 @@ pub struct NodeSettings {
     pub anti_entropy: AntiEntropySettings,
     pub handoff_inflight: u32,
     pub anti_entropy_inflight: u32,
+    /// Initial byte rates of handoff and anti-entropy (0: unlimited).
+    pub handoff_bytes_per_sec: u64,
+    pub anti_entropy_bytes_per_sec: u64,
     pub latency_target_ms: u64,
     pub latency_window_ms: u64,
     pub store: StoreLimits,
@@ -101,6 +104,8 @@ impl NodeSettings {
             },
             handoff_inflight: c.handoff.max_inflight,
             anti_entropy_inflight: c.anti_entropy.max_inflight,
+            handoff_bytes_per_sec: c.handoff.bytes_per_sec,
+            anti_entropy_bytes_per_sec: c.anti_entropy.bytes_per_sec,
             latency_target_ms: c.admission.latency_target_ms,
             latency_window_ms: c.admission.latency_window_ms,
             store: StoreLimits {
@@ -144,12 +149,10 @@ impl Stages {
             failure_detector: FailureDetectorStage::new(FailureDetector::new(s.detector), me),
             handoff: HandoffStage::new(s.handoff.clone(), now.mono_ms),
             anti_entropy: AntiEntropyStage::new(s.anti_entropy.clone(), now.mono_ms),
-            admission: AdmissionStage::new(Admission::new(
-                s.handoff_inflight,
-                s.anti_entropy_inflight,
-                s.latency_target_ms,
-                s.latency_window_ms,
-            )),
+            admission: AdmissionStage::new(
+                Admission::new(s.handoff_inflight, s.anti_entropy_inflight, s.latency_target_ms, s.latency_window_ms)
+                    .with_rates(s.handoff_bytes_per_sec, s.anti_entropy_bytes_per_sec),
+            ),
         }
     }
 

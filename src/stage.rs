@@ -126,7 +126,7 @@ pub enum Signal {
     /// The transport could not reach `node`: every stage gives up what waits on it.
     Unreachable { node: NodeId },
     /// Background budgets in force (from admission).
-    Budgets { handoff: u32, anti_entropy: u32 },
+    Budgets { handoff: u32, anti_entropy: u32, handoff_bytes_per_sec: u64, anti_entropy_bytes_per_sec: u64 },
     /// A client request took this long (to admission's latency feedback).
     Latency { ms: u64 },
     /// This node handed everything away: record it as left (handoff to gossip).

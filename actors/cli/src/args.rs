@@ -92,6 +92,9 @@ pub enum AdminCommand {
 pub enum LimitsCommand {
     /// Change limits at once, e.g. `anti_entropy.max_inflight=0`.
     Set {
+        /// On every member (each node that is up), not only the node talked to.
+        #[arg(long)]
+        all: bool,
         #[arg(required = true, value_name = "NAME=VALUE")]
         pairs: Vec<String>,
     },

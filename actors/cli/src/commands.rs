@@ -110,6 +110,37 @@ fn status_table(doc: &Value) -> String {
     out.trim_end().to_string()
 }
 
+/// `admin limits set --all`: the change on every member that is up, one at a time; the
+/// first refusal stops it (the members before it keep the change, and the output says which).
+/// Prints `{"nodes": {"ID": LIMITS, ...}}`.
+async fn set_limits_everywhere(client: &Client, pairs: Vec<(String, i64)>) -> Result<Outcome, Failure> {
+    let status = expect_document(client.request(ClientRequest::Status).await?)?;
+    let members: Vec<(String, String)> = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "up" || m["state"] == "joining")
+        .map(|m| (m["id"].as_str().unwrap_or("").to_string(), m["addr"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let mut done = serde_json::Map::new();
+    for (id, addr) in members {
+        let parsed: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|_| Failure::new(exit::OTHER, format!("member {id} has address {addr:?}, not IP:port")))?;
+        let changed = async {
+            let conn = client.connection(parsed).await?;
+            conn.request(ClientRequest::SetLimits { pairs: pairs.clone() }).await
+        }
+        .await;
+        let doc = changed.map_err(Failure::from).and_then(expect_document).map_err(|f| {
+            let changed: Vec<&String> = done.keys().collect();
+            Failure::new(f.status, format!("{id}: {} (changed so far: {changed:?})", f.message))
+        })?;
+        done.insert(id, doc);
+    }
+    Ok(doc_outcome(json!({ "nodes": done })))
+}
+
 fn doc_outcome(doc: Value) -> Outcome {
     let human = serde_json::to_string_pretty(&doc).unwrap_or_default();
     Outcome { doc, human, status: exit::OK }
@@ -204,7 +235,11 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
                 AdminCommand::Hints => ClientRequest::Hints,
                 AdminCommand::Leave { node_id } => ClientRequest::Leave { node: node_id },
                 AdminCommand::Limits { command: None } => ClientRequest::Limits,
-                AdminCommand::Limits { command: Some(LimitsCommand::Set { pairs }) } => {
+                AdminCommand::Limits { command: Some(LimitsCommand::Set { all: true, pairs }) } => {
+                    let pairs = pairs.iter().map(|p| parse_pair(p)).collect::<Result<Vec<_>, _>>()?;
+                    return set_limits_everywhere(client, pairs).await;
+                }
+                AdminCommand::Limits { command: Some(LimitsCommand::Set { all: false, pairs }) } => {
                     ClientRequest::SetLimits { pairs: pairs.iter().map(|p| parse_pair(p)).collect::<Result<_, _>>()? }
                 }
                 AdminCommand::Fault { command: FaultCommand::Block { peers } } => ClientRequest::FaultBlock { peers },

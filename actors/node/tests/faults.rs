@@ -329,3 +329,56 @@ fn phi_accrual_rides_out_a_short_pause_and_convicts_a_dead_node() {
     assert!(member_status(&c, 0, "n3")["phi"].as_f64().is_some_and(|p| p > 8.0));
     assert_eq!(member_status(&c, 0, "n2")["state"], "up");
 }
+
+fn hints_held(c: &Cluster, live: &[usize]) -> u64 {
+    live.iter().map(|&i| c.status_pending(i).0).sum()
+}
+
+#[test]
+fn hinted_handoff_keeps_to_its_byte_rate_and_the_rate_changes_on_every_member_at_run_time() {
+    let extra = "[anti_entropy]\ninterval_ms = 500\nmax_inflight = 0\n\
+                 [handoff]\ninterval_ms = 200\nbatch_bytes = 4096\nbytes_per_sec = 500\n";
+    let mut c = Cluster::new(4, 3, 2, 2, extra);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    let (rc, limits) = c.json(0, &["admin", "limits"]);
+    assert_eq!(rc, 0);
+    assert_eq!(limits["handoff.bytes_per_sec"], 500, "from the config: {limits}");
+    assert_eq!(limits["effective"]["handoff.bytes_per_sec"], 500, "{limits}");
+    c.kill(3);
+    // Once n4 is known down, its writes go to a fallback as hints.
+    assert!(wait_until(Duration::from_secs(20), || { (0..3).all(|i| member_status(&c, i, "n4")["state"] == "down") }));
+    let value = "x".repeat(2000);
+    let mut acked = Vec::new();
+    for k in 0..20 {
+        let key = format!("paced{k}");
+        if c.cli(k % 3, &["put", &key, &value]).status.success() {
+            acked.push((key, value.clone()));
+        }
+    }
+    assert_eq!(acked.len(), 20);
+    let mut held = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            held = hints_held(&c, &[0, 1, 2]);
+            held >= 10
+        }),
+        "writes for n4 wait as hints: {held}"
+    );
+    c.start(3);
+    c.wait_settled(&[0, 1, 2, 3], Duration::from_secs(30));
+    // At 500 bytes a second, 2 KB values move one 4 KB batch every ~8 s.
+    std::thread::sleep(Duration::from_secs(4));
+    let still = hints_held(&c, &[0, 1, 2]);
+    assert!(still * 2 >= held, "paced: {still} of {held} hints still held after 4 s");
+    // Unlimited on every member at once: the rest drains.
+    let out = c.cli(0, &["admin", "limits", "set", "--all", "handoff.bytes_per_sec=0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(doc["nodes"].as_object().map(|n| n.len()), Some(4), "every member changed: {doc}");
+    for i in 0..4 {
+        assert_eq!(c.json(i, &["admin", "limits"]).1["handoff.bytes_per_sec"], 0);
+    }
+    assert!(wait_until(Duration::from_secs(30), || hints_held(&c, &[0, 1, 2]) == 0), "hints drain once unlimited");
+    all_read_back(&c, 3, &acked).unwrap();
+}
