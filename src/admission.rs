@@ -123,8 +123,10 @@ pub enum LimitError {
 #[derive(Clone, Debug)]
 pub struct Admission {
     max_inflight: BTreeMap<Work, u32>,
-    /// Bytes a second each kind of work may move (0: unlimited).
+    /// Bytes a second each kind of work may move (0: unlimited), as configured and as in
+    /// force under latency feedback.
     bytes_per_sec: BTreeMap<Work, u64>,
+    rate_effective: BTreeMap<Work, u64>,
     /// Effective budget under latency feedback.
     budget: BTreeMap<Work, u32>,
     inflight: BTreeMap<Work, u32>,
@@ -142,6 +144,7 @@ impl Admission {
             budget: max_inflight.clone(),
             max_inflight,
             bytes_per_sec: Work::ALL.iter().map(|w| (*w, 0)).collect(),
+            rate_effective: Work::ALL.iter().map(|w| (*w, 0)).collect(),
             inflight: Work::ALL.iter().map(|w| (*w, 0)).collect(),
             latency_target_ms: latency_target_ms.max(1),
             window_ms: window_ms.max(1),
@@ -165,12 +168,19 @@ impl Admission {
     pub fn with_rates(mut self, handoff: u64, anti_entropy: u64) -> Self {
         self.bytes_per_sec.insert(Work::Handoff, handoff);
         self.bytes_per_sec.insert(Work::AntiEntropy, anti_entropy);
+        self.rate_effective = self.bytes_per_sec.clone();
         self
     }
 
-    /// The byte rate `work` may move at (0: unlimited).
+    /// The byte rate configured for `work` (0: unlimited).
     pub fn rate(&self, work: Work) -> u64 {
         self.bytes_per_sec.get(&work).copied().unwrap_or(0)
+    }
+
+    /// The byte rate in force for `work` now: a configured rate is halved each window the
+    /// foreground p99 is over the target (down to an eighth) and doubles back after.
+    pub fn rate_effective(&self, work: Work) -> u64 {
+        self.rate_effective.get(&work).copied().unwrap_or(0)
     }
 
     /// `admin limits`: every limit by its flat name as configured, and beside them what is
@@ -182,7 +192,7 @@ impl Admission {
             .flat_map(|w| {
                 [
                     (w.limit_name().to_string(), self.budget(*w) as i64),
-                    (w.rate_name().to_string(), self.rate(*w) as i64),
+                    (w.rate_name().to_string(), self.rate_effective(*w).min(i64::MAX as u64) as i64),
                 ]
             })
             .collect();
@@ -217,6 +227,7 @@ impl Admission {
         for (name, value) in pairs {
             if let Some(w) = Work::ALL.iter().find(|w| w.rate_name() == name) {
                 self.bytes_per_sec.insert(*w, *value as u64);
+                self.rate_effective.insert(*w, *value as u64);
                 continue;
             }
             match Work::ALL.iter().find(|w| w.limit_name() == name) {
@@ -299,6 +310,15 @@ impl Admission {
             } else {
                 b.saturating_add(1).min(max)
             };
+            let rate = self.rate(w);
+            let r = self.rate_effective.entry(w).or_insert(rate);
+            *r = if rate == 0 {
+                0
+            } else if suffering {
+                (*r / 2).max(rate / 8).max(1)
+            } else {
+                r.saturating_mul(2).min(rate)
+            };
         }
     }
 }
@@ -325,8 +345,12 @@ impl AdmissionStage {
 
     fn tell(&mut self) {
         let a = &self.admission;
-        let now =
-            (a.budget(Work::Handoff), a.budget(Work::AntiEntropy), a.rate(Work::Handoff), a.rate(Work::AntiEntropy));
+        let now = (
+            a.budget(Work::Handoff),
+            a.budget(Work::AntiEntropy),
+            a.rate_effective(Work::Handoff),
+            a.rate_effective(Work::AntiEntropy),
+        );
         if self.told != Some(now) {
             self.told = Some(now);
             self.effects.push_back(Effect::Signal(Signal::Budgets {
@@ -481,5 +505,19 @@ mod tests {
         assert_eq!(doc["handoff.max_inflight"], 2);
         assert_eq!(doc["effective"]["handoff.max_inflight"], 1);
         assert_eq!(doc["latency_p99_ms"], 500);
+        assert_eq!(doc["handoff.bytes_per_sec"], 1_000_000);
+        assert_eq!(doc["effective"]["handoff.bytes_per_sec"], 500_000, "a configured rate is halved too");
+        for k in 2..6 {
+            a.record_latency(k * 1000, 500);
+            a.handle_tick(k * 1000 + 100);
+        }
+        assert_eq!(a.rate_effective(Work::Handoff), 125_000, "down to an eighth at most");
+        assert_eq!(a.rate_effective(Work::AntiEntropy), 4096 / 8);
+        // Latency recovers: the rate doubles back each window, up to the configured rate.
+        for k in 8..14 {
+            a.handle_tick(k * 1000 + 100);
+        }
+        assert_eq!(a.rate_effective(Work::Handoff), 1_000_000);
+        assert_eq!(a.rate_effective(Work::AntiEntropy), 4096);
     }
 }
