@@ -286,8 +286,7 @@ impl AntiEntropyStage {
                 }
                 e.keys_sent += objects.len() as u64;
                 let partition = e.partition;
-                let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
-                self.rate.spend(now.mono_ms, bytes);
+                self.rate.spend(now.mono_ms, crate::wire::batch_bytes_bound(&objects));
                 let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
                 self.touch(id, now.mono_ms, Step::Pushed { next });
                 self.send(id, AeMessage::Push { partition, objects });
@@ -348,8 +347,7 @@ impl AntiEntropyStage {
                     };
                 }
                 e.keys_received += objects.len() as u64;
-                let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
-                self.rate.spend(now.mono_ms, bytes);
+                self.rate.spend(now.mono_ms, crate::wire::batch_bytes_bound(&objects));
                 let objects: Vec<(Vec<u8>, Object)> = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
                 self.touch(id, now.mono_ms, Step::Merging { next });
                 self.store(id, StoreOp::Merge { objects }, false);

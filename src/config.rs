@@ -139,6 +139,11 @@ impl ClientConfig {
     pub fn node_addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().filter_map(|s| s.parse().ok()).collect()
     }
+
+    /// The largest frame a client takes: a node's with the default limits.
+    pub fn frame_bytes_max(&self) -> usize {
+        frame_bytes(OBJECT_BYTES_DEFAULT, batch_bytes_default())
+    }
 }
 
 impl ClientFile {
@@ -155,7 +160,11 @@ impl ClientFile {
         let certs = [&c.ca, &c.cert, &c.key].iter().filter(|v| v.is_some()).count();
         let secret = c.secret.is_some() || c.secret_file.is_some();
         match (certs, secret) {
-            (3, false) => c.tls().map(|t| t.validate("client")).transpose().map(|_| ())?,
+            (3, false) => {
+                if let Some(t) = c.tls() {
+                    t.validate("client")?;
+                }
+            }
             (0, true) => {
                 if c.secret.is_some() && c.secret_file.is_some() {
                     return Err(ConfigError::new("client.secret", "give secret or secret_file, not both"));
@@ -633,9 +642,7 @@ impl Config {
     /// The largest frame this node sends or accepts: room for two objects at their limit
     /// (a read repair merges two), or a batch or page at its limit, plus framing.
     pub fn frame_bytes_max(&self) -> usize {
-        let object = self.limits.object_bytes_max as usize;
-        let batch = self.handoff.batch_bytes.max(self.anti_entropy.page_bytes) as usize;
-        crate::wire::FRAME_BYTES_MAX_DEFAULT.max(2 * object + 1024 * 1024).max(batch + object + 1024 * 1024)
+        frame_bytes(self.limits.object_bytes_max, self.handoff.batch_bytes.max(self.anti_entropy.page_bytes))
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -646,6 +653,13 @@ impl Config {
     pub fn seed_addrs(&self) -> Vec<SocketAddr> {
         self.node.seeds.iter().filter_map(|s| s.parse().ok()).collect()
     }
+}
+
+/// The largest frame for these object and batch limits: room for two objects at their limit
+/// (a read repair merges two), or a batch or page at its limit, plus framing.
+fn frame_bytes(object_bytes_max: u64, batch_bytes: u64) -> usize {
+    let (object, batch) = (object_bytes_max as usize, batch_bytes as usize);
+    crate::wire::FRAME_BYTES_MAX_DEFAULT.max(2 * object + 1024 * 1024).max(batch + object + 1024 * 1024)
 }
 
 fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {

@@ -341,7 +341,7 @@ impl HandoffStage {
             return;
         }
         let id = self.ids.issue();
-        let bytes: u64 = objects.iter().map(|(k, o)| (k.len() + o.size_bytes()) as u64).sum();
+        let bytes = crate::wire::batch_bytes_bound(&objects);
         self.rate.spend(now.mono_ms, bytes.saturating_mul(to.len() as u64));
         let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
         let wire: Vec<(Bytes, Object)> = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
@@ -656,16 +656,18 @@ mod tests {
     fn stage(me: &str, leaving: &[&str], budget: u32) -> HandoffStage {
         let mut h = HandoffStage::new(settings(me), 0);
         h.handle(now(0), Input::Signal(Signal::View(view(me, leaving))));
-        h.handle(
-            now(0),
-            Input::Signal(Signal::Budgets {
-                handoff: budget,
-                anti_entropy: 0,
-                handoff_bytes_per_sec: 0,
-                anti_entropy_bytes_per_sec: 0,
-            }),
-        );
+        h.handle(now(0), budgets(budget, 0));
         h
+    }
+
+    /// Handoff's budget and byte rate (0: unlimited), as admission tells them.
+    fn budgets(handoff: u32, handoff_bytes_per_sec: u64) -> Input {
+        Input::Signal(Signal::Budgets {
+            handoff,
+            anti_entropy: 0,
+            handoff_bytes_per_sec,
+            anti_entropy_bytes_per_sec: 0,
+        })
     }
 
     /// Tick a round and answer its inventory with `held` and `hints`.
@@ -899,15 +901,7 @@ mod tests {
     #[test]
     fn hints_move_no_faster_than_the_byte_rate() {
         let mut h = stage("a", &[], 4);
-        h.handle(
-            now(0),
-            Input::Signal(Signal::Budgets {
-                handoff: 4,
-                anti_entropy: 0,
-                handoff_bytes_per_sec: 1000,
-                anti_entropy_bytes_per_sec: 0,
-            }),
-        );
+        h.handle(now(0), budgets(4, 1000));
         let effects = round(&mut h, 100, vec![], &[("c", 1)]);
         let token = effects
             .iter()

@@ -399,6 +399,12 @@ pub fn entry_bytes(key: &[u8], object: &Object) -> usize {
     rmp_serde::to_vec(object).map_or(usize::MAX, |v| v.len()).saturating_add(key.len() + 8)
 }
 
+/// A cheap bound on the bytes a batch of (key, object) pairs moves, for pacing background
+/// work by its byte rate (no encoding, unlike [`entry_bytes`]).
+pub fn batch_bytes_bound<K: AsRef<[u8]>>(entries: &[(K, Object)]) -> u64 {
+    entries.iter().map(|(k, o)| (k.as_ref().len() + o.size_bytes()) as u64).sum()
+}
+
 /// Encode one message as a frame.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
     let mut out = vec![PROTOCOL_VERSION, 0, 0, 0, 0];

@@ -718,8 +718,7 @@ pub fn load_client(path: &Path) -> Result<ClientSetup, String> {
     Ok(ClientSetup {
         nodes: c.node_addrs(),
         creds: Credentials { cluster: c.cluster.clone(), auth, node: None },
-        frame_max: ringkv::wire::FRAME_BYTES_MAX_DEFAULT
-            .max(2 * ringkv::config::OBJECT_BYTES_DEFAULT as usize + (1 << 20)),
+        frame_max: c.frame_bytes_max(),
         value_bytes_max: ringkv::config::VALUE_BYTES_DEFAULT,
     })
 }
