@@ -18,6 +18,8 @@
 //! - [`wire`]: every message and the frame codec; [`config`]: the node's TOML.
 //! - [`access`]: identities, roles, and the role each message needs.
 //! - [`load_balance`]: data and request load against each member's fair share (§6.2).
+//! - [`namespace`]: namespaces, each with its own N, R, W and reconciliation; how a
+//!   stored key names its namespace.
 //!
 //! **Stages** (SEDA; each one concern of the paper, each a [`stage::Stage`]: inputs with
 //! the time in, effects out):
@@ -48,6 +50,7 @@ pub mod gossip;
 pub mod handoff;
 pub mod load_balance;
 pub mod membership;
+pub mod namespace;
 pub mod merkle;
 pub mod node;
 pub mod reaper;
