@@ -62,6 +62,7 @@ fn request(id: u64) -> Message {
             context: None,
             value: Some(Bytes::from(vec![b'x'; 100])),
             w: None,
+            ns: None,
         },
     }
 }

@@ -80,7 +80,9 @@ impl Identity {
 /// The role a client request needs.
 pub fn client_role(request: &ClientRequest) -> Role {
     match request {
-        ClientRequest::Get { .. } | ClientRequest::Status | ClientRequest::Ring => Role::Read,
+        ClientRequest::Get { .. } | ClientRequest::Status | ClientRequest::Ring | ClientRequest::Namespaces => {
+            Role::Read
+        }
         ClientRequest::Put { .. } => Role::Write,
         ClientRequest::Partitions
         | ClientRequest::Hints
@@ -88,7 +90,9 @@ pub fn client_role(request: &ClientRequest) -> Role {
         | ClientRequest::SetLimits { .. }
         | ClientRequest::Leave { .. }
         | ClientRequest::FaultBlock { .. }
-        | ClientRequest::FaultUnblock => Role::Admin,
+        | ClientRequest::FaultUnblock
+        | ClientRequest::NamespaceCreate { .. }
+        | ClientRequest::NamespaceSet { .. } => Role::Admin,
     }
 }
 
@@ -106,6 +110,9 @@ fn client_command(request: &ClientRequest) -> &'static str {
         ClientRequest::SetLimits { .. } => "admin limits set",
         ClientRequest::Leave { .. } => "admin leave",
         ClientRequest::FaultBlock { .. } | ClientRequest::FaultUnblock => "admin fault",
+        ClientRequest::NamespaceCreate { .. } => "admin namespace create",
+        ClientRequest::NamespaceSet { .. } => "admin namespace set",
+        ClientRequest::Namespaces => "admin namespace list",
     }
 }
 
@@ -189,13 +196,19 @@ mod tests {
 
     #[test]
     fn the_role_table() {
-        let get = client(ClientRequest::Get { key: Bytes::from(b"k".to_vec()), r: None });
-        let put =
-            client(ClientRequest::Put { key: Bytes::default(), context: None, value: Some(Bytes::default()), w: None });
-        let delete = client(ClientRequest::Put { key: Bytes::default(), context: None, value: None, w: None });
+        let get = client(ClientRequest::Get { key: Bytes::from(b"k".to_vec()), r: None, ns: None });
+        let put = client(ClientRequest::Put {
+            key: Bytes::default(),
+            context: None,
+            value: Some(Bytes::default()),
+            w: None,
+            ns: None,
+        });
+        let delete =
+            client(ClientRequest::Put { key: Bytes::default(), context: None, value: None, w: None, ns: None });
         let leave = client(ClientRequest::Leave { node: "n1".into() });
         let set = client(ClientRequest::SetLimits { pairs: vec![] });
-        let gossip = Message::Gossip { members: vec![], loads: vec![] };
+        let gossip = Message::Gossip { members: vec![], loads: vec![], namespaces: Vec::new() };
         let write = Message::Replica { id: 3, request: ReplicaRequest::Read { key: vec![] } };
         let handoff = Message::Handoff { id: 4, objects: vec![] };
         let table: [(&Message, Role); 8] = [
@@ -221,8 +234,13 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_role_needed_and_answers_the_request() {
-        let put =
-            client(ClientRequest::Put { key: Bytes::default(), context: None, value: Some(Bytes::default()), w: None });
+        let put = client(ClientRequest::Put {
+            key: Bytes::default(),
+            context: None,
+            value: Some(Bytes::default()),
+            w: None,
+            ns: None,
+        });
         match check(Role::Read, &put) {
             Err(Some(Message::ClientReply { id: 9, response: ClientResponse::Error { kind, message }, .. })) => {
                 assert_eq!(kind, ErrorKind::Refused);

@@ -22,7 +22,7 @@ use crate::membership::View;
 use crate::merkle::{respond, DiffInitiator, DiffStep, LEAVES};
 use crate::ring::NodeId;
 use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
-use crate::store::{ReapedRow, StoreError, StoreOp, StoreOutcome};
+use crate::store::{ReapedRow, StoreError, StoreOp, StoreOutcome, TreeId};
 use crate::version::Object;
 use crate::wire::{AeMessage, Bytes, Message};
 
@@ -59,7 +59,7 @@ enum Step {
 
 #[derive(Debug)]
 struct Exchange {
-    partition: u32,
+    tree: TreeId,
     peer: NodeId,
     step: Step,
     leaves: Vec<u32>,
@@ -133,11 +133,24 @@ impl AntiEntropyStage {
         self.exchanges.len()
     }
 
-    fn replica_sets(&self) -> Vec<(u32, Vec<NodeId>)> {
-        match self.view.as_ref().and_then(|v| v.ring.clone()) {
-            Some(ring) => ring.replica_sets(&self.settings.me, self.settings.replicas),
-            None => Vec::new(),
+    /// The trees this node replicates, with their replicas: each partition's tree of the
+    /// default namespace among the partition's N, and of every other namespace among the
+    /// first N of that namespace.
+    fn replica_sets(&self) -> Vec<(TreeId, Vec<NodeId>)> {
+        let Some(view) = self.view.as_ref() else { return Vec::new() };
+        let Some(ring) = view.ring.clone() else { return Vec::new() };
+        let me = &self.settings.me;
+        let mut sets: Vec<(TreeId, Vec<NodeId>)> = ring
+            .replica_sets(me, self.settings.replicas)
+            .into_iter()
+            .map(|(p, rs)| (TreeId::default_of(p), rs))
+            .collect();
+        for ns in view.namespaces.list() {
+            let prefix = ns.prefix();
+            let mine = ring.replica_sets(me, ns.n as usize).into_iter();
+            sets.extend(mine.map(|(partition, rs)| (TreeId { partition, ns: prefix.clone() }, rs)));
         }
+        sets
     }
 
     fn store(&mut self, exchange: u64, op: StoreOp, durable: bool) {
@@ -167,7 +180,8 @@ impl AntiEntropyStage {
             if !e.leaves.is_empty() {
                 self.stats.repaired += 1;
                 tracing::info!(
-                    partition = e.partition,
+                    partition = e.tree.partition,
+                    namespace = e.tree.namespace_name(),
                     peer = %e.peer,
                     leaves = e.leaves.len(),
                     sent = e.keys_sent,
@@ -177,7 +191,7 @@ impl AntiEntropyStage {
             }
         } else {
             self.stats.failed += 1;
-            tracing::debug!(partition = e.partition, peer = %e.peer, "anti-entropy exchange failed");
+            tracing::debug!(partition = e.tree.partition, peer = %e.peer, "anti-entropy exchange failed");
         }
         self.stats.keys_sent += e.keys_sent;
         self.stats.keys_received += e.keys_received;
@@ -196,10 +210,10 @@ impl AntiEntropyStage {
         if now.mono_ms < self.next_round_ms {
             return;
         }
-        let pairs: Vec<(u32, NodeId)> = self
+        let pairs: Vec<(TreeId, NodeId)> = self
             .replica_sets()
             .into_iter()
-            .flat_map(|(p, rs)| rs.into_iter().map(move |r| (p, r)))
+            .flat_map(|(t, rs)| rs.into_iter().map(move |r| (t.clone(), r)))
             .filter(|(_, r)| *r != self.settings.me && self.down.is_up(r))
             .collect();
         if pairs.is_empty() {
@@ -212,16 +226,16 @@ impl AntiEntropyStage {
             self.pass_left = pairs.len();
         }
         while self.exchanges.len() < self.budget as usize && self.pass_left > 0 && self.rate.ready(now.mono_ms) {
-            let (partition, peer) = pairs[self.cursor % pairs.len()].clone();
+            let (tree, peer) = pairs[self.cursor % pairs.len()].clone();
             self.cursor = self.cursor.wrapping_add(1);
             self.pass_left -= 1;
-            if self.exchanges.values().any(|e| e.partition == partition && e.peer == peer) {
+            if self.exchanges.values().any(|e| e.tree == tree && e.peer == peer) {
                 continue;
             }
             let id = self.ids.issue();
             let deadline_ms = now.mono_ms.saturating_add(self.settings.step_timeout_ms);
             let e = Exchange {
-                partition,
+                tree: tree.clone(),
                 peer,
                 step: Step::Tree,
                 leaves: Vec::new(),
@@ -230,7 +244,7 @@ impl AntiEntropyStage {
                 keys_received: 0,
             };
             self.exchanges.insert(id, e);
-            self.store(id, StoreOp::Tree { partition }, false);
+            self.store(id, StoreOp::Tree { tree }, false);
         }
         let wait = if self.pass_left == 0 { self.settings.interval_ms } else { PASS_RETRY_MS };
         self.next_round_ms = now.mono_ms.saturating_add(wait);
@@ -244,7 +258,7 @@ impl AntiEntropyStage {
     fn read_page(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {
         let Some(e) = self.exchanges.get(&id) else { return };
         let op = StoreOp::Page {
-            partition: e.partition,
+            tree: e.tree.clone(),
             leaves: Some(e.leaves.clone()),
             after,
             bytes_max: self.settings.page_bytes,
@@ -256,10 +270,11 @@ impl AntiEntropyStage {
     fn pull(&mut self, id: u64, now: Now, after: Option<Vec<u8>>) {
         let Some(e) = self.exchanges.get(&id) else { return };
         let msg = AeMessage::Pull {
-            partition: e.partition,
+            partition: e.tree.partition,
             leaves: e.leaves.clone(),
             after: after.map(Bytes::from),
             bytes_max: u32::try_from(self.settings.page_bytes).unwrap_or(u32::MAX),
+            ns: e.tree.ns.clone(),
         };
         self.touch(id, now.mono_ms, Step::Pull);
         self.send(id, msg);
@@ -270,12 +285,12 @@ impl AntiEntropyStage {
         let Some(e) = self.exchanges.get_mut(&id) else { return };
         match (&e.step, result) {
             (Step::Tree, Ok(StoreOutcome::Tree(tree))) => {
-                let partition = e.partition;
+                let TreeId { partition, ns } = e.tree.clone();
                 let mut diff = DiffInitiator::new(tree);
                 match diff.start() {
                     DiffStep::Send(request) => {
                         self.touch(id, now.mono_ms, Step::Diff(diff));
-                        self.send(id, AeMessage::Diff { partition, request });
+                        self.send(id, AeMessage::Diff { partition, request, ns });
                     }
                     DiffStep::Done(_) => self.finish(id, true),
                 }
@@ -285,11 +300,11 @@ impl AntiEntropyStage {
                     return self.pull(id, now, None);
                 }
                 e.keys_sent += objects.len() as u64;
-                let partition = e.partition;
+                let TreeId { partition, ns } = e.tree.clone();
                 self.rate.spend(now.mono_ms, crate::wire::batch_bytes_bound(&objects));
                 let objects = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
                 self.touch(id, now.mono_ms, Step::Pushed { next });
-                self.send(id, AeMessage::Push { partition, objects });
+                self.send(id, AeMessage::Push { partition, objects, ns });
             }
             (Step::Merging { next }, Ok(StoreOutcome::Merged { .. })) => match next.clone() {
                 Some(after) => self.pull(id, now, Some(after)),
@@ -305,9 +320,9 @@ impl AntiEntropyStage {
         match (&mut e.step, msg) {
             (Step::Diff(diff), AeMessage::DiffReply { reply }) => match diff.handle_reply(&reply) {
                 Ok(DiffStep::Send(request)) => {
-                    let partition = e.partition;
+                    let TreeId { partition, ns } = e.tree.clone();
                     self.touch_keep(id, now.mono_ms);
-                    self.send(id, AeMessage::Diff { partition, request });
+                    self.send(id, AeMessage::Diff { partition, request, ns });
                 }
                 Ok(DiffStep::Done(leaves)) if leaves.is_empty() => self.finish(id, true),
                 Ok(DiffStep::Done(leaves)) => {
@@ -363,11 +378,14 @@ impl AntiEntropyStage {
         }
     }
 
-    /// Whether this node replicates `partition` (a responder serves only those).
-    fn replicates(&self, partition: u32) -> bool {
-        self.view.as_ref().and_then(|v| v.ring.clone()).is_some_and(|r| {
-            partition < r.partitions() && r.is_replica(partition, self.settings.replicas, &self.settings.me)
-        })
+    /// Whether this node replicates `tree` (a responder serves only those): it is among
+    /// the first N of the partition's preference list, N the tree's namespace's.
+    fn replicates(&self, tree: &TreeId) -> bool {
+        let n = tree.n_or(self.settings.replicas);
+        self.view
+            .as_ref()
+            .and_then(|v| v.ring.clone())
+            .is_some_and(|r| tree.partition < r.partitions() && r.is_replica(tree.partition, n, &self.settings.me))
     }
 
     fn serve(&mut self, op: StoreOp, durable: bool, serving: Serving) {
@@ -382,37 +400,39 @@ impl AntiEntropyStage {
 
     /// A peer's request, as responder.
     fn handle_request(&mut self, conn: ConnId, id: u64, msg: AeMessage) {
-        let partition = match &msg {
-            AeMessage::Diff { partition, .. }
-            | AeMessage::Push { partition, .. }
-            | AeMessage::Pull { partition, .. } => *partition,
+        let tree = match &msg {
+            AeMessage::Diff { partition, ns, .. }
+            | AeMessage::Push { partition, ns, .. }
+            | AeMessage::Pull { partition, ns, .. } => TreeId { partition: *partition, ns: ns.clone() },
             _ => return,
         };
-        if !self.replicates(partition) {
-            let message = format!("this node does not replicate partition {partition}");
+        if !self.replicates(&tree) {
+            let message =
+                format!("this node does not replicate partition {} of {}", tree.partition, tree.namespace_name());
             return self.answer(conn, id, AeMessage::Failed { message });
         }
         match msg {
-            AeMessage::Diff { partition, request } => {
-                self.serve(StoreOp::Tree { partition }, false, Serving::Diff { conn, id, request })
+            AeMessage::Diff { request, .. } => {
+                self.serve(StoreOp::Tree { tree }, false, Serving::Diff { conn, id, request })
             }
-            AeMessage::Push { partition, objects } => {
-                let ok = objects.iter().all(|(k, _)| crate::store::partition_of(k, self.partitions()) == partition);
+            AeMessage::Push { objects, .. } => {
+                let q = self.partitions();
+                let ok =
+                    objects.iter().all(|(k, _)| crate::store::partition_of(k, q) == tree.partition && tree.holds(k));
                 if !ok {
-                    let message = "pushed keys outside the partition".to_string();
+                    let message = "pushed keys outside the tree".to_string();
                     return self.answer(conn, id, AeMessage::Failed { message });
                 }
                 let objects = objects.into_iter().map(|(k, o)| (k.into_vec(), o)).collect();
                 self.serve(StoreOp::Merge { objects }, false, Serving::Push { conn, id });
             }
-            AeMessage::Pull { partition, leaves, after, bytes_max } => {
+            AeMessage::Pull { leaves, after, bytes_max, .. } => {
                 if leaves.iter().any(|l| *l as usize >= LEAVES) || leaves.len() > LEAVES {
                     let message = "no such leaf".to_string();
                     return self.answer(conn, id, AeMessage::Failed { message });
                 }
                 let bytes_max = (bytes_max as usize).clamp(1, self.settings.page_bytes);
-                let op =
-                    StoreOp::Page { partition, leaves: Some(leaves), after: after.map(Bytes::into_vec), bytes_max };
+                let op = StoreOp::Page { tree, leaves: Some(leaves), after: after.map(Bytes::into_vec), bytes_max };
                 self.serve(op, false, Serving::Pull { conn, id });
             }
             _ => {}

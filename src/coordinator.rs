@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use crate::namespace::{check_default_key, class_of, newest, Namespace, Namespaces, Resolution, DEFAULT_NAME};
 use crate::ring::{NodeId, PreferenceList, Ring};
 use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
 use crate::store::{StoreError, StoreOp, StoreOutcome};
@@ -80,7 +81,9 @@ pub struct RequestLimits {
 }
 
 impl RequestLimits {
+    /// A key as stored: its namespace prefix does not count against the limit.
     fn key(&self, key: &[u8]) -> Result<(), String> {
+        let key = &key[class_of(key).prefix.len()..];
         if key.is_empty() {
             return Err("the key is empty".into());
         }
@@ -133,6 +136,17 @@ impl RequestLimits {
             Some(text) => VersionVector::decode_context(text, now_ms).map_err(|e| e.to_string())?,
         };
         Ok(Operation::Put { w, context, value, forwarded: false })
+    }
+
+    /// The limits of a namespace's requests: its N, R and W.
+    pub fn of_namespace(&self, ns: &Namespace) -> RequestLimits {
+        let (replicas, read_quorum, write_quorum) = (ns.n as usize, ns.r as usize, ns.w as usize);
+        RequestLimits { replicas, read_quorum, write_quorum, ..*self }
+    }
+
+    /// The limits of requests for a stored key: N of its namespace (R and W are given).
+    pub fn of_key(&self, key: &[u8]) -> RequestLimits {
+        RequestLimits { replicas: class_of(key).n_or(self.replicas), ..*self }
     }
 
     /// Check a put another node forwarded: the same bounds as a client's.
@@ -594,7 +608,12 @@ impl Coordinator {
     fn after_read(&mut self) {
         if self.phase == Phase::Started && self.answered() >= self.quorum() {
             let merged = self.merged();
+            let lww = class_of(&self.key).resolution == Resolution::Lww;
             let response = match &merged {
+                Some(o) if lww => ClientResponse::Values {
+                    values: newest(o.siblings()).and_then(|s| s.value.clone()).map(Bytes::from).into_iter().collect(),
+                    context: (!o.clock().is_empty()).then(|| o.context().encode_context_from(self.fastest.as_deref())),
+                },
                 Some(o) => ClientResponse::Values {
                     values: o.values().map(|v| Bytes::from(v.to_vec())).collect(),
                     context: (!o.clock().is_empty()).then(|| o.context().encode_context_from(self.fastest.as_deref())),
@@ -711,6 +730,8 @@ struct Entry {
 pub struct CoordinatorStage {
     settings: CoordinatorSettings,
     ring: Option<Arc<Ring>>,
+    /// The cluster's namespaces, from the same view.
+    namespaces: Arc<Namespaces>,
     /// The ring epoch of the view `ring` came with, told to clients in every answer.
     epoch: u64,
     /// This node is leaving (or left): it coordinates no forwarded put here.
@@ -763,6 +784,7 @@ impl CoordinatorStage {
         CoordinatorStage {
             settings,
             ring: None,
+            namespaces: Arc::default(),
             epoch: 0,
             leaving: false,
             down: DownSet::default(),
@@ -805,7 +827,8 @@ impl CoordinatorStage {
             let e = "too many requests in flight on this node; retry";
             return self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Overloaded, message: e.into() });
         }
-        let mut plan = ring.preference_list(ring.partition_for_key(&key), self.settings.limits.replicas);
+        let n = class_of(&key).n_or(self.settings.limits.replicas);
+        let mut plan = ring.preference_list(ring.partition_for_key(&key), n);
         if plan.primaries.contains(&self.settings.me) {
             self.counters.0 = self.counters.0.saturating_add(1);
         } else {
@@ -839,6 +862,23 @@ impl CoordinatorStage {
         };
         self.requests.insert(id, Entry { core, waiter, started_ms: now.mono_ms, span, deadline: None });
         self.pump(now, id);
+    }
+
+    /// A client's key in namespace `ns` (None: the default one): the limits its requests
+    /// have (the namespace's N, R and W) and the key it is stored under.
+    fn namespace(&self, ns: Option<&str>, key: &[u8]) -> Result<(RequestLimits, Vec<u8>), String> {
+        match ns {
+            None | Some(DEFAULT_NAME) => {
+                check_default_key(key)?;
+                Ok((self.settings.limits, key.to_vec()))
+            }
+            Some(name) => match self.namespaces.get(name) {
+                Some(def) => Ok((self.settings.limits.of_namespace(def), def.store_key(key))),
+                None => Err(format!(
+                    "no namespace {name:?} (ringkv admin namespace list shows them; admin namespace create makes one)"
+                )),
+            },
+        }
     }
 
     /// Carry out a request's actions, re-arm its timer, and drop it once finished.
@@ -908,20 +948,26 @@ impl CoordinatorStage {
             }
         }
         match msg {
-            Message::Client { id, request: ClientRequest::Get { key, r } } => {
+            Message::Client { id, request: ClientRequest::Get { key, r, ns } } => {
                 let waiter = Waiter::Client { conn: from.conn, id };
-                match self.settings.limits.get(&key, r) {
-                    Ok(op) => self.start(now, key.into_vec(), op, waiter, None),
+                let checked = self
+                    .namespace(ns.as_deref(), &key)
+                    .and_then(|(limits, store_key)| limits.get(&key, r).map(|op| (op, store_key)));
+                match checked {
+                    Ok((op, store_key)) => self.start(now, store_key, op, waiter, None),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }
-            Message::Client { id, request: ClientRequest::Put { key, context, value, w } } => {
+            Message::Client { id, request: ClientRequest::Put { key, context, value, w, ns } } => {
                 let waiter = Waiter::Client { conn: from.conn, id };
                 let value = value.map(Bytes::into_vec);
                 // The replica the context names as the fastest of the read before.
                 let fastest = context.as_deref().and_then(|c| split_context(c).1).map(str::to_string);
-                match self.settings.limits.put(&key, context.as_deref(), value, w, now.wall_ms) {
-                    Ok(op) => self.start(now, key.into_vec(), op, waiter, fastest),
+                let checked = self.namespace(ns.as_deref(), &key).and_then(|(limits, store_key)| {
+                    limits.put(&key, context.as_deref(), value, w, now.wall_ms).map(|op| (op, store_key))
+                });
+                match checked {
+                    Ok((op, store_key)) => self.start(now, store_key, op, waiter, fastest),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
             }
@@ -933,7 +979,7 @@ impl CoordinatorStage {
             }
             Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
                 let waiter = Waiter::Forwarded { conn: from.conn, id };
-                match self.settings.limits.forwarded(&key, context, value, w) {
+                match self.settings.limits.of_key(&key).forwarded(&key, context, value, w) {
                     Ok(op) => self.start(now, key, op, waiter, None),
                     Err(e) => self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::BadRequest, message: e }),
                 }
@@ -989,6 +1035,7 @@ impl Stage for CoordinatorStage {
             }
             Input::Signal(Signal::View(v)) => {
                 self.ring = v.ring.clone();
+                self.namespaces = v.namespaces.clone();
                 self.epoch = v.epoch;
                 self.leaving = matches!(
                     v.my_state(),

@@ -5,7 +5,9 @@
 //! ring, epoch) to the stages that route by it, and the members' addresses to the
 //! transport. It also carries out `admin leave` and a leaving node's final step (marking
 //! itself left), and answers `status` and `ring`. Gossip also carries each member's request
-//! load over the last minute, for the load balance `status` reports (§6.2).
+//! load over the last minute, for the load balance `status` reports (§6.2), and the
+//! cluster's namespaces ([`crate::namespace`]): this stage creates them, merges and saves
+//! them, and publishes them in the view.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use serde_json::json;
 
 use crate::load_balance::{balance, LoadStat, LoadTable, RequestWindow};
 use crate::membership::{GossipAction, Member, MemberState, Membership};
+use crate::namespace::{Namespace, Namespaces, Resolution};
 use crate::stage::{ConnId, Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
 use crate::wire::{ClientRequest, ClientResponse, ErrorKind, Message};
 
@@ -30,12 +33,18 @@ pub struct GossipStage {
     loads: LoadTable,
     /// Each member's phi in hundredths, from the failure detector.
     suspicion: Arc<Vec<(crate::ring::NodeId, u64)>>,
+    namespaces: Namespaces,
     ids: Ids,
     effects: VecDeque<Effect>,
 }
 
 fn document(v: serde_json::Value) -> ClientResponse {
     ClientResponse::Document { json: v.to_string() }
+}
+
+/// A namespace as `admin namespace` shows it.
+fn namespace_json(ns: &Namespace) -> serde_json::Value {
+    json!({"name": ns.name, "n": ns.n, "r": ns.r, "w": ns.w, "resolution": ns.resolution.as_str()})
 }
 
 impl GossipStage {
@@ -50,12 +59,25 @@ impl GossipStage {
             window: RequestWindow::default(),
             loads: LoadTable::default(),
             suspicion: Arc::default(),
+            namespaces: Namespaces::new(),
             ids: Ids::default(),
             effects: VecDeque::new(),
         };
         g.publish();
         g.drain();
         g
+    }
+
+    /// Start with the namespaces the store saved.
+    pub fn with_namespaces(mut self, saved: Vec<Namespace>) -> Self {
+        if self.namespaces.merge(&saved) {
+            self.publish();
+        }
+        self
+    }
+
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
     }
 
     pub fn membership(&self) -> &Membership {
@@ -67,7 +89,8 @@ impl GossipStage {
     }
 
     fn publish(&mut self) {
-        let view = self.membership.view();
+        let mut view = self.membership.view();
+        view.namespaces = Arc::new(self.namespaces.clone());
         let peers =
             view.members.iter().filter(|m| m.state != MemberState::Left).map(|m| (m.id.clone(), m.addr.clone()));
         self.effects.push_back(Effect::Peers(peers.collect()));
@@ -84,8 +107,9 @@ impl GossipStage {
                         Some(id) => Dest::Node(id),
                         None => Dest::Addr(to_addr),
                     };
-                    let loads = self.loads.all();
-                    self.effects.push_back(Effect::Send { to: dest, msg: Message::Gossip { members, loads } });
+                    let (loads, namespaces) = (self.loads.all(), self.namespaces.list());
+                    let msg = Message::Gossip { members, loads, namespaces };
+                    self.effects.push_back(Effect::Send { to: dest, msg });
                 }
             }
         }
@@ -98,6 +122,20 @@ impl GossipStage {
             });
             self.publish();
         }
+    }
+
+    /// Namespaces a peer gossiped: merged, and if that changed any, saved and published.
+    fn merge_namespaces(&mut self, incoming: &[Namespace]) {
+        if self.namespaces.merge(incoming) {
+            self.namespaces_changed();
+        }
+    }
+
+    fn namespaces_changed(&mut self) {
+        let token = self.ids.issue();
+        let op = crate::store::StoreOp::SaveNamespaces { namespaces: self.namespaces.list() };
+        self.effects.push_back(Effect::Store { token, op, durable: true });
+        self.publish();
     }
 
     fn reply(&mut self, conn: ConnId, id: u64, response: ClientResponse) {
@@ -184,21 +222,57 @@ impl GossipStage {
         }
         match msg {
             // Only nodes gossip: a client's table is never merged.
-            Message::Gossip { members, loads } if from.node.is_some() => {
+            Message::Gossip { members, loads, namespaces } if from.node.is_some() => {
                 self.membership.handle_gossip(now.mono_ms, members);
                 self.merge_loads(loads);
+                self.merge_namespaces(&namespaces);
                 let members = self.membership.table();
-                let loads = self.loads.all();
+                let (loads, namespaces) = (self.loads.all(), self.namespaces.list());
                 self.effects.push_back(Effect::Send {
                     to: Dest::Conn(from.conn),
-                    msg: Message::GossipReply { members, loads },
+                    msg: Message::GossipReply { members, loads, namespaces },
                 });
                 self.drain();
             }
-            Message::GossipReply { members, loads } if from.node.is_some() => {
+            Message::GossipReply { members, loads, namespaces } if from.node.is_some() => {
                 self.membership.handle_gossip(now.mono_ms, members);
                 self.merge_loads(loads);
+                self.merge_namespaces(&namespaces);
                 self.drain();
+            }
+            Message::Client { id, request: ClientRequest::NamespaceCreate { name, n, r, w, resolution } } => {
+                let members = self.membership.ring().map_or(0, |ring| ring.members().len());
+                let me = self.membership.id().clone();
+                let n = n.unwrap_or(u8::try_from(self.replicas).unwrap_or(u8::MAX));
+                let majority = n / 2 + 1;
+                let (r, w) = (r.unwrap_or(majority), w.unwrap_or(majority));
+                let created = Resolution::parse(resolution.as_deref().unwrap_or("siblings"))
+                    .and_then(|res| Namespace::create(&name, n, r, w, res, members, now.wall_ms, &me))
+                    .and_then(|ns| self.namespaces.create(ns.clone()).map(|()| ns));
+                let response = match created {
+                    Ok(ns) => {
+                        tracing::info!(namespace = %ns.name, n = ns.n, resolution = ns.resolution.as_str(), "namespace created");
+                        self.namespaces_changed();
+                        document(namespace_json(&ns))
+                    }
+                    Err(e) => ClientResponse::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
+                };
+                self.reply(from.conn, id, response);
+            }
+            Message::Client { id, request: ClientRequest::NamespaceSet { name, r, w } } => {
+                let response = match self.namespaces.set_quorums(&name, r, w) {
+                    Ok(ns) => {
+                        tracing::info!(namespace = %ns.name, r = ns.r, w = ns.w, "namespace quorums changed");
+                        self.namespaces_changed();
+                        document(namespace_json(&ns))
+                    }
+                    Err(e) => ClientResponse::Error { kind: ErrorKind::BadRequest, message: e.to_string() },
+                };
+                self.reply(from.conn, id, response);
+            }
+            Message::Client { id, request: ClientRequest::Namespaces } => {
+                let list: Vec<serde_json::Value> = self.namespaces.list().iter().map(namespace_json).collect();
+                self.reply(from.conn, id, document(json!({ "namespaces": list })));
             }
             Message::Client { id, request: ClientRequest::Status } => {
                 let doc = self.status();

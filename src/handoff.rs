@@ -28,7 +28,7 @@ use crate::membership::{MemberState, View};
 use crate::reaper::{ReapAction, Reaper};
 use crate::ring::NodeId;
 use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
-use crate::store::{StoreError, StoreOp, StoreOutcome};
+use crate::store::{StoreError, StoreOp, StoreOutcome, TreeId};
 use crate::version::Object;
 use crate::wire::{Bytes, Message, ReapStep};
 
@@ -73,7 +73,7 @@ enum Kind {
         intended: NodeId,
     },
     Transfer {
-        partition: u32,
+        tree: TreeId,
     },
 }
 
@@ -93,7 +93,7 @@ enum Scan {
         intended: NodeId,
     },
     Partition {
-        partition: u32,
+        tree: TreeId,
     },
     Tombstones,
     Reap {
@@ -128,6 +128,8 @@ pub struct HandoffStage {
     last_served: Option<NodeId>,
     /// Where each destination's next hint page starts.
     hint_cursor: BTreeMap<NodeId, Vec<u8>>,
+    /// The trees the last inventory found holding keys (where reaping looks).
+    held: Vec<TreeId>,
     scans: BTreeMap<u64, Scan>,
     batches: BTreeMap<u64, Batch>,
     reaper: Reaper,
@@ -153,6 +155,7 @@ impl HandoffStage {
             rate: RateLimiter::default(),
             last_served: None,
             hint_cursor: BTreeMap::new(),
+            held: Vec::new(),
             scans: BTreeMap::new(),
             batches: BTreeMap::new(),
             reaper,
@@ -186,19 +189,23 @@ impl HandoffStage {
         self.view.as_ref().and_then(|v| v.my_state()) == Some(MemberState::Leaving)
     }
 
-    /// The partitions this node replicates.
-    fn replicated(&self) -> BTreeSet<u32> {
-        let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return BTreeSet::new() };
+    /// Whether this node replicates a tree's keys: it is among the first N of the
+    /// partition's preference list, N the tree's namespace's.
+    fn replicates(&self, tree: &TreeId) -> bool {
+        let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return false };
+        if tree.partition >= ring.partitions() {
+            return false;
+        }
         match self.settings.planted {
-            Planted::TransferToSelf => ring.owned_by(&self.settings.me).into_iter().collect(),
-            _ => ring.replicated_by(&self.settings.me, self.settings.replicas).into_iter().collect(),
+            Planted::TransferToSelf => *ring.owner(tree.partition) == self.settings.me,
+            _ => ring.is_replica(tree.partition, tree.n_or(self.settings.replicas), &self.settings.me),
         }
     }
 
-    /// The current replicas of a partition a batch goes to (never this node).
-    fn owners(&self, partition: u32) -> Vec<NodeId> {
+    /// The current replicas of a tree's keys a batch goes to (never this node).
+    fn owners(&self, tree: &TreeId) -> Vec<NodeId> {
         let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) else { return Vec::new() };
-        let mut owners = ring.preference_list(partition, self.settings.replicas).primaries;
+        let mut owners = ring.preference_list(tree.partition, tree.n_or(self.settings.replicas)).primaries;
         if self.settings.planted != Planted::TransferToSelf {
             owners.retain(|o| *o != self.settings.me);
         }
@@ -221,11 +228,14 @@ impl HandoffStage {
         if self.budget == 0 {
             return;
         }
-        // Tombstones, in partitions this node replicates whose replicas are all reachable.
+        // Tombstones, in trees held here that this node replicates whose replicas are all
+        // reachable.
         if let Some(ring) = self.view.as_ref().and_then(|v| v.ring.clone()) {
-            let reapable: Vec<(u32, Vec<NodeId>)> = ring
-                .replica_sets(&self.settings.me, self.settings.replicas)
-                .into_iter()
+            let reapable: Vec<(TreeId, Vec<NodeId>)> = self
+                .held
+                .iter()
+                .filter(|t| t.partition < ring.partitions() && self.replicates(t))
+                .map(|t| (t.clone(), ring.preference_list(t.partition, t.n_or(self.settings.replicas)).primaries))
                 .filter(|(_, rs)| rs.iter().all(|n| self.down.is_up(n)))
                 .collect();
             self.reaper.handle_tick(now.mono_ms, now.wall_ms, &reapable);
@@ -258,12 +268,12 @@ impl HandoffStage {
     }
 
     /// What is held here: report it, decide whether a leaving node is done, start work.
-    fn handle_inventory(&mut self, now: Now, held: Vec<u32>, hints: BTreeMap<NodeId, u64>) {
+    fn handle_inventory(&mut self, now: Now, held: Vec<TreeId>, hints: BTreeMap<NodeId, u64>) {
         if self.view.as_ref().and_then(|v| v.ring.as_ref()).is_none() {
             return;
         }
-        let replicated = self.replicated();
-        let foreign: Vec<u32> = held.iter().copied().filter(|p| !replicated.contains(p)).collect();
+        let foreign: Vec<TreeId> = held.iter().filter(|t| !self.replicates(t)).cloned().collect();
+        self.held = held.clone();
         let hint_total: u64 = hints.values().sum();
         self.effects.push_back(Effect::Signal(Signal::Pending { hints: hint_total, transfers: foreign.len() as u64 }));
         let hints_done = hint_total == 0 || self.settings.planted == Planted::LeaveIgnoresHints;
@@ -297,17 +307,17 @@ impl HandoffStage {
             };
             self.store(op, Scan::Hints { intended: d });
         }
-        for p in foreign {
+        for t in foreign {
             if self.inflight() >= self.budget as usize || !self.paced(now) {
                 break;
             }
-            let busy = self.batches.values().any(|b| b.kind == Kind::Transfer { partition: p })
-                || self.scans.values().any(|s| matches!(s, Scan::Partition { partition } if *partition == p));
+            let busy = self.batches.values().any(|b| b.kind == Kind::Transfer { tree: t.clone() })
+                || self.scans.values().any(|s| matches!(s, Scan::Partition { tree } if *tree == t));
             if busy {
                 continue;
             }
-            let op = StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: self.settings.batch_bytes };
-            self.store(op, Scan::Partition { partition: p });
+            let op = StoreOp::Page { tree: t.clone(), leaves: None, after: None, bytes_max: self.settings.batch_bytes };
+            self.store(op, Scan::Partition { tree: t });
         }
     }
 
@@ -382,9 +392,9 @@ impl HandoffStage {
         let mut by_targets: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
         let mut adopt: BTreeMap<Vec<NodeId>, Vec<(Vec<u8>, Object)>> = BTreeMap::new();
         for (k, o, _) in live {
-            let p = ring.partition_for_key(&k);
-            let targets = self.owners(p);
-            let mine = ring.preference_list(p, self.settings.replicas).primaries.contains(&self.settings.me);
+            let tree = TreeId::of(&k, ring.partitions());
+            let targets = self.owners(&tree);
+            let mine = ring.is_replica(tree.partition, tree.n_or(self.settings.replicas), &self.settings.me);
             if !targets.iter().all(|t| self.down.is_up(t)) {
                 continue;
             }
@@ -404,13 +414,13 @@ impl HandoffStage {
         }
     }
 
-    fn handle_partition(&mut self, now: Now, partition: u32, objects: Vec<(Vec<u8>, Object)>) {
-        if self.replicated().contains(&partition) && self.settings.planted == Planted::None {
+    fn handle_partition(&mut self, now: Now, tree: TreeId, objects: Vec<(Vec<u8>, Object)>) {
+        if self.replicates(&tree) && self.settings.planted == Planted::None {
             return;
         }
-        let owners = self.owners(partition);
+        let owners = self.owners(&tree);
         if owners.iter().all(|o| self.down.is_up(o)) {
-            self.start_batch(now, Kind::Transfer { partition }, owners, objects);
+            self.start_batch(now, Kind::Transfer { tree }, owners, objects);
         }
     }
 
@@ -433,8 +443,9 @@ impl HandoffStage {
                 tracing::debug!(%intended, keys = b.keys.len(), "hints delivered");
                 StoreOp::RemoveHints { intended, keys: b.keys }
             }
-            Kind::Transfer { partition } => {
-                tracing::debug!(partition, keys = b.keys.len(), "keys transferred to their replicas");
+            Kind::Transfer { tree } => {
+                let (partition, namespace) = (tree.partition, tree.namespace_name());
+                tracing::debug!(partition, namespace, keys = b.keys.len(), "keys transferred to their replicas");
                 StoreOp::RemoveObjects { keys: b.keys }
             }
         };
@@ -458,11 +469,15 @@ impl HandoffStage {
                     self.store(op, Scan::Hints { intended });
                 }
             }
-            Kind::Transfer { partition } => {
-                if !self.replicated().contains(&partition) || self.settings.planted != Planted::None {
-                    let op =
-                        StoreOp::Page { partition, leaves: None, after: None, bytes_max: self.settings.batch_bytes };
-                    self.store(op, Scan::Partition { partition });
+            Kind::Transfer { tree } => {
+                if !self.replicates(&tree) || self.settings.planted != Planted::None {
+                    let op = StoreOp::Page {
+                        tree: tree.clone(),
+                        leaves: None,
+                        after: None,
+                        bytes_max: self.settings.batch_bytes,
+                    };
+                    self.store(op, Scan::Partition { tree });
                 }
             }
         }
@@ -471,8 +486,8 @@ impl HandoffStage {
     fn drain_reaper(&mut self) {
         while let Some(action) = self.reaper.poll_action() {
             match action {
-                ReapAction::Scan { partition, before_wall_ms, limit } => {
-                    self.store(StoreOp::Tombstones { partition, before_wall_ms, limit }, Scan::Tombstones);
+                ReapAction::Scan { tree, before_wall_ms, limit } => {
+                    self.store(StoreOp::Tombstones { tree, before_wall_ms, limit }, Scan::Tombstones);
                 }
                 ReapAction::Send { id, to, step } if to == self.settings.me => {
                     let op = match step {
@@ -504,8 +519,8 @@ impl HandoffStage {
                 };
                 self.handle_hints(now, intended, hints)
             }
-            (Scan::Partition { partition }, Ok(StoreOutcome::Page { objects, .. })) => {
-                self.handle_partition(now, partition, objects)
+            (Scan::Partition { tree }, Ok(StoreOutcome::Page { objects, .. })) => {
+                self.handle_partition(now, tree, objects)
             }
             (Scan::Tombstones, result) => {
                 let found = match result {
@@ -628,7 +643,7 @@ mod tests {
             })
             .collect();
         let ring = Arc::new(ring_of(&members, 16, 3).unwrap());
-        Arc::new(View { me: me.into(), members, ring: Some(ring), epoch: 1 })
+        Arc::new(View { me: me.into(), members, ring: Some(ring), epoch: 1, namespaces: Default::default() })
     }
 
     fn settings(me: &str) -> HandoffSettings {
@@ -681,6 +696,7 @@ mod tests {
             })
             .expect("an inventory each round");
         let hints = hints.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        let held = held.into_iter().map(TreeId::default_of).collect();
         h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Inventory { held, hints }) });
         drain(h)
     }
@@ -864,7 +880,7 @@ mod tests {
         let token = effects
             .iter()
             .find_map(|e| match e {
-                Effect::Store { token, op: StoreOp::Page { partition, .. }, .. } if *partition == p => Some(*token),
+                Effect::Store { token, op: StoreOp::Page { tree, .. }, .. } if tree.partition == p => Some(*token),
                 _ => None,
             })
             .expect("a leaving node transfers what it holds");

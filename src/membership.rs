@@ -22,6 +22,7 @@
 //! the partitions it takes. Every interval a node gossips with one random live peer, and
 //! every few rounds with a seed as well, so no logical partition of the ring persists.
 
+use crate::namespace::Namespaces;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -177,6 +178,8 @@ pub struct View {
     /// The ring, once this node knows the cluster.
     pub ring: Option<Arc<Ring>>,
     pub epoch: u64,
+    /// The cluster's namespaces (gossiped beside the members).
+    pub namespaces: Arc<Namespaces>,
 }
 
 impl View {
@@ -497,7 +500,8 @@ impl Membership {
 
     /// The view other stages route by.
     pub fn view(&mut self) -> View {
-        View { me: self.me.id.clone(), members: self.table(), ring: self.ring(), epoch: self.epoch() }
+        let namespaces = Arc::default();
+        View { me: self.me.id.clone(), members: self.table(), ring: self.ring(), epoch: self.epoch(), namespaces }
     }
 
     /// The ring every node with this table computes, or None before this node knows any.

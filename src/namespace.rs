@@ -210,8 +210,7 @@ pub struct KeyClass<'k> {
 
 impl KeyClass<'_> {
     /// The class of the default namespace's keys.
-    pub const DEFAULT: KeyClass<'static> =
-        KeyClass { prefix: &[], n: None, resolution: Resolution::Siblings };
+    pub const DEFAULT: KeyClass<'static> = KeyClass { prefix: &[], n: None, resolution: Resolution::Siblings };
 
     /// N for this key, given the cluster's.
     pub fn n_or(&self, cluster_n: usize) -> usize {
@@ -224,16 +223,27 @@ impl KeyClass<'_> {
 pub fn class_of(key: &[u8]) -> KeyClass<'_> {
     match key {
         [PREFIX_MARK, PREFIX_VERSION, n, res, len, rest @ ..]
-            if *n >= 1 && *n <= N_MAX && *len >= 1 && (*len as usize) <= NAME_BYTES_MAX && rest.len() >= *len as usize =>
+            if *n >= 1
+                && *n <= N_MAX
+                && *len >= 1
+                && (*len as usize) <= NAME_BYTES_MAX
+                && rest.len() >= *len as usize =>
         {
             match Resolution::from_byte(*res) {
-                Some(resolution) => {
-                    KeyClass { prefix: &key[..5 + *len as usize], n: Some(*n as usize), resolution }
-                }
+                Some(resolution) => KeyClass { prefix: &key[..5 + *len as usize], n: Some(*n as usize), resolution },
                 None => KeyClass::DEFAULT,
             }
         }
         _ => KeyClass::DEFAULT,
+    }
+}
+
+/// The name a store-key prefix carries (`default` for the empty prefix).
+pub fn name_of_prefix(prefix: &[u8]) -> &str {
+    let class = class_of(prefix);
+    match class.prefix.get(5..) {
+        Some(name) if class.n.is_some() => std::str::from_utf8(name).unwrap_or(DEFAULT_NAME),
+        _ => DEFAULT_NAME,
     }
 }
 
@@ -342,6 +352,7 @@ mod tests {
         assert_eq!(&k[c.prefix.len()..], b"user:1");
         assert_eq!(class_of(b"user:1"), KeyClass::DEFAULT);
         assert_eq!(KeyClass::DEFAULT.n_or(3), 3);
+        assert_eq!((name_of_prefix(&a.prefix()), name_of_prefix(b"")), ("sessions", "default"));
         // A name that is a prefix of another's is still another namespace.
         let b = ns("sessions2", 1, Resolution::Lww);
         assert_ne!(class_of(&b.store_key(b"x")).prefix, c.prefix);
@@ -350,7 +361,9 @@ mod tests {
 
     #[test]
     fn malformed_prefixes_read_as_the_default_namespace() {
-        for k in [&[0xFF][..], &[0xFF, 1, 0, 0, 1, b'a'], &[0xFF, 1, 3, 9, 1, b'a'], &[0xFF, 1, 3, 0, 5, b'a'], &[0xFF, 2]] {
+        for k in
+            [&[0xFF][..], &[0xFF, 1, 0, 0, 1, b'a'], &[0xFF, 1, 3, 9, 1, b'a'], &[0xFF, 1, 3, 0, 5, b'a'], &[0xFF, 2]]
+        {
             assert_eq!(class_of(k), KeyClass::DEFAULT, "{k:?}");
         }
         assert!(check_default_key(&[0xFF, 1]).is_err());

@@ -13,10 +13,11 @@ use crate::coordinator::{CoordinatorSettings, CoordinatorStage, RequestLimits};
 use crate::failure_detector::{DetectorSettings, FailureDetector, FailureDetectorStage};
 use crate::gossip::GossipStage;
 use crate::handoff::{HandoffSettings, HandoffStage, Planted};
-use crate::membership::{Identity, Member, Membership};
+use crate::membership::{Identity, Membership};
 use crate::replica::{ReplicaSettings, ReplicaStage};
 use crate::ring::NodeId;
 use crate::stage::{admit, route, subscribers, Dest, Effect, Input, Now, Origin, Signal, Stage, StageId};
+use crate::store::Saved;
 use crate::store::StoreLimits;
 use crate::wire::Message;
 
@@ -130,12 +131,12 @@ pub struct Stages {
 }
 
 impl Stages {
-    /// Build every stage; `saved` is the member table read from storage.
-    pub fn new(s: &NodeSettings, saved: Vec<Member>, now: Now) -> Stages {
+    /// Build every stage; `saved` is the member table and namespaces read from storage.
+    pub fn new(s: &NodeSettings, saved: Saved, now: Now) -> Stages {
         let membership = Membership::new(
             s.identity.clone(),
             s.seeds.clone(),
-            saved,
+            saved.members,
             s.partitions,
             s.replicas as u32,
             s.gossip_interval_ms,
@@ -145,7 +146,7 @@ impl Stages {
         Stages {
             coordinator: CoordinatorStage::new(s.coordinator.clone()),
             replica: ReplicaStage::new(s.replica.clone()),
-            gossip: GossipStage::new(membership, s.replicas),
+            gossip: GossipStage::new(membership, s.replicas).with_namespaces(saved.namespaces),
             failure_detector: FailureDetectorStage::new(FailureDetector::new(s.detector), me),
             handoff: HandoffStage::new(s.handoff.clone(), now.mono_ms),
             anti_entropy: AntiEntropyStage::new(s.anti_entropy.clone(), now.mono_ms),
@@ -195,7 +196,7 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
-    pub fn new(settings: &NodeSettings, saved: Vec<Member>, now: Now) -> LocalNode {
+    pub fn new(settings: &NodeSettings, saved: Saved, now: Now) -> LocalNode {
         let mut node =
             LocalNode { stages: Stages::new(settings, saved, now), queue: VecDeque::new(), out: VecDeque::new() };
         for id in StageId::ALL {
@@ -368,7 +369,7 @@ mod tests {
         }
 
         fn boot(&mut self, i: usize) {
-            let saved = crate::store::StoreState::load_members(&self.peers[i].store.engine).unwrap();
+            let saved = crate::store::StoreState::load_saved(&self.peers[i].store.engine).unwrap();
             let now = self.now();
             self.peers[i].node = Some(LocalNode::new(&self.peers[i].settings, saved, now));
         }
@@ -478,12 +479,13 @@ mod tests {
                 context,
                 value: Some(Bytes::from(value)),
                 w: None,
+                ns: None,
             };
             self.client(i, request)
         }
 
         fn get(&mut self, i: usize, key: &str) -> (Vec<Vec<u8>>, Option<String>) {
-            match self.client(i, ClientRequest::Get { key: Bytes::from(key.as_bytes().to_vec()), r: None }) {
+            match self.client(i, ClientRequest::Get { key: Bytes::from(key.as_bytes().to_vec()), r: None, ns: None }) {
                 ClientResponse::Values { values, context } => {
                     (values.into_iter().map(Bytes::into_vec).collect(), context)
                 }
@@ -566,6 +568,90 @@ mod tests {
         m.forwards.clear();
         assert!(matches!(m.put(j, &key, b"v3".to_vec(), None), ClientResponse::Written { .. }));
         assert!(m.forwards.is_empty());
+    }
+
+    /// Namespaces end to end: created on one node, known to all by gossip and after a
+    /// restart; an N=1 namespace's keys live on one node only, even after anti-entropy and
+    /// handoff rounds; an lww namespace answers one value where the default keeps siblings.
+    #[test]
+    fn namespaces_have_their_own_n_and_reconciliation() {
+        let mut m = Mini::new(3, "");
+        let create = |name: &str, n: u8, res: &str| ClientRequest::NamespaceCreate {
+            name: name.into(),
+            n: Some(n),
+            r: Some(1),
+            w: Some(1),
+            resolution: Some(res.into()),
+        };
+        assert!(matches!(m.client(0, create("one", 1, "siblings")), ClientResponse::Document { .. }));
+        assert!(matches!(m.client(0, create("last", 3, "lww")), ClientResponse::Document { .. }));
+        m.run(1000);
+        // Bad definitions change nothing: N over the members, a second create, a bad name.
+        for bad in [create("big", 4, "lww"), create("one", 2, "lww"), create("default", 1, "lww")] {
+            let answer = m.client(1, bad);
+            assert!(matches!(answer, ClientResponse::Error { kind: crate::wire::ErrorKind::BadRequest, .. }));
+        }
+        let ClientResponse::Document { json } = m.client(2, ClientRequest::Namespaces) else { panic!() };
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(doc["namespaces"].as_array().map(Vec::len), Some(2), "{doc}");
+        assert_eq!(doc["namespaces"][0]["name"], "last");
+        assert_eq!(doc["namespaces"][1]["n"], 1);
+
+        let put = |ns: &str, key: &str, v: &[u8]| ClientRequest::Put {
+            key: Bytes::from(key.as_bytes().to_vec()),
+            context: None,
+            value: Some(Bytes::from(v.to_vec())),
+            w: None,
+            ns: Some(ns.into()),
+        };
+        let get = |ns: &str, key: &str| ClientRequest::Get {
+            key: Bytes::from(key.as_bytes().to_vec()),
+            r: Some(1),
+            ns: Some(ns.into()),
+        };
+        let keys: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert!(matches!(m.client(i % 3, put("one", k, b"v")), ClientResponse::Written { .. }));
+        }
+        // Blind writes from two coordinators: lww answers the later one only.
+        assert!(matches!(m.client(0, put("last", "k", b"first")), ClientResponse::Written { .. }));
+        m.run(5);
+        assert!(matches!(m.client(1, put("last", "k", b"second")), ClientResponse::Written { .. }));
+        let ClientResponse::Values { values, .. } = m.client(2, get("last", "k")) else { panic!() };
+        assert_eq!(values, vec![Bytes::from(b"second".to_vec())]);
+        // The same key in the default namespace is another key.
+        assert_eq!(m.get(0, "k").0, Vec::<Vec<u8>>::new());
+        // An unknown namespace is a bad request, and so is a default key that looks namespaced.
+        let unknown = m.client(0, get("nope", "k"));
+        assert!(matches!(unknown, ClientResponse::Error { kind: crate::wire::ErrorKind::BadRequest, .. }));
+        let raw = ClientRequest::Get { key: Bytes::from(vec![0xFF, 1, 1, 0, 3, b'o', b'n', b'e']), r: None, ns: None };
+        assert!(matches!(m.client(0, raw), ClientResponse::Error { kind: crate::wire::ErrorKind::BadRequest, .. }));
+
+        // Anti-entropy and handoff rounds copy no N=1 key to a second node.
+        m.run(6000);
+        let one = m.peers[0].node.as_ref().unwrap().stages.gossip.namespaces().get("one").cloned().unwrap();
+        let ring = m.view(0).ring.clone().unwrap();
+        for k in &keys {
+            let store_key = one.store_key(k.as_bytes());
+            let owner = ring.preference_list(ring.partition_for_key(&store_key), 1).primaries;
+            let holders: Vec<String> = (0..3)
+                .filter(|&i| {
+                    let read = m.peers[i].store.run(StoreOp::Read { key: store_key.clone() });
+                    matches!(read, Ok(StoreOutcome::Object(Some(_))))
+                })
+                .map(|i| format!("n{}", i + 1))
+                .collect();
+            assert_eq!(holders, owner, "{k}");
+            let ClientResponse::Values { values, .. } = m.client(0, get("one", k)) else { panic!() };
+            assert_eq!(values.len(), 1, "{k}");
+        }
+        // admin partitions shows the namespaces' trees beside the default one.
+        let ClientResponse::Document { json } = m.client(0, ClientRequest::Partitions) else { panic!() };
+        assert!(json.contains("\"namespaces\"") && json.contains("\"last\""), "{json}");
+        // A restarted node knows the namespaces from its own disk.
+        m.down(2);
+        m.boot(2);
+        assert_eq!(m.peers[2].node.as_ref().unwrap().stages.gossip.namespaces().len(), 2);
     }
 
     #[test]

@@ -14,14 +14,15 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::ring::NodeId;
+use crate::store::TreeId;
 use crate::wire::ReapStep;
 
 /// What the reaper wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReapAction {
-    /// List this node's tombstone-only keys of `partition` last written before
+    /// List this node's tombstone-only keys of `tree` last written before
     /// `before_wall_ms`; answer with `handle_tombstones`.
-    Scan { partition: u32, before_wall_ms: u64, limit: usize },
+    Scan { tree: TreeId, before_wall_ms: u64, limit: usize },
     /// Send a step to a replica (possibly this node); answer with `handle_answer`.
     Send { id: u64, to: NodeId, step: ReapStep },
 }
@@ -46,7 +47,7 @@ pub struct Reaper {
     next_round_ms: u64,
     cursor: usize,
     next_id: u64,
-    scanning: Option<(u32, Vec<NodeId>)>,
+    scanning: Option<(TreeId, Vec<NodeId>)>,
     candidates: BTreeMap<u64, Candidate>,
     outbox: VecDeque<ReapAction>,
     /// Keys every replica removed.
@@ -70,10 +71,10 @@ impl Reaper {
         }
     }
 
-    /// Time passed. `partitions` are the partitions this node replicates with their N
-    /// replicas, and only those whose replicas are all reachable (a replica that is away
-    /// could not confirm).
-    pub fn handle_tick(&mut self, now_ms: u64, wall_ms: u64, partitions: &[(u32, Vec<NodeId>)]) {
+    /// Time passed. `partitions` are the trees (a partition's keys of one namespace) this
+    /// node replicates with their N replicas, and only those whose replicas are all
+    /// reachable (a replica that is away could not confirm).
+    pub fn handle_tick(&mut self, now_ms: u64, wall_ms: u64, partitions: &[(TreeId, Vec<NodeId>)]) {
         self.candidates.retain(|_, c| now_ms < c.started_ms.saturating_add(self.timeout_ms));
         if now_ms < self.next_round_ms
             || partitions.is_empty()
@@ -83,11 +84,11 @@ impl Reaper {
             return;
         }
         self.next_round_ms = now_ms.saturating_add(self.interval_ms);
-        let (partition, replicas) = partitions[self.cursor % partitions.len()].clone();
+        let (tree, replicas) = partitions[self.cursor % partitions.len()].clone();
         self.cursor = self.cursor.wrapping_add(1);
-        self.scanning = Some((partition, replicas));
+        self.scanning = Some((tree.clone(), replicas));
         let before_wall_ms = wall_ms.saturating_sub(self.grace_ms);
-        self.outbox.push_back(ReapAction::Scan { partition, before_wall_ms, limit: self.batch });
+        self.outbox.push_back(ReapAction::Scan { tree, before_wall_ms, limit: self.batch });
     }
 
     /// Tombstones found by a scan: (key, digest of its state).
@@ -147,15 +148,18 @@ mod tests {
         std::iter::from_fn(|| r.poll_action()).collect()
     }
 
-    fn replicas() -> Vec<(u32, Vec<NodeId>)> {
-        vec![(3, vec!["a".into(), "b".into(), "c".into()])]
+    fn replicas() -> Vec<(TreeId, Vec<NodeId>)> {
+        vec![(TreeId::default_of(3), vec!["a".into(), "b".into(), "c".into()])]
     }
 
     #[test]
     fn reaps_only_when_every_replica_agrees() {
         let mut r = Reaper::new(100, 1000, 10, 0);
         r.handle_tick(100, 50_000, &replicas());
-        assert_eq!(drain(&mut r), vec![ReapAction::Scan { partition: 3, before_wall_ms: 49_000, limit: 10 }]);
+        assert_eq!(
+            drain(&mut r),
+            vec![ReapAction::Scan { tree: TreeId::default_of(3), before_wall_ms: 49_000, limit: 10 }]
+        );
         r.handle_tombstones(100, vec![([7; 16], b"k".to_vec())]);
         assert_eq!(drain(&mut r).len(), 3, "a check to each replica");
         r.handle_answer(1, "a", true);

@@ -122,8 +122,10 @@ impl ReplicaStage {
                 }
             }
             Message::Handoff { id, objects } => {
-                let keys_ok =
-                    objects.iter().all(|(k, _)| !k.is_empty() && k.len() <= self.settings.limits.key_bytes_max);
+                let keys_ok = objects.iter().all(|(k, _)| {
+                    let user = k.len().saturating_sub(crate::namespace::class_of(k).prefix.len());
+                    user > 0 && user <= self.settings.limits.key_bytes_max
+                });
                 // A leaving node takes no hints or transfers: it may already count itself left
                 // and be stopped with them (its peers may not know yet); the sender keeps
                 // them and sends them on to the key's replicas once it hears of the leave
@@ -201,7 +203,18 @@ impl ReplicaStage {
                     Ok(StoreOutcome::Summaries(ps)) => {
                         let list: Vec<serde_json::Value> = ps
                             .into_iter()
-                            .map(|(p, keys, root)| json!({"partition": p, "keys": keys, "merkle_root": root}))
+                            .map(|s| {
+                                let mut part = json!({"partition": s.partition, "keys": s.keys, "merkle_root": s.root});
+                                if !s.namespaces.is_empty() {
+                                    let others: Vec<serde_json::Value> = s
+                                        .namespaces
+                                        .into_iter()
+                                        .map(|(name, keys, root)| json!({"name": name, "keys": keys, "merkle_root": root}))
+                                        .collect();
+                                    part["namespaces"] = json!(others);
+                                }
+                                part
+                            })
                             .collect();
                         document(json!({"node": self.settings.me, "partitions": list}))
                     }
@@ -306,7 +319,7 @@ mod tests {
             weight: 1,
             signature: None,
         };
-        let view = View { me: "n1".into(), members: vec![me], ring: None, epoch: 2 };
+        let view = View { me: "n1".into(), members: vec![me], ring: None, epoch: 2, namespaces: Default::default() };
         s.handle(now(), Input::Signal(Signal::View(std::sync::Arc::new(view))));
         let write = crate::wire::ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: None };
         s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 1, request: write } });

@@ -196,7 +196,12 @@ pub fn route(msg: &Message) -> Option<StageId> {
     Some(match msg {
         Message::Client { request, .. } => match request {
             ClientRequest::Get { .. } | ClientRequest::Put { .. } => StageId::Coordinator,
-            ClientRequest::Status | ClientRequest::Ring | ClientRequest::Leave { .. } => StageId::Gossip,
+            ClientRequest::Status
+            | ClientRequest::Ring
+            | ClientRequest::Leave { .. }
+            | ClientRequest::NamespaceCreate { .. }
+            | ClientRequest::NamespaceSet { .. }
+            | ClientRequest::Namespaces => StageId::Gossip,
             ClientRequest::Partitions
             | ClientRequest::Hints
             | ClientRequest::FaultBlock { .. }
@@ -293,7 +298,7 @@ mod tests {
 
     #[test]
     fn every_request_has_one_stage_and_replies_go_to_the_requester() {
-        let get = Message::Client { id: 1, request: ClientRequest::Get { key: Default::default(), r: None } };
+        let get = Message::Client { id: 1, request: ClientRequest::Get { key: Default::default(), r: None, ns: None } };
         assert_eq!(route(&get), Some(StageId::Coordinator));
         let fwd = Message::Replica {
             id: 1,
@@ -317,7 +322,13 @@ mod tests {
 
     #[test]
     fn every_signal_reaches_someone_but_not_its_sender() {
-        let view = Signal::View(Arc::new(View { me: "a".into(), members: vec![], ring: None, epoch: 0 }));
+        let view = Signal::View(Arc::new(View {
+            me: "a".into(),
+            members: vec![],
+            ring: None,
+            epoch: 0,
+            namespaces: Default::default(),
+        }));
         assert!(!subscribers(&view).contains(&StageId::Gossip));
         let down = Signal::Down(Arc::default());
         assert!(!subscribers(&down).contains(&StageId::FailureDetector));

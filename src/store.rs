@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::membership::Member;
 use crate::merkle::{item_hash, leaf_of, Hash, MerkleTree};
+use crate::namespace::{self, class_of};
 use crate::ring::{key_position, partition_of_position, NodeId};
 use crate::version::{Actor, Object, VersionVector};
 
@@ -161,9 +162,9 @@ pub enum StoreOp {
     Merge { objects: Vec<(Vec<u8>, Object)> },
     /// Owned objects of a partition, in `leaves` when given, after key `after`, at most
     /// `bytes_max` bytes (at least one object when any is left).
-    Page { partition: u32, leaves: Option<Vec<u32>>, after: Option<Vec<u8>>, bytes_max: usize },
-    /// A partition's Merkle tree.
-    Tree { partition: u32 },
+    Page { tree: TreeId, leaves: Option<Vec<u32>>, after: Option<Vec<u8>>, bytes_max: usize },
+    /// One Merkle tree (a partition's keys of one namespace).
+    Tree { tree: TreeId },
     /// Hints held for `intended`, after key `after`, at most `bytes_max` bytes.
     HintPage { intended: NodeId, after: Option<Vec<u8>>, bytes_max: usize },
     /// Drop hints held for `intended` that still have these digests (delivered).
@@ -171,19 +172,22 @@ pub enum StoreOp {
     /// Drop owned keys that still have these digests (transferred to their owners).
     RemoveObjects { keys: Vec<(Vec<u8>, [u8; 16])> },
     /// Owned tombstone-only keys of a partition last written before `before_wall_ms`.
-    Tombstones { partition: u32, before_wall_ms: u64, limit: usize },
+    Tombstones { tree: TreeId, before_wall_ms: u64, limit: usize },
     /// Reaping, one replica's part: do we hold exactly this state?
     ReapCheck { key: Vec<u8>, digest: [u8; 16] },
     /// Reaping: remove the key if it still has this state, keeping a reaped record.
     ReapRemove { key: Vec<u8>, digest: [u8; 16] },
     /// Drop reaped records older than `before_wall_ms`, scanning at most `limit` after `after`.
     SweepReaped { after: Option<Vec<u8>>, before_wall_ms: u64, limit: usize },
-    /// Partitions holding owned keys, and hints held by intended node.
+    /// Trees holding owned keys, and hints held by intended node.
     Inventory,
-    /// Key count and Merkle root of each listed partition.
+    /// Key count and Merkle root of each listed partition's default namespace, and of
+    /// each other namespace holding keys in it.
     Summaries { partitions: Vec<u32> },
     /// Persist the member table.
     SaveMembers { members: Vec<Member> },
+    /// Persist the cluster's namespaces.
+    SaveNamespaces { namespaces: Vec<namespace::Namespace> },
     /// Move an unreadable row aside (a read-only batch found it).
     Quarantine { table: Table, row_key: Vec<u8> },
     /// A peer reaped these keys' tombstones: drop what each record covers and keep the
@@ -257,16 +261,82 @@ pub enum StoreOutcome {
         next: Option<Vec<u8>>,
     },
     Inventory {
-        held: Vec<u32>,
+        held: Vec<TreeId>,
         hints: BTreeMap<NodeId, u64>,
     },
-    Summaries(Vec<(u32, u64, String)>),
+    Summaries(Vec<PartitionSummary>),
     Done,
 }
 
 /// A key's partition.
 pub fn partition_of(key: &[u8], q: u32) -> u32 {
     partition_of_position(key_position(key), q)
+}
+
+/// The keys one Merkle tree covers: a partition's keys of one namespace (`ns` is the
+/// namespace's store-key prefix, empty for the default namespace; see [`crate::namespace`]).
+/// Anti-entropy, transfers and reaping work tree by tree, each with its namespace's N.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TreeId {
+    pub partition: u32,
+    #[serde(with = "serde_bytes")]
+    pub ns: Vec<u8>,
+}
+
+impl TreeId {
+    /// The default namespace's tree of `partition`.
+    pub fn default_of(partition: u32) -> TreeId {
+        TreeId { partition, ns: Vec::new() }
+    }
+
+    /// The tree `key` belongs to.
+    pub fn of(key: &[u8], q: u32) -> TreeId {
+        TreeId { partition: partition_of(key, q), ns: class_of(key).prefix.to_vec() }
+    }
+
+    /// Whether `key` belongs to this tree (its partition is checked by the caller's scan).
+    pub fn holds(&self, key: &[u8]) -> bool {
+        class_of(key).prefix == self.ns.as_slice()
+    }
+
+    /// N of this tree's keys, given the cluster's.
+    pub fn n_or(&self, cluster_n: usize) -> usize {
+        class_of(&self.ns).n_or(cluster_n)
+    }
+
+    /// The namespace's name, as `admin partitions` shows it.
+    pub fn namespace_name(&self) -> &str {
+        namespace::name_of_prefix(&self.ns)
+    }
+
+    /// The row keys to scan for this tree: the namespace's rows of the partition (the
+    /// default namespace's range also holds the others', which scans skip).
+    fn bounds(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let (lo, hi) = partition_bounds(self.partition);
+        if self.ns.is_empty() {
+            return (lo, hi);
+        }
+        let start = [&lo[..], &self.ns].concat();
+        let end = prefix_end(&start).or(hi);
+        (start, end)
+    }
+}
+
+/// What a node saved of the cluster: the member table and the namespaces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Saved {
+    pub members: Vec<Member>,
+    pub namespaces: Vec<namespace::Namespace>,
+}
+
+/// One partition as `admin partitions` shows it: its default namespace's key count and
+/// Merkle root, and each other namespace's (name, keys, root) there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionSummary {
+    pub partition: u32,
+    pub keys: u64,
+    pub root: String,
+    pub namespaces: Vec<(String, u64, String)>,
 }
 
 fn object_row_key(key: &[u8], q: u32) -> Vec<u8> {
@@ -350,6 +420,7 @@ fn successor(k: &[u8]) -> Vec<u8> {
 const ROW_FORMAT_MD5: u8 = 1;
 const ROW_FORMAT: u8 = 2;
 const META_MEMBERS: &[u8] = b"members";
+const META_NAMESPACES: &[u8] = b"namespaces";
 const META_EPOCH: &[u8] = b"epoch";
 const META_ACTORS: &[u8] = b"actors";
 const META_GENERATION: &[u8] = b"generation";
@@ -462,7 +533,7 @@ fn set_aside(engine: &mut dyn Engine, table: Table, row_key: &[u8], bytes: &[u8]
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Change {
     Tree { partition: u32, key: Vec<u8>, old: Option<[u8; 16]>, new: Option<[u8; 16]> },
-    Leaf { partition: u32, leaf: u32, hash: Hash, removed: u64 },
+    Leaf { tree: TreeId, leaf: u32, hash: Hash, removed: u64 },
     Hints { intended: NodeId, delta: i64 },
     Actors(u64),
 }
@@ -528,7 +599,10 @@ pub struct OpenReport {
 pub struct StoreState {
     q: u32,
     limits: StoreLimits,
+    /// The default namespace's tree of each partition.
     trees: Vec<MerkleTree>,
+    /// Other namespaces' trees, made when their first key arrives.
+    ns_trees: BTreeMap<TreeId, MerkleTree>,
     hint_counts: BTreeMap<NodeId, u64>,
     epoch: u64,
     actors_drawn: u64,
@@ -579,11 +653,17 @@ impl StoreState {
         let actors_drawn = read_u64(engine, META_ACTORS)?.unwrap_or(0);
         let generation = read_u64(engine, META_GENERATION)?.unwrap_or(0);
         let mut trees = vec![MerkleTree::new(); q as usize];
+        let mut ns_trees: BTreeMap<TreeId, MerkleTree> = BTreeMap::new();
         let mut bad: Vec<(Table, Vec<u8>)> = Vec::new();
         engine.scan(Table::Objects, &[], None, &mut |k, v| {
             match (key_of_object_row(k), decode_object_row(v)) {
                 (Some(key), Ok(row)) if object_row_key(key, q) == k => {
-                    if let Some(t) = trees.get_mut(partition_of(key, q) as usize) {
+                    let id = TreeId::of(key, q);
+                    let tree = match id.ns.is_empty() {
+                        true => trees.get_mut(id.partition as usize),
+                        false => Some(ns_trees.entry(id).or_default()),
+                    };
+                    if let Some(t) = tree {
                         t.insert(key, &row.object.digest());
                         report.objects += 1;
                     }
@@ -623,7 +703,7 @@ impl StoreState {
             }
             report.quarantined += 1;
         }
-        let state = StoreState { q, limits, trees, hint_counts, epoch, actors_drawn, generation };
+        let state = StoreState { q, limits, trees, ns_trees, hint_counts, epoch, actors_drawn, generation };
         Ok((state, report))
     }
 
@@ -644,6 +724,24 @@ impl StoreState {
     }
 
     /// The saved member table (empty when none was saved).
+    /// The saved namespaces (none when none were saved). Each is validated again where it
+    /// is merged ([`namespace::Namespaces::merge`]).
+    pub fn load_namespaces(engine: &dyn Engine) -> Result<Vec<namespace::Namespace>, StoreError> {
+        match engine.get(Table::Meta, META_NAMESPACES)? {
+            None => Ok(Vec::new()),
+            Some(bytes) => unseal(&bytes).map_err(|detail| StoreError::Corrupt {
+                table: "meta".into(),
+                key: META_NAMESPACES.to_vec(),
+                detail,
+            }),
+        }
+    }
+
+    /// What a node starts from: its saved member table and namespaces.
+    pub fn load_saved(engine: &dyn Engine) -> Result<Saved, StoreError> {
+        Ok(Saved { members: Self::load_members(engine)?, namespaces: Self::load_namespaces(engine)? })
+    }
+
     pub fn load_members(engine: &dyn Engine) -> Result<Vec<Member>, StoreError> {
         match engine.get(Table::Meta, META_MEMBERS)? {
             None => Ok(Vec::new()),
@@ -659,13 +757,47 @@ impl StoreState {
         self.q
     }
 
+    /// The default namespace's tree of `partition`.
     pub fn tree(&self, partition: u32) -> Option<&MerkleTree> {
         self.trees.get(partition as usize)
     }
 
-    /// Partitions holding at least one owned key.
-    pub fn held(&self) -> Vec<u32> {
-        self.trees.iter().enumerate().filter(|(_, t)| t.keys() > 0).map(|(p, _)| p as u32).collect()
+    /// Any tree; a namespace's tree that never held a key is empty.
+    pub fn tree_of(&self, id: &TreeId) -> Option<MerkleTree> {
+        match id.ns.is_empty() {
+            true => self.trees.get(id.partition as usize).cloned(),
+            false if id.partition < self.q => Some(self.ns_trees.get(id).cloned().unwrap_or_default()),
+            false => None,
+        }
+    }
+
+    fn tree_mut(&mut self, id: TreeId) -> Option<&mut MerkleTree> {
+        match id.ns.is_empty() {
+            true => self.trees.get_mut(id.partition as usize),
+            false if id.partition < self.q => Some(self.ns_trees.entry(id).or_default()),
+            false => None,
+        }
+    }
+
+    /// Trees holding at least one owned key.
+    pub fn held(&self) -> Vec<TreeId> {
+        let default = self.trees.iter().enumerate().filter(|(_, t)| t.keys() > 0);
+        let mut held: Vec<TreeId> = default.map(|(p, _)| TreeId::default_of(p as u32)).collect();
+        held.extend(self.ns_trees.iter().filter(|(_, t)| t.keys() > 0).map(|(id, _)| id.clone()));
+        held
+    }
+
+    /// What `admin partitions` shows of `partition`.
+    pub fn summary(&self, partition: u32) -> Option<PartitionSummary> {
+        let t = self.trees.get(partition as usize)?;
+        let namespaces = self
+            .ns_trees
+            .range(TreeId { partition, ns: Vec::new() }..)
+            .take_while(|(id, _)| id.partition == partition)
+            .filter(|(_, t)| t.keys() > 0)
+            .map(|(id, t)| (id.namespace_name().to_string(), t.keys(), t.root_hex()))
+            .collect();
+        Some(PartitionSummary { partition, keys: t.keys(), root: t.root_hex(), namespaces })
     }
 
     /// Hints held, by intended node.
@@ -680,6 +812,7 @@ impl StoreState {
                 q: self.q,
                 limits: self.limits,
                 trees: Vec::new(),
+                ns_trees: BTreeMap::new(),
                 hint_counts: BTreeMap::new(),
                 epoch: self.epoch,
                 actors_drawn: self.actors_drawn,
@@ -727,12 +860,13 @@ impl StoreState {
         for c in &pending.changes {
             match c {
                 Change::Tree { partition, key, old, new } => {
-                    if let Some(t) = self.trees.get_mut(*partition as usize) {
+                    let id = TreeId { partition: *partition, ns: class_of(key).prefix.to_vec() };
+                    if let Some(t) = self.tree_mut(id) {
                         t.update(key, old.as_ref(), new.as_ref());
                     }
                 }
-                Change::Leaf { partition, leaf, hash, removed } => {
-                    if let Some(t) = self.trees.get_mut(*partition as usize) {
+                Change::Leaf { tree, leaf, hash, removed } => {
+                    if let Some(t) = self.tree_mut(tree.clone()) {
                         t.set_leaf(*leaf, *hash, *removed);
                     }
                 }
@@ -863,13 +997,13 @@ impl<E: Engine> Exec<'_, E> {
     /// Recompute the Merkle leaf of `key` from the rows that remain (one row of it was
     /// quarantined, so its digest is unknown).
     fn rebuild_leaf(&mut self, key: &[u8]) -> Run<()> {
-        let (q, partition, leaf) = (self.q(), partition_of(key, self.q()), leaf_of(key));
-        let (lo, hi) = partition_bounds(partition);
+        let (q, tree, leaf) = (self.q(), TreeId::of(key, self.q()), leaf_of(key));
+        let (lo, hi) = tree.bounds();
         let mut hash: Hash = 0;
         let mut unreadable = Vec::new();
         self.engine.scan(Table::Objects, &lo, hi.as_deref(), &mut |k, v| {
             if let Some(key) = key_of_object_row(k) {
-                if leaf_of(key) == leaf {
+                if leaf_of(key) == leaf && tree.holds(key) {
                     match decode_object_row(v) {
                         Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.object.digest()),
                         _ => unreadable.push(k.to_vec()),
@@ -884,7 +1018,7 @@ impl<E: Engine> Exec<'_, E> {
                 self.set_aside(Table::Objects, &k, &bytes)?;
             }
         }
-        self.pending.changes.push(Change::Leaf { partition, leaf, hash, removed });
+        self.pending.changes.push(Change::Leaf { tree, leaf, hash, removed });
         Ok(())
     }
 
@@ -1103,13 +1237,11 @@ impl<E: Engine> Exec<'_, E> {
                 }
                 Ok(StoreOutcome::Removed { count })
             }
-            StoreOp::Page { partition, leaves, after, bytes_max } => {
-                let (objects, next) = self.page(partition, leaves.as_deref(), after, bytes_max)?;
+            StoreOp::Page { tree, leaves, after, bytes_max } => {
+                let (objects, next) = self.page(&tree, leaves.as_deref(), after, bytes_max)?;
                 Ok(StoreOutcome::Page { objects, next })
             }
-            StoreOp::Tree { partition } => {
-                Ok(StoreOutcome::Tree(self.state.tree(partition).cloned().unwrap_or_default()))
-            }
+            StoreOp::Tree { tree } => Ok(StoreOutcome::Tree(self.state.tree_of(&tree).unwrap_or_default())),
             StoreOp::HintPage { intended, after, bytes_max } => self.hint_page(&intended, after, bytes_max),
             StoreOp::RemoveHints { intended, keys } => {
                 let mut count = 0;
@@ -1143,11 +1275,14 @@ impl<E: Engine> Exec<'_, E> {
                 }
                 Ok(StoreOutcome::Removed { count })
             }
-            StoreOp::Tombstones { partition, before_wall_ms, limit } => {
-                let (lo, hi) = partition_bounds(partition);
+            StoreOp::Tombstones { tree, before_wall_ms, limit } => {
+                let (lo, hi) = tree.bounds();
                 let mut found = Vec::new();
                 let mut bad = Vec::new();
                 self.engine.scan(Table::Objects, &lo, hi.as_deref(), &mut |k, v| {
+                    if key_of_object_row(k).is_some_and(|key| !tree.holds(key)) {
+                        return true;
+                    }
                     match decode_object_row(v) {
                         Ok(row) => {
                             let o = &row.object;
@@ -1212,15 +1347,17 @@ impl<E: Engine> Exec<'_, E> {
             StoreOp::Inventory => {
                 Ok(StoreOutcome::Inventory { held: self.state.held(), hints: self.state.hint_counts.clone() })
             }
-            StoreOp::Summaries { partitions } => Ok(StoreOutcome::Summaries(
-                partitions
-                    .into_iter()
-                    .filter_map(|p| self.state.tree(p).map(|t| (p, t.keys(), t.root_hex())))
-                    .collect(),
-            )),
+            StoreOp::Summaries { partitions } => {
+                Ok(StoreOutcome::Summaries(partitions.into_iter().filter_map(|p| self.state.summary(p)).collect()))
+            }
             StoreOp::SaveMembers { members } => {
                 let bytes = seal(&members).map_err(Fault::Op)?;
                 self.put(Table::Meta, META_MEMBERS, &bytes)?;
+                Ok(StoreOutcome::Done)
+            }
+            StoreOp::SaveNamespaces { namespaces } => {
+                let bytes = seal(&namespaces).map_err(Fault::Op)?;
+                self.put(Table::Meta, META_NAMESPACES, &bytes)?;
                 Ok(StoreOutcome::Done)
             }
             StoreOp::Quarantine { table, row_key } => {
@@ -1253,6 +1390,15 @@ impl<E: Engine> Exec<'_, E> {
         if let Some(r) = &reaped {
             merged = merged.merge(&Object::from_clock(r.clock.clone()));
         }
+        // Last write wins: a write supersedes all this replica holds, whatever the client saw.
+        let context = match class_of(&key).resolution {
+            namespace::Resolution::Lww => {
+                let mut all = context;
+                all.merge(merged.clock());
+                all
+            }
+            namespace::Resolution::Siblings => context,
+        };
         let survivors = merged.siblings().iter().filter(|s| !context.covers(s.dot)).count();
         let limits = self.limits();
         if survivors + 1 > limits.siblings_max {
@@ -1314,14 +1460,15 @@ impl<E: Engine> Exec<'_, E> {
     #[allow(clippy::type_complexity)]
     fn page(
         &mut self,
-        partition: u32,
+        tree: &TreeId,
         leaves: Option<&[u32]>,
         after: Option<Vec<u8>>,
         bytes_max: usize,
     ) -> Run<(Vec<(Vec<u8>, Object)>, Option<Vec<u8>>)> {
-        let (lo, hi) = partition_bounds(partition);
+        let (lo, hi) = tree.bounds();
+        // A cursor from elsewhere (another partition's key) never widens the scan.
         let from = match after {
-            Some(k) => successor(&object_row_key(&k, self.q())),
+            Some(k) => successor(&object_row_key(&k, self.q())).max(lo),
             None => lo,
         };
         let mut objects: Vec<(Vec<u8>, Object)> = Vec::new();
@@ -1330,7 +1477,7 @@ impl<E: Engine> Exec<'_, E> {
         let mut bad = Vec::new();
         self.engine.scan(Table::Objects, &from, hi.as_deref(), &mut |k, v| {
             let Some(key) = key_of_object_row(k) else { return true };
-            if leaves.is_some_and(|l| !l.contains(&leaf_of(key))) {
+            if !tree.holds(key) || leaves.is_some_and(|l| !l.contains(&leaf_of(key))) {
                 return true;
             }
             match decode_object_row(v) {
@@ -1621,6 +1768,38 @@ mod tests {
     }
 
     #[test]
+    fn namespaced_keys_have_their_own_trees_and_lww_writes_supersede_all() {
+        use crate::namespace::{Namespace, Resolution};
+        let mut s = store();
+        let lww = Namespace::create("last", 2, 1, 1, Resolution::Lww, 3, 0, "n1").unwrap();
+        let k = lww.store_key(b"k");
+        coordinate(&mut s, &k, &VersionVector::new(), b"a", None);
+        // A blind write supersedes what the replica holds under lww, not under siblings.
+        let o = coordinate(&mut s, &k, &VersionVector::new(), b"b", None);
+        assert_eq!(o.values().collect::<Vec<_>>(), vec![b"b".as_slice()]);
+        coordinate(&mut s, b"k", &VersionVector::new(), b"a", None);
+        let o = coordinate(&mut s, b"k", &VersionVector::new(), b"b", None);
+        assert_eq!(o.values().count(), 2);
+        // Each key in its own tree: the default tree does not see the namespaced key.
+        let tree = TreeId::of(&k, 16);
+        assert_eq!(tree.namespace_name(), "last");
+        assert_eq!(tree.n_or(3), 2);
+        assert_eq!(s.state.tree_of(&tree).map(|t| t.keys()), Some(1));
+        assert_eq!(
+            s.state.tree(partition_of(&k, 16)).map(|t| t.keys()),
+            Some(u64::from(partition_of(b"k", 16) == tree.partition))
+        );
+        let page = s.run(StoreOp::Page { tree: tree.clone(), leaves: None, after: None, bytes_max: 1 << 20 }).unwrap();
+        assert!(matches!(page, StoreOutcome::Page { objects, .. } if objects.len() == 1 && objects[0].0 == k));
+        assert!(s.state.held().contains(&tree));
+        let summary = s.state.summary(tree.partition).unwrap();
+        assert_eq!(
+            summary.namespaces.iter().map(|(n, keys, _)| (n.as_str(), *keys)).collect::<Vec<_>>(),
+            vec![("last", 1)]
+        );
+    }
+
+    #[test]
     fn coordinate_then_replicate_then_read() {
         let (mut a, mut b) = (store(), store());
         let o = coordinate(&mut a, b"k", &VersionVector::new(), b"v", None);
@@ -1778,7 +1957,10 @@ mod tests {
         let mut got = Vec::new();
         let mut after = None;
         for _ in 0..1000 {
-            match s.run(StoreOp::Page { partition: p, leaves: None, after: after.clone(), bytes_max: 600 }).unwrap() {
+            match s
+                .run(StoreOp::Page { tree: TreeId::default_of(p), leaves: None, after: after.clone(), bytes_max: 600 })
+                .unwrap()
+            {
                 StoreOutcome::Page { objects, next } => {
                     assert!(!objects.is_empty() && objects.len() <= 4, "{}", objects.len());
                     got.extend(objects.into_iter().map(|(k, _)| k));
@@ -1792,7 +1974,7 @@ mod tests {
         }
         assert_eq!(got, expected);
         // One object larger than the budget still travels, alone.
-        match s.run(StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: 1 }).unwrap() {
+        match s.run(StoreOp::Page { tree: TreeId::default_of(p), leaves: None, after: None, bytes_max: 1 }).unwrap() {
             StoreOutcome::Page { objects, next } => assert!(objects.len() == 1 && next.is_some()),
             other => panic!("{other:?}"),
         }
@@ -1838,8 +2020,10 @@ mod tests {
         );
         // Anything that needs the writer's state or writes is refused, and nothing changes.
         let before = s.engine.clone();
-        for op in [StoreOp::Tree { partition: 0 }, StoreOp::Write { key: b"x".to_vec(), object: o.clone(), hint: None }]
-        {
+        for op in [
+            StoreOp::Tree { tree: TreeId::default_of(0) },
+            StoreOp::Write { key: b"x".to_vec(), object: o.clone(), hint: None },
+        ] {
             let run = reader.run(&mut s.engine, vec![op], 0);
             assert!(run.failed.is_some() && run.outcomes.iter().all(Result::is_err));
         }
@@ -1906,7 +2090,7 @@ mod tests {
             s.run(op).unwrap();
         }
         assert_eq!(s.engine.len(Table::Objects), 0);
-        assert_eq!(s.state.held(), Vec::<u32>::new());
+        assert_eq!(s.state.held(), Vec::<TreeId>::new());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::load_balance::LoadStat;
 use crate::membership::Member;
 use crate::merkle::{DiffReply, DiffRequest};
+use crate::namespace::Namespace;
 use crate::ring::NodeId;
 use crate::version::{Object, VersionVector};
 
@@ -73,6 +74,9 @@ pub enum ClientRequest {
     Get {
         key: Bytes,
         r: Option<u8>,
+        /// The namespace (None: the default one). Absent from earlier versions' frames.
+        #[serde(default)]
+        ns: Option<String>,
     },
     /// `value` None writes a tombstone (delete). `context` is the client's opaque context.
     Put {
@@ -80,6 +84,8 @@ pub enum ClientRequest {
         context: Option<String>,
         value: Option<Bytes>,
         w: Option<u8>,
+        #[serde(default)]
+        ns: Option<String>,
     },
     Status,
     Ring,
@@ -96,6 +102,23 @@ pub enum ClientRequest {
         peers: Vec<NodeId>,
     },
     FaultUnblock,
+    /// Define a namespace cluster-wide (`resolution`: siblings or lww). Without N: the
+    /// cluster's; without R or W: a majority of N; without a resolution: siblings.
+    NamespaceCreate {
+        name: String,
+        n: Option<u8>,
+        r: Option<u8>,
+        w: Option<u8>,
+        resolution: Option<String>,
+    },
+    /// Change a namespace's R and/or W.
+    NamespaceSet {
+        name: String,
+        r: Option<u8>,
+        w: Option<u8>,
+    },
+    /// The cluster's namespaces, as JSON.
+    Namespaces,
 }
 
 /// A node's answer to a client.
@@ -190,6 +213,10 @@ pub enum AeMessage {
     Diff {
         partition: u32,
         request: DiffRequest,
+        /// The namespace's store-key prefix: which of the partition's trees (empty: the
+        /// default namespace's; absent from earlier versions' frames).
+        #[serde(default, with = "serde_bytes")]
+        ns: Vec<u8>,
     },
     DiffReply {
         reply: DiffReply,
@@ -198,6 +225,8 @@ pub enum AeMessage {
     Push {
         partition: u32,
         objects: Vec<(Bytes, Object)>,
+        #[serde(default, with = "serde_bytes")]
+        ns: Vec<u8>,
     },
     /// The push is merged. `reaped` names pushed keys whose tombstone the responder reaped
     /// (its reaped record's clock and digest covered everything pushed): the initiator,
@@ -212,6 +241,8 @@ pub enum AeMessage {
         leaves: Vec<u32>,
         after: Option<Bytes>,
         bytes_max: u32,
+        #[serde(default, with = "serde_bytes")]
+        ns: Vec<u8>,
     },
     /// A page; `next` is the cursor to pull from next, None at the end.
     Page {
@@ -285,11 +316,16 @@ pub enum Message {
         members: Vec<Member>,
         #[serde(default)]
         loads: Vec<LoadStat>,
+        /// The namespaces the sender knows (absent from earlier versions' frames).
+        #[serde(default)]
+        namespaces: Vec<Namespace>,
     },
     GossipReply {
         members: Vec<Member>,
         #[serde(default)]
         loads: Vec<LoadStat>,
+        #[serde(default)]
+        namespaces: Vec<Namespace>,
     },
 
     /// Anti-entropy (Dynamo §4.7): one step of an exchange, and its answer.
@@ -502,10 +538,10 @@ mod tests {
     fn samples() -> Vec<Message> {
         vec![
             Message::Hello(Hello { protocol: 1, cluster: "dev".into(), node: Some("n1".into()), proof: b(&[1, 2]) }),
-            Message::Client { id: 1, request: ClientRequest::Get { key: b(b"k"), r: Some(2) } },
+            Message::Client { id: 1, request: ClientRequest::Get { key: b(b"k"), r: Some(2), ns: None } },
             Message::Client {
                 id: 2,
-                request: ClientRequest::Put { key: b(b"k"), context: None, value: Some(b(b"v")), w: None },
+                request: ClientRequest::Put { key: b(b"k"), context: None, value: Some(b(b"v")), w: None, ns: None },
             },
             Message::ClientReply {
                 id: 2,
@@ -522,6 +558,7 @@ mod tests {
                 msg: AeMessage::Diff {
                     partition: 9,
                     request: crate::merkle::DiffRequest { level: 1, nodes: vec![(3, 77)] },
+                    ns: Vec::new(),
                 },
             },
             Message::Handoff { id: 5, objects: vec![(b(b"k"), object())] },
@@ -648,7 +685,7 @@ mod tests {
                            value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256)),
                            w in proptest::option::of(1u8..5), id in any::<u64>()) {
             let msg = Message::Client { id, request: ClientRequest::Put {
-                key: Bytes::from(key), context: None, value: value.map(Bytes::from), w } };
+                key: Bytes::from(key), context: None, value: value.map(Bytes::from), w, ns: None } };
             let frame = encode_frame(&msg).unwrap();
             let (back, used) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
             prop_assert_eq!(used, frame.len());

@@ -606,7 +606,7 @@ impl Sim {
         n.store.state = state;
         n.durable = n.store.engine.clone();
         n.last_flush_ms = self.now;
-        let saved = match StoreState::load_members(&n.store.engine) {
+        let saved = match StoreState::load_saved(&n.store.engine) {
             Ok(m) => m,
             Err(e) => {
                 let id = n.id.clone();
@@ -1184,13 +1184,21 @@ impl Sim {
         let (request, then) = match cl.kind {
             ClientKind::Blind => {
                 self.pending_value.insert((c, op_id), (key.clone(), Some(value.clone()), w, None));
-                let request =
-                    ClientRequest::Put { key: kb, context: None, value: Some(Bytes::from(value)), w: Some(w as u8) };
+                let request = ClientRequest::Put {
+                    key: kb,
+                    context: None,
+                    value: Some(Bytes::from(value)),
+                    w: Some(w as u8),
+                    ns: None,
+                };
                 (request, None)
             }
             ClientKind::ReadModifyWrite => {
                 let r = 1 + self.rng.below(N as u64) as u8;
-                (ClientRequest::Get { key: kb, r: Some(r) }, Some((key.clone(), (!delete).then_some(value), w, None)))
+                (
+                    ClientRequest::Get { key: kb, r: Some(r), ns: None },
+                    Some((key.clone(), (!delete).then_some(value), w, None)),
+                )
             }
         };
         self.clients[c].op = Some((op_id, then));
@@ -1231,6 +1239,7 @@ impl Sim {
                     context: context.clone(),
                     value: value.map(Bytes::from),
                     w: Some(w as u8),
+                    ns: None,
                 };
                 self.client_send(node, c as u64, op_id, request);
             }

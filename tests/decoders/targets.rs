@@ -19,6 +19,7 @@ use ringkv::node::NodeSettings;
 use ringkv::store::{
     decode_hint_row, decode_members, decode_object_row, decode_reaped_row, partition_of, seal, unseal, HintRow,
     MemEngine, MemStore, ObjectRow, ReapedRow, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreState, Table,
+    TreeId,
 };
 use ringkv::version::{split_context, Actor, ContextError, Object, VersionVector, CLOCK_ENTRIES_MAX, COUNTER_MAX};
 use ringkv::wire::{
@@ -280,20 +281,21 @@ pub fn sample_messages() -> Vec<Message> {
             id: 14,
             reply: ReplicaReply::Forwarded(ClientResponse::Written { context: ctx.encode_context() }),
         },
-        Message::Gossip { members: sample_members(), loads: Vec::new() },
-        Message::GossipReply { members: Vec::new(), loads: Vec::new() },
+        Message::Gossip { members: sample_members(), loads: Vec::new(), namespaces: Vec::new() },
+        Message::GossipReply { members: Vec::new(), loads: Vec::new(), namespaces: Vec::new() },
         Message::AntiEntropy {
             id: 15,
             msg: AeMessage::Diff {
                 partition: 3,
                 request: DiffRequest { level: 1, nodes: vec![(0, 1), (31, u128::MAX)] },
+                ns: Vec::new(),
             },
         },
         Message::AntiEntropy {
             id: 16,
             msg: AeMessage::DiffReply { reply: DiffReply { level: 2, differing: vec![5, 1023] } },
         },
-        Message::AntiEntropy { id: 17, msg: AeMessage::Push { partition: 3, objects: pairs.clone() } },
+        Message::AntiEntropy { id: 17, msg: AeMessage::Push { partition: 3, objects: pairs.clone(), ns: Vec::new() } },
         Message::AntiEntropy {
             id: 18,
             msg: AeMessage::PushAck {
@@ -310,7 +312,13 @@ pub fn sample_messages() -> Vec<Message> {
         },
         Message::AntiEntropy {
             id: 19,
-            msg: AeMessage::Pull { partition: 63, leaves: vec![0, 7, 1023], after: Some(b(b"k")), bytes_max: 1 << 20 },
+            msg: AeMessage::Pull {
+                partition: 63,
+                leaves: vec![0, 7, 1023],
+                after: Some(b(b"k")),
+                bytes_max: 1 << 20,
+                ns: Vec::new(),
+            },
         },
         Message::AntiEntropy { id: 20, msg: AeMessage::Page { objects: pairs.clone(), next: Some(b(b"k9")) } },
         Message::AntiEntropy { id: 21, msg: AeMessage::Failed { message: "busy".into() } },
@@ -324,9 +332,15 @@ pub fn sample_messages() -> Vec<Message> {
         Message::Error { id: 27, kind: ErrorKind::BadRequest, message: "no".into() },
     ];
     let requests = vec![
-        ClientRequest::Get { key: b(b"k"), r: Some(2) },
-        ClientRequest::Put { key: b(b"k"), context: Some(ctx.encode_context()), value: Some(b(b"v")), w: None },
-        ClientRequest::Put { key: b(b""), context: None, value: None, w: Some(3) },
+        ClientRequest::Get { key: b(b"k"), r: Some(2), ns: None },
+        ClientRequest::Put {
+            key: b(b"k"),
+            context: Some(ctx.encode_context()),
+            value: Some(b(b"v")),
+            w: None,
+            ns: None,
+        },
+        ClientRequest::Put { key: b(b""), context: None, value: None, w: Some(3), ns: None },
         ClientRequest::Status,
         ClientRequest::Ring,
         ClientRequest::Partitions,
@@ -828,7 +842,12 @@ pub fn store_open(data: &[u8]) {
     let quarantined = store.engine.len(Table::Quarantine);
     let mut ops: Vec<StoreOp> = objects.keys().map(|k| StoreOp::Read { key: k[4..].to_vec() }).collect();
     ops.extend(hints.keys().map(|k| StoreOp::Read { key: split_hint_row_key(k).unwrap().0.to_vec() }));
-    ops.extend((0..q).map(|partition| StoreOp::Page { partition, leaves: None, after: None, bytes_max: 1 << 20 }));
+    ops.extend((0..q).map(|partition| StoreOp::Page {
+        tree: TreeId::default_of(partition),
+        leaves: None,
+        after: None,
+        bytes_max: 1 << 20,
+    }));
     ops.extend(counts.keys().map(|i| StoreOp::HintPage { intended: i.clone(), after: None, bytes_max: 1 << 20 }));
     for out in store.run_batch(ops) {
         match out {

@@ -35,6 +35,9 @@ pub enum ClientCommand {
         /// Read quorum for this request (1..=N).
         #[arg(long)]
         r: Option<u8>,
+        /// The namespace (default: the cluster's own).
+        #[arg(long, value_name = "NAME")]
+        ns: Option<String>,
     },
     /// Write a value; VALUE `-` reads standard input.
     Put {
@@ -46,6 +49,9 @@ pub enum ClientCommand {
         /// Write quorum for this request (1..=N).
         #[arg(long)]
         w: Option<u8>,
+        /// The namespace (default: the cluster's own).
+        #[arg(long, value_name = "NAME")]
+        ns: Option<String>,
     },
     /// Write a tombstone (reads the context first when none is given).
     Delete {
@@ -54,6 +60,9 @@ pub enum ClientCommand {
         context: Option<String>,
         #[arg(long)]
         w: Option<u8>,
+        /// The namespace (default: the cluster's own).
+        #[arg(long, value_name = "NAME")]
+        ns: Option<String>,
     },
     /// This node's view of the cluster.
     Status,
@@ -81,6 +90,11 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: Option<LimitsCommand>,
     },
+    /// Namespaces: each application its own N, R, W and reconciliation.
+    Namespace {
+        #[command(subcommand)]
+        command: NamespaceCommand,
+    },
     /// Fault injection (needs testing.fault_injection): drop traffic with peers.
     Fault {
         #[command(subcommand)]
@@ -98,6 +112,36 @@ pub enum LimitsCommand {
         #[arg(required = true, value_name = "NAME=VALUE")]
         pairs: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamespaceCommand {
+    /// Define a namespace on the whole cluster (N and the resolution never change after).
+    Create {
+        name: String,
+        /// Replicas of each key (default: the cluster's replicas).
+        #[arg(long)]
+        n: Option<u8>,
+        /// Read quorum (default: a majority of N).
+        #[arg(long)]
+        r: Option<u8>,
+        /// Write quorum (default: a majority of N).
+        #[arg(long)]
+        w: Option<u8>,
+        /// How concurrent writes are reconciled.
+        #[arg(long, value_parser = ["siblings", "lww"])]
+        resolution: Option<String>,
+    },
+    /// Change a namespace's read and write quorums.
+    Set {
+        name: String,
+        #[arg(long)]
+        r: Option<u8>,
+        #[arg(long)]
+        w: Option<u8>,
+    },
+    /// The cluster's namespaces.
+    List,
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,7 +89,8 @@ async fn preload(clients: &[Client], keys: u64, value: &Bytes) -> u64 {
                 if i >= keys {
                     return errors;
                 }
-                let req = ClientRequest::Put { key: key(i), context: None, value: Some(value.clone()), w: None };
+                let req =
+                    ClientRequest::Put { key: key(i), context: None, value: Some(value.clone()), w: None, ns: None };
                 if !matches!(client.request(req).await, Ok(ClientResponse::Written { .. })) {
                     errors += 1;
                 }
@@ -104,9 +105,9 @@ async fn preload(clients: &[Client], keys: u64, value: &Bytes) -> u64 {
 
 /// One operation; whether it succeeded.
 async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> bool {
-    let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None });
+    let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None, ns: None });
     let put = |k: Bytes, context: Option<String>| {
-        client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None })
+        client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None, ns: None })
     };
     match mix {
         Mix::Blind { read_share } | Mix::ReadModifyWrite { read_share } if rng.gen_bool(read_share) => {

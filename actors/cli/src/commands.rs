@@ -9,7 +9,7 @@ use base64::Engine;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse};
 use serde_json::{json, Value};
 
-use crate::args::{AdminCommand, ClientCommand, FaultCommand, LimitsCommand};
+use crate::args::{AdminCommand, ClientCommand, FaultCommand, LimitsCommand, NamespaceCommand};
 use crate::outcome::{exit, status_of, Failure, Outcome};
 pub use ringkv_client::Client;
 use ringkv_transport::ClientSetup;
@@ -159,9 +159,10 @@ fn parse_pair(p: &str) -> Result<(String, i64), Failure> {
 /// Run one command against the connected node.
 pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u64) -> Result<Outcome, Failure> {
     match command {
-        ClientCommand::Get { key, r } => {
-            let (values, context) =
-                expect_values(client.request(ClientRequest::Get { key: key.clone().into_bytes().into(), r }).await?)?;
+        ClientCommand::Get { key, r, ns } => {
+            let (values, context) = expect_values(
+                client.request(ClientRequest::Get { key: key.clone().into_bytes().into(), r, ns }).await?,
+            )?;
             let status = if values.is_empty() { exit::NOT_FOUND } else { exit::OK };
             let doc = json!({"key": key, "values": values.iter().map(|v| value_json(v)).collect::<Vec<_>>(), "context": context});
             let mut human: Vec<String> = values.iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
@@ -175,7 +176,7 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
             }
             Ok(Outcome { doc, human: human.join("\n"), status })
         }
-        ClientCommand::Put { key, value, context, w } => {
+        ClientCommand::Put { key, value, context, w, ns } => {
             let bytes = if value == "-" {
                 let mut buf = Vec::new();
                 let limit = value_bytes_max;
@@ -194,7 +195,7 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
                 ));
             }
             let req =
-                ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: Some(bytes.into()), w };
+                ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: Some(bytes.into()), w, ns };
             let context = expect_written(client.request(req).await?)?;
             Ok(Outcome {
                 doc: json!({"key": key, "context": context}),
@@ -202,13 +203,12 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
                 status: exit::OK,
             })
         }
-        ClientCommand::Delete { key, context, w } => {
+        ClientCommand::Delete { key, context, w, ns } => {
             let context = match context {
                 Some(c) => Some(c),
                 None => {
-                    let (values, ctx) = expect_values(
-                        client.request(ClientRequest::Get { key: key.clone().into_bytes().into(), r: None }).await?,
-                    )?;
+                    let read = ClientRequest::Get { key: key.clone().into_bytes().into(), r: None, ns: ns.clone() };
+                    let (values, ctx) = expect_values(client.request(read).await?)?;
                     if values.is_empty() {
                         return Ok(Outcome {
                             doc: json!({"key": key, "context": ctx}),
@@ -219,7 +219,7 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
                     ctx
                 }
             };
-            let req = ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: None, w };
+            let req = ClientRequest::Put { key: key.clone().into_bytes().into(), context, value: None, w, ns };
             let context = expect_written(client.request(req).await?)?;
             Ok(Outcome { doc: json!({"key": key, "context": context}), human: "deleted".into(), status: exit::OK })
         }
@@ -242,6 +242,13 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
                 AdminCommand::Limits { command: Some(LimitsCommand::Set { all: false, pairs }) } => {
                     ClientRequest::SetLimits { pairs: pairs.iter().map(|p| parse_pair(p)).collect::<Result<_, _>>()? }
                 }
+                AdminCommand::Namespace { command: NamespaceCommand::Create { name, n, r, w, resolution } } => {
+                    ClientRequest::NamespaceCreate { name, n, r, w, resolution }
+                }
+                AdminCommand::Namespace { command: NamespaceCommand::Set { name, r, w } } => {
+                    ClientRequest::NamespaceSet { name, r, w }
+                }
+                AdminCommand::Namespace { command: NamespaceCommand::List } => ClientRequest::Namespaces,
                 AdminCommand::Fault { command: FaultCommand::Block { peers } } => ClientRequest::FaultBlock { peers },
                 AdminCommand::Fault { command: FaultCommand::Unblock } => ClientRequest::FaultUnblock,
             };

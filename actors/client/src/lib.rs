@@ -242,17 +242,21 @@ pub const EPOCH_REFRESH_MIN: Duration = Duration::from_secs(1);
 pub const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 /// Per-request read options.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadOptions {
-    /// Answers to wait for (default: the cluster's `read_quorum`).
+    /// Answers to wait for (default: the namespace's R, the cluster's `read_quorum`).
     pub r: Option<u8>,
+    /// The namespace (default: the cluster's own).
+    pub ns: Option<String>,
 }
 
 /// Per-request write options.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteOptions {
-    /// Durable writes to wait for (default: the cluster's `write_quorum`).
+    /// Durable writes to wait for (default: the namespace's W, the cluster's `write_quorum`).
     pub w: Option<u8>,
+    /// The namespace (default: the cluster's own).
+    pub ns: Option<String>,
 }
 
 /// Where each partition's requests go: the addresses of its preference list.
@@ -276,6 +280,8 @@ struct Shared {
     /// Nodes that could not be reached lately: tried last until [`UNREACHABLE_FOR`] passed.
     unreachable: Mutex<HashMap<SocketAddr, Instant>>,
     view: Mutex<Option<Arc<View>>>,
+    /// Each namespace's store-key prefix, which places its keys on the ring.
+    namespaces: Mutex<HashMap<String, Vec<u8>>>,
     /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
 }
@@ -337,6 +343,7 @@ impl Client {
                 pool: Mutex::default(),
                 unreachable: Mutex::default(),
                 view: Mutex::default(),
+                namespaces: Mutex::new(HashMap::new()),
                 refreshing: tokio::sync::Mutex::new(()),
             }),
             fastest_replica: true,
@@ -385,10 +392,10 @@ impl Client {
         let retry_after_send = !matches!(request, ClientRequest::Put { .. });
         let targets = match (&request, self.shared.pin) {
             (_, Some(pin)) => vec![pin],
-            (ClientRequest::Get { key, .. }, None) => self.targets(key, None).await,
-            (ClientRequest::Put { key, context, .. }, None) => {
+            (ClientRequest::Get { key, ns, .. }, None) => self.targets(&self.placed(ns, key).await, None).await,
+            (ClientRequest::Put { key, context, ns, .. }, None) => {
                 let fastest = context.as_deref().filter(|_| self.fastest_replica).and_then(|c| split_context(c).1);
-                self.targets(key, fastest).await
+                self.targets(&self.placed(ns, key).await, fastest).await
             }
             (_, None) => self.shared.seeds.clone(),
         };
@@ -431,6 +438,56 @@ impl Client {
     /// Where a key's request goes, in order: the `fastest` replica when it is in the key's
     /// preference list, the preference list as last learned, then the seeds (any node
     /// coordinates or forwards).
+    /// The key the ring places `key` of namespace `ns` by: its store key, once the
+    /// namespace's definition is known (asked of the cluster the first time). Unknown
+    /// namespaces place by the key as given; the node that takes the request refuses it.
+    async fn placed(&self, ns: &Option<String>, key: &[u8]) -> Vec<u8> {
+        let Some(name) = ns.as_deref().filter(|n| *n != ringkv::namespace::DEFAULT_NAME) else { return key.to_vec() };
+        let known = |c: &Client| c.shared.namespaces.lock().ok().and_then(|m| m.get(name).cloned());
+        let prefix = match known(self) {
+            Some(p) => Some(p),
+            None => {
+                if let Ok(ClientResponse::Document { json }) = Box::pin(self.request(ClientRequest::Namespaces)).await {
+                    self.learn_namespaces(&json);
+                }
+                known(self)
+            }
+        };
+        match prefix {
+            Some(p) => [&p[..], key].concat(),
+            None => key.to_vec(),
+        }
+    }
+
+    /// Keep the prefixes of the namespaces `admin namespace list` answered with.
+    fn learn_namespaces(&self, json: &str) {
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else { return };
+        let Some(list) = doc["namespaces"].as_array() else { return };
+        let Ok(mut known) = self.shared.namespaces.lock() else { return };
+        for ns in list {
+            let (Some(name), Some(n), Some(res)) = (ns["name"].as_str(), ns["n"].as_u64(), ns["resolution"].as_str())
+            else {
+                continue;
+            };
+            let (Ok(n), Ok(resolution)) = (u8::try_from(n), ringkv::namespace::Resolution::parse(res)) else {
+                continue;
+            };
+            let def = ringkv::namespace::Namespace {
+                name: name.to_string(),
+                n,
+                r: 1,
+                w: 1,
+                resolution,
+                created_wall_ms: 0,
+                created_by: String::new(),
+                revision: 0,
+            };
+            if def.validate().is_ok() {
+                known.insert(name.to_string(), def.prefix());
+            }
+        }
+    }
+
     async fn targets(&self, key: &[u8], fastest: Option<&str>) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         if let Some(view) = self.view().await {
@@ -533,7 +590,7 @@ impl Client {
 
     /// [`get`](Self::get) with per-request options.
     pub async fn get_with(&self, key: impl AsRef<[u8]>, options: ReadOptions) -> Result<Read, Error> {
-        let request = ClientRequest::Get { key: Bytes::from(key.as_ref().to_vec()), r: options.r };
+        let request = ClientRequest::Get { key: Bytes::from(key.as_ref().to_vec()), r: options.r, ns: options.ns };
         match self.request(request).await? {
             ClientResponse::Values { values, context } => {
                 Ok(Read { values: values.into_iter().map(Bytes::into_vec).collect(), context })
@@ -586,6 +643,7 @@ impl Client {
             context: context.map(str::to_string),
             value: value.map(Bytes::from),
             w: options.w,
+            ns: options.ns,
         };
         match self.request(request).await? {
             ClientResponse::Written { context } => Ok(context),

@@ -78,8 +78,7 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         "storage open"
     );
     let system = System::new();
-    system
-        .block_on(async move { start_and_wait(Arc::new(config), settings, auth, opened.storage, opened.members).await })
+    system.block_on(async move { start_and_wait(Arc::new(config), settings, auth, opened.storage, opened.saved).await })
 }
 
 /// Start one stage's actor in a context made earlier (so every address exists first).
@@ -92,7 +91,7 @@ async fn start_and_wait(
     settings: NodeSettings,
     auth: Auth,
     storage: Storage,
-    saved: Vec<ringkv::membership::Member>,
+    saved: ringkv::store::Saved,
 ) -> Result<(), StartError> {
     let me = config.node.id.clone();
     let listen = config.listen_addr();

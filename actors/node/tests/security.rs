@@ -207,7 +207,7 @@ fn forged_members(c: &Cluster) -> Vec<Member> {
 
 fn node_to_node_messages(c: &Cluster) -> Vec<Message> {
     vec![
-        Message::Gossip { members: forged_members(c), loads: vec![] },
+        Message::Gossip { members: forged_members(c), loads: vec![], namespaces: Vec::new() },
         Message::Replica {
             id: 11,
             request: ReplicaRequest::Coordinate {
@@ -263,8 +263,11 @@ fn a_node_cannot_change_another_nodes_record() {
     let creds = Credentials { cluster: "test".into(), auth: Auth::Tls(tls), node: Some("n1".into()) };
     let addr: SocketAddr = format!("127.0.0.1:{}", c.nodes[2].port).parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let answers =
-        rt.block_on(send_as(&creds, addr, vec![Message::Gossip { members: vec![moved, unsigned], loads: vec![] }]));
+    let answers = rt.block_on(send_as(
+        &creds,
+        addr,
+        vec![Message::Gossip { members: vec![moved, unsigned], loads: vec![], namespaces: Vec::new() }],
+    ));
     assert!(matches!(answers.first(), Some(Message::GossipReply { .. })), "n1 may gossip: {answers:?}");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(status_members(&c, &c.nodes[2].config), before, "n2's record is unchanged on n3");
@@ -286,7 +289,7 @@ fn invalid_gossip_records_change_nothing() {
     let mut bad = forged_members(&c);
     bad.remove(0); // keep only the weight-0 and empty-id records
     bad.push(Member { incarnation: u64::MAX, ..bad[0].clone() });
-    rt.block_on(send_as(&creds, addr, vec![Message::Gossip { members: bad, loads: vec![] }]));
+    rt.block_on(send_as(&creds, addr, vec![Message::Gossip { members: bad, loads: vec![], namespaces: Vec::new() }]));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(status_members(&c, &c.nodes[0].config), before);
     let (rc, ring) = c.json(0, &["ring"]);

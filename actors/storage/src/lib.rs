@@ -14,9 +14,9 @@ use redb::{
     WriteTransaction,
 };
 use ringkv::config::Durability as DurabilityMode;
-use ringkv::membership::Member;
 use ringkv::store::{
-    Engine, EngineError, OpenReport, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState, Table,
+    Engine, EngineError, OpenReport, Saved, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState,
+    Table,
 };
 
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -185,7 +185,7 @@ impl Reader {
 /// What opening found.
 pub struct Opened {
     pub storage: Storage,
-    pub members: Vec<Member>,
+    pub saved: Saved,
     pub report: OpenReport,
 }
 
@@ -218,16 +218,16 @@ impl Storage {
             (state, report)
         };
         txn.commit().map_err(|e| e.to_string())?;
-        let members = {
+        let saved = {
             let read = db.begin_read().map_err(|e| e.to_string())?;
             let engine = ReadEngine::new(read);
-            StoreState::load_members(&engine)
+            StoreState::load_saved(&engine)
                 .map_err(|e| format!("{}: the saved membership cannot be read ({e}); move the data directory aside to rejoin as a new node", path.display()))?
         };
         if report.quarantined > 0 {
             tracing::warn!(rows = report.quarantined, "unreadable rows quarantined; anti-entropy refills them");
         }
-        Ok(Opened { storage: Storage { db: Arc::new(db), state, mode }, members, report })
+        Ok(Opened { storage: Storage { db: Arc::new(db), state, mode }, saved, report })
     }
 
     /// A reader of this database for the operations that read rows only, to run on any
@@ -333,7 +333,7 @@ mod tests {
         let (outcomes, follow) = reader.run(vec![read("a"), read("b")], 1);
         assert_eq!(outcomes, vec![Ok(StoreOutcome::Object(Some(object))), Ok(StoreOutcome::Object(None))]);
         assert!(follow.is_empty());
-        let (refused, _) = reader.run(vec![StoreOp::Tree { partition: 0 }], 1);
+        let (refused, _) = reader.run(vec![StoreOp::Tree { tree: ringkv::store::TreeId::default_of(0) }], 1);
         assert!(refused[0].is_err());
     }
 
@@ -347,7 +347,11 @@ mod tests {
         let out = s.run((0..50).map(|i| coordinate(&format!("k{i}"))).collect(), false, 1);
         assert!(out.iter().all(|r| matches!(r, Ok(StoreOutcome::Coordinated(Ok(_))))));
         let p = (0..16).find(|&p| s.state().tree(p).unwrap().keys() >= 3).unwrap();
-        let page = s.run(vec![StoreOp::Page { partition: p, leaves: None, after: None, bytes_max: 1 }], false, 1);
+        let page = s.run(
+            vec![StoreOp::Page { tree: ringkv::store::TreeId::default_of(p), leaves: None, after: None, bytes_max: 1 }],
+            false,
+            1,
+        );
         assert!(matches!(&page[0], Ok(StoreOutcome::Page { objects, next: Some(_) }) if objects.len() == 1));
         s.run(vec![StoreOp::SaveMembers { members: Vec::new() }], true, 1);
         let roots: Vec<u128> = (0..16).map(|p| s.state().tree(p).unwrap().root()).collect();
