@@ -620,15 +620,26 @@ impl Client {
     /// Delete `key`: a tombstone superseding what `context` covers; without a context the
     /// key is read first.
     pub async fn delete(&self, key: impl AsRef<[u8]>, context: Option<&str>) -> Result<String, Error> {
+        self.delete_with(key, context, WriteOptions::default()).await
+    }
+
+    /// [`delete`](Self::delete) with per-request options (the read before, if any, is in
+    /// the same namespace).
+    pub async fn delete_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        context: Option<&str>,
+        options: WriteOptions,
+    ) -> Result<String, Error> {
         let read;
         let context = match context {
             Some(c) => Some(c),
             None => {
-                read = self.get(key.as_ref()).await?;
+                read = self.get_with(key.as_ref(), ReadOptions { r: None, ns: options.ns.clone() }).await?;
                 read.context.as_deref()
             }
         };
-        self.write(key.as_ref(), None, context, WriteOptions::default()).await
+        self.write(key.as_ref(), None, context, options).await
     }
 
     async fn write(
