@@ -20,6 +20,11 @@
 //! was then wiped), and provisions a stopped node again, blank, to leave again if every disk
 //! that knew it left was wiped since (no command can mark a node that does not run as left).
 //!
+//! Clients write keys of the default namespace and of two namespaces the run creates on one
+//! node (learned by the others through gossip): one with N=1, one with N=2 and
+//! last-write-wins; the checks hold each key to its namespace's N (an lww write counts as
+//! superseding all its coordinating replica held).
+//!
 //! Each run is a chaos phase with clients writing, then heal, then quiet time for gossip,
 //! handoff, anti-entropy and reaping, then the checks:
 //! - no acknowledged write is lost: it is present on the key's primaries, or each dot it was
@@ -29,7 +34,7 @@
 //! - no acknowledged delete is undone: nothing its acknowledged context covers is back, but
 //!   for the concurrent values its own result kept, unless every copy of the tombstone (any
 //!   clock or reaped record that saw it) was destroyed the same way;
-//! - every partition's primaries have equal Merkle roots, one ring epoch everywhere, leavers
+//! - every partition's primaries have equal Merkle roots (each namespace's tree among its N), one ring epoch everywhere, leavers
 //!   are left in every view, no hints held, no partition held by a node that does not
 //!   replicate it, no tombstone older than the grace period (plus 5 s) left, and no leaver
 //!   counted itself left while it still held data;
@@ -47,12 +52,13 @@ use ringkv::access::Role;
 use ringkv::config::Config;
 use ringkv::handoff::Planted;
 use ringkv::membership::{MemberState, RecordSignature, RecordSigner, Signer};
+use ringkv::namespace::{class_of, Namespace, Resolution};
 use ringkv::node::{LocalNode, NodeSettings};
 use ringkv::ring::NodeId;
 use ringkv::stage::{Dest, Effect, Input, Now, Origin, StageId};
 use ringkv::store::{
     decode_hint_row, decode_object_row, unseal, Engine, EngineError, MemEngine, MemStore, MemTxn, ReapedRow,
-    StoreError, StoreOp, StoreOutcome, StoreState, Table,
+    StoreError, StoreOp, StoreOutcome, StoreState, Table, TreeId,
 };
 use ringkv::version::{Dot, Object, VersionVector};
 use ringkv::wire::{AeMessage, Bytes, ClientRequest, ClientResponse, ErrorKind, Message, ReplicaRequest};
@@ -406,6 +412,54 @@ fn op_copies(op: &StoreOp, copies: &mut Copies) {
 
 /// The dots a coordinated write got: siblings with the written value (None: a tombstone)
 /// that the write's context had not seen, stamped by this write and newest of their actor.
+/// The namespaces every run creates (through an admin request, then gossip): one with N=1,
+/// one with N=2 and last-write-wins. Clients name their keys `NAME/KEY`.
+fn namespaces() -> Vec<Namespace> {
+    vec![
+        Namespace::create("one", 1, 1, 1, Resolution::Siblings, N, 0, "n1").expect("a valid definition"),
+        Namespace::create("last", 2, 1, 1, Resolution::Lww, N, 0, "n1").expect("a valid definition"),
+    ]
+}
+
+/// A client's key as the store holds it: `NAME/KEY` under its namespace's prefix.
+fn store_key(key: &str) -> Vec<u8> {
+    match key.split_once('/') {
+        Some((ns, k)) => match namespaces().into_iter().find(|d| d.name == ns) {
+            Some(d) => d.store_key(k.as_bytes()),
+            None => key.as_bytes().to_vec(),
+        },
+        None => key.as_bytes().to_vec(),
+    }
+}
+
+/// A stored key as clients name it.
+fn sim_key(stored: &[u8]) -> String {
+    let class = class_of(stored);
+    let rest = String::from_utf8_lossy(&stored[class.prefix.len()..]).into_owned();
+    match class.n {
+        Some(_) => format!("{}/{rest}", ringkv::namespace::name_of_prefix(class.prefix)),
+        None => rest,
+    }
+}
+
+/// N of a client's key.
+fn n_of(key: &str) -> usize {
+    class_of(&store_key(key)).n_or(N)
+}
+
+/// What an lww write superseded: everything its result's clock covers but its own dot.
+fn lww_superseded(o: &Object, dots: &[Dot]) -> VersionVector {
+    let mut v = VersionVector::new();
+    for (actor, e) in o.clock().iter() {
+        let own = dots.iter().any(|d| d.actor == actor && d.counter == e.counter);
+        let counter = if own { e.counter - 1 } else { e.counter };
+        if counter > 0 {
+            v.witness(actor, counter, e.timestamp_ms);
+        }
+    }
+    v
+}
+
 fn new_dots(o: &Object, context: &VersionVector, value: &Option<Vec<u8>>, wall_ms: u64) -> Vec<Dot> {
     o.siblings()
         .iter()
@@ -697,9 +751,8 @@ impl Sim {
     }
 
     fn tracked(&self) -> Vec<(Vec<u8>, Dot, bool)> {
-        let values =
-            self.dots_of.iter().flat_map(|((k, _), ds)| ds.iter().map(move |d| (k.as_bytes().to_vec(), *d, false)));
-        let tombs = self.tombs.iter().flat_map(|(k, ds)| ds.iter().map(move |d| (k.as_bytes().to_vec(), *d, true)));
+        let values = self.dots_of.iter().flat_map(|((k, _), ds)| ds.iter().map(move |d| (store_key(k), *d, false)));
+        let tombs = self.tombs.iter().flat_map(|(k, ds)| ds.iter().map(move |d| (store_key(k), *d, true)));
         values.chain(tombs).collect()
     }
 
@@ -1065,9 +1118,14 @@ impl Sim {
     fn coordinated(&mut self, op: &StoreOp, outcome: &Result<StoreOutcome, StoreError>) {
         let StoreOp::Coordinate { key, context, value, now_wall_ms, .. } = op else { return };
         let Ok(StoreOutcome::Coordinated(Ok(o))) = outcome else { return };
-        let k = String::from_utf8_lossy(key).into_owned();
-        self.contexts.entry(k.clone()).or_default().push(context.clone());
+        let k = sim_key(key);
         let dots = new_dots(o, context, value, *now_wall_ms);
+        // An lww write supersedes all its coordinator held, whatever context it came with.
+        let superseded = match class_of(key).resolution {
+            Resolution::Lww => lww_superseded(o, &dots),
+            Resolution::Siblings => context.clone(),
+        };
+        self.contexts.entry(k.clone()).or_default().push(superseded);
         match value {
             Some(v) => {
                 let entry = self.dots_of.entry((k.clone(), v.clone())).or_default();
@@ -1177,10 +1235,15 @@ impl Sim {
         let key = cl.keys[(self.rng.next() % cl.keys.len() as u64) as usize].clone();
         let op_id = cl.next_op;
         cl.next_op += 1;
-        let w = 1 + self.rng.below(N as u64) as usize;
+        let n = n_of(&key);
+        let w = 1 + self.rng.below(n as u64) as usize;
         let value = format!("c{c}-{op_id}").into_bytes();
         let delete = self.rng.chance(0.1);
-        let kb = Bytes::from(key.as_bytes().to_vec());
+        let (ns, user_key) = match key.split_once('/') {
+            Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
+            None => (None, key.clone()),
+        };
+        let kb = Bytes::from(user_key.into_bytes());
         let (request, then) = match cl.kind {
             ClientKind::Blind => {
                 self.pending_value.insert((c, op_id), (key.clone(), Some(value.clone()), w, None));
@@ -1189,14 +1252,14 @@ impl Sim {
                     context: None,
                     value: Some(Bytes::from(value)),
                     w: Some(w as u8),
-                    ns: None,
+                    ns,
                 };
                 (request, None)
             }
             ClientKind::ReadModifyWrite => {
-                let r = 1 + self.rng.below(N as u64) as u8;
+                let r = 1 + self.rng.below(n as u64) as u8;
                 (
-                    ClientRequest::Get { key: kb, r: Some(r), ns: None },
+                    ClientRequest::Get { key: kb, r: Some(r), ns },
                     Some((key.clone(), (!delete).then_some(value), w, None)),
                 )
             }
@@ -1234,12 +1297,16 @@ impl Sim {
                 let node = live[self.rng.below(live.len() as u64) as usize];
                 self.clients[c].op = Some((op_id, None));
                 self.pending_value.insert((c, op_id), (key.clone(), value.clone(), w, context.clone()));
+                let (ns, user_key) = match key.split_once('/') {
+                    Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
+                    None => (None, key.clone()),
+                };
                 let request = ClientRequest::Put {
-                    key: Bytes::from(key.into_bytes()),
+                    key: Bytes::from(user_key.into_bytes()),
                     context: context.clone(),
                     value: value.map(Bytes::from),
                     w: Some(w as u8),
-                    ns: None,
+                    ns,
                 };
                 self.client_send(node, c as u64, op_id, request);
             }
@@ -1421,6 +1488,9 @@ impl Sim {
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Stats {
     acked: usize,
+    /// Of them, in the namespaces with N=1 and with last-write-wins.
+    acked_n1: usize,
+    acked_lww: usize,
     deletes: usize,
     nodes: usize,
     joined: bool,
@@ -1501,10 +1571,14 @@ fn check(sim: &Sim) -> Result<(), String> {
         if hints > 0 {
             return Err(format!("{} still holds {hints} hints", n.id));
         }
-        let mine = ring.replicated_by(&n.id, N);
-        let held: BTreeSet<u32> = n.store.objects().iter().map(|(k, _)| ring.partition_for_key(k)).collect();
-        if let Some(p) = held.iter().find(|p| !mine.contains(p)) {
-            return Err(format!("{} still holds partition {p}, which it does not replicate", n.id));
+        let held: BTreeSet<TreeId> = n.store.objects().iter().map(|(k, _)| TreeId::of(k, Q)).collect();
+        if let Some(t) = held.iter().find(|t| !ring.is_replica(t.partition, t.n_or(N), &n.id)) {
+            return Err(format!(
+                "{} still holds partition {} of {}, which it does not replicate",
+                n.id,
+                t.partition,
+                t.namespace_name()
+            ));
         }
     }
     let old = WALL_BASE_MS + sim.now.saturating_sub(GRACE_MS + 5000);
@@ -1520,22 +1594,31 @@ fn check(sim: &Sim) -> Result<(), String> {
             ));
         }
     }
+    let prefixes: Vec<Vec<u8>> =
+        std::iter::once(Vec::new()).chain(namespaces().iter().map(Namespace::prefix)).collect();
     for p in 0..Q {
-        let prim = ring.preference_list(p, N).primaries;
-        let roots: BTreeSet<u128> = prim
-            .iter()
-            .map(|id| sim.nodes[sim.index_of(id).expect("member")].store.state.tree(p).map_or(0, |t| t.root()))
-            .collect();
-        if roots.len() != 1 {
-            return Err(format!("partition {p}: replicas {prim:?} have different Merkle roots"));
+        for ns in &prefixes {
+            let tree = TreeId { partition: p, ns: ns.clone() };
+            let prim = ring.preference_list(p, tree.n_or(N)).primaries;
+            let roots: BTreeSet<u128> = prim
+                .iter()
+                .map(|id| {
+                    sim.nodes[sim.index_of(id).expect("member")].store.state.tree_of(&tree).map_or(0, |t| t.root())
+                })
+                .collect();
+            if roots.len() != 1 {
+                let name = tree.namespace_name();
+                return Err(format!("partition {p} of {name}: replicas {prim:?} have different Merkle roots"));
+            }
         }
     }
     let final_object = |key: &str| -> Object {
-        let p = ring.partition_for_key(key.as_bytes());
-        ring.preference_list(p, N)
+        let stored = store_key(key);
+        let p = ring.partition_for_key(&stored);
+        ring.preference_list(p, n_of(key))
             .primaries
             .iter()
-            .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(key.as_bytes()))
+            .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(&stored))
             .fold(Object::new(), |a, o| a.merge(&o))
     };
     // Every copy of a write was destroyed, by at least W wipes or corrupted rows: it had no
@@ -1547,7 +1630,7 @@ fn check(sim: &Sim) -> Result<(), String> {
     let destroyed = |key: &str, dots: &[Dot], w: usize| {
         !dots.is_empty()
             && dots.iter().all(|d| {
-                let kd = (key.as_bytes().to_vec(), *d);
+                let kd = (store_key(key), *d);
                 // Buffered: one durable copy (the coordinating replica's) is all a write
                 // has; its loss needs a wipe.
                 let wipes_needed = if sim.buffered { 1 } else { w };
@@ -1583,8 +1666,8 @@ fn check(sim: &Sim) -> Result<(), String> {
                  final clock has counters {seen:?}, other writes with the same dot: {twins:?}, wiped holders {:?}, \
                  destroyed {:?})",
                 String::from_utf8_lossy(v),
-                dots.iter().map(|d| sim.wiped_holders.get(&(key.as_bytes().to_vec(), *d)).cloned()).collect::<Vec<_>>(),
-                dots.iter().map(|d| sim.destroyed.get(&(key.as_bytes().to_vec(), *d)).copied()).collect::<Vec<_>>(),
+                dots.iter().map(|d| sim.wiped_holders.get(&(store_key(key), *d)).cloned()).collect::<Vec<_>>(),
+                dots.iter().map(|d| sim.destroyed.get(&(store_key(key), *d)).copied()).collect::<Vec<_>>(),
             ));
         }
     }
@@ -1618,8 +1701,8 @@ fn check(sim: &Sim) -> Result<(), String> {
         return Err(format!(
             "acknowledged delete (W={w}) of {key} is undone: {back:?} are back although its context covers them \
              (tombstone dots {tombs:?}, wiped holders {:?}, destroyed {:?})",
-            tombs.iter().map(|d| sim.wiped_holders.get(&(key.as_bytes().to_vec(), *d)).cloned()).collect::<Vec<_>>(),
-            tombs.iter().map(|d| sim.destroyed.get(&(key.as_bytes().to_vec(), *d)).copied()).collect::<Vec<_>>(),
+            tombs.iter().map(|d| sim.wiped_holders.get(&(store_key(key), *d)).cloned()).collect::<Vec<_>>(),
+            tombs.iter().map(|d| sim.destroyed.get(&(store_key(key), *d)).copied()).collect::<Vec<_>>(),
         ));
     }
     for key in &sim.rmw_keys {
@@ -1635,8 +1718,13 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
     let mut setup = Rng(seed ^ 0x5eed);
     let nodes = 3 + setup.below(4) as usize;
     let mut sim = Sim::new(seed, nodes, trace, scenario);
-    let blind_keys: Vec<String> = (0..6).map(|k| format!("b{k}")).collect();
-    let rmw_keys: Vec<String> = (0..6).map(|k| format!("r{k}")).collect();
+    // Keys of the default namespace, and of each namespace of [`namespaces`].
+    let keys = |p: &str| -> Vec<String> {
+        let mut k: Vec<String> = (0..6).map(|k| format!("{p}{k}")).collect();
+        k.extend(["one", "last"].iter().flat_map(|ns| (0..2).map(move |i| format!("{ns}/{p}{i}"))));
+        k
+    };
+    let (blind_keys, rmw_keys) = (keys("b"), keys("r"));
     sim.rmw_keys = rmw_keys.iter().cloned().collect();
     for c in 0..4 {
         let (kind, keys) = if c % 2 == 0 {
@@ -1647,6 +1735,17 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
         sim.clients.push(Client { kind, keys, op: None, next_op: 1, writes_left: 30 });
     }
     sim.run_until(3000, false);
+    // The namespaces, created on one node: the others learn them by gossip.
+    for (op, d) in namespaces().into_iter().enumerate() {
+        let create = ClientRequest::NamespaceCreate {
+            name: d.name,
+            n: Some(d.n),
+            r: Some(d.r),
+            w: Some(d.w),
+            resolution: Some(d.resolution.as_str().to_string()),
+        };
+        sim.client_send(0, ADMIN, 1_000_000 + op as u64, create);
+    }
     sim.faults = Faults {
         loss: setup.below(10) as f64 / 100.0,
         duplicate: setup.below(5) as f64 / 100.0,
@@ -1754,6 +1853,8 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
         sim.reaped + sim.nodes.iter().filter_map(|n| n.node.as_ref()).map(|n| n.stages.handoff.reaped()).sum::<u64>();
     last.map(|()| Stats {
         acked: sim.acked.len(),
+        acked_n1: sim.acked.iter().filter(|(k, ..)| k.starts_with("one/")).count(),
+        acked_lww: sim.acked.iter().filter(|(k, ..)| k.starts_with("last/")).count(),
         deletes: sim.acked_deletes.len(),
         nodes: sim.nodes.len(),
         joined,
@@ -1819,6 +1920,8 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
         match run_seed(seed, scenario, trace) {
             Ok(s) => {
                 total.acked += s.acked;
+                total.acked_n1 += s.acked_n1;
+                total.acked_lww += s.acked_lww;
                 total.deletes += s.deletes;
                 total.left += s.left;
                 total.wipes += s.wipes;
@@ -1840,12 +1943,14 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
     }
     let f = total.faults;
     println!(
-        "{} seeds ({signed} with signed member records, {buffered} buffered) passed in {:.1}s: {} acknowledged writes and {} acknowledged deletes checked, {joins} joins, \
+        "{} seeds ({signed} with signed member records, {buffered} buffered) passed in {:.1}s: {} acknowledged writes ({} in an N=1 namespace, {} in an lww one) and {} acknowledged deletes checked, {joins} joins, \
          {} leaves, {} wipes, storage faults: {} failed transactions, {} batches lost to crashes, {} read errors, \
          {} corrupted rows; {} tombstones reaped, slowest convergence {slowest} ms of virtual time",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.acked,
+        total.acked_n1,
+        total.acked_lww,
         total.deletes,
         total.left,
         total.wipes,
@@ -1856,6 +1961,7 @@ fn simulated_clusters_lose_no_acknowledged_write_and_converge() {
         total.reaped,
     );
     assert!(total.acked > 0, "the runs acknowledged writes");
+    assert!(total.acked_n1 > 0 && total.acked_lww > 0, "the runs acknowledged writes in both namespaces");
 }
 
 #[test]
