@@ -1,6 +1,6 @@
-//! The `ringkv` binary's answers to bad arguments, without a cluster: a clear message and
-//! exit status 2, nothing contacted. (Building this test also builds the binary that the
-//! node package's process tests drive.)
+//! The `ringkv` binary without a cluster: bad arguments get a one-line message and exit
+//! status 2, nothing contacted. (Building this test also builds the binary that the node
+//! package's process tests drive.)
 
 use std::process::Command;
 
@@ -27,4 +27,36 @@ fn help_succeeds_and_bad_arguments_exit_2_with_a_reason() {
     assert!(err.contains("missing.toml"), "names the file: {err}");
     let (code, err) = run(&["bench", "--pin", "not-an-address", "--config", missing.to_str().expect("utf-8 path")]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// Standard output and error of the CLI with `args`, and its status.
+fn output(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(CLI).args(args).output().expect("the CLI runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn usage_errors_are_one_line_exit_2_and_point_to_help() {
+    for (args, says) in [
+        (&[][..], "requires a subcommand"),
+        (&["get"], "<KEY>"),
+        (&["admin"], "'ringkv admin' requires a subcommand"),
+        (&["gte", "k"], "unrecognized subcommand 'gte'"),
+        (&["bench", "--workload", "x"], "[possible values: a, b, c, f]"),
+        (&["get", "k", "--nope"], "--nope"),
+        (&["get", "k", "--r", "many"], "--r"),
+    ] {
+        let (code, out, err) = output(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.starts_with("ringkv: ") && err.contains(says), "{args:?}: {err}");
+        assert!(err.contains("--help`"), "{args:?}: says where help is: {err}");
+    }
+    // Help and the version are not errors.
+    let (code, out, err) = output(&["admin", "--help"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.contains("partitions"), "{out}");
+    assert_eq!(output(&["--version"]).0, 0);
 }
