@@ -15,6 +15,9 @@ use outcome::{exit, Failure, Outcome};
 /// The `ringkv` binary: run the command, print, and return the exit status.
 pub fn run(args: ClientArgs) -> i32 {
     let json = args.global.json;
+    if let ClientCommand::Completions { shell } = args.command {
+        return finish(completions(shell));
+    }
     let result = (|| -> Result<Outcome, Failure> {
         let (addr, setup) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -37,6 +40,15 @@ pub fn run(args: ClientArgs) -> i32 {
         }
         Ok(out.status)
     }))
+}
+
+/// `ringkv completions SHELL`: the script on standard output.
+fn completions(shell: clap_complete::Shell) -> Result<i32, Failure> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut ClientArgs::command(), "ringkv", &mut script);
+    ringkv_console::write_stdout(&script).map_err(output_failed)?;
+    Ok(exit::OK)
 }
 
 /// Standard output failed other than by its reader going away (which ends the output

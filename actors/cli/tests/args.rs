@@ -1,6 +1,6 @@
 //! The `ringkv` binary without a cluster: bad arguments get a one-line message and exit
-//! status 2, nothing contacted. (Building this test also builds the binary that the node
-//! package's process tests drive.)
+//! status 2, nothing contacted; shell completions; an output that fails. (Building this
+//! test also builds the binary that the node package's process tests drive.)
 
 use std::process::Command;
 
@@ -45,6 +45,7 @@ fn usage_errors_are_one_line_exit_2_and_point_to_help() {
         (&["gte", "k"], "unrecognized subcommand 'gte'"),
         (&["bench", "--workload", "x"], "[possible values: a, b, c, f]"),
         (&["get", "k", "--nope"], "--nope"),
+        (&["completions", "tcsh"], "tcsh"),
         (&["get", "k", "--r", "many"], "--r"),
     ] {
         let (code, out, err) = output(args);
@@ -59,4 +60,35 @@ fn usage_errors_are_one_line_exit_2_and_point_to_help() {
     assert_eq!((code, err.as_str()), (0, ""));
     assert!(out.contains("partitions"), "{out}");
     assert_eq!(output(&["--version"]).0, 0);
+}
+
+#[test]
+fn completions_need_no_config_or_cluster() {
+    for (shell, has) in [("bash", "complete -F _ringkv"), ("zsh", "#compdef ringkv"), ("fish", "complete -c ringkv")] {
+        let (code, out, err) = output(&["completions", shell]);
+        assert_eq!((code, err.as_str()), (0, ""), "{shell}");
+        assert!(out.contains(has), "{shell}: {out}");
+        for command in ["get", "put", "bench", "completions"] {
+            assert!(out.contains(command), "{shell} completes {command}");
+        }
+    }
+    // The bash script is valid bash, where bash is installed.
+    let (_, script, _) = output(&["completions", "bash"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("ringkv.bash");
+    std::fs::write(&file, script).expect("write the script");
+    if let Ok(check) = Command::new("bash").arg("-n").arg(&file).output() {
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    }
+}
+
+#[test]
+fn an_output_that_fails_otherwise_than_by_a_closed_pipe_is_an_error() {
+    // /dev/full: every write fails with "no space left on device".
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else { return };
+    let out = Command::new(CLI).args(["completions", "bash"]).stdout(full).output().expect("the CLI runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("ringkv: cannot write to standard output"), "{err}");
 }
