@@ -1,4 +1,6 @@
-use clap::Parser;
+//! The `ringkv-node` binary: parse the command line (a usage error is one line, exit 2),
+//! set up logging, then run a node, a dev cluster or `certs`, and exit with the contract's
+//! status.
 
 /// mimalloc: a node and the bench allocate many small short-lived buffers per request.
 #[global_allocator]
@@ -8,11 +10,8 @@ use ringkv_node::args::{CertsCommand, NodeArgs, NodeCommand};
 use ringkv_node::start::{self, StartError};
 
 fn main() {
-    let args = NodeArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let args: NodeArgs = ringkv_console::parse_args();
+    init_logs();
     let status = match (args.command, args.config) {
         (Some(NodeCommand::Dev { nodes, dir, durability, secret_only }), _) => {
             ringkv_node::dev::run(nodes, dir, &durability, secret_only)
@@ -20,21 +19,46 @@ fn main() {
         (Some(NodeCommand::Certs { command }), _) => certs(command),
         (None, Some(config)) => match start::run(&config) {
             Ok(()) => 0,
-            Err(StartError::Config(m)) => {
-                eprintln!("ringkv-node: {m}");
-                2
-            }
-            Err(StartError::Other(m)) => {
-                eprintln!("ringkv-node: {m}");
-                5
-            }
+            Err(e) => failed(e),
         },
         (None, None) => {
-            eprintln!("ringkv-node: give --config FILE to run a node, or `dev` to run a local cluster");
+            ringkv_console::print_error(
+                "ringkv-node",
+                "give --config FILE to run a node, or `dev` to run a local cluster (see ringkv-node --help)",
+            );
             2
         }
     };
     std::process::exit(status);
+}
+
+/// Logs on standard error, filtered by RUST_LOG (default info). A panic is logged as one
+/// error event (Rust's own report with RUST_BACKTRACE set).
+fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rust_report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if ringkv_console::backtrace_wanted() {
+            rust_report(info);
+        } else {
+            tracing::error!("{}", ringkv_console::panic_line(info));
+        }
+    }));
+}
+
+/// A node that could not start: one line, and the status.
+fn failed(e: StartError) -> i32 {
+    ringkv_console::print_error("ringkv-node", e.message());
+    e.status()
+}
+
+/// Standard output failed other than by its reader going away (which ends it quietly).
+fn output_failed(e: std::io::Error) -> i32 {
+    ringkv_console::print_error("ringkv-node", &format!("cannot write to standard output: {e}"));
+    5
 }
 
 /// `ringkv-node certs ...`: print the files written; exit 2 on bad input.
@@ -49,13 +73,14 @@ fn certs(command: CertsCommand) -> i32 {
     };
     match written {
         Ok(paths) => {
-            for p in paths {
-                println!("wrote {}", p.display());
+            let lines: String = paths.iter().map(|p| format!("wrote {}\n", p.display())).collect();
+            match ringkv_console::write_stdout(lines.as_bytes()) {
+                Ok(()) => 0,
+                Err(e) => output_failed(e),
             }
-            0
         }
         Err(e) => {
-            eprintln!("ringkv-node certs: {e}");
+            ringkv_console::print_error("ringkv-node certs", &e);
             2
         }
     }
