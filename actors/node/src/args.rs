@@ -39,6 +39,13 @@ pub enum NodeCommand {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Check a node config as `--config FILE` does at start (its secret or certificates
+    /// too), without starting: exit 0 when the node could start with it, else 2.
+    CheckConfig {
+        /// The node's TOML config.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

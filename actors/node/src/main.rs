@@ -1,6 +1,8 @@
 //! The `ringkv-node` binary: parse the command line (a usage error is one line, exit 2),
-//! set up logging, then run a node, a dev cluster or `certs`, and exit with the contract's
-//! status.
+//! set up logging, then run a node, a dev cluster, `certs` or
+//! `check-config`, and exit with the contract's status.
+
+use std::path::Path;
 
 /// mimalloc: a node and the bench allocate many small short-lived buffers per request.
 #[global_allocator]
@@ -8,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use ringkv_node::args::{CertsCommand, NodeArgs, NodeCommand};
 use ringkv_node::start::{self, StartError};
+use ringkv_transport::Auth;
 
 fn main() {
     let args: NodeArgs = ringkv_console::parse_args();
@@ -17,6 +20,7 @@ fn main() {
             ringkv_node::dev::run(nodes, dir, &durability, secret_only)
         }
         (Some(NodeCommand::Certs { command }), _) => certs(command),
+        (Some(NodeCommand::CheckConfig { file }), _) => check_config(&file),
         (None, Some(config)) => match start::run(&config) {
             Ok(()) => 0,
             Err(e) => failed(e),
@@ -49,10 +53,34 @@ fn init_logs() {
     }));
 }
 
-/// A node that could not start: one line, and the status.
+/// A node that could not start, or a config that would not let it: one line, and the status.
 fn failed(e: StartError) -> i32 {
     ringkv_console::print_error("ringkv-node", e.message());
     e.status()
+}
+
+/// `ringkv-node check-config FILE`: the checks a node makes of its config at start, and
+/// nothing else; one line saying what the node would be.
+fn check_config(file: &Path) -> i32 {
+    let (config, auth) = match start::load_config(file) {
+        Ok(loaded) => loaded,
+        Err(e) => return failed(e),
+    };
+    let auth = match auth {
+        Auth::Tls(_) => "mutual TLS",
+        Auth::Secret(_) => "secret-only",
+    };
+    let line = format!(
+        "{}: ok: node {} on {} in cluster {:?} ({auth})",
+        file.display(),
+        config.node.id,
+        config.node.listen,
+        config.cluster.name
+    );
+    match ringkv_console::print_line(&line) {
+        Ok(()) => 0,
+        Err(e) => output_failed(e),
+    }
 }
 
 /// Standard output failed other than by its reader going away (which ends it quietly).

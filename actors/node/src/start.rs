@@ -48,7 +48,9 @@ impl StartError {
 
 /// Read a config file and the credentials it names (its secret file, or its `[tls]` files),
 /// and hold them to what a node needs: a secret of at least
-/// [`ringkv::config::SECRET_BYTES_MIN`] bytes, or a certificate that names this node.
+/// [`ringkv::config::SECRET_BYTES_MIN`] bytes, or a certificate that names this node. Every
+/// check of a config happens here: [`run`] starts with it and `ringkv-node check-config`
+/// runs only it.
 pub fn load_config(path: &Path) -> Result<(Config, Auth), StartError> {
     let (config, auth) = net::load_config(path).map_err(StartError::Config)?;
     let fail = |e: String| StartError::Config(format!("{}: {e}", path.display()));
