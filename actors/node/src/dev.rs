@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::args::LogFormat;
+
 /// What dev says to its user, on standard output: quiet once the reader is gone, and only
 /// reported (once per message) if standard output fails otherwise.
 fn say(text: &str) {
@@ -173,8 +175,8 @@ impl StopSignals {
     }
 }
 
-/// Run the dev cluster; returns the exit status.
-pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool) -> i32 {
+/// Run the dev cluster, each node logging in `log_format`; returns the exit status.
+pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool, log_format: LogFormat) -> i32 {
     let dir = dir.unwrap_or_else(fresh_dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         fail(&format!("cannot create {}: {e}; give another --dir", dir.display()));
@@ -234,7 +236,8 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         };
         let err_file = log_file.try_clone();
         let mut cmd = Command::new(&exe);
-        cmd.arg("--config").arg(&cfg).stdin(Stdio::null()).stdout(log_file);
+        cmd.arg("--config").arg(&cfg).arg("--log-format").arg(log_format.as_arg());
+        cmd.stdin(Stdio::null()).stdout(log_file);
         if let Ok(e) = err_file {
             cmd.stderr(e);
         }

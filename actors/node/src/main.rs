@@ -1,5 +1,5 @@
 //! The `ringkv-node` binary: parse the command line (a usage error is one line, exit 2),
-//! set up logging, then run a node, a dev cluster, `certs` or
+//! set up logging (`--log-format text|json`), then run a node, a dev cluster, `certs` or
 //! `check-config`, and exit with the contract's status.
 
 use std::path::Path;
@@ -8,16 +8,16 @@ use std::path::Path;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use ringkv_node::args::{CertsCommand, NodeArgs, NodeCommand};
+use ringkv_node::args::{CertsCommand, LogFormat, NodeArgs, NodeCommand};
 use ringkv_node::start::{self, StartError};
 use ringkv_transport::Auth;
 
 fn main() {
     let args: NodeArgs = ringkv_console::parse_args();
-    init_logs();
+    init_logs(args.log_format);
     let status = match (args.command, args.config) {
         (Some(NodeCommand::Dev { nodes, dir, durability, secret_only }), _) => {
-            ringkv_node::dev::run(nodes, dir, &durability, secret_only)
+            ringkv_node::dev::run(nodes, dir, &durability, secret_only, args.log_format)
         }
         (Some(NodeCommand::Certs { command }), _) => certs(command),
         (Some(NodeCommand::CheckConfig { file }), _) => check_config(&file),
@@ -36,13 +36,17 @@ fn main() {
     std::process::exit(status);
 }
 
-/// Logs on standard error, filtered by RUST_LOG (default info). A panic is logged as one
-/// error event (Rust's own report with RUST_BACKTRACE set).
-fn init_logs() {
-    tracing_subscriber::fmt()
+/// Logs on standard error, filtered by RUST_LOG (default info), as text or JSON lines. A
+/// panic is logged as one error event in the same format (Rust's own report with
+/// RUST_BACKTRACE set).
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let rust_report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if ringkv_console::backtrace_wanted() {
