@@ -75,6 +75,13 @@ pub enum ClientCommand {
     },
     /// Load generator: YCSB-style workloads against the cluster.
     Bench(BenchArgs),
+    /// Print a shell completion script, e.g. `source <(ringkv completions bash)` (needs no
+    /// --config or cluster).
+    Completions {
+        /// The shell: bash, zsh or fish (also elvish, powershell).
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -254,6 +254,8 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
             };
             Ok(doc_outcome(expect_document(client.request(req).await?)?))
         }
-        ClientCommand::Bench(_) => Err(Failure::new(exit::OTHER, "bench is run by ringkv_cli::run")),
+        ClientCommand::Bench(_) | ClientCommand::Completions { .. } => {
+            Err(Failure::new(exit::OTHER, "bench and completions are run by ringkv_cli::run"))
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `ringkv`, the command-line client: the commands of the user contract (README), their
 //! output (human or `--json`) and exit statuses, and the `bench` load generator, all on
-//! the `ringkv-client` library.
+//! the `ringkv-client` library. Output goes through `ringkv-console`: a closed pipe ends
+//! it quietly, and every error is one line on standard error.
 
 pub mod args;
 pub mod bench;
@@ -14,6 +15,9 @@ use outcome::{exit, Failure, Outcome};
 /// The `ringkv` binary: run the command, print, and return the exit status.
 pub fn run(args: ClientArgs) -> i32 {
     let json = args.global.json;
+    if let ClientCommand::Completions { shell } = args.command {
+        return finish(completions(shell));
+    }
     let result = (|| -> Result<Outcome, Failure> {
         let (addr, setup) = target(args.global.config.as_deref(), args.global.node.as_deref())?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -29,22 +33,36 @@ pub fn run(args: ClientArgs) -> i32 {
             execute(&client, args.command, setup.value_bytes_max).await
         })
     })();
-    match result {
-        Ok(out) => {
-            // A closed stdout (`ringkv ... | head`) is not a reason to panic.
-            use std::io::Write;
-            let mut stdout = std::io::stdout().lock();
-            let _ = if json {
-                writeln!(stdout, "{}", out.doc)
-            } else if !out.human.is_empty() {
-                writeln!(stdout, "{}", out.human)
-            } else {
-                Ok(())
-            };
-            out.status
+    finish(result.and_then(|out| {
+        let text = if json { out.doc.to_string() } else { out.human };
+        if !text.is_empty() {
+            ringkv_console::print_line(&text).map_err(output_failed)?;
         }
+        Ok(out.status)
+    }))
+}
+
+/// `ringkv completions SHELL`: the script on standard output.
+fn completions(shell: clap_complete::Shell) -> Result<i32, Failure> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut ClientArgs::command(), "ringkv", &mut script);
+    ringkv_console::write_stdout(&script).map_err(output_failed)?;
+    Ok(exit::OK)
+}
+
+/// Standard output failed other than by its reader going away (which ends the output
+/// quietly): a full disk, a revoked terminal.
+fn output_failed(e: std::io::Error) -> Failure {
+    Failure::new(exit::OTHER, format!("cannot write to standard output: {e}; check where the output goes"))
+}
+
+/// The exit status, a failure printed first as one line on standard error.
+fn finish(result: Result<i32, Failure>) -> i32 {
+    match result {
+        Ok(status) => status,
         Err(f) => {
-            eprintln!("ringkv: {}", f.message);
+            ringkv_console::print_error("ringkv", &f.message);
             f.status
         }
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// ringkv-node: one node of a ringkv cluster.
 #[derive(Debug, Parser)]
@@ -11,6 +11,10 @@ pub struct NodeArgs {
     /// The node's TOML config.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// How the node logs on standard error: text, or json (one JSON object per line).
+    /// `dev` passes it on to the nodes it starts.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Option<NodeCommand>,
 }
@@ -39,6 +43,32 @@ pub enum NodeCommand {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Check a node config as `--config FILE` does at start (its secret or certificates
+    /// too), without starting: exit 0 when the node could start with it, else 2.
+    CheckConfig {
+        /// The node's TOML config.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// The format of a node's log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people: time, level, where, message and fields.
+    Text,
+    /// One JSON object per line (timestamp, level, fields, target, spans).
+    Json,
+}
+
+impl LogFormat {
+    /// The value of `--log-format` that selects this format.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

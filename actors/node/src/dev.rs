@@ -2,12 +2,31 @@
 //! directory (with a cluster CA, a certificate per node and an admin client file, unless
 //! asked for secret-only mode), starts one node process per config on loopback, prints how
 //! to use the CLI against them, and stops every node it started on Ctrl-C (or SIGTERM).
+//! Its output is for a person: when its reader goes away (`ringkv-node dev | head`), it
+//! stops printing and the cluster runs on until Ctrl-C as usual.
 
 use std::io::Write;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::args::LogFormat;
+
+/// What dev says to its user, on standard output: quiet once the reader is gone, and only
+/// reported (once per message) if standard output fails otherwise.
+fn say(text: &str) {
+    if let Err(e) = ringkv_console::write_stdout(text.as_bytes()) {
+        fail(&format!("cannot write to standard output: {e}"));
+    }
+}
+
+/// One line on standard error.
+fn fail(message: &str) {
+    ringkv_console::print_error("ringkv-node dev", message);
+}
 
 /// A free loopback UDP port (QUIC listens on UDP).
 fn free_port() -> std::io::Result<u16> {
@@ -97,7 +116,7 @@ fn stop(children: &mut [(String, Child)]) {
             waited += 1;
         }
         if waited == 100 {
-            eprintln!("{name} did not stop in 5 s; killing it");
+            fail(&format!("node {name} did not stop in 5 s; killing it"));
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -133,16 +152,39 @@ fn make_certs(dir: &Path, nodes: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// Run the dev cluster; returns the exit status.
-pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool) -> i32 {
+/// SIGINT (Ctrl-C) and SIGTERM, each registered once (a signal between two waits is not
+/// missed).
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    /// Listen for both, from now on, on `rt`.
+    fn listen(rt: &tokio::runtime::Runtime) -> std::io::Result<StopSignals> {
+        let _in_rt = rt.enter();
+        Ok(StopSignals { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    /// Until either has come.
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// Run the dev cluster, each node logging in `log_format`; returns the exit status.
+pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool, log_format: LogFormat) -> i32 {
     let dir = dir.unwrap_or_else(fresh_dir);
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("ringkv-node dev: cannot create {}: {e}", dir.display());
+        fail(&format!("cannot create {}: {e}; give another --dir", dir.display()));
         return 5;
     }
     let dir = dir.canonicalize().unwrap_or(dir);
     let Ok(exe) = std::env::current_exe() else {
-        eprintln!("ringkv-node dev: cannot find this program's path");
+        fail("cannot find this program's path");
         return 5;
     };
     let mut ports = Vec::new();
@@ -150,7 +192,7 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         match free_port() {
             Ok(p) if !ports.contains(&p) => ports.push(p),
             _ => {
-                eprintln!("ringkv-node dev: no free loopback port");
+                fail("no free loopback port");
                 return 5;
             }
         }
@@ -162,10 +204,23 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         let made = make_certs(&dir, nodes)
             .and_then(|()| std::fs::write(&admin, admin_file_text(&ports)).map_err(|e| e.to_string()));
         if let Err(e) = made {
-            eprintln!("ringkv-node dev: cannot make the cluster's certificates in {}: {e}", dir.display());
+            fail(&format!("cannot make the cluster's certificates in {}: {e}", dir.display()));
             return 5;
         }
         DevAuth::Tls
+    };
+    // Ctrl-C and SIGTERM are listened for before the first node starts: a stop at any point
+    // stops every node started so far.
+    let listening = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| StopSignals::listen(&rt).map(|signals| (rt, signals)));
+    let (rt, mut signals) = match listening {
+        Ok(both) => both,
+        Err(e) => {
+            fail(&format!("cannot listen for Ctrl-C: {e}"));
+            return 5;
+        }
     };
     let mut children: Vec<(String, Child)> = Vec::new();
     for i in 1..=nodes {
@@ -175,29 +230,36 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
             .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &auth, durability).as_bytes()));
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
         let (Ok(()), Ok(log_file)) = (written, log_file) else {
-            eprintln!("ringkv-node dev: cannot write into {}", dir.display());
+            fail(&format!("cannot write into {}; give another --dir", dir.display()));
             stop(&mut children);
             return 5;
         };
         let err_file = log_file.try_clone();
         let mut cmd = Command::new(&exe);
-        cmd.arg("--config").arg(&cfg).stdin(Stdio::null()).stdout(log_file);
+        cmd.arg("--config").arg(&cfg).arg("--log-format").arg(log_format.as_arg());
+        cmd.stdin(Stdio::null()).stdout(log_file);
         if let Ok(e) = err_file {
             cmd.stderr(e);
         }
         match cmd.spawn() {
             Ok(c) => children.push((format!("n{i}"), c)),
             Err(e) => {
-                eprintln!("ringkv-node dev: cannot start node n{i}: {e}");
+                fail(&format!("cannot start node n{i}: {e}"));
                 stop(&mut children);
                 return 5;
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        let stopped =
+            rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), signals.received()).await.is_ok() });
+        if stopped {
+            say(&format!("stopping {} node(s)\n", children.len()));
+            stop(&mut children);
+            return 0;
+        }
     }
     let cli = exe.with_file_name("ringkv");
     if !cli.exists() {
-        println!("(the ringkv CLI is not built yet next to this program: `cargo build --release` builds both)");
+        say("(the ringkv CLI is not built yet next to this program: `cargo build --release` builds both)\n");
     }
     let (c1, cn) = match auth {
         DevAuth::Tls => (dir.join("admin.toml"), dir.join("admin.toml")),
@@ -207,35 +269,29 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         DevAuth::Tls => format!("mutual TLS, certificates in {}", dir.join(CERTS).display()),
         DevAuth::Secret(_) => "secret-only: the secret in the configs is the whole trust boundary".to_string(),
     };
-    println!("ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?} ({mode})");
-    println!("configs, data and logs in {}", dir.display());
-    println!();
-    println!("try, in another terminal:");
-    println!("  {} --config {} status", cli.display(), c1.display());
-    println!("  {} --config {} put hello world", cli.display(), c1.display());
-    println!("  {} --config {} get hello", cli.display(), cn.display());
-    println!();
-    println!("Ctrl-C stops every node.");
+    say(&format!(
+        "ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?} ({mode})\n\
+         configs, data and logs in {}\n\n\
+         try, in another terminal:\n\
+         \x20 {cli} --config {c1} status\n\
+         \x20 {cli} --config {c1} put hello world\n\
+         \x20 {cli} --config {cn} get hello\n\n\
+         Ctrl-C stops every node.\n",
+        dir.display(),
+        cli = cli.display(),
+        c1 = c1.display(),
+        cn = cn.display(),
+    ));
 
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ringkv-node dev: {e}");
-            stop(&mut children);
-            return 5;
-        }
-    };
     let status = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return 0,
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return 0,
+                _ = signals.received() => return 0,
                 _ = tick.tick() => {
                     for (name, c) in children.iter_mut() {
                         if let Ok(Some(st)) = c.try_wait() {
-                            eprintln!("node {name} exited ({st}); see {}", dir.join(format!("{name}.log")).display());
+                            fail(&format!("node {name} exited ({st}); see {}", dir.join(format!("{name}.log")).display()));
                             return 5;
                         }
                     }
@@ -243,7 +299,7 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
             }
         }
     });
-    println!("stopping {} node(s)", children.len());
+    say(&format!("stopping {} node(s)\n", children.len()));
     stop(&mut children);
     status
 }

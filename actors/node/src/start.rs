@@ -29,9 +29,28 @@ pub enum StartError {
     Other(String),
 }
 
+impl StartError {
+    /// The exit status of the contract: 2 for a bad config, 5 for anything else.
+    pub fn status(&self) -> i32 {
+        match self {
+            StartError::Config(_) => 2,
+            StartError::Other(_) => 5,
+        }
+    }
+
+    /// What went wrong and what to do.
+    pub fn message(&self) -> &str {
+        match self {
+            StartError::Config(m) | StartError::Other(m) => m,
+        }
+    }
+}
+
 /// Read a config file and the credentials it names (its secret file, or its `[tls]` files),
 /// and hold them to what a node needs: a secret of at least
-/// [`ringkv::config::SECRET_BYTES_MIN`] bytes, or a certificate that names this node.
+/// [`ringkv::config::SECRET_BYTES_MIN`] bytes, or a certificate that names this node. Every
+/// check of a config happens here: [`run`] starts with it and `ringkv-node check-config`
+/// runs only it.
 pub fn load_config(path: &Path) -> Result<(Config, Auth), StartError> {
     let (config, auth) = net::load_config(path).map_err(StartError::Config)?;
     let fail = |e: String| StartError::Config(format!("{}: {e}", path.display()));

@@ -47,6 +47,8 @@ pub struct Cluster {
     pub timeouts_ms: (u64, u64),
     /// Mutual TLS with certificates in `dir/certs` (see [`Cluster::use_tls`]).
     pub tls: bool,
+    /// More arguments for every node started, after `--config FILE`.
+    pub node_args: Vec<String>,
 }
 
 /// A few random bits for names and secrets (no rand dependency in the tests).
@@ -72,6 +74,7 @@ impl Cluster {
             partitions: 16,
             timeouts_ms: (3000, 500),
             tls: false,
+            node_args: Vec::new(),
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         for (i, port) in ports.iter().enumerate() {
@@ -203,6 +206,7 @@ replica_timeout_ms = {replica_ms}
         let child = Command::new(NODE)
             .arg("--config")
             .arg(&n.config)
+            .args(&self.node_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -317,6 +321,60 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// The processes (other than this one) whose command line mentions `needle`, e.g. a temp
+/// dir's path: what `pgrep -f` finds, read from /proc.
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle)
+        })
+        .collect()
+}
+
+/// A standard output whose reader is already gone: the first write gets a broken pipe, as
+/// in `... | head` once head has exited.
+pub fn closed_stdout() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+/// Run `cmd` (stdout and stderr piped unless set otherwise) to its end, killing it after
+/// `timeout`: its status code (None when killed or signalled), stdout and stderr.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> (Option<i32>, String, String) {
+    run_bounded_with(cmd.stdout(Stdio::piped()), timeout)
+}
+
+/// [`run_bounded`] with the stdout `cmd` has (stderr piped).
+pub fn run_bounded_with(cmd: &mut Command, timeout: Duration) -> (Option<i32>, String, String) {
+    let mut child = cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Readers on threads, so a full pipe never stalls the child.
+    fn read(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let (out, err) = (read(child.stdout.take()), read(child.stderr.take()));
+    let exited = wait_until(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    (if exited { status.code() } else { None }, out.join().unwrap(), err.join().unwrap())
 }
 
 /// Poll `f` every 100 ms until it holds or `timeout` passes.
