@@ -9,7 +9,12 @@
 //! latency is a sample in a sliding window, and while the window's p99 is above the target
 //! the effective budget of every background kind is halved (down to one unit, never zero
 //! unless paused by the operator), growing back by one unit per window once latency
-//! recovers. Time comes in as arguments.
+//! recovers. Besides the requests' own latency it watches what they wait on (§6.5: "the
+//! latencies of disk operations, failed database access attempts due to lock-contention and
+//! transaction timeouts, and request queue wait times"): storage operations of foreground
+//! work and the time network messages wait in stage queues, each as a p99 over the same
+//! trailing window ([`Signal::Waited`], gathered in batches by [`WaitSamples`]); any of
+//! the three over the target counts. Time comes in as arguments.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -107,6 +112,77 @@ impl RateLimiter {
 
 /// Most samples the latency window keeps.
 pub const LATENCY_SAMPLES_MAX: usize = 4096;
+/// Samples a [`WaitSamples`] batch holds before it is handed on.
+pub const WAIT_BATCH_MAX: usize = 64;
+/// Age of a batch's first sample at which it is handed on.
+pub const WAIT_BATCH_MS: u64 = 100;
+
+/// What foreground work waited on, as the stage that saw it gathers it: samples handed to
+/// admission in batches (one signal per batch, not one per request).
+#[derive(Clone, Debug, Default)]
+pub struct WaitSamples {
+    storage: Vec<u64>,
+    queue: Vec<u64>,
+    first_ms: Option<u64>,
+}
+
+impl WaitSamples {
+    pub fn storage(&mut self, now_ms: u64, ms: u64) {
+        self.storage.push(ms);
+        self.first_ms.get_or_insert(now_ms);
+    }
+
+    pub fn queue(&mut self, now_ms: u64, ms: u64) {
+        self.queue.push(ms);
+        self.first_ms.get_or_insert(now_ms);
+    }
+
+    /// When the batch held is due to be handed on (a stage's timer should wake it then).
+    pub fn due_at(&self) -> Option<u64> {
+        self.first_ms.map(|t| t.saturating_add(WAIT_BATCH_MS))
+    }
+
+    /// The batch, once it is full or old enough.
+    pub fn take_due(&mut self, now_ms: u64) -> Option<Signal> {
+        let full = self.storage.len() + self.queue.len() >= WAIT_BATCH_MAX;
+        let old = self.first_ms.is_some_and(|t| now_ms >= t.saturating_add(WAIT_BATCH_MS));
+        if !(full || old) {
+            return None;
+        }
+        self.first_ms = None;
+        Some(Signal::Waited { storage: std::mem::take(&mut self.storage), queue: std::mem::take(&mut self.queue) })
+    }
+}
+
+/// A trailing window of samples (ms) and its p99.
+#[derive(Clone, Debug, Default)]
+struct Window {
+    samples: VecDeque<(u64, u64)>,
+}
+
+impl Window {
+    fn record(&mut self, now_ms: u64, ms: u64) {
+        if self.samples.len() == LATENCY_SAMPLES_MAX {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now_ms, ms));
+    }
+
+    fn expire(&mut self, now_ms: u64, window_ms: u64) {
+        while self.samples.front().is_some_and(|s| s.0.saturating_add(window_ms) < now_ms) {
+            self.samples.pop_front();
+        }
+    }
+
+    fn p99(&self) -> Option<u64> {
+        let mut v: Vec<u64> = self.samples.iter().map(|s| s.1).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        Some(v[(v.len() * 99).div_ceil(100).saturating_sub(1)])
+    }
+}
 /// Largest value any limit may be set to.
 pub const LIMIT_MAX: i64 = 1_000_000;
 
@@ -132,7 +208,10 @@ pub struct Admission {
     inflight: BTreeMap<Work, u32>,
     latency_target_ms: u64,
     window_ms: u64,
-    samples: VecDeque<(u64, u64)>,
+    /// Client requests' latency, and what foreground work waited on.
+    requests: Window,
+    storage: Window,
+    queue: Window,
     next_adjust_ms: u64,
 }
 
@@ -148,7 +227,9 @@ impl Admission {
             inflight: Work::ALL.iter().map(|w| (*w, 0)).collect(),
             latency_target_ms: latency_target_ms.max(1),
             window_ms: window_ms.max(1),
-            samples: VecDeque::new(),
+            requests: Window::default(),
+            storage: Window::default(),
+            queue: Window::default(),
             next_adjust_ms: 0,
         }
     }
@@ -199,6 +280,8 @@ impl Admission {
         if let Some(d) = doc.as_object_mut() {
             d.insert("effective".into(), serde_json::json!(effective));
             d.insert("latency_p99_ms".into(), serde_json::json!(self.p99_ms()));
+            let waits = serde_json::json!({"storage": self.storage.p99(), "queue": self.queue.p99()});
+            d.insert("waits_p99_ms".into(), waits);
         }
         doc
     }
@@ -269,20 +352,30 @@ impl Admission {
 
     /// A client request took `latency_ms`.
     pub fn record_latency(&mut self, now_ms: u64, latency_ms: u64) {
-        if self.samples.len() == LATENCY_SAMPLES_MAX {
-            self.samples.pop_front();
-        }
-        self.samples.push_back((now_ms, latency_ms));
+        self.requests.record(now_ms, latency_ms);
     }
 
-    /// p99 of the samples in the window, if any.
-    pub fn p99_ms(&self) -> Option<u64> {
-        let mut v: Vec<u64> = self.samples.iter().map(|s| s.1).collect();
-        if v.is_empty() {
-            return None;
+    /// Foreground work waited this long on storage (`storage`) or in stage queues.
+    pub fn record_waits(&mut self, now_ms: u64, storage: &[u64], queue: &[u64]) {
+        for ms in storage {
+            self.storage.record(now_ms, *ms);
         }
-        v.sort_unstable();
-        Some(v[(v.len() * 99).div_ceil(100).saturating_sub(1)])
+        for ms in queue {
+            self.queue.record(now_ms, *ms);
+        }
+    }
+
+    /// p99 of the client requests' latency in the window, if any.
+    pub fn p99_ms(&self) -> Option<u64> {
+        self.requests.p99()
+    }
+
+    /// Whether foreground work suffers: the p99 of request latency, of storage waits or of
+    /// queue waits over the target.
+    pub fn suffering(&self) -> bool {
+        [self.requests.p99(), self.storage.p99(), self.queue.p99()]
+            .into_iter()
+            .any(|p| p.is_some_and(|p| p > self.latency_target_ms))
     }
 
     /// When the next window adjustment is due.
@@ -292,14 +385,14 @@ impl Admission {
 
     /// Time passed: drop old samples and, once per window, adjust budgets.
     pub fn handle_tick(&mut self, now_ms: u64) {
-        while self.samples.front().is_some_and(|s| s.0.saturating_add(self.window_ms) < now_ms) {
-            self.samples.pop_front();
+        for w in [&mut self.requests, &mut self.storage, &mut self.queue] {
+            w.expire(now_ms, self.window_ms);
         }
         if now_ms < self.next_adjust_ms {
             return;
         }
         self.next_adjust_ms = now_ms.saturating_add(self.window_ms);
-        let suffering = self.p99_ms().is_some_and(|p| p > self.latency_target_ms);
+        let suffering = self.suffering();
         for w in Work::ALL {
             let max = self.max_inflight[&w];
             let b = self.budget.entry(w).or_insert(max);
@@ -381,6 +474,9 @@ impl Stage for AdmissionStage {
         match input {
             Input::Tick { .. } => self.admission.handle_tick(now.mono_ms),
             Input::Signal(Signal::Latency { ms }) => self.admission.record_latency(now.mono_ms, ms),
+            Input::Signal(Signal::Waited { storage, queue }) => {
+                self.admission.record_waits(now.mono_ms, &storage, &queue)
+            }
             Input::Message { from, msg: Message::Client { id, request: ClientRequest::Limits } } => {
                 self.reply(from.conn, id, limits_doc(self.admission.limits_doc()));
             }
@@ -461,6 +557,59 @@ mod tests {
         }
         assert_eq!(a.budgets()["handoff.budget"], 8);
         assert_eq!(a.budgets()["anti_entropy.budget"], 4);
+    }
+
+    #[test]
+    fn slow_storage_or_long_queues_shrink_budgets_though_requests_look_fast() {
+        for (storage, queue) in [(&[120u64][..], &[][..]), (&[][..], &[120u64][..])] {
+            let mut a = Admission::new(8, 4, 50, 1000);
+            a.handle_tick(0);
+            for t in 0..100 {
+                a.record_latency(t, 5);
+                a.record_waits(t, storage, queue);
+            }
+            assert!(a.suffering());
+            a.handle_tick(1000);
+            assert_eq!(a.budgets()["handoff.budget"], 4, "storage {storage:?} queue {queue:?}");
+            let doc = a.limits_doc();
+            assert_eq!(doc["latency_p99_ms"], 5);
+            assert_eq!(doc["waits_p99_ms"]["storage"], serde_json::json!(storage.first()));
+            assert_eq!(doc["waits_p99_ms"]["queue"], serde_json::json!(queue.first()));
+            // Fast waits again: the old samples age out and the budgets grow back.
+            for w in 2..12u64 {
+                a.record_waits(w * 1000, &[1], &[1]);
+                a.handle_tick(w * 1000);
+            }
+            assert!(!a.suffering());
+            assert_eq!(a.budgets()["handoff.budget"], 8);
+        }
+    }
+
+    #[test]
+    fn wait_samples_are_handed_on_in_batches() {
+        let mut w = WaitSamples::default();
+        assert_eq!(w.take_due(0), None);
+        w.storage(10, 3);
+        w.queue(20, 4);
+        assert_eq!(w.take_due(50), None, "neither full nor old");
+        assert_eq!(w.take_due(110), Some(Signal::Waited { storage: vec![3], queue: vec![4] }));
+        assert_eq!(w.take_due(500), None, "emptied");
+        for i in 0..WAIT_BATCH_MAX as u64 {
+            w.storage(1000, i);
+        }
+        assert!(matches!(w.take_due(1000), Some(Signal::Waited { storage, .. }) if storage.len() == WAIT_BATCH_MAX));
+    }
+
+    #[test]
+    fn the_stage_hears_waits_from_other_stages() {
+        let mut s = AdmissionStage::new(Admission::new(8, 4, 50, 1000));
+        let now = |ms| Now { mono_ms: ms, wall_ms: ms };
+        while s.poll_effect().is_some() {}
+        s.handle(now(0), Input::Tick { random: 0 });
+        s.handle(now(1), Input::Signal(Signal::Waited { storage: vec![500; 10], queue: vec![] }));
+        s.handle(now(1000), Input::Tick { random: 0 });
+        let told = std::iter::from_fn(|| s.poll_effect()).collect::<Vec<_>>();
+        assert!(told.iter().any(|e| matches!(e, Effect::Signal(Signal::Budgets { handoff: 4, anti_entropy: 2, .. }))));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use crate::admission::WaitSamples;
 use crate::namespace::{check_default_key, class_of, newest, Namespace, Namespaces, Resolution, DEFAULT_NAME};
 use crate::ring::{NodeId, PreferenceList, Ring};
 use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
@@ -740,7 +741,9 @@ pub struct CoordinatorStage {
     requests: BTreeMap<u64, Entry>,
     timers: BTreeSet<(u64, u64)>,
     /// Local storage operations in flight: token -> request.
-    local: BTreeMap<u64, u64>,
+    local: BTreeMap<u64, (u64, u64)>,
+    /// How long local storage operations took, for admission's feedback.
+    waits: WaitSamples,
     ids: Ids,
     effects: VecDeque<Effect>,
     /// Client requests taken: coordinated as a replica of the key, and for keys this node
@@ -791,6 +794,7 @@ impl CoordinatorStage {
             requests: BTreeMap::new(),
             timers: BTreeSet::new(),
             local: BTreeMap::new(),
+            waits: WaitSamples::default(),
             ids: Ids::default(),
             effects: VecDeque::new(),
             counters: (0, 0),
@@ -897,7 +901,7 @@ impl CoordinatorStage {
                 Action::Send { to, request } if to == self.settings.me => match store_op(request, now.wall_ms) {
                     Some(op) => {
                         let token = self.ids.issue();
-                        self.local.insert(token, id);
+                        self.local.insert(token, (id, now.mono_ms));
                         let durable = durable_writer(&op);
                         self.effects.push_back(Effect::Store { token, op, durable });
                     }
@@ -1011,7 +1015,8 @@ impl Stage for CoordinatorStage {
         match input {
             Input::Message { from, msg } => self.handle_message(now, from, msg),
             Input::Stored { token, result } => {
-                let Some(id) = self.local.remove(&token) else { return };
+                let Some((id, issued_ms)) = self.local.remove(&token) else { return };
+                self.waits.storage(now.mono_ms, now.mono_ms.saturating_sub(issued_ms));
                 if let Some(e) = self.requests.get_mut(&id) {
                     let me = self.settings.me.clone();
                     e.core.handle_reply(now.mono_ms, &me, replica_reply(result));
@@ -1054,6 +1059,9 @@ impl Stage for CoordinatorStage {
             }
             Input::Signal(_) => {}
         }
+        if let Some(waited) = self.waits.take_due(now.mono_ms) {
+            self.effects.push_back(Effect::Signal(waited));
+        }
     }
 
     fn poll_effect(&mut self) -> Option<Effect> {
@@ -1062,10 +1070,7 @@ impl Stage for CoordinatorStage {
 
     fn poll_timeout(&self) -> Option<u64> {
         let request = self.timers.first().map(|(d, _)| *d);
-        match (request, self.counters_due_ms) {
-            (Some(r), Some(c)) => Some(r.min(c)),
-            (r, c) => r.or(c),
-        }
+        [request, self.counters_due_ms, self.waits.due_at()].into_iter().flatten().min()
     }
 }
 

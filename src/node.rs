@@ -570,6 +570,22 @@ mod tests {
         assert!(m.forwards.is_empty());
     }
 
+    /// Coordinators and replicas report what their storage operations waited to admission.
+    #[test]
+    fn admission_hears_the_storage_waits_of_foreground_work() {
+        let mut m = Mini::new(3, "");
+        let waits = |m: &Mini, i: usize| {
+            let doc = m.peers[i].node.as_ref().unwrap().stages.admission.admission().limits_doc();
+            doc["waits_p99_ms"]["storage"].clone()
+        };
+        assert!(waits(&m, 0).is_null());
+        for k in 0..20 {
+            assert!(matches!(m.put(0, &format!("w{k}"), b"v".to_vec(), None), ClientResponse::Written { .. }));
+        }
+        m.run(500);
+        assert!((0..3).all(|i| waits(&m, i).is_u64()), "{:?}", (0..3).map(|i| waits(&m, i)).collect::<Vec<_>>());
+    }
+
     /// Namespaces end to end: created on one node, known to all by gossip and after a
     /// restart; an N=1 namespace's keys live on one node only, even after anti-entropy and
     /// handoff rounds; an lww namespace answers one value where the default keeps siblings.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::admission::WaitSamples;
 use crate::coordinator::{replica_reply, store_op, RequestLimits};
 use crate::membership::View;
 use crate::ring::NodeId;
@@ -45,6 +46,10 @@ pub struct ReplicaStage {
     settings: ReplicaSettings,
     view: Option<Arc<View>>,
     waiting: BTreeMap<u64, Answer>,
+    /// When each coordinator's request went to storage, for admission's feedback.
+    issued_ms: BTreeMap<u64, u64>,
+    waits: WaitSamples,
+    now_ms: u64,
     ids: Ids,
     effects: VecDeque<Effect>,
 }
@@ -59,7 +64,16 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> ClientResponse {
 
 impl ReplicaStage {
     pub fn new(settings: ReplicaSettings) -> Self {
-        ReplicaStage { settings, view: None, waiting: BTreeMap::new(), ids: Ids::default(), effects: VecDeque::new() }
+        ReplicaStage {
+            settings,
+            view: None,
+            waiting: BTreeMap::new(),
+            issued_ms: BTreeMap::new(),
+            waits: WaitSamples::default(),
+            now_ms: 0,
+            ids: Ids::default(),
+            effects: VecDeque::new(),
+        }
     }
 
     fn leaving(&self) -> bool {
@@ -69,6 +83,9 @@ impl ReplicaStage {
 
     fn store(&mut self, op: StoreOp, durable: bool, answer: Answer) {
         let token = self.ids.issue();
+        if matches!(answer, Answer::Replica { .. }) {
+            self.issued_ms.insert(token, self.now_ms);
+        }
         self.waiting.insert(token, answer);
         self.effects.push_back(Effect::Store { token, op, durable });
     }
@@ -244,10 +261,21 @@ impl Stage for ReplicaStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
-            Input::Message { from, msg } => self.handle_message(now, from, msg),
-            Input::Stored { token, result } => self.handle_stored(token, result),
+            Input::Message { from, msg } => {
+                self.now_ms = now.mono_ms;
+                self.handle_message(now, from, msg)
+            }
+            Input::Stored { token, result } => {
+                if let Some(issued) = self.issued_ms.remove(&token) {
+                    self.waits.storage(now.mono_ms, now.mono_ms.saturating_sub(issued));
+                }
+                self.handle_stored(token, result)
+            }
             Input::Signal(Signal::View(v)) => self.view = Some(v),
             Input::Signal(_) | Input::Tick { .. } => {}
+        }
+        if let Some(waited) = self.waits.take_due(now.mono_ms) {
+            self.effects.push_back(Effect::Signal(waited));
         }
     }
 
@@ -256,7 +284,7 @@ impl Stage for ReplicaStage {
     }
 
     fn poll_timeout(&self) -> Option<u64> {
-        None
+        self.waits.due_at()
     }
 }
 

@@ -129,6 +129,10 @@ pub enum Signal {
     Budgets { handoff: u32, anti_entropy: u32, handoff_bytes_per_sec: u64, anti_entropy_bytes_per_sec: u64 },
     /// A client request took this long (to admission's latency feedback).
     Latency { ms: u64 },
+    /// What foreground work waited on, in ms, sampled where it was seen (to admission's
+    /// feedback): storage operations of client requests and replica writes from issue to
+    /// result, and network messages in stage queues before their stage took them.
+    Waited { storage: Vec<u64>, queue: Vec<u64> },
     /// This node handed everything away: record it as left (handoff to gossip).
     MarkLeft,
     /// Background work waiting, for `ringkv status` (handoff to gossip).
@@ -240,7 +244,7 @@ pub fn subscribers(signal: &Signal) -> &'static [StageId] {
         Signal::Report { .. } => &[FailureDetector],
         Signal::Unreachable { .. } => &[Coordinator, Gossip, FailureDetector, Handoff, AntiEntropy],
         Signal::Budgets { .. } => &[Handoff, AntiEntropy],
-        Signal::Latency { .. } => &[Admission],
+        Signal::Latency { .. } | Signal::Waited { .. } => &[Admission],
         Signal::MarkLeft | Signal::Pending { .. } | Signal::Counters { .. } | Signal::Suspicion(_) => &[Gossip],
     }
 }

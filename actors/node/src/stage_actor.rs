@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use ringkv::admission::WaitSamples;
 use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
 use ringkv::store::{StoreError, StoreOutcome};
 use ringkv_storage::Reader;
@@ -47,11 +48,25 @@ pub struct StageActor<S: Stage + Unpin + 'static> {
     stage: S,
     routes: Rc<Routes>,
     timer: Option<(u64, SpawnHandle)>,
+    /// How long network messages waited in this actor's mailbox, reported to admission.
+    queued: WaitSamples,
 }
 
 impl<S: Stage + Unpin + 'static> StageActor<S> {
     pub fn new(stage: S, routes: Rc<Routes>) -> Self {
-        StageActor { stage, routes, timer: None }
+        StageActor { stage, routes, timer: None, queued: WaitSamples::default() }
+    }
+
+    /// A network message waited `waited` in the mailbox: a sample for admission, handed on
+    /// in batches.
+    fn note_queued(&mut self, waited: Duration, ctx: &mut Context<Self>) {
+        let now_ms = now().mono_ms;
+        self.queued.queue(now_ms, u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+        if let Some(sig) = self.queued.take_due(now_ms) {
+            if let Some(r) = self.routes.stage(StageId::Admission) {
+                Self::signal_bounded(r, Input::Signal(sig), ctx);
+            }
+        }
     }
 
     fn input(&mut self, input: Input, ctx: &mut Context<Self>) {
@@ -75,7 +90,7 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     }
 
     fn signal_bounded(r: &Recipient<Deliver>, input: Input, ctx: &mut Context<Self>) {
-        if let Err(SendError::Full(msg)) = r.try_send(Deliver(input)) {
+        if let Err(SendError::Full(msg)) = r.try_send(Deliver(input, None)) {
             ctx.wait(actix::fut::wrap_future::<_, Self>(r.send(msg)).map(|_, _, _| ()));
         }
     }
@@ -165,7 +180,10 @@ impl<S: Stage + Unpin + 'static> Actor for StageActor<S> {
 impl<S: Stage + Unpin + 'static> Handler<Deliver> for StageActor<S> {
     type Result = ();
 
-    fn handle(&mut self, Deliver(input): Deliver, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Deliver(input, queued_at): Deliver, ctx: &mut Context<Self>) {
+        if let Some(at) = queued_at {
+            self.note_queued(at.elapsed(), ctx);
+        }
         self.input(input, ctx);
     }
 }

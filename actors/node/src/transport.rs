@@ -105,7 +105,7 @@ fn unreachable(shared: &Rc<RefCell<Shared>>, node: NodeId) {
     for r in targets {
         let input = Input::Signal(sig.clone());
         actix::spawn(async move {
-            let _ = r.send(Deliver(input)).await;
+            let _ = r.send(Deliver(input, None)).await;
         });
     }
 }
@@ -141,7 +141,7 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, f
         let input = Input::Message { from: origin.clone(), msg };
         async move {
             if let Some(r) = target {
-                if let Err(SendError::Full(input)) = r.try_send(Deliver(input)) {
+                if let Err(SendError::Full(input)) = r.try_send(Deliver(input, Some(Instant::now()))) {
                     let _ = r.send(input).await;
                 }
             }

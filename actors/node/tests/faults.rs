@@ -382,3 +382,53 @@ fn hinted_handoff_keeps_to_its_byte_rate_and_the_rate_changes_on_every_member_at
     assert!(wait_until(Duration::from_secs(30), || hints_held(&c, &[0, 1, 2]) == 0), "hints drain once unlimited");
     all_read_back(&c, 3, &acked).unwrap();
 }
+
+/// Admission feedback (§6.5) on a real flood: a wiped node refilled by anti-entropy with a
+/// large budget while clients read and write. With a latency target no foreground work can
+/// meet, every node cuts its effective anti-entropy budget below the configured one while
+/// the refill runs, and shows the p99 it reacts to; the configured value stays, and the
+/// refill still completes.
+#[test]
+fn a_refill_flood_runs_on_a_cut_budget_while_foreground_latency_is_over_the_target() {
+    let extra = "[anti_entropy]\ninterval_ms = 300\nmax_inflight = 0\npage_bytes = 4096\n\
+                 [admission]\nlatency_target_ms = 1\nlatency_window_ms = 500\n";
+    let mut c = Cluster::new(3, 3, 2, 2, extra);
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    let acked = c.write_keys(&[0, 1, 2], "flood", 150, &"f".repeat(1500));
+    assert_eq!(acked.len(), 150);
+    c.kill(2);
+    std::fs::remove_dir_all(&c.nodes[2].data).unwrap();
+    c.start(2);
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    // Foreground traffic for the whole refill.
+    let bench = std::process::Command::new(&*common::CLI)
+        .args(["--config", c.nodes[0].config.to_str().unwrap_or_default()])
+        .args(["bench", "--workload", "a", "--clients", "4", "--duration", "10", "--keys", "100"])
+        .args(["--value-size", "1500", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the bench starts");
+    let out = c.cli(0, &["admin", "limits", "set", "--all", "anti_entropy.max_inflight=8"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // While the refill runs, each node's effective budget is cut, with a p99 over the target.
+    let mut cut = [false; 3];
+    let refilled = wait_until(Duration::from_secs(60), || {
+        for (i, seen) in cut.iter_mut().enumerate() {
+            let (_, doc) = c.json(i, &["admin", "limits"]);
+            let over = [&doc["latency_p99_ms"], &doc["waits_p99_ms"]["storage"], &doc["waits_p99_ms"]["queue"]]
+                .iter()
+                .any(|p| p.as_u64().is_some_and(|p| p > 1));
+            let effective = doc["effective"]["anti_entropy.max_inflight"].as_u64().unwrap_or(8);
+            assert_eq!(doc["anti_entropy.max_inflight"], 8, "the configured value stays: {doc}");
+            *seen |= over && effective < 8;
+        }
+        cut.iter().all(|s| *s) && c.converged(&[0, 1, 2]).is_ok()
+    });
+    let out = bench.wait_with_output().expect("the bench ends");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    println!("foreground during the refill: {}", doc["latency_ms"]);
+    assert!(refilled, "every node cut its budget ({cut:?}) and the refill completed");
+    all_read_back(&c, 2, &acked).unwrap();
+}
