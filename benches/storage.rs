@@ -27,7 +27,7 @@ fn open(mode: Durability) -> (tempfile::TempDir, Storage) {
     let mut s = opened.storage;
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
         let ops = chunk.iter().map(|&i| StoreOp::Write { key: key(i), object: object(i), hint: None }).collect();
-        s.run(ops, false, 1);
+        s.run(ops, false, 1, &mut |_, _| {});
     }
     (dir, s)
 }
@@ -47,7 +47,7 @@ fn writes(c: &mut Criterion) {
                             StoreOp::Write { key: key(i), object: object(i + KEYS), hint: None }
                         })
                         .collect();
-                    black_box(s.run(ops, false, 1))
+                    black_box(s.run(ops, false, 1, &mut |_, _| {}))
                 })
             });
         }
@@ -69,7 +69,7 @@ fn reads(c: &mut Criterion) {
                         StoreOp::Read { key: key(i) }
                     })
                     .collect();
-                black_box(s.run(ops, false, 1))
+                black_box(s.run(ops, false, 1, &mut |_, _| {}))
             })
         });
     }

@@ -472,6 +472,8 @@ impl Stage for AdmissionStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Tick { .. } => self.admission.handle_tick(now.mono_ms),
             Input::Signal(Signal::Latency { ms }) => self.admission.record_latency(now.mono_ms, ms),
             Input::Signal(Signal::Waited { storage, queue }) => {

@@ -14,7 +14,7 @@
 //! from its tree ([`crate::merkle::respond`]), merges pushed pages and serves pulled ones,
 //! for partitions it replicates.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::admission::RateLimiter;
@@ -101,6 +101,12 @@ pub struct AntiEntropyStage {
     /// Pairs this pass has yet to visit.
     pass_left: usize,
     exchanges: BTreeMap<u64, Exchange>,
+    /// Namespaces whose keys this node holds (by store-key prefix), as the store last said:
+    /// their trees are exchanged even when no definition is known here any more (every
+    /// node that knew it lost its disk), so their replicas still converge.
+    held_namespaces: BTreeSet<Vec<u8>>,
+    /// The store's inventory in flight, asked at the start of each pass.
+    inventory: Option<u64>,
     /// Our storage operations: token -> exchange.
     reads: BTreeMap<u64, u64>,
     serving: BTreeMap<u64, Serving>,
@@ -121,6 +127,8 @@ impl AntiEntropyStage {
             cursor: 0,
             pass_left: 0,
             exchanges: BTreeMap::new(),
+            held_namespaces: BTreeSet::new(),
+            inventory: None,
             reads: BTreeMap::new(),
             serving: BTreeMap::new(),
             ids: Ids::default(),
@@ -145,9 +153,11 @@ impl AntiEntropyStage {
             .into_iter()
             .map(|(p, rs)| (TreeId::default_of(p), rs))
             .collect();
-        for ns in view.namespaces.list() {
-            let prefix = ns.prefix();
-            let mine = ring.replica_sets(me, ns.n as usize).into_iter();
+        let defined = view.namespaces.list().into_iter().map(|ns| ns.prefix());
+        let prefixes: BTreeSet<Vec<u8>> = defined.chain(self.held_namespaces.iter().cloned()).collect();
+        for prefix in prefixes {
+            let n = TreeId { partition: 0, ns: prefix.clone() }.n_or(self.settings.replicas);
+            let mine = ring.replica_sets(me, n).into_iter();
             sets.extend(mine.map(|(partition, rs)| (TreeId { partition, ns: prefix.clone() }, rs)));
         }
         sets
@@ -224,6 +234,11 @@ impl AntiEntropyStage {
         // pass starts an interval after this one ended.
         if self.pass_left == 0 {
             self.pass_left = pairs.len();
+            if self.inventory.is_none() {
+                let token = self.ids.issue();
+                self.inventory = Some(token);
+                self.effects.push_back(Effect::Store { token, op: StoreOp::Inventory, durable: false });
+            }
         }
         while self.exchanges.len() < self.budget as usize && self.pass_left > 0 && self.rate.ready(now.mono_ms) {
             let (tree, peer) = pairs[self.cursor % pairs.len()].clone();
@@ -471,6 +486,8 @@ impl Stage for AntiEntropyStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Message { from: Origin { conn, node: Some(node), .. }, msg: Message::AntiEntropy { id, msg } } => {
                 if let Some(e) = self.down.heard(&node) {
                     self.effects.push_back(e);
@@ -487,6 +504,12 @@ impl Stage for AntiEntropyStage {
                 }
             }
             Input::Message { .. } => {}
+            Input::Stored { token, result } if self.inventory == Some(token) => {
+                self.inventory = None;
+                if let Ok(StoreOutcome::Inventory { held, .. }) = result {
+                    self.held_namespaces = held.into_iter().filter(|t| !t.ns.is_empty()).map(|t| t.ns).collect();
+                }
+            }
             Input::Stored { token, result } => {
                 if let Some(id) = self.reads.remove(&token) {
                     self.handle_read(now, id, result);

@@ -460,11 +460,32 @@ impl Coordinator {
                 self.fail(ErrorKind::BadRequest, &message);
             }
             (ReplicaReply::Failed { .. }, _) => self.replace(i, now_ms, Cause::Failed),
+            // This node's write, replicated ahead of its commit, is now durable here too.
+            (ReplicaReply::Coordinated(_), Phase::Replicating | Phase::Replied) if self.object.is_some() => {
+                self.slots[i].state = SlotState::Answered;
+                self.after_write();
+            }
             (ReplicaReply::Written, Phase::Replicating | Phase::Replied) => {
                 self.slots[i].state = SlotState::Answered;
                 self.after_write();
             }
             _ => {}
+        }
+    }
+
+    /// This node's write is computed (not yet durable): send it to the other replicas now;
+    /// this node's own acknowledgement still waits for its commit (`handle_reply`).
+    pub fn handle_ahead(&mut self, now_ms: u64, object: Object) {
+        if self.phase != Phase::Started || !matches!(self.op, Operation::Put { .. }) {
+            return;
+        }
+        let Some(i) = self.slot_of(&self.me.clone()) else { return };
+        self.object = Some(object);
+        self.phase = Phase::Replicating;
+        for j in 0..self.slots.len() {
+            if j != i {
+                self.send_write(j, now_ms);
+            }
         }
     }
 
@@ -717,6 +738,10 @@ pub struct CoordinatorSettings {
     pub replica_timeout_ms: u64,
     /// Requests alive on this node at once (read repair included); more are refused.
     pub requests_max: usize,
+    /// Replicate a put as soon as this node's write is computed, before it commits
+    /// (`sync` mode, where every replica's write is durable). In `buffered` mode this node is
+    /// the put's one durable writer and replicates only after its commit.
+    pub replicate_ahead: bool,
 }
 
 struct Entry {
@@ -1023,6 +1048,14 @@ impl Stage for CoordinatorStage {
                     self.pump(now, id);
                 }
             }
+            Input::Ahead { token, outcome: StoreOutcome::Coordinated(Ok(object)) } if self.settings.replicate_ahead => {
+                let Some(&(id, _)) = self.local.get(&token) else { return };
+                if let Some(e) = self.requests.get_mut(&id) {
+                    e.core.handle_ahead(now.mono_ms, object);
+                    self.pump(now, id);
+                }
+            }
+            Input::Ahead { .. } => {}
             Input::Tick { .. } => {
                 if self.counters_due_ms.is_some_and(|d| d <= now.mono_ms) {
                     self.counters_due_ms = None;
@@ -1183,6 +1216,43 @@ mod tests {
             assert_eq!(!out.is_empty(), acked, "W={w} acks={others_acking}");
             assert!(out.len() <= 1);
         }
+    }
+
+    #[test]
+    fn a_put_replicates_ahead_of_its_local_commit_which_still_counts_once_durable() {
+        for (w, others_acking, acked_before_local, acked_after_local) in
+            [(1, 1, true, true), (2, 1, false, true), (2, 2, true, true), (3, 2, false, true), (3, 1, false, false)]
+        {
+            let mut c = put("a", w, &[]);
+            drain(&mut c);
+            c.handle_ahead(1, obj(1, b"v"));
+            let fanout = drain(&mut c);
+            assert_eq!(sends(&fanout), vec![("b".into(), None), ("c".into(), None)], "replicated before the commit");
+            assert!(replies(&fanout).is_empty(), "a computed write is no acknowledgement");
+            let mut out = Vec::new();
+            for n in ["b", "c"].iter().take(others_acking) {
+                c.handle_reply(2, n, written());
+                out.extend(replies(&drain(&mut c)));
+            }
+            assert_eq!(!out.is_empty(), acked_before_local, "W={w} acks={others_acking}");
+            // The local commit: its own acknowledgement, and nothing sent twice.
+            c.handle_reply(3, "a", coordinated(&obj(1, b"v")));
+            let after = drain(&mut c);
+            assert!(sends(&after).is_empty());
+            out.extend(replies(&after));
+            assert_eq!(!out.is_empty(), acked_after_local, "W={w} acks={others_acking} and the local commit");
+            assert!(out.len() <= 1);
+        }
+        // A local commit that fails after the write went ahead: a fallback takes its place.
+        let mut c = put("a", 2, &[]);
+        drain(&mut c);
+        c.handle_ahead(1, obj(1, b"v"));
+        drain(&mut c);
+        c.handle_reply(2, "a", ReplicaReply::Failed { kind: ErrorKind::Internal, message: "commit failed".into() });
+        assert_eq!(sends(&drain(&mut c)), vec![("d".into(), Some("a".into()))], "a hint for this node");
+        c.handle_reply(3, "b", written());
+        c.handle_reply(3, "d", written());
+        assert_eq!(replies(&drain(&mut c)).len(), 1, "two durable copies elsewhere");
     }
 
     #[test]

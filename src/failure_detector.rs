@@ -292,6 +292,8 @@ impl Stage for FailureDetectorStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Message { from, msg: Message::Ping { id } } => {
                 self.effects.push_back(Effect::Send { to: Dest::Conn(from.conn), msg: Message::Pong { id } });
                 if let Some(n) = from.node {

@@ -305,6 +305,8 @@ impl Stage for GossipStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Message { from, msg } => self.handle_message(now, from, msg),
             Input::Tick { random } => {
                 self.note_load(now);

@@ -578,6 +578,8 @@ impl Stage for HandoffStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Message { from, msg } => self.handle_message(from, msg),
             Input::Tick { .. } => self.round(now),
             Input::Stored { token, result } => self.handle_stored(now, token, result),

@@ -261,6 +261,8 @@ impl Stage for ReplicaStage {
 
     fn handle(&mut self, now: Now, input: Input) {
         match input {
+            // Only a coordinator replicates ahead of a commit.
+            Input::Ahead { .. } => {}
             Input::Message { from, msg } => {
                 self.now_ms = now.mono_ms;
                 self.handle_message(now, from, msg)

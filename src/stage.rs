@@ -160,6 +160,14 @@ pub enum Input {
         token: u64,
         result: Result<StoreOutcome, StoreError>,
     },
+    /// A coordinated write ([`StoreOp::Coordinate`]) is computed, and its batch is about to
+    /// commit: its `Stored` follows (the outcome again, or the error if the commit failed).
+    /// A coordinator in `sync` mode starts replicating from here, so the coordinating
+    /// replica's commit overlaps its replicas' instead of preceding them.
+    Ahead {
+        token: u64,
+        outcome: StoreOutcome,
+    },
     Signal(Signal),
 }
 

@@ -532,10 +532,25 @@ fn set_aside(engine: &mut dyn Engine, table: Table, row_key: &[u8], bytes: &[u8]
 /// A change to the in-memory state, applied once the batch committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Change {
-    Tree { partition: u32, key: Vec<u8>, old: Option<[u8; 16]>, new: Option<[u8; 16]> },
-    Leaf { tree: TreeId, leaf: u32, hash: Hash, removed: u64 },
-    Hints { intended: NodeId, delta: i64 },
+    Tree {
+        partition: u32,
+        key: Vec<u8>,
+        old: Option<[u8; 16]>,
+        new: Option<[u8; 16]>,
+    },
+    Leaf {
+        tree: TreeId,
+        leaf: u32,
+        hash: Hash,
+        removed: u64,
+    },
+    Hints {
+        intended: NodeId,
+        delta: i64,
+    },
     Actors(u64),
+    /// The generation is on disk.
+    GenerationSaved,
 }
 
 /// What a batch changes in memory once committed, and follow-up work.
@@ -606,9 +621,12 @@ pub struct StoreState {
     hint_counts: BTreeMap<NodeId, u64>,
     epoch: u64,
     actors_drawn: u64,
-    /// Bumped when a restart may have lost commits that were acknowledged (a crash in
-    /// `buffered` mode): actors of older generations are retired.
+    /// Bumped when a restart or a failed commit may have lost writes whose dots were seen
+    /// elsewhere (acknowledged in `buffered` mode, or sent on ahead of their commit): actors
+    /// of older generations are retired.
     generation: u64,
+    /// A bump not yet on disk ([`StoreState::abandon`]).
+    generation_unsaved: bool,
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -703,7 +721,17 @@ impl StoreState {
             }
             report.quarantined += 1;
         }
-        let state = StoreState { q, limits, trees, ns_trees, hint_counts, epoch, actors_drawn, generation };
+        let state = StoreState {
+            q,
+            limits,
+            trees,
+            ns_trees,
+            hint_counts,
+            epoch,
+            actors_drawn,
+            generation,
+            generation_unsaved: false,
+        };
         Ok((state, report))
     }
 
@@ -712,9 +740,9 @@ impl StoreState {
     /// durability), begin a new generation: every row's actor from before is retired, and
     /// new actors differ from every one drawn before, even if the counter rolled back.
     /// Returns whether a new generation began.
-    pub fn start<E: Engine>(&mut self, engine: &mut E, rollback_possible: bool) -> Result<bool, StoreError> {
+    pub fn start<E: Engine>(&mut self, engine: &mut E) -> Result<bool, StoreError> {
         let unclean = engine.get(Table::Meta, META_OPEN)?.is_some();
-        let bump = unclean && rollback_possible;
+        let bump = unclean;
         if bump {
             self.generation = self.generation.checked_add(1).ok_or(StoreError::Io("generation exhausted".into()))?;
             engine.put(Table::Meta, META_GENERATION, &self.generation.to_be_bytes())?;
@@ -817,6 +845,7 @@ impl StoreState {
                 epoch: self.epoch,
                 actors_drawn: self.actors_drawn,
                 generation: self.generation,
+                generation_unsaved: false,
             },
         }
     }
@@ -838,6 +867,12 @@ impl StoreState {
                     failed = Some(e);
                     break;
                 }
+            }
+        }
+        if failed.is_none() && self.generation_unsaved && exec.pending.wrote {
+            match exec.engine.put(Table::Meta, META_GENERATION, &self.generation.to_be_bytes()) {
+                Ok(()) => exec.pending.changes.push(Change::GenerationSaved),
+                Err(e) => failed = Some(e.into()),
             }
         }
         if failed.is_none() && exec.actors_drawn != self.actors_drawn {
@@ -878,8 +913,18 @@ impl StoreState {
                     }
                 }
                 Change::Actors(n) => self.actors_drawn = *n,
+                Change::GenerationSaved => self.generation_unsaved = false,
             }
         }
+    }
+
+    /// A batch computed but did not commit, and its coordinated writes may have been sent
+    /// on ahead of the commit ([`crate::stage::Input::Ahead`]): their dots must never be
+    /// issued again. Every actor of the current generation retires (the next batch that
+    /// writes saves the new generation first).
+    pub fn abandon(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation_unsaved = true;
     }
 }
 
@@ -1856,15 +1901,15 @@ mod tests {
         // Buffered durability: a write is acknowledged (and replicated to `peer`) but the
         // crash loses it here, with the actor counter. Without a new generation, the next
         // blind write on the rolled-back row would reuse the lost write's dot.
-        let open = |engine: &mut MemEngine, rollback_possible: bool| {
+        let open = |engine: &mut MemEngine| {
             let mut txn = engine.begin();
             let (mut state, _) = StoreState::open(&mut txn, 16, StoreLimits::default(), 3).unwrap();
-            let bumped = state.start(&mut txn, rollback_possible).unwrap();
+            let bumped = state.start(&mut txn).unwrap();
             txn.commit();
             (state, bumped)
         };
         let mut s = store();
-        let (state, bumped) = open(&mut s.engine, true);
+        let (state, bumped) = open(&mut s.engine);
         assert!(!bumped, "a first start is clean");
         s.state = state;
         coordinate(&mut s, b"k", &VersionVector::new(), b"flushed", None);
@@ -1873,7 +1918,7 @@ mod tests {
         let peer = lost.clone();
         // The crash: back to the last flush, and the store was never closed.
         s.engine = flushed;
-        let (state, bumped) = open(&mut s.engine, true);
+        let (state, bumped) = open(&mut s.engine);
         s.state = state;
         let after = coordinate(&mut s, b"k", &VersionVector::new(), b"after", None);
         let merged = peer.merge(&after);
@@ -1881,11 +1926,32 @@ mod tests {
         values.sort();
         assert_eq!(values, vec![b"after".as_slice(), b"flushed", b"lost"], "nothing swallowed");
         assert!(bumped);
-        // A clean stop needs no new generation.
+        // A clean stop needs no new generation; any other stop does (in sync mode too, as a
+        // write may have gone to other replicas ahead of its commit).
         s.run(StoreOp::Close).unwrap();
-        assert!(!open(&mut s.engine, true).1);
-        // In sync mode nothing acknowledged is lost in a crash: no new generation either.
-        assert!(!open(&mut s.engine, false).1);
+        assert!(!open(&mut s.engine).1);
+        assert!(open(&mut s.engine).1);
+    }
+
+    #[test]
+    fn a_batch_that_did_not_commit_never_has_its_dots_issued_again() {
+        // A coordinated write is computed and sent on ahead of its commit, which fails.
+        let mut s = store();
+        coordinate(&mut s, b"k", &VersionVector::new(), b"kept", None);
+        let before = s.engine.clone();
+        let sent = coordinate(&mut s, b"k", &VersionVector::new(), b"sent ahead", None);
+        s.engine = before;
+        s.state.abandon();
+        let after = coordinate(&mut s, b"k", &VersionVector::new(), b"after", None);
+        let merged = sent.merge(&after);
+        let mut values: Vec<&[u8]> = merged.values().collect();
+        values.sort();
+        assert_eq!(values, vec![b"after".as_slice(), b"kept", b"sent ahead"], "no dot issued twice");
+        // The new generation was saved with that batch: a restart keeps it.
+        let mut txn = s.engine.begin();
+        let (state, _) = StoreState::open(&mut txn, 16, StoreLimits::default(), 3).unwrap();
+        assert_eq!(state.generation, s.state.generation);
+        assert!(!s.state.generation_unsaved);
     }
 
     #[test]

@@ -280,6 +280,9 @@ enum Bug {
     None,
     /// The client hears "written" as soon as the coordinating replica stored the write.
     AckAfterLocalWrite,
+    /// A store keeps numbering writes under its old actors after a crash or a failed commit,
+    /// though writes it sent on ahead of the lost commit carry dots it will issue again.
+    ActorsKept,
 }
 
 /// How a run is set up beyond its seed.
@@ -297,6 +300,10 @@ struct Scenario {
     wipe: Option<f64>,
     loss: Option<f64>,
     partition: Option<f64>,
+    /// Crashes right after a storage batch, per batch.
+    batch_crash: Option<f64>,
+    /// Failed storage transactions, per batch.
+    txn_fail: Option<f64>,
     /// When the forced leave is asked for (8 s into the run otherwise).
     leave_at: Option<u64>,
 }
@@ -310,6 +317,8 @@ const NORMAL: Scenario = Scenario {
     wipe: None,
     loss: None,
     partition: None,
+    batch_crash: None,
+    txn_fail: None,
     leave_at: None,
 };
 
@@ -648,7 +657,7 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.incarnation += 1;
         let mut txn = n.store.engine.begin();
-        let (state, report) = match StoreState::open(&mut txn, Q, n.settings.store, fresh_epoch) {
+        let (mut state, report) = match StoreState::open(&mut txn, Q, n.settings.store, fresh_epoch) {
             Ok(x) => x,
             Err(e) => {
                 drop(txn);
@@ -656,6 +665,13 @@ impl Sim {
                 return self.fail(format!("{id} cannot open its store: {e}"));
             }
         };
+        // As the node does: a store that was not closed retires its actors.
+        let keep_actors = self.scenario.bug == Bug::ActorsKept;
+        if let Err(e) = if keep_actors { Ok(false) } else { state.start(&mut txn) } {
+            drop(txn);
+            let id = n.id.clone();
+            return self.fail(format!("{id} cannot start its store: {e}"));
+        }
         txn.commit();
         n.store.state = state;
         n.durable = n.store.engine.clone();
@@ -1026,6 +1042,11 @@ impl Sim {
             }
         }
         let read_only = ops.iter().all(StoreOp::is_read_only);
+        // Coordinated writes computed by a batch that ran: handed to their stage ahead of
+        // the commit (as the node's storage thread does), whether it then commits or not.
+        let mut ahead: Vec<(StageId, u64, StoreOutcome)> = Vec::new();
+        let mut computed: Vec<Result<StoreOutcome, StoreError>> = Vec::new();
+        let mut return_failed: Option<Vec<Result<StoreOutcome, StoreError>>> = None;
         let mut committed = false;
         let mut made_durable = false;
         let mut crash = false;
@@ -1043,8 +1064,12 @@ impl Sim {
                 (run.outcomes, run.failed)
             } else {
                 let fail_puts = self.rng.chance(f.txn_fail);
+                // The commit itself fails, after the batch ran (its coordinated writes went
+                // ahead): the store must never issue their dots again.
+                let fail_commit = !fail_puts && self.rng.chance(f.txn_fail);
                 crash = self.rng.chance(f.batch_crash);
                 let commit_before_crash = self.rng.chance(0.5);
+                let keep_actors = self.scenario.bug == Bug::ActorsKept;
                 let store = &mut self.nodes[i].store;
                 let mut txn = FaultyTxn { txn: store.engine.begin(), fail_puts };
                 let run = store.state.run(&mut txn, ops.clone(), now.wall_ms);
@@ -1055,6 +1080,16 @@ impl Sim {
                     }
                 } else if crash && !commit_before_crash {
                     drop(txn);
+                } else if fail_commit {
+                    drop(txn);
+                    self.storage_faults.failed_txns += 1;
+                    if !keep_actors {
+                        store.state.abandon();
+                    }
+                    computed = run.outcomes.clone();
+                    let e = StoreError::Io("commit failed".into());
+                    let failed = (0..count).map(|_| Err(e.clone())).collect();
+                    return_failed = Some(failed);
                 } else {
                     txn.txn.commit();
                     store.state.commit(&run.pending);
@@ -1063,7 +1098,13 @@ impl Sim {
                     // A durable commit persists every commit before it (as redb's does).
                     made_durable = !self.buffered || batch.iter().any(|(_, _, durable)| *durable);
                 }
-                (run.outcomes, run.failed)
+                match return_failed.take() {
+                    Some(failed) => (failed, None),
+                    None => {
+                        computed = run.outcomes.clone();
+                        (run.outcomes, run.failed)
+                    }
+                }
             };
             if made_durable {
                 let n = &mut self.nodes[i];
@@ -1076,9 +1117,14 @@ impl Sim {
                     outcomes.len()
                 ));
             }
-            if committed {
-                for (op, outcome) in ops.iter().zip(&outcomes) {
+            let ran = !read_only && failed.is_none();
+            for ((op, outcome), k) in ops.iter().zip(&computed).zip(&run_index) {
+                if ran && matches!((op, outcome), (StoreOp::Coordinate { .. }, Ok(StoreOutcome::Coordinated(Ok(_))))) {
+                    // It may reach other replicas, committed here or not: its dots are tracked.
                     self.coordinated(op, outcome);
+                    if let (Some((stage, token)), Ok(o)) = (batch[*k].0, outcome) {
+                        ahead.push((stage, token, o.clone()));
+                    }
                 }
             }
             for (k, outcome) in run_index.into_iter().zip(outcomes) {
@@ -1092,6 +1138,14 @@ impl Sim {
             // since, seed 2217 of harsh,leave; a hint acknowledged by a node wiped before
             // the acknowledgement arrived, seed 327).
             self.note_destroyed();
+        }
+        if !ahead.is_empty() {
+            for (stage, token, outcome) in ahead {
+                if let Some(node) = self.nodes[i].node.as_mut() {
+                    node.input(now, stage, Input::Ahead { token, outcome });
+                }
+            }
+            self.pump(i);
         }
         if crash {
             self.storage_faults.lost_batches += 1;
@@ -1608,7 +1662,25 @@ fn check(sim: &Sim) -> Result<(), String> {
                 .collect();
             if roots.len() != 1 {
                 let name = tree.namespace_name();
-                return Err(format!("partition {p} of {name}: replicas {prim:?} have different Merkle roots"));
+                let held: Vec<(String, Vec<(String, Object)>)> = prim
+                    .iter()
+                    .map(|id| {
+                        let objects = sim.nodes[sim.index_of(id).expect("member")].store.objects();
+                        let mine = objects.into_iter().filter(|(k, _)| TreeId::of(k, Q) == tree);
+                        (id.clone(), mine.map(|(k, o)| (sim_key(&k), o)).collect())
+                    })
+                    .collect();
+                let known: Vec<(String, usize)> = live
+                    .iter()
+                    .map(|&i| {
+                        let n = &sim.nodes[i];
+                        (n.id.clone(), n.node.as_ref().map_or(0, |x| x.stages.gossip.namespaces().len()))
+                    })
+                    .collect();
+                return Err(format!(
+                    "partition {p} of {name}: replicas {prim:?} have different Merkle roots: {held:?} \
+                     (namespaces known: {known:?})"
+                ));
             }
         }
     }
@@ -1763,6 +1835,8 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
     f.wipe = scenario.wipe.unwrap_or(f.wipe);
     f.loss = scenario.loss.unwrap_or(f.loss);
     f.partition = scenario.partition.unwrap_or(f.partition);
+    f.batch_crash = scenario.batch_crash.unwrap_or(f.batch_crash);
+    f.txn_fail = scenario.txn_fail.unwrap_or(f.txn_fail);
     sim.log(|| format!("{nodes} nodes; chaos: {:?}", sim.faults));
     for c in 0..sim.clients.len() {
         sim.schedule(setup.below(50), Event::ClientStep { client: c });
@@ -1886,6 +1960,7 @@ fn scenario_from_env() -> Scenario {
             "harsh" => s.harsh = true,
             "leave" => s.force_leave = true,
             "ack-early" => s.bug = Bug::AckAfterLocalWrite,
+            "keep-actors" => s.bug = Bug::ActorsKept,
             "leave-ignores-hints" => s.planted = Planted::LeaveIgnoresHints,
             "transfer-to-self" => s.planted = Planted::TransferToSelf,
             other => {
@@ -1896,6 +1971,8 @@ fn scenario_from_env() -> Scenario {
                     "wipe" => s.wipe = Some(v),
                     "loss" => s.loss = Some(v),
                     "partition" => s.partition = Some(v),
+                    "batch_crash" => s.batch_crash = Some(v),
+                    "txn_fail" => s.txn_fail = Some(v),
                     "leave_at" => s.leave_at = Some(v as u64),
                     _ => panic!("RINGKV_SIM_SCENARIO: unknown {k:?}"),
                 }
@@ -2015,4 +2092,13 @@ fn the_checks_catch_a_leaver_that_drops_its_hints() {
 fn the_checks_catch_transfers_to_self() {
     let with = Scenario { planted: Planted::TransferToSelf, ..NORMAL };
     caught("transfers that include this node", with, NORMAL, "");
+}
+
+#[test]
+fn the_checks_catch_a_store_that_issues_a_dot_again_after_a_failed_commit() {
+    // Commits fail often, after their batch ran: a coordinated write already sent on to the
+    // other replicas ahead of its commit must keep its dot to itself.
+    let failing = Scenario { txn_fail: Some(0.2), ..NORMAL };
+    let with = Scenario { bug: Bug::ActorsKept, ..failing };
+    caught("actors kept after a commit that failed", with, failing, "lost");
 }

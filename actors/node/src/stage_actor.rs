@@ -18,7 +18,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use ringkv::admission::WaitSamples;
 use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
-use ringkv::store::{StoreError, StoreOutcome};
+use ringkv::store::{StoreError, StoreOp, StoreOutcome};
 use ringkv_storage::Reader;
 
 use crate::clock::now;
@@ -116,7 +116,7 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
                 let result = outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())));
                 read.push_back(Input::Stored { token, result });
                 for op in follow {
-                    self.routes.storage.do_send(StoreRequest { op, durable: false });
+                    self.routes.storage.do_send(StoreRequest { op, durable: false, ahead: None });
                 }
             }
             Effect::Send { to, msg } => {
@@ -124,7 +124,20 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
             }
             Effect::Store { token, op, durable } => {
                 let storage = self.routes.storage.clone();
-                let fut = storage.send(StoreRequest { op, durable });
+                // A coordinated write's outcome comes back ahead of its commit as well.
+                let ahead = match op {
+                    StoreOp::Coordinate { .. } => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        ctx.spawn(rx.into_actor(self).map(move |outcome, act, ctx| {
+                            if let Ok(outcome) = outcome {
+                                act.input(Input::Ahead { token, outcome }, ctx);
+                            }
+                        }));
+                        Some(tx)
+                    }
+                    _ => None,
+                };
+                let fut = storage.send(StoreRequest { op, durable, ahead });
                 ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
                     let result: Result<StoreOutcome, StoreError> = match res {
                         Ok(r) => r,

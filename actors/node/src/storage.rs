@@ -4,7 +4,9 @@
 //! produce, and sends them as the next batch, so concurrent durable writes share one commit
 //! (group commit). A caller hears back only after the batch holding its operation
 //! committed. In `buffered` mode a timer makes commits durable every
-//! `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.)
+//! `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.) A
+//! coordinated write's outcome is also sent `ahead`, once computed and before its batch
+//! commits, to whoever asked for it.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -18,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::now;
 
 type Reply = oneshot::Sender<Result<StoreOutcome, StoreError>>;
+/// Where a coordinated write's outcome goes ahead of its commit.
+pub type Ahead = oneshot::Sender<StoreOutcome>;
 
 /// Run one storage operation; durably when `durable`, whatever the node's mode.
 #[derive(Message)]
@@ -25,6 +29,8 @@ type Reply = oneshot::Sender<Result<StoreOutcome, StoreError>>;
 pub struct StoreRequest {
     pub op: StoreOp,
     pub durable: bool,
+    /// Hears a coordinated write's outcome before the commit.
+    pub ahead: Option<Ahead>,
 }
 
 /// The redb side: a thread of its own (redb blocks) taking jobs in order from a channel,
@@ -37,14 +43,13 @@ enum Job {
     Batch {
         ops: Vec<StoreOp>,
         durable: bool,
+        aheads: Vec<Option<Ahead>>,
         reply: oneshot::Sender<Vec<Result<StoreOutcome, StoreError>>>,
     },
     /// Make buffered commits durable.
     Flush,
     /// A clean stop: flush and mark the store closed.
-    Close {
-        reply: oneshot::Sender<Result<(), String>>,
-    },
+    Close { reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// Stops the node when the storage thread dies: nothing could be stored any more.
@@ -66,8 +71,13 @@ impl StorageWorker {
             let _guard = ExitOnPanic;
             while let Some(job) = rx.blocking_recv() {
                 match job {
-                    Job::Batch { ops, durable, reply } => {
-                        let _ = reply.send(storage.run(ops, durable, now().wall_ms));
+                    Job::Batch { ops, durable, mut aheads, reply } => {
+                        let mut send_ahead = |k: usize, outcome: &StoreOutcome| {
+                            if let Some(tx) = aheads.get_mut(k).and_then(Option::take) {
+                                let _ = tx.send(outcome.clone());
+                            }
+                        };
+                        let _ = reply.send(storage.run(ops, durable, now().wall_ms, &mut send_ahead));
                     }
                     Job::Flush => {
                         if let Err(e) = storage.flush() {
@@ -84,10 +94,15 @@ impl StorageWorker {
     }
 
     /// Run a batch; the outcomes once it committed.
-    async fn run(&self, ops: Vec<StoreOp>, durable: bool) -> Vec<Result<StoreOutcome, StoreError>> {
+    async fn run(
+        &self,
+        ops: Vec<StoreOp>,
+        durable: bool,
+        aheads: Vec<Option<Ahead>>,
+    ) -> Vec<Result<StoreOutcome, StoreError>> {
         let n = ops.len();
         let (reply, rx) = oneshot::channel();
-        let sent = self.jobs.send(Job::Batch { ops, durable, reply }).is_ok();
+        let sent = self.jobs.send(Job::Batch { ops, durable, aheads, reply }).is_ok();
         match rx.await {
             Ok(outcomes) if sent => outcomes,
             _ => (0..n).map(|_| Err(StoreError::Io("storage worker gone".into()))).collect(),
@@ -101,7 +116,7 @@ const PENDING_MAX: usize = 64 * 1024;
 /// The front of the storage stage: group commit.
 pub struct StorageFront {
     worker: Rc<StorageWorker>,
-    pending: VecDeque<(StoreOp, bool, Reply)>,
+    pending: VecDeque<(StoreOp, bool, Option<Ahead>, Reply)>,
     busy: bool,
     kick_scheduled: bool,
     batch_max: usize,
@@ -127,15 +142,17 @@ impl StorageFront {
         self.busy = true;
         let n = self.pending.len().min(self.batch_max);
         let mut ops = Vec::with_capacity(n);
+        let mut aheads = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n);
         let mut durable = false;
-        for (op, d, tx) in self.pending.drain(..n) {
+        for (op, d, ahead, tx) in self.pending.drain(..n) {
             ops.push(op);
             durable |= d;
+            aheads.push(ahead);
             replies.push(tx);
         }
         let worker = self.worker.clone();
-        async move { worker.run(ops, durable).await }
+        async move { worker.run(ops, durable, aheads).await }
             .into_actor(self)
             .map(move |outcomes, act, ctx| {
                 for (tx, out) in replies.into_iter().zip(outcomes) {
@@ -169,7 +186,7 @@ impl Handler<StoreRequest> for StorageFront {
             return Box::pin(async { Err(StoreError::Io("storage overloaded".into())) });
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.push_back((req.op, req.durable, tx));
+        self.pending.push_back((req.op, req.durable, req.ahead, tx));
         // The batch leaves once every task ready now has run: what they store joins it.
         if !self.busy && !self.kick_scheduled {
             self.kick_scheduled = true;

@@ -210,10 +210,8 @@ impl Storage {
                 .map_err(|e| format!("{}: {e} (a data directory of an older ringkv cannot be read)", path.display()))?;
             let (mut state, report) =
                 StoreState::open(&mut engine, q, limits, fresh_epoch).map_err(|e| e.to_string())?;
-            if state.start(&mut engine, mode == DurabilityMode::Buffered).map_err(|e| e.to_string())? {
-                tracing::warn!(
-                    "the last run stopped without flushing: writes are numbered under new actors from now on"
-                );
+            if state.start(&mut engine).map_err(|e| e.to_string())? {
+                tracing::warn!("the last run did not stop cleanly: writes are numbered under new actors from now on");
             }
             (state, report)
         };
@@ -243,8 +241,17 @@ impl Storage {
     /// Run a batch in one transaction: a read transaction when every operation only reads,
     /// else a write transaction committed durably when `durable` or in `sync` mode. The
     /// in-memory state changes only after the commit. Unreadable rows that a read batch met
-    /// are quarantined right after, in a write transaction of their own.
-    pub fn run(&mut self, ops: Vec<StoreOp>, durable: bool, now_wall_ms: u64) -> Vec<Result<StoreOutcome, StoreError>> {
+    /// are quarantined right after, in a write transaction of their own. `ahead` hears each
+    /// coordinated write (by its index in `ops`) once computed, before the commit
+    /// ([`ringkv::stage::Input::Ahead`]); a commit that then fails retires the store's
+    /// actors ([`StoreState::abandon`]).
+    pub fn run(
+        &mut self,
+        ops: Vec<StoreOp>,
+        durable: bool,
+        now_wall_ms: u64,
+        ahead: &mut dyn FnMut(usize, &StoreOutcome),
+    ) -> Vec<Result<StoreOutcome, StoreError>> {
         let n = ops.len();
         let failed = |e: String| (0..n).map(|_| Err(StoreError::Io(e.clone()))).collect();
         if ops.iter().all(StoreOp::is_read_only) {
@@ -253,7 +260,7 @@ impl Storage {
                 Err(e) => return failed(e.to_string()),
             };
             if !run.pending.quarantine.is_empty() {
-                let _ = self.run(run.pending.quarantine, false, now_wall_ms);
+                let _ = self.run(run.pending.quarantine, false, now_wall_ms, &mut |_, _| {});
             }
             return run.outcomes;
         }
@@ -276,8 +283,14 @@ impl Storage {
             let _ = txn.abort();
             return run.outcomes;
         }
+        for (k, outcome) in run.outcomes.iter().enumerate() {
+            if let Ok(o @ StoreOutcome::Coordinated(Ok(_))) = outcome {
+                ahead(k, o);
+            }
+        }
         if let Err(e) = txn.commit() {
             tracing::error!(error = %e, "storage commit failed");
+            self.state.abandon();
             return failed(e.to_string());
         }
         self.state.commit(&run.pending);
@@ -296,7 +309,7 @@ impl Storage {
 
     /// A clean stop: everything durable, and the store marked closed.
     pub fn close(&mut self, now_wall_ms: u64) -> Result<(), String> {
-        match self.run(vec![StoreOp::Close], true, now_wall_ms).pop() {
+        match self.run(vec![StoreOp::Close], true, now_wall_ms, &mut |_, _| {}).pop() {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => Err(e.to_string()),
             None => Err("no outcome".into()),
@@ -328,8 +341,10 @@ mod tests {
         let reader = s.reader();
         let read = |k: &str| StoreOp::Read { key: k.as_bytes().to_vec() };
         assert_eq!(reader.run(vec![read("a")], 1).0, vec![Ok(StoreOutcome::Object(None))]);
-        let written = s.run(vec![coordinate("a")], false, 1);
+        let mut aheads = Vec::new();
+        let written = s.run(vec![coordinate("a")], false, 1, &mut |k, o| aheads.push((k, o.clone())));
         let Some(Ok(StoreOutcome::Coordinated(Ok(object)))) = written.into_iter().next() else { panic!() };
+        assert_eq!(aheads, vec![(0, StoreOutcome::Coordinated(Ok(object.clone())))], "heard before the commit");
         let (outcomes, follow) = reader.run(vec![read("a"), read("b")], 1);
         assert_eq!(outcomes, vec![Ok(StoreOutcome::Object(Some(object))), Ok(StoreOutcome::Object(None))]);
         assert!(follow.is_empty());
@@ -344,16 +359,17 @@ mod tests {
         let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 1).unwrap();
         assert!(o.report.fresh);
         let mut s = o.storage;
-        let out = s.run((0..50).map(|i| coordinate(&format!("k{i}"))).collect(), false, 1);
+        let out = s.run((0..50).map(|i| coordinate(&format!("k{i}"))).collect(), false, 1, &mut |_, _| {});
         assert!(out.iter().all(|r| matches!(r, Ok(StoreOutcome::Coordinated(Ok(_))))));
         let p = (0..16).find(|&p| s.state().tree(p).unwrap().keys() >= 3).unwrap();
         let page = s.run(
             vec![StoreOp::Page { tree: ringkv::store::TreeId::default_of(p), leaves: None, after: None, bytes_max: 1 }],
             false,
             1,
+            &mut |_, _| {},
         );
         assert!(matches!(&page[0], Ok(StoreOutcome::Page { objects, next: Some(_) }) if objects.len() == 1));
-        s.run(vec![StoreOp::SaveMembers { members: Vec::new() }], true, 1);
+        s.run(vec![StoreOp::SaveMembers { members: Vec::new() }], true, 1, &mut |_, _| {});
         let roots: Vec<u128> = (0..16).map(|p| s.state().tree(p).unwrap().root()).collect();
         drop(s);
         let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 2).unwrap();
