@@ -47,6 +47,8 @@ pub struct ReplicaStage {
     waiting: BTreeMap<u64, Answer>,
     ids: Ids,
     effects: VecDeque<Effect>,
+    /// Requests from other nodes taken, by kind ([`ReplicaStage::count`]).
+    taken: BTreeMap<&'static str, u64>,
 }
 
 fn document(v: serde_json::Value) -> ClientResponse {
@@ -59,7 +61,21 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> ClientResponse {
 
 impl ReplicaStage {
     pub fn new(settings: ReplicaSettings) -> Self {
-        ReplicaStage { settings, view: None, waiting: BTreeMap::new(), ids: Ids::default(), effects: VecDeque::new() }
+        ReplicaStage {
+            settings,
+            view: None,
+            waiting: BTreeMap::new(),
+            ids: Ids::default(),
+            effects: VecDeque::new(),
+            taken: BTreeMap::new(),
+        }
+    }
+
+    /// Count a request from another node: `read`, `write` or `coordinate` (a coordinator's),
+    /// `handoff` (a batch of hints or transferred keys) or `reap`.
+    fn count(&mut self, kind: &'static str) {
+        let n = self.taken.entry(kind).or_default();
+        *n = n.saturating_add(1);
     }
 
     fn leaving(&self) -> bool {
@@ -86,6 +102,12 @@ impl ReplicaStage {
         let from_node = from.node.is_some();
         match msg {
             Message::Replica { id, request } => {
+                self.count(match request {
+                    crate::wire::ReplicaRequest::Read { .. } => "read",
+                    crate::wire::ReplicaRequest::Write { .. } => "write",
+                    crate::wire::ReplicaRequest::Coordinate { .. } => "coordinate",
+                    crate::wire::ReplicaRequest::Forward { .. } => "forward",
+                });
                 if !from_node {
                     let reply = ReplicaReply::Failed {
                         kind: ErrorKind::Refused,
@@ -122,6 +144,7 @@ impl ReplicaStage {
                 }
             }
             Message::Handoff { id, objects } => {
+                self.count("handoff");
                 let keys_ok = objects.iter().all(|(k, _)| {
                     let user = k.len().saturating_sub(crate::namespace::class_of(k).prefix.len());
                     user > 0 && user <= self.settings.limits.key_bytes_max
@@ -138,6 +161,7 @@ impl ReplicaStage {
                 self.store(StoreOp::Merge { objects }, true, Answer::Handoff { conn, id });
             }
             Message::Reap { id, step } => {
+                self.count("reap");
                 if !from_node {
                     return self.send(conn, Message::ReapReply { id, yes: false });
                 }
@@ -257,6 +281,15 @@ impl Stage for ReplicaStage {
 
     fn poll_timeout(&self) -> Option<u64> {
         None
+    }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        const HELP: &str = "Requests other nodes sent this node as a replica, by kind (read, write, coordinate: \
+                            a coordinator's; handoff: a batch of hints or transferred keys; reap)";
+        for kind in ["read", "write", "coordinate", "handoff", "reap"] {
+            let n = self.taken.get(kind).copied().unwrap_or(0);
+            out.counter("ringkv_replica_requests", HELP, &[("kind", kind)], n);
+        }
     }
 }
 
