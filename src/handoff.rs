@@ -190,6 +190,12 @@ impl HandoffStage {
             + self.scans.values().filter(|s| matches!(s, Scan::Hints { .. } | Scan::Partition { .. })).count()
     }
 
+    /// Hints held (all intended nodes) and partitions waiting to be transferred, as the last
+    /// round found them (less hints delivered since).
+    pub fn pending(&self) -> (u64, u64) {
+        (self.hints_held.values().sum(), self.transfers_pending)
+    }
+
     /// Tombstones reaped with this node's agreement as the initiator.
     pub fn reaped(&self) -> u64 {
         self.reaper.reaped

@@ -152,19 +152,9 @@ impl Histogram {
         self.count
     }
 
-    /// Cumulative counts by upper bound, the last one +Inf, as Prometheus exports them.
+    /// Each bucket's upper bound and its own count (not cumulative), the last bound +Inf.
     pub fn buckets(&self) -> Vec<(f64, u64)> {
-        let mut total = 0u64;
-        self.bounds
-            .iter()
-            .copied()
-            .chain(std::iter::once(f64::INFINITY))
-            .zip(&self.counts)
-            .map(|(b, c)| {
-                total = total.saturating_add(*c);
-                (b, total)
-            })
-            .collect()
+        self.bounds.iter().copied().chain(std::iter::once(f64::INFINITY)).zip(self.counts.iter().copied()).collect()
     }
 }
 
@@ -173,13 +163,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_end_at_infinity() {
+    fn histogram_buckets_count_each_observation_once_and_end_at_infinity() {
         let mut h = Histogram::new(&[0.001, 0.01]);
         for v in [0.0, 0.001, 0.005, 3.0] {
             h.observe(v);
         }
         assert_eq!(h.count(), 4);
-        assert_eq!(h.buckets(), vec![(0.001, 2), (0.01, 3), (f64::INFINITY, 4)]);
+        assert_eq!(h.buckets(), vec![(0.001, 2), (0.01, 1), (f64::INFINITY, 1)]);
         assert!((h.sum() - 3.006).abs() < 1e-9);
     }
 

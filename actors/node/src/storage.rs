@@ -16,6 +16,7 @@ use ringkv_storage::Storage;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::now;
+use crate::metrics::NodeMetrics;
 
 type Reply = oneshot::Sender<Result<StoreOutcome, StoreError>>;
 
@@ -60,14 +61,19 @@ impl Drop for ExitOnPanic {
 }
 
 impl StorageWorker {
-    pub fn start(mut storage: Storage) -> std::io::Result<StorageWorker> {
+    /// Start the thread; each batch's size and commit time go to `metrics`.
+    pub fn start(mut storage: Storage, metrics: NodeMetrics) -> std::io::Result<StorageWorker> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         std::thread::Builder::new().name("ringkv-storage".into()).spawn(move || {
             let _guard = ExitOnPanic;
             while let Some(job) = rx.blocking_recv() {
                 match job {
                     Job::Batch { ops, durable, reply } => {
-                        let _ = reply.send(storage.run(ops, durable, now().wall_ms));
+                        let (n, started) = (ops.len(), std::time::Instant::now());
+                        let outcomes = storage.run(ops, durable, now().wall_ms);
+                        metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                        metrics.commit_ops.observe(n as f64);
+                        let _ = reply.send(outcomes);
                     }
                     Job::Flush => {
                         if let Err(e) = storage.flush() {
