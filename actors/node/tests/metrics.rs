@@ -113,17 +113,17 @@ fn metrics_move_by_a_known_workload() {
 
     // Storage: every node committed at least the 20 writes (in batches of any size) and
     // read rows for at least the 20 gets.
-    for i in 0..3 {
+    for (i, now) in after.iter().enumerate() {
         let id = &c.nodes[i].id;
         assert!(d(i, "ringkv_storage_commit_batch_ops_sum", &[]) >= 20.0, "operations committed on {id}");
         let batches = d(i, "ringkv_storage_commit_batch_ops_count", &[]);
         assert!(batches >= 1.0, "commits on {id}");
         assert_eq!(d(i, "ringkv_storage_commit_duration_seconds_count", &[]), batches, "one latency per commit");
         assert!(d(i, "ringkv_storage_read_duration_seconds_count", &[]) >= 20.0, "row reads on {id}");
-        assert!(after[i].get("ringkv_connections", &["role=\"node\""]) >= 1.0, "peer connections of {id}");
-        assert_eq!(after[i].get("ringkv_members", &["state=\"up\""]), 3.0);
-        assert_eq!(after[i].get("ringkv_admission_limit", &["limit=\"handoff.max_inflight\""]), 2.0);
-        assert_eq!(after[i].get("ringkv_admission_effective", &["limit=\"anti_entropy.max_inflight\""]), 1.0);
+        assert!(now.get("ringkv_connections", &["role=\"node\""]) >= 1.0, "peer connections of {id}");
+        assert_eq!(now.get("ringkv_members", &["state=\"up\""]), 3.0);
+        assert_eq!(now.get("ringkv_admission_limit", &["limit=\"handoff.max_inflight\""]), 2.0);
+        assert_eq!(now.get("ringkv_admission_effective", &["limit=\"anti_entropy.max_inflight\""]), 1.0);
     }
 
     // Other paths: the page's JSON, not found, a method other than GET.
