@@ -87,7 +87,9 @@ impl Collector for StageFigures {
                 Kind::Gauge => MetricType::Gauge,
                 Kind::Histogram => MetricType::Histogram,
             };
-            let mut metric = encoder.encode_descriptor(f.name, f.help, None, kind)?;
+            // Help ends with a period, as prometheus-client writes it for registered metrics.
+            let help = format!("{}.", f.help);
+            let mut metric = encoder.encode_descriptor(f.name, &help, None, kind)?;
             for s in &f.samples {
                 let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 let value = SampleValue(&s.value);
