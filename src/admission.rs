@@ -504,6 +504,28 @@ impl Stage for AdmissionStage {
     fn poll_timeout(&self) -> Option<u64> {
         Some(self.admission.poll_timeout())
     }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        const LIMIT: &str = "Run-time admission limits as configured, by name (as ringkv admin limits shows them)";
+        for (name, v) in self.admission.limits() {
+            out.gauge("ringkv_admission_limit", LIMIT, &[("limit", &name)], v as f64);
+        }
+        const EFFECTIVE: &str = "Background budgets and byte rates in force now under latency feedback, by limit name";
+        for w in Work::ALL {
+            let budget = self.admission.budget(w) as f64;
+            out.gauge("ringkv_admission_effective", EFFECTIVE, &[("limit", w.limit_name())], budget);
+            let rate = self.admission.rate_effective(w) as f64;
+            out.gauge("ringkv_admission_effective", EFFECTIVE, &[("limit", w.rate_name())], rate);
+        }
+        if let Some(p99) = self.admission.p99_ms() {
+            out.gauge(
+                "ringkv_admission_latency_p99_seconds",
+                "Client requests' p99 latency over the admission window, which background budgets react to",
+                &[],
+                p99 as f64 / 1000.0,
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -543,4 +543,25 @@ impl Stage for AntiEntropyStage {
         let expiry = self.exchanges.values().map(|e| e.deadline_ms).min();
         Some(expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms)))
     }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        const EXCHANGES: &str = "Merkle exchanges this node started, by outcome (completed, failed)";
+        out.counter("ringkv_anti_entropy_exchanges", EXCHANGES, &[("result", "completed")], self.stats.completed);
+        out.counter("ringkv_anti_entropy_exchanges", EXCHANGES, &[("result", "failed")], self.stats.failed);
+        out.counter(
+            "ringkv_anti_entropy_repairs",
+            "Merkle exchanges that found differing leaves and repaired them",
+            &[],
+            self.stats.repaired,
+        );
+        const KEYS: &str = "Keys anti-entropy moved to repair replicas, by direction (sent, received)";
+        out.counter("ringkv_anti_entropy_keys", KEYS, &[("direction", "sent")], self.stats.keys_sent);
+        out.counter("ringkv_anti_entropy_keys", KEYS, &[("direction", "received")], self.stats.keys_received);
+        out.gauge(
+            "ringkv_anti_entropy_exchanges_in_flight",
+            "Merkle exchanges this node is running now",
+            &[],
+            self.exchanges.len() as f64,
+        );
+    }
 }

@@ -51,6 +51,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub testing: TestingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Mutual TLS against a cluster CA; absent: secret-only mode.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -382,6 +384,16 @@ pub struct LimitsConfig {
     pub object_bytes_max: u64,
 }
 
+/// `[metrics]`: the node's HTTP listener for Prometheus (`GET /metrics`), the cluster page
+/// (`/`) and its JSON (`/api/cluster`). Absent: no listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// IP:port (TCP) to listen on.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TestingConfig {
@@ -523,6 +535,9 @@ impl Config {
             return Err(ConfigError::new("node.id", "use at most 64 letters, digits, '-', '_' or '.'"));
         }
         parse_addr("node.listen", &n.listen)?;
+        if let Some(listen) = &self.metrics.listen {
+            parse_addr("metrics.listen", listen)?;
+        }
         if n.data_dir.is_empty() {
             return Err(ConfigError::new("node.data_dir", "must not be empty"));
         }
@@ -650,6 +665,11 @@ impl Config {
         self.node.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
+    /// Where the metrics listener binds, when `[metrics] listen` is set (validated at parse time).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.as_ref().and_then(|l| l.parse().ok())
+    }
+
     pub fn seed_addrs(&self) -> Vec<SocketAddr> {
         self.node.seeds.iter().filter_map(|s| s.parse().ok()).collect()
     }
@@ -771,6 +791,8 @@ secret = "change-me"
             (with("[storage]\ntombstone_grace_ms = 10\nreaped_retention_ms = 5"), "storage.reaped_retention_ms"),
             (with("[limits]\nmax_value_bytes = 100\nobject_bytes_max = 99"), "limits.object_bytes_max"),
             (with("[handoff]\nbatch_bytes = 0"), "handoff.batch_bytes"),
+            (with("[metrics]\nlisten = \"localhost:9100\""), "metrics.listen"),
+            (with("[metrics]\nlisten = 9100"), "metrics.listen"),
             (with("[node2]\n"), "node2"),
             // Found by fuzzing: accepted, though peers refuse such a member record, or the
             // node's own clocks would not decode.
@@ -784,6 +806,13 @@ secret = "change-me"
         for (text, key) in cases {
             assert_eq!(err_key(&text), key, "{text}");
         }
+    }
+
+    #[test]
+    fn metrics_listener_is_optional() {
+        assert_eq!(Config::parse(&with("")).unwrap().metrics_addr(), None);
+        let on = Config::parse(&with("[metrics]\nlisten = \"127.0.0.1:9100\"")).unwrap();
+        assert_eq!(on.metrics_addr(), Some("127.0.0.1:9100".parse().unwrap()));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::admission::WaitSamples;
+use crate::metrics::{Histogram, Kind, Report, LATENCY_BUCKETS_S};
 use crate::namespace::{check_default_key, class_of, newest, Namespace, Namespaces, Resolution, DEFAULT_NAME};
 use crate::ring::{NodeId, PreferenceList, Ring};
 use crate::stage::{Dest, DownSet, Effect, Ids, Input, Now, Origin, Signal, Stage, StageId};
@@ -267,6 +268,8 @@ pub struct Coordinator {
     outbox: VecDeque<Action>,
     /// The node that answered a get first (§6.4: a later put may prefer it).
     pub fastest: Option<NodeId>,
+    /// Read repairs sent: replicas that answered a get with an older state.
+    pub repairs: u64,
 }
 
 impl Coordinator {
@@ -306,6 +309,7 @@ impl Coordinator {
             phase: Phase::Started,
             outbox: VecDeque::new(),
             fastest: None,
+            repairs: 0,
         };
         c.start(now_ms);
         c
@@ -664,6 +668,7 @@ impl Coordinator {
             .filter(|s| s.object.as_ref().is_none_or(|o| !o.descends(&merged)))
             .map(|s| (s.node.clone(), s.hint.clone()))
             .collect();
+        self.repairs = self.repairs.saturating_add(stale.len() as u64);
         for (to, hint) in stale {
             let request = ReplicaRequest::Write { key: self.key.clone(), object: merged.clone(), hint };
             self.outbox.push_back(Action::Send { to, request });
@@ -721,12 +726,11 @@ enum Waiter {
     Client {
         conn: u64,
         id: u64,
+        /// "get", "put" or "delete", for the figures.
+        op: &'static str,
     },
     /// Another node forwarded the put; it waits under its own request id.
-    Forwarded {
-        conn: u64,
-        id: u64,
-    },
+    Forwarded { conn: u64, id: u64 },
 }
 
 /// How the coordinator stage is set up.
@@ -776,6 +780,29 @@ pub struct CoordinatorStage {
     /// [`COUNTERS_INTERVAL_MS`], when they changed.
     counters: (u64, u64),
     counters_due_ms: Option<u64>,
+    /// Client requests answered, by operation and result ([`result_label`]).
+    answered: BTreeMap<(&'static str, &'static str), u64>,
+    /// How long client requests took to their answer, by operation.
+    durations: BTreeMap<&'static str, Histogram>,
+    /// Puts other nodes forwarded here to coordinate.
+    forwarded_in: u64,
+    /// Read repairs sent.
+    read_repairs: u64,
+}
+
+/// A client answer's result, as the figures label it.
+pub fn result_label(response: &ClientResponse) -> &'static str {
+    match response {
+        ClientResponse::Values { values, .. } if values.is_empty() => "not_found",
+        ClientResponse::Values { .. } | ClientResponse::Written { .. } | ClientResponse::Document { .. } => "ok",
+        ClientResponse::Error { kind, .. } => match kind {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Internal => "internal",
+        },
+    }
 }
 
 /// How often at most the coordinator reports its counters.
@@ -824,7 +851,16 @@ impl CoordinatorStage {
             effects: VecDeque::new(),
             counters: (0, 0),
             counters_due_ms: None,
+            answered: BTreeMap::new(),
+            durations: BTreeMap::new(),
+            forwarded_in: 0,
+            read_repairs: 0,
         }
+    }
+
+    /// Client requests answered so far (every operation and result).
+    pub fn answered_total(&self) -> u64 {
+        self.answered.values().sum()
     }
 
     /// Requests alive now.
@@ -834,7 +870,9 @@ impl CoordinatorStage {
 
     fn answer(&mut self, waiter: &Waiter, response: ClientResponse) {
         let (to, msg) = match waiter {
-            Waiter::Client { conn, id } => {
+            Waiter::Client { conn, id, op } => {
+                let n = self.answered.entry((op, result_label(&response))).or_default();
+                *n = n.saturating_add(1);
                 (Dest::Conn(*conn), Message::ClientReply { id: *id, response, epoch: self.epoch })
             }
             Waiter::Forwarded { conn, id } => {
@@ -941,9 +979,11 @@ impl CoordinatorStage {
                 }
                 Action::Reply(response) => {
                     tracing::debug!(?response, "reply");
-                    if matches!(waiter, Waiter::Client { .. }) {
+                    if let Waiter::Client { op, .. } = waiter {
                         let ms = now.mono_ms.saturating_sub(started);
                         self.effects.push_back(Effect::Signal(Signal::Latency { ms }));
+                        let h = self.durations.entry(op).or_insert_with(|| Histogram::new(LATENCY_BUCKETS_S));
+                        h.observe(ms as f64 / 1000.0);
                     }
                     self.answer(&waiter, response);
                 }
@@ -961,7 +1001,9 @@ impl CoordinatorStage {
             self.timers.remove(&(d, id));
         }
         if entry.core.is_finished() {
-            self.requests.remove(&id);
+            if let Some(done) = self.requests.remove(&id) {
+                self.read_repairs = self.read_repairs.saturating_add(done.core.repairs);
+            }
             return;
         }
         if let Some(d) = entry.core.poll_timeout() {
@@ -978,7 +1020,7 @@ impl CoordinatorStage {
         }
         match msg {
             Message::Client { id, request: ClientRequest::Get { key, r, ns } } => {
-                let waiter = Waiter::Client { conn: from.conn, id };
+                let waiter = Waiter::Client { conn: from.conn, id, op: "get" };
                 let checked = self
                     .namespace(ns.as_deref(), &key)
                     .and_then(|(limits, store_key)| limits.get(&key, r).map(|op| (op, store_key)));
@@ -988,7 +1030,8 @@ impl CoordinatorStage {
                 }
             }
             Message::Client { id, request: ClientRequest::Put { key, context, value, w, ns } } => {
-                let waiter = Waiter::Client { conn: from.conn, id };
+                let op = if value.is_some() { "put" } else { "delete" };
+                let waiter = Waiter::Client { conn: from.conn, id, op };
                 let value = value.map(Bytes::into_vec);
                 // The replica the context names as the fastest of the read before.
                 let fastest = context.as_deref().and_then(|c| split_context(c).1).map(str::to_string);
@@ -1007,6 +1050,7 @@ impl CoordinatorStage {
                 self.answer(&waiter, ClientResponse::Error { kind: ErrorKind::Internal, message });
             }
             Message::Replica { id, request: ReplicaRequest::Forward { key, context, value, w } } => {
+                self.forwarded_in = self.forwarded_in.saturating_add(1);
                 let waiter = Waiter::Forwarded { conn: from.conn, id };
                 match self.settings.limits.of_key(&key).forwarded(&key, context, value, w) {
                     Ok(op) => self.start(now, key, op, waiter, None),
@@ -1099,6 +1143,32 @@ impl Stage for CoordinatorStage {
 
     fn poll_effect(&mut self) -> Option<Effect> {
         self.effects.pop_front()
+    }
+
+    fn report(&self, out: &mut Report) {
+        const REQUESTS: &str = "Client requests answered by this node, by operation (get, put, delete) and result \
+                                (ok, not_found, bad_request, unavailable, refused, overloaded, internal)";
+        out.declare("ringkv_requests", REQUESTS, Kind::Counter);
+        for ((op, result), n) in &self.answered {
+            out.counter("ringkv_requests", REQUESTS, &[("op", op), ("result", result)], *n);
+        }
+        const DURATIONS: &str = "Time from a client request's arrival to its answer, by operation";
+        out.declare("ringkv_request_duration_seconds", DURATIONS, Kind::Histogram);
+        for (op, h) in &self.durations {
+            out.histogram("ringkv_request_duration_seconds", DURATIONS, &[("op", op)], h);
+        }
+        const FORWARDED: &str = "Client requests for keys this node does not replicate (direction out: a put \
+                                 forwarded to a replica, a get read from remote replicas only), and puts other \
+                                 nodes forwarded here (direction in)";
+        out.counter("ringkv_forwarded_requests", FORWARDED, &[("direction", "out")], self.counters.1);
+        out.counter("ringkv_forwarded_requests", FORWARDED, &[("direction", "in")], self.forwarded_in);
+        out.counter(
+            "ringkv_read_repairs",
+            "Replicas sent the merged state after answering a get with an older one",
+            &[],
+            self.read_repairs,
+        );
+        out.gauge("ringkv_requests_in_flight", "Requests being coordinated now", &[], self.requests.len() as f64);
     }
 
     fn poll_timeout(&self) -> Option<u64> {

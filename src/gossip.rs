@@ -9,7 +9,7 @@
 //! cluster's namespaces ([`crate::namespace`]): this stage creates them, merges and saves
 //! them, and publishes them in the view.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -162,7 +162,22 @@ impl GossipStage {
         self.loads.merge(loads, |id| m.member(id).is_some_and(|r| r.state != MemberState::Left));
     }
 
+    /// A member's state as `status` shows it: `down` for a member up in the table that the
+    /// failure detector finds down.
+    fn state_of(&self, m: &Member) -> &'static str {
+        if m.state == MemberState::Up && self.down.contains(&m.id) {
+            "down"
+        } else {
+            m.state.as_str()
+        }
+    }
+
     fn status(&mut self) -> ClientResponse {
+        document(self.status_json())
+    }
+
+    /// `ringkv status`'s document: this node's view of the members, pending work, counters.
+    pub fn status_json(&mut self) -> serde_json::Value {
         let ring = self.membership.ring();
         let counts = ring.as_ref().map(|r| r.owned_counts()).unwrap_or_default();
         let balances = ring.as_ref().map(|r| balance(r, &self.loads)).unwrap_or_default();
@@ -171,8 +186,7 @@ impl GossipStage {
             .members()
             .filter(|m| m.state != MemberState::Left)
             .map(|m: &Member| {
-                let state =
-                    if m.state == MemberState::Up && self.down.contains(&m.id) { "down" } else { m.state.as_str() };
+                let state = self.state_of(m);
                 let phi = self.suspicion.iter().find(|(id, _)| *id == m.id).map(|(_, c)| *c as f64 / 100.0);
                 let mut doc = json!({"id": m.id, "addr": m.addr, "state": state,
                        "partitions": counts.get(&m.id).copied().unwrap_or(0), "zone": m.zone, "weight": m.weight,
@@ -191,27 +205,33 @@ impl GossipStage {
             })
             .collect();
         let out: Vec<&str> = balances.iter().filter(|b| b.out_of_balance).map(|b| b.id.as_str()).collect();
-        document(json!({
+        json!({
             "node": self.membership.id(),
             "ring_epoch": self.membership.epoch(),
             "members": members,
             "pending": {"hints": self.pending.0, "transfers": self.pending.1},
             "counters": {"coordinated": self.counters.0, "forwarded": self.counters.1},
             "out_of_balance": out,
-        }))
+        })
     }
 
     fn ring_doc(&mut self) -> ClientResponse {
-        let Some(ring) = self.membership.ring() else {
-            return ClientResponse::Error {
+        match self.ring_json() {
+            Some(doc) => document(doc),
+            None => ClientResponse::Error {
                 kind: ErrorKind::Unavailable,
                 message: "this node has not joined a cluster yet".into(),
-            };
-        };
+            },
+        }
+    }
+
+    /// `ringkv ring`'s document: each partition's preference list; None before joining.
+    pub fn ring_json(&mut self) -> Option<serde_json::Value> {
+        let ring = self.membership.ring()?;
         let parts: Vec<serde_json::Value> = (0..ring.partitions())
             .map(|p| json!({"partition": p, "preference_list": ring.preference_list(p, self.replicas).primaries}))
             .collect();
-        document(json!({"epoch": self.membership.epoch(), "partitions": parts}))
+        Some(json!({"epoch": self.membership.epoch(), "partitions": parts}))
     }
 
     fn handle_message(&mut self, now: Now, from: Origin, msg: Message) {
@@ -343,5 +363,18 @@ impl Stage for GossipStage {
 
     fn poll_timeout(&self) -> Option<u64> {
         Some(self.membership.poll_timeout())
+    }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        const MEMBERS: &str = "Members as this node sees them, by state (up, down, joining, leaving)";
+        let mut states: BTreeMap<&str, u64> =
+            ["up", "down", "joining", "leaving"].into_iter().map(|s| (s, 0)).collect();
+        for m in self.membership.members().filter(|m| m.state != MemberState::Left) {
+            *states.entry(self.state_of(m)).or_default() += 1;
+        }
+        for (state, n) in states {
+            out.gauge("ringkv_members", MEMBERS, &[("state", state)], n as f64);
+        }
+        out.gauge("ringkv_ring_epoch", "The ring epoch this node holds", &[], self.membership.epoch() as f64);
     }
 }

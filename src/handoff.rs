@@ -83,6 +83,8 @@ struct Batch {
     waiting: BTreeSet<NodeId>,
     keys: Vec<(Vec<u8>, [u8; 16])>,
     started_ms: u64,
+    /// Encoded bytes sent, to all targets.
+    bytes: u64,
 }
 
 /// What a storage result answers.
@@ -141,6 +143,15 @@ pub struct HandoffStage {
     pub moved_keys: u64,
     /// Expired hints dropped.
     pub expired_hints: u64,
+    /// Hints held, by intended node, as the last inventory found them.
+    hints_held: BTreeMap<NodeId, u64>,
+    /// Partitions (trees) held here that this node no longer replicates, as last found.
+    transfers_pending: u64,
+    /// Hinted keys delivered (acknowledged by every target).
+    hints_delivered: u64,
+    /// Keys and encoded bytes of partition transfers acknowledged by every target.
+    transferred_keys: u64,
+    transferred_bytes: u64,
 }
 
 impl HandoffStage {
@@ -165,6 +176,11 @@ impl HandoffStage {
             effects: VecDeque::new(),
             moved_keys: 0,
             expired_hints: 0,
+            hints_held: BTreeMap::new(),
+            transfers_pending: 0,
+            hints_delivered: 0,
+            transferred_keys: 0,
+            transferred_bytes: 0,
         }
     }
 
@@ -172,6 +188,12 @@ impl HandoffStage {
     pub fn inflight(&self) -> usize {
         self.batches.len()
             + self.scans.values().filter(|s| matches!(s, Scan::Hints { .. } | Scan::Partition { .. })).count()
+    }
+
+    /// Hints held (all intended nodes) and partitions waiting to be transferred, as the last
+    /// round found them (less hints delivered since).
+    pub fn pending(&self) -> (u64, u64) {
+        (self.hints_held.values().sum(), self.transfers_pending)
     }
 
     /// Tombstones reaped with this node's agreement as the initiator.
@@ -275,6 +297,8 @@ impl HandoffStage {
         let foreign: Vec<TreeId> = held.iter().filter(|t| !self.replicates(t)).cloned().collect();
         self.held = held.clone();
         let hint_total: u64 = hints.values().sum();
+        self.hints_held = hints.clone();
+        self.transfers_pending = foreign.len() as u64;
         self.effects.push_back(Effect::Signal(Signal::Pending { hints: hint_total, transfers: foreign.len() as u64 }));
         let hints_done = hint_total == 0 || self.settings.planted == Planted::LeaveIgnoresHints;
         if self.leaving() && held.is_empty() && hints_done && self.batches.is_empty() && !self.marked_left {
@@ -351,15 +375,16 @@ impl HandoffStage {
             return;
         }
         let id = self.ids.issue();
-        let bytes = crate::wire::batch_bytes_bound(&objects);
-        self.rate.spend(now.mono_ms, bytes.saturating_mul(to.len() as u64));
+        let bytes = crate::wire::batch_bytes_bound(&objects).saturating_mul(to.len() as u64);
+        self.rate.spend(now.mono_ms, bytes);
         let keys = objects.iter().map(|(k, o)| (k.clone(), o.digest())).collect();
         let wire: Vec<(Bytes, Object)> = objects.into_iter().map(|(k, o)| (Bytes::from(k), o)).collect();
         for t in &to {
             let msg = Message::Handoff { id, objects: wire.clone() };
             self.effects.push_back(Effect::Send { to: Dest::Node(t.clone()), msg });
         }
-        self.batches.insert(id, Batch { kind, waiting: to.into_iter().collect(), keys, started_ms: now.mono_ms });
+        self.batches
+            .insert(id, Batch { kind, waiting: to.into_iter().collect(), keys, started_ms: now.mono_ms, bytes });
     }
 
     fn handle_hints(&mut self, now: Now, intended: NodeId, hints: Vec<(Vec<u8>, Object, u64)>) {
@@ -437,6 +462,18 @@ impl HandoffStage {
         }
         let Some(b) = self.batches.remove(&id) else { return };
         self.moved_keys = self.moved_keys.saturating_add(b.keys.len() as u64);
+        match &b.kind {
+            Kind::Hints { intended } => {
+                self.hints_delivered = self.hints_delivered.saturating_add(b.keys.len() as u64);
+                if let Some(held) = self.hints_held.get_mut(intended) {
+                    *held = held.saturating_sub(b.keys.len() as u64);
+                }
+            }
+            Kind::Transfer { .. } => {
+                self.transferred_keys = self.transferred_keys.saturating_add(b.keys.len() as u64);
+                self.transferred_bytes = self.transferred_bytes.saturating_add(b.bytes);
+            }
+        }
         let then = Some(b.kind.clone());
         let op = match b.kind {
             Kind::Hints { intended } => {
@@ -612,6 +649,58 @@ impl Stage for HandoffStage {
     fn poll_timeout(&self) -> Option<u64> {
         let expiry = self.batches.values().map(|b| b.started_ms.saturating_add(self.settings.timeout_ms)).min();
         Some(expiry.map_or(self.next_round_ms, |x| x.min(self.next_round_ms)))
+    }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        use crate::metrics::Kind as K;
+        const HELD: &str = "Hints this node holds, by the node they are meant for (as of the last handoff round, \
+                            less those delivered since)";
+        out.declare("ringkv_hints_held", HELD, K::Gauge);
+        for (node, n) in &self.hints_held {
+            out.gauge("ringkv_hints_held", HELD, &[("node", node)], *n as f64);
+        }
+        out.counter(
+            "ringkv_hints_delivered",
+            "Hinted keys delivered to (and acknowledged by) their nodes or the keys' replicas",
+            &[],
+            self.hints_delivered,
+        );
+        out.counter(
+            "ringkv_hints_expired",
+            "Hints dropped undelivered because they outlived the reaped-record retention",
+            &[],
+            self.expired_hints,
+        );
+        out.gauge(
+            "ringkv_transfers_pending",
+            "Partitions held here that this node no longer replicates, waiting to be transferred",
+            &[],
+            self.transfers_pending as f64,
+        );
+        out.counter(
+            "ringkv_transferred_keys",
+            "Keys of partition transfers acknowledged by every new replica",
+            &[],
+            self.transferred_keys,
+        );
+        out.counter(
+            "ringkv_transferred_bytes",
+            "Encoded bytes of partition transfers acknowledged by every new replica (each target counted)",
+            &[],
+            self.transferred_bytes,
+        );
+        out.gauge(
+            "ringkv_handoff_batches_in_flight",
+            "Handoff and transfer batches and page reads in flight",
+            &[],
+            self.inflight() as f64,
+        );
+        out.counter(
+            "ringkv_tombstones_reaped",
+            "Tombstones removed from every replica, with this node as the initiator",
+            &[],
+            self.reaper.reaped,
+        );
     }
 }
 

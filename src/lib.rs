@@ -31,6 +31,9 @@
 //! - [`anti_entropy`]: Merkle exchanges (§4.7);
 //! - [`admission`]: background budgets under foreground latency feedback (§6.5).
 //!
+//! Each stage also keeps plain counters for operators and reports them on request
+//! ([`metrics`]: data only; the node exports them in the Prometheus format).
+//!
 //! [`stage`] holds what flows between them and the routing ([`stage::route`] for messages,
 //! [`stage::subscribers`] for signals), used alike by the node's actors and by
 //! [`node::LocalNode`], which runs a whole node in one thread. [`node::NodeSettings`]
@@ -51,6 +54,7 @@ pub mod handoff;
 pub mod load_balance;
 pub mod membership;
 pub mod merkle;
+pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod reaper;

@@ -547,6 +547,62 @@ mod tests {
         assert_eq!(doc["counters"]["coordinated"], 20 - elsewhere + u64::from(replicated_k0), "{doc}");
     }
 
+    /// Every stage's report on node `i`.
+    fn report(m: &Mini, i: usize) -> crate::metrics::Report {
+        let node = m.peers[i].node.as_ref().unwrap();
+        let mut r = crate::metrics::Report::default();
+        for id in StageId::ALL {
+            node.stages.get(id).report(&mut r);
+        }
+        r
+    }
+
+    #[test]
+    fn stages_report_requests_replica_work_and_hints() {
+        let mut m = Mini::new(4, "");
+        m.down(3);
+        for i in 0..10 {
+            assert!(matches!(m.put(0, &format!("r{i}"), b"v".to_vec(), None), ClientResponse::Written { .. }));
+        }
+        for i in 0..10 {
+            assert_eq!(m.get(0, &format!("r{i}")).0, vec![b"v".to_vec()]);
+        }
+        assert!(m.get(0, "never-written").0.is_empty());
+        let bad = m.put(0, "r0", b"x".to_vec(), Some("%%".into()));
+        assert!(matches!(bad, ClientResponse::Error { .. }));
+        m.run(6000);
+        let r = report(&m, 0);
+        let n = |name: &str, labels: crate::metrics::Labels| r.count(name, labels);
+        assert_eq!(n("ringkv_requests", &[("op", "put"), ("result", "ok")]), 10);
+        assert_eq!(n("ringkv_requests", &[("op", "get"), ("result", "ok")]), 10);
+        assert_eq!(n("ringkv_requests", &[("op", "get"), ("result", "not_found")]), 1);
+        assert_eq!(n("ringkv_requests", &[("op", "put"), ("result", "bad_request")]), 1);
+        match r.get("ringkv_request_duration_seconds", &[("op", "get")]) {
+            Some(crate::metrics::Value::Histogram(h)) => assert_eq!(h.count(), 11),
+            other => panic!("{other:?}"),
+        }
+        // n2 and n3 served replica reads and writes for them.
+        let others: Vec<crate::metrics::Report> = (1..3).map(|i| report(&m, i)).collect();
+        let kind = |k: &str| -> u64 { others.iter().map(|r| r.count("ringkv_replica_requests", &[("kind", k)])).sum() };
+        assert!(kind("write") > 0 && kind("read") > 0);
+        // n4 was down: its copies are hints on the others, reported by intended node.
+        let held: f64 = (0..3)
+            .map(|i| match report(&m, i).get("ringkv_hints_held", &[("node", "n4")]) {
+                Some(crate::metrics::Value::Level(v)) => *v,
+                _ => 0.0,
+            })
+            .sum();
+        let stored: usize = m.peers.iter().take(3).map(|p| p.store.hints().len()).sum();
+        assert!(stored > 0);
+        assert_eq!(held, stored as f64, "hints held as the last round found them");
+        m.boot(3);
+        m.run(10_000);
+        let delivered: u64 = (0..3).map(|i| report(&m, i).count("ringkv_hints_delivered", &[])).sum();
+        assert_eq!(delivered, stored as u64, "every hint delivered and counted once");
+        let n4 = report(&m, 3);
+        assert!(n4.count("ringkv_replica_requests", &[("kind", "handoff")]) > 0);
+    }
+
     #[test]
     fn a_put_goes_back_to_the_replica_that_answered_its_read_fastest() {
         let mut m = Mini::new(5, "");

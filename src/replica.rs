@@ -52,6 +52,8 @@ pub struct ReplicaStage {
     now_ms: u64,
     ids: Ids,
     effects: VecDeque<Effect>,
+    /// Requests from other nodes taken, by kind ([`ReplicaStage::count`]).
+    taken: BTreeMap<&'static str, u64>,
 }
 
 fn document(v: serde_json::Value) -> ClientResponse {
@@ -73,7 +75,15 @@ impl ReplicaStage {
             now_ms: 0,
             ids: Ids::default(),
             effects: VecDeque::new(),
+            taken: BTreeMap::new(),
         }
+    }
+
+    /// Count a request from another node: `read`, `write` or `coordinate` (a coordinator's),
+    /// `handoff` (a batch of hints or transferred keys) or `reap`.
+    fn count(&mut self, kind: &'static str) {
+        let n = self.taken.entry(kind).or_default();
+        *n = n.saturating_add(1);
     }
 
     fn leaving(&self) -> bool {
@@ -103,6 +113,12 @@ impl ReplicaStage {
         let from_node = from.node.is_some();
         match msg {
             Message::Replica { id, request } => {
+                self.count(match request {
+                    crate::wire::ReplicaRequest::Read { .. } => "read",
+                    crate::wire::ReplicaRequest::Write { .. } => "write",
+                    crate::wire::ReplicaRequest::Coordinate { .. } => "coordinate",
+                    crate::wire::ReplicaRequest::Forward { .. } => "forward",
+                });
                 if !from_node {
                     let reply = ReplicaReply::Failed {
                         kind: ErrorKind::Refused,
@@ -139,6 +155,7 @@ impl ReplicaStage {
                 }
             }
             Message::Handoff { id, objects } => {
+                self.count("handoff");
                 let keys_ok = objects.iter().all(|(k, _)| {
                     let user = k.len().saturating_sub(crate::namespace::class_of(k).prefix.len());
                     user > 0 && user <= self.settings.limits.key_bytes_max
@@ -155,6 +172,7 @@ impl ReplicaStage {
                 self.store(StoreOp::Merge { objects }, true, Answer::Handoff { conn, id });
             }
             Message::Reap { id, step } => {
+                self.count("reap");
                 if !from_node {
                     return self.send(conn, Message::ReapReply { id, yes: false });
                 }
@@ -287,6 +305,15 @@ impl Stage for ReplicaStage {
 
     fn poll_timeout(&self) -> Option<u64> {
         self.waits.due_at()
+    }
+
+    fn report(&self, out: &mut crate::metrics::Report) {
+        const HELP: &str = "Requests other nodes sent this node as a replica, by kind (read, write, coordinate: \
+                            a coordinator's; handoff: a batch of hints or transferred keys; reap)";
+        for kind in ["read", "write", "coordinate", "handoff", "reap"] {
+            let n = self.taken.get(kind).copied().unwrap_or(0);
+            out.counter("ringkv_replica_requests", HELP, &[("kind", kind)], n);
+        }
     }
 }
 

@@ -200,6 +200,8 @@ pub trait Stage {
     fn poll_effect(&mut self) -> Option<Effect>;
     /// When the stage next wants `Input::Tick` (monotonic ms), if ever.
     fn poll_timeout(&self) -> Option<u64>;
+    /// Add the figures this stage keeps to `out`, for export ([`crate::metrics`]).
+    fn report(&self, _out: &mut crate::metrics::Report) {}
 }
 
 /// The stage that takes a message arriving from the network.

@@ -6,7 +6,7 @@
 //! stops printing and the cluster runs on until Ctrl-C as usual.
 
 use std::io::Write;
-use std::net::UdpSocket;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -33,6 +33,11 @@ fn free_port() -> std::io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A free loopback TCP port (for a node's metrics listener).
+fn free_tcp_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// How a dev cluster authenticates.
 pub enum DevAuth {
     /// Mutual TLS with the certificates in `DIR/certs`.
@@ -44,8 +49,16 @@ pub enum DevAuth {
 /// Where a dev cluster's certificates live, relative to its directory.
 const CERTS: &str = "certs";
 
-/// The text of node `i`'s config.
-pub fn config_text(i: u32, nodes: u32, ports: &[u16], dir: &Path, auth: &DevAuth, durability: &str) -> String {
+/// The text of node `i`'s config: QUIC on `ports[i - 1]`, metrics on `metrics_ports[i - 1]`.
+pub fn config_text(
+    i: u32,
+    nodes: u32,
+    ports: &[u16],
+    metrics_ports: &[u16],
+    dir: &Path,
+    auth: &DevAuth,
+    durability: &str,
+) -> String {
     let auth_text = match auth {
         DevAuth::Tls => {
             format!("\n[tls]\nca = \"{CERTS}/ca.crt\"\ncert = \"{CERTS}/n{i}.crt\"\nkey = \"{CERTS}/n{i}.key\"\n")
@@ -87,8 +100,12 @@ max_inflight = 2
 [anti_entropy]
 interval_ms = 10000
 max_inflight = 1
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 {tls_section}"#,
         port = ports[(i - 1) as usize],
+        metrics_port = metrics_ports[(i - 1) as usize],
         data = dir.join("data").join(format!("n{i}")).display(),
         seeds = seeds.join(", "),
     )
@@ -197,6 +214,16 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
             }
         }
     }
+    let mut metrics_ports = Vec::new();
+    for _ in 0..nodes {
+        match free_tcp_port() {
+            Ok(p) if !metrics_ports.contains(&p) => metrics_ports.push(p),
+            _ => {
+                fail("no free loopback port");
+                return 5;
+            }
+        }
+    }
     let auth = if secret_only {
         DevAuth::Secret(format!("dev-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()))
     } else {
@@ -226,8 +253,9 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
     for i in 1..=nodes {
         let cfg = dir.join(format!("n{i}.toml"));
         let log = dir.join(format!("n{i}.log"));
-        let written = std::fs::File::create(&cfg)
-            .and_then(|mut f| f.write_all(config_text(i, nodes, &ports, &dir, &auth, durability).as_bytes()));
+        let written = std::fs::File::create(&cfg).and_then(|mut f| {
+            f.write_all(config_text(i, nodes, &ports, &metrics_ports, &dir, &auth, durability).as_bytes())
+        });
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
         let (Ok(()), Ok(log_file)) = (written, log_file) else {
             fail(&format!("cannot write into {}; give another --dir", dir.display()));
@@ -269,9 +297,15 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         DevAuth::Tls => format!("mutual TLS, certificates in {}", dir.join(CERTS).display()),
         DevAuth::Secret(_) => "secret-only: the secret in the configs is the whole trust boundary".to_string(),
     };
+    let pages: String = metrics_ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("\x20 n{}: http://127.0.0.1:{p}/ (metrics: http://127.0.0.1:{p}/metrics)\n", i + 1))
+        .collect();
     say(&format!(
         "ringkv dev cluster: {nodes} node(s) on 127.0.0.1 ports {ports:?} ({mode})\n\
          configs, data and logs in {}\n\n\
+         the cluster page and Prometheus metrics of each node:\n{pages}\n\
          try, in another terminal:\n\
          \x20 {cli} --config {c1} status\n\
          \x20 {cli} --config {c1} put hello world\n\

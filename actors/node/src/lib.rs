@@ -5,12 +5,15 @@
 //! which only moves inputs and time into the stage and carries out the effects it returns.
 //! Two more stages do the I/O: [`transport`] (the QUIC endpoint: connections, handshakes,
 //! framed streams, the address book) and [`storage`] (redb on its own thread, with group
-//! commit). [`start`] wires them together from a config file; [`dev`] runs a local cluster.
+//! commit). [`http`] serves metrics and the cluster page ([`metrics`]: the
+//! encoding). [`start`] wires them together from a config file; [`dev`] runs a local cluster.
 
 pub mod args;
 pub mod clock;
 pub mod dev;
+pub mod http;
 pub mod mailbox;
+pub mod metrics;
 pub mod stage_actor;
 pub mod start;
 pub mod storage;

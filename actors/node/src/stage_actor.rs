@@ -23,6 +23,7 @@ use ringkv_storage::Reader;
 
 use crate::clock::now;
 pub use crate::mailbox::Deliver;
+use crate::metrics::NodeMetrics;
 use crate::storage::{StorageFront, StoreRequest};
 use crate::transport::{Outgoing, TransportActor};
 
@@ -33,6 +34,8 @@ pub struct Routes {
     pub transport: Addr<TransportActor>,
     pub storage: Addr<StorageFront>,
     pub reader: Reader,
+    /// Where row reads' durations go.
+    pub metrics: NodeMetrics,
 }
 
 impl Routes {
@@ -112,7 +115,9 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     fn carry(&mut self, effect: Effect, read: &mut VecDeque<Input>, ctx: &mut Context<Self>) {
         match effect {
             Effect::Store { token, op, .. } if op.reads_rows_only() => {
+                let started = std::time::Instant::now();
                 let (mut outcomes, follow) = self.routes.reader.run(vec![op], now().wall_ms);
+                self.routes.metrics.read_seconds.observe(started.elapsed().as_secs_f64());
                 let result = outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())));
                 read.push_back(Input::Stored { token, result });
                 for op in follow {
@@ -198,5 +203,40 @@ impl<S: Stage + Unpin + 'static> Handler<Deliver> for StageActor<S> {
             self.note_queued(at.elapsed(), ctx);
         }
         self.input(input, ctx);
+    }
+}
+
+/// Ask a stage actor for its stage's figures ([`Stage::report`]).
+pub struct Collect;
+
+impl Message for Collect {
+    type Result = ringkv::metrics::Report;
+}
+
+impl<S: Stage + Unpin + 'static> Handler<Collect> for StageActor<S> {
+    type Result = MessageResult<Collect>;
+
+    fn handle(&mut self, _: Collect, _: &mut Context<Self>) -> Self::Result {
+        let mut report = ringkv::metrics::Report::default();
+        self.stage.report(&mut report);
+        MessageResult(report)
+    }
+}
+
+/// Read something from a stage, between two of its inputs (the cluster page's documents).
+pub struct Peek<S, R>(pub Box<dyn FnOnce(&mut S) -> R + Send>);
+
+impl<S: 'static, R: 'static> Message for Peek<S, R> {
+    type Result = R;
+}
+
+impl<S: Stage + Unpin + 'static, R: 'static> Handler<Peek<S, R>> for StageActor<S> {
+    type Result = MessageResult<Peek<S, R>>;
+
+    fn handle(&mut self, Peek(read): Peek<S, R>, ctx: &mut Context<Self>) -> Self::Result {
+        let answer = read(&mut self.stage);
+        // Reading may not produce effects, but carry out any there are.
+        self.pump(ctx);
+        MessageResult(answer)
     }
 }

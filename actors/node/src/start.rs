@@ -16,7 +16,8 @@ use ringkv_storage::Storage;
 use ringkv_transport::{self as net, Auth, Credentials};
 
 use crate::clock::now;
-use crate::stage_actor::{Deliver, Routes, StageActor};
+use crate::metrics::NodeMetrics;
+use crate::stage_actor::{Collect, Deliver, Routes, StageActor};
 use crate::storage::{Drain, StorageFront, StorageWorker};
 use crate::transport::{SetStages, TransportActor};
 
@@ -73,9 +74,26 @@ pub fn load_config(path: &Path) -> Result<(Config, Auth), StartError> {
     Ok((config, auth))
 }
 
+/// Bind `[metrics] listen`, if set: an address this machine does not have is a config error
+/// (exit 2), a port in use is not (exit 5, as for `node.listen`).
+fn bind_metrics(config_path: &Path, config: &Config) -> Result<Option<std::net::TcpListener>, StartError> {
+    use std::io::ErrorKind;
+    let Some(addr) = config.metrics_addr() else { return Ok(None) };
+    crate::http::bind(addr).map(Some).map_err(|e| match e.kind() {
+        ErrorKind::AddrInUse => StartError::Other(format!(
+            "cannot listen on {addr} (metrics.listen): {e}; is another process using the port?"
+        )),
+        _ => StartError::Config(format!(
+            "{}: config key metrics.listen: cannot listen on {addr}: {e}; give an address of this machine",
+            config_path.display()
+        )),
+    })
+}
+
 /// Run a node until it is told to stop.
 pub fn run(config_path: &Path) -> Result<(), StartError> {
     let (config, auth) = load_config(config_path)?;
+    let metrics_listener = bind_metrics(config_path, &config)?;
     let mut settings = NodeSettings::from_config(&config);
     if let Auth::Tls(tls) = &auth {
         settings.identity.signer = Some(ringkv::membership::Signer(Arc::new(tls.clone())));
@@ -97,7 +115,10 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         "storage open"
     );
     let system = System::new();
-    system.block_on(async move { start_and_wait(Arc::new(config), settings, auth, opened.storage, opened.saved).await })
+    system.block_on(async move {
+        let config = Arc::new(config);
+        start_and_wait(config, settings, auth, opened.storage, opened.saved, metrics_listener).await
+    })
 }
 
 /// Start one stage's actor in a context made earlier (so every address exists first).
@@ -111,7 +132,9 @@ async fn start_and_wait(
     auth: Auth,
     storage: Storage,
     saved: ringkv::store::Saved,
+    metrics_listener: Option<std::net::TcpListener>,
 ) -> Result<(), StartError> {
+    let metrics = NodeMetrics::default();
     let me = config.node.id.clone();
     let listen = config.listen_addr();
     match &auth {
@@ -130,12 +153,12 @@ async fn start_and_wait(
     // Storage: the redb worker thread and the group-commit front; row reads run on this
     // thread in read snapshots.
     let reader = storage.reader();
-    let worker = StorageWorker::start(storage)
+    let worker = StorageWorker::start(storage, metrics.clone())
         .map_err(|e| StartError::Other(format!("cannot start the storage thread: {e}")))?;
     let flush = (config.storage.durability == Durability::Buffered)
         .then(|| Duration::from_millis(config.storage.flush_interval_ms));
     let storage = StorageFront::new(worker, config.storage.commit_batch_max as usize, flush).start();
-    let transport = TransportActor::new(endpoint.clone(), creds, settings.frame_bytes_max).start();
+    let transport = TransportActor::new(endpoint.clone(), creds, settings.frame_bytes_max, metrics.clone()).start();
 
     // Every stage's context first, so every stage knows every other's address.
     let stages = Stages::new(&settings, saved, now());
@@ -156,7 +179,35 @@ async fn start_and_wait(
         (StageId::Admission, c_admission.address().recipient()),
     ];
     transport.do_send(SetStages(recipients.clone()));
-    let routes = Rc::new(Routes { stages: recipients, transport: transport.clone(), storage: storage.clone(), reader });
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let sources = crate::http::Sources {
+            stages: vec![
+                c_coordinator.address().recipient::<Collect>(),
+                c_replica.address().recipient(),
+                c_gossip.address().recipient(),
+                c_fd.address().recipient(),
+                c_handoff.address().recipient(),
+                c_ae.address().recipient(),
+                c_admission.address().recipient(),
+            ],
+            gossip: c_gossip.address(),
+            coordinator: c_coordinator.address(),
+            admission: c_admission.address(),
+            handoff: c_handoff.address(),
+            shell: metrics.clone(),
+        };
+        crate::http::serve(listener, sources)
+            .map_err(|e| StartError::Other(format!("cannot serve metrics on {addr}: {e}")))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics, the cluster page on http://{addr}/");
+    }
+    let routes = Rc::new(Routes {
+        stages: recipients,
+        transport: transport.clone(),
+        storage: storage.clone(),
+        reader,
+        metrics: metrics.clone(),
+    });
     let Stages { coordinator, replica, gossip, failure_detector, handoff, anti_entropy, admission } = stages;
     start_stage(c_coordinator, coordinator, &routes);
     start_stage(c_replica, replica, &routes);

@@ -18,6 +18,7 @@ use ringkv_storage::Storage;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::now;
+use crate::metrics::NodeMetrics;
 
 type Reply = oneshot::Sender<Result<StoreOutcome, StoreError>>;
 /// Where a coordinated write's outcome goes ahead of its commit.
@@ -65,7 +66,8 @@ impl Drop for ExitOnPanic {
 }
 
 impl StorageWorker {
-    pub fn start(mut storage: Storage) -> std::io::Result<StorageWorker> {
+    /// Start the thread; each batch's size and commit time go to `metrics`.
+    pub fn start(mut storage: Storage, metrics: NodeMetrics) -> std::io::Result<StorageWorker> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         std::thread::Builder::new().name("ringkv-storage".into()).spawn(move || {
             let _guard = ExitOnPanic;
@@ -77,7 +79,11 @@ impl StorageWorker {
                                 let _ = tx.send(outcome.clone());
                             }
                         };
-                        let _ = reply.send(storage.run(ops, durable, now().wall_ms, &mut send_ahead));
+                        let (n, started) = (ops.len(), std::time::Instant::now());
+                        let outcomes = storage.run(ops, durable, now().wall_ms, &mut send_ahead);
+                        metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                        metrics.commit_ops.observe(n as f64);
+                        let _ = reply.send(outcomes);
                     }
                     Job::Flush => {
                         if let Err(e) = storage.flush() {

@@ -26,6 +26,7 @@ use ringkv::wire::Message;
 use ringkv_transport::{self as net, Credentials, LinkSender};
 
 use crate::mailbox::Deliver;
+use crate::metrics::NodeMetrics;
 
 /// Connections that may be in their handshake at once; more are refused.
 pub const HANDSHAKES_MAX: usize = 64;
@@ -63,6 +64,8 @@ struct Shared {
     next_conn: ConnId,
     handshaking: usize,
     last_refusal_log: Option<Instant>,
+    /// Open connections by role go here.
+    metrics: NodeMetrics,
 }
 
 impl Shared {
@@ -85,8 +88,10 @@ pub struct TransportActor {
 }
 
 impl TransportActor {
-    pub fn new(endpoint: quinn::Endpoint, creds: Credentials, frame_max: usize) -> Self {
-        TransportActor { endpoint, creds, frame_max, book: HashMap::new(), shared: Rc::default() }
+    /// The transport on `endpoint`; open connections are counted in `metrics`.
+    pub fn new(endpoint: quinn::Endpoint, creds: Credentials, frame_max: usize, metrics: NodeMetrics) -> Self {
+        let shared = Rc::new(RefCell::new(Shared { metrics, ..Shared::default() }));
+        TransportActor { endpoint, creds, frame_max, book: HashMap::new(), shared }
     }
 
     fn is_blocked(&self, node: &NodeId) -> bool {
@@ -117,8 +122,10 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, f
         let mut s = shared.borrow_mut();
         let id = s.conn_id();
         s.conns.insert(id, link.clone());
+        s.metrics.connection(peer.role().name(), 1);
         id
     };
+    let role = peer.role().name();
     let node = peer.node().cloned();
     let origin = Origin::of(id, &peer);
     let stages: Vec<(StageId, Recipient<Deliver>)> = shared.borrow().stages.clone();
@@ -153,6 +160,7 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, f
         tracing::debug!(%reason, ?node, "connection closed");
         let mut s = sh.borrow_mut();
         s.conns.remove(&id);
+        s.metrics.connection(role, -1);
         s.pool.retain(|_, c| *c != id);
         drop(s);
         if let Some(n) = node {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{closed_stdout, pids_mentioning, run_bounded, run_bounded_with, wait_until, Cluster, CLI, NODE};
+use common::{closed_stdout, http_get, pids_mentioning, run_bounded, run_bounded_with, wait_until, Cluster, CLI, NODE};
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -296,6 +296,25 @@ fn dev_serves_the_commands_it_prints_and_ctrl_c_stops_every_node() {
         code == Some(0) && got.lines().next() == Some("world")
     });
     assert!(get_done, "{get}: {got}");
+
+    // Each node's metrics and cluster page, at the URLs printed: the put counted on n1.
+    let urls: Vec<String> = printed
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .map(|w| w.trim_end_matches(')'))
+        .filter(|w| w.starts_with("http://127.0.0.1:") && w.ends_with("/metrics"))
+        .map(String::from)
+        .collect();
+    assert_eq!(urls.len(), 3, "{printed:?}");
+    for url in &urls {
+        let port: u16 = url["http://127.0.0.1:".len()..].trim_end_matches("/metrics").parse().expect("a port");
+        let (status, _, body) = http_get(port, "/metrics");
+        assert_eq!(status, 200, "{url}");
+        assert!(body.contains("# TYPE ringkv_requests_total counter"), "{url}: {body}");
+        assert_eq!(http_get(port, "/").0, 200, "{url}");
+    }
+    let first = urls[0]["http://127.0.0.1:".len()..].trim_end_matches("/metrics").parse().expect("a port");
+    assert!(http_get(first, "/metrics").2.contains("ringkv_requests_total{op=\"put\",result=\"ok\"}"));
 
     // The nodes log as dev was told.
     let n1 = std::fs::read_to_string(dir.join("n1.log")).unwrap();

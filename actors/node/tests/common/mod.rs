@@ -32,6 +32,9 @@ pub struct Node {
     pub data: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// The TCP port of its metrics listener, written into its config once
+    /// [`Cluster::enable_metrics`] was called.
+    pub metrics_port: u16,
 }
 
 pub struct Cluster {
@@ -49,11 +52,17 @@ pub struct Cluster {
     pub tls: bool,
     /// More arguments for every node started, after `--config FILE`.
     pub node_args: Vec<String>,
+    /// Every node has `[metrics] listen` on its `metrics_port`.
+    pub metrics: bool,
 }
 
 /// A few random bits for names and secrets (no rand dependency in the tests).
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn free_port() -> u16 {
@@ -75,6 +84,7 @@ impl Cluster {
             timeouts_ms: (3000, 500),
             tls: false,
             node_args: Vec::new(),
+            metrics: false,
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         for (i, port) in ports.iter().enumerate() {
@@ -86,6 +96,7 @@ impl Cluster {
                 id,
                 port: *port,
                 child: None,
+                metrics_port: free_tcp_port(),
             };
             c.nodes.push(node);
         }
@@ -116,6 +127,19 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.write_config(i, &self.secret.clone());
         }
+    }
+
+    /// Give every node a metrics listener (before the nodes start).
+    pub fn enable_metrics(&mut self) {
+        self.metrics = true;
+        for i in 0..self.nodes.len() {
+            self.write_config(i, &self.secret.clone());
+        }
+    }
+
+    /// `GET path` on node `i`'s metrics listener: the status code, the Content-Type and the body.
+    pub fn http_get(&self, i: usize, path: &str) -> (u16, String, String) {
+        http_get(self.nodes[i].metrics_port, path)
     }
 
     pub fn certs(&self) -> PathBuf {
@@ -172,7 +196,13 @@ request_timeout_ms = {request_ms}
 replica_timeout_ms = {replica_ms}
 
 {extra}
+{metrics}
 {tls}"#,
+            metrics = if self.metrics {
+                format!("[metrics]\nlisten = \"127.0.0.1:{}\"\n", n.metrics_port)
+            } else {
+                String::new()
+            },
             secret_line = if self.tls { String::new() } else { format!("secret = \"{secret}\"\n") },
             tls = if self.tls {
                 let c = self.certs();
@@ -375,6 +405,26 @@ pub fn run_bounded_with(cmd: &mut Command, timeout: Duration) -> (Option<i32>, S
     }
     let status = child.wait().unwrap();
     (if exited { status.code() } else { None }, out.join().unwrap(), err.join().unwrap())
+}
+
+/// A plain HTTP/1.1 `GET path` to 127.0.0.1:`port`: the status code, the Content-Type and
+/// the body (the server closes the connection after the answer).
+pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the metrics listener accepts");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("an answer");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let content_type = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
 }
 
 /// Poll `f` every 100 ms until it holds or `timeout` passes.
