@@ -194,16 +194,15 @@ mod tests {
         Message::Client { id: 9, request }
     }
 
+    fn put() -> Message {
+        let value = Some(Bytes::default());
+        client(ClientRequest::Put { key: Bytes::default(), context: None, value, w: None, ns: None })
+    }
+
     #[test]
     fn the_role_table() {
         let get = client(ClientRequest::Get { key: Bytes::from(b"k".to_vec()), r: None, ns: None });
-        let put = client(ClientRequest::Put {
-            key: Bytes::default(),
-            context: None,
-            value: Some(Bytes::default()),
-            w: None,
-            ns: None,
-        });
+        let put = put();
         let delete =
             client(ClientRequest::Put { key: Bytes::default(), context: None, value: None, w: None, ns: None });
         let leave = client(ClientRequest::Leave { node: "n1".into() });
@@ -234,13 +233,7 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_role_needed_and_answers_the_request() {
-        let put = client(ClientRequest::Put {
-            key: Bytes::default(),
-            context: None,
-            value: Some(Bytes::default()),
-            w: None,
-            ns: None,
-        });
+        let put = put();
         match check(Role::Read, &put) {
             Err(Some(Message::ClientReply { id: 9, response: ClientResponse::Error { kind, message }, .. })) => {
                 assert_eq!(kind, ErrorKind::Refused);

@@ -751,18 +751,20 @@ impl StoreState {
         Ok(bump)
     }
 
-    /// The saved member table (empty when none was saved).
-    /// The saved namespaces (none when none were saved). Each is validated again where it
-    /// is merged ([`namespace::Namespaces::merge`]).
-    pub fn load_namespaces(engine: &dyn Engine) -> Result<Vec<namespace::Namespace>, StoreError> {
-        match engine.get(Table::Meta, META_NAMESPACES)? {
+    /// A list saved under `key` in the meta table (empty when none was saved).
+    fn load_list<T: for<'de> Deserialize<'de>>(engine: &dyn Engine, key: &[u8]) -> Result<Vec<T>, StoreError> {
+        match engine.get(Table::Meta, key)? {
             None => Ok(Vec::new()),
-            Some(bytes) => unseal(&bytes).map_err(|detail| StoreError::Corrupt {
-                table: "meta".into(),
-                key: META_NAMESPACES.to_vec(),
-                detail,
-            }),
+            Some(bytes) => {
+                unseal(&bytes).map_err(|detail| StoreError::Corrupt { table: "meta".into(), key: key.to_vec(), detail })
+            }
         }
+    }
+
+    /// The saved namespaces. Each is validated again where it is merged
+    /// ([`namespace::Namespaces::merge`]).
+    pub fn load_namespaces(engine: &dyn Engine) -> Result<Vec<namespace::Namespace>, StoreError> {
+        Self::load_list(engine, META_NAMESPACES)
     }
 
     /// What a node starts from: its saved member table and namespaces.
@@ -770,15 +772,9 @@ impl StoreState {
         Ok(Saved { members: Self::load_members(engine)?, namespaces: Self::load_namespaces(engine)? })
     }
 
+    /// The saved member table.
     pub fn load_members(engine: &dyn Engine) -> Result<Vec<Member>, StoreError> {
-        match engine.get(Table::Meta, META_MEMBERS)? {
-            None => Ok(Vec::new()),
-            Some(bytes) => decode_members(&bytes).map_err(|detail| StoreError::Corrupt {
-                table: "meta".into(),
-                key: META_MEMBERS.to_vec(),
-                detail,
-            }),
-        }
+        Self::load_list(engine, META_MEMBERS)
     }
 
     pub fn partitions(&self) -> u32 {
