@@ -106,13 +106,15 @@ impl Rng {
     }
 }
 
-/// Node `i`'s config: what an operator would write, with fast timers.
-fn config(i: usize) -> Config {
+/// Node `i`'s config: what an operator would write, with fast timers; `buffered` storage or
+/// `sync` (the node's rules differ: who commits durably, whether puts replicate ahead).
+fn config(i: usize, buffered: bool) -> Config {
+    let durability = if buffered { "buffered" } else { "sync" };
     let text = format!(
         "[node]\nid = \"n{i}\"\nlisten = \"10.0.0.{i}:1\"\ndata_dir = \"/var/lib/ringkv\"\n\
          seeds = [\"10.0.0.1:1\", \"10.0.0.2:1\"]\n\
          [cluster]\nname = \"sim\"\nsecret = \"s3cret\"\npartitions = {Q}\nreplicas = {N}\n\
-         [storage]\ntombstone_grace_ms = {GRACE_MS}\nreaped_retention_ms = 3600000\ncommit_batch_max = {BATCH_MAX}\n\
+         [storage]\ndurability = \"{durability}\"\ntombstone_grace_ms = {GRACE_MS}\nreaped_retention_ms = 3600000\ncommit_batch_max = {BATCH_MAX}\n\
          [gossip]\ninterval_ms = 100\n\
          [failure_detector]\nprobe_interval_ms = 100\nprobe_interval_max_ms = 1000\n\
          [coordinator]\nrequest_timeout_ms = {REQUEST_MS}\nreplica_timeout_ms = 300\n\
@@ -622,7 +624,7 @@ impl Sim {
 
     fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
-        let mut settings = NodeSettings::from_config(&config(i + 1));
+        let mut settings = NodeSettings::from_config(&config(i + 1, self.buffered));
         settings.handoff.planted = self.scenario.planted;
         if self.signed {
             let signer = SimSigner(settings.identity.id.clone());
