@@ -961,14 +961,17 @@ impl CoordinatorStage {
         let started = entry.started_ms;
         for action in actions {
             match action {
+                // A node leaving the ring (or left) stores nothing new, as its replica stage
+                // refuses other coordinators' writes: a request started before the leave
+                // writes to a fallback instead.
                 Action::Send { to, request } if to == self.settings.me => match store_op(request, now.wall_ms) {
-                    Some(op) => {
+                    Some(op) if !(self.leaving && !op.is_read_only()) => {
                         let token = self.ids.issue();
                         self.local.insert(token, (id, now.mono_ms));
                         let durable = durable_writer(&op);
                         self.effects.push_back(Effect::Store { token, op, durable });
                     }
-                    None => {
+                    _ => {
                         if let Some(e) = self.requests.get_mut(&id) {
                             e.core.handle_failure(now.mono_ms, &to);
                         }
