@@ -86,6 +86,7 @@ pub fn client_role(request: &ClientRequest) -> Role {
         ClientRequest::Put { .. } => Role::Write,
         ClientRequest::Partitions
         | ClientRequest::Hints
+        | ClientRequest::Transfers
         | ClientRequest::Limits
         | ClientRequest::SetLimits { .. }
         | ClientRequest::Leave { .. }
@@ -106,6 +107,7 @@ fn client_command(request: &ClientRequest) -> &'static str {
         ClientRequest::Ring => "ring",
         ClientRequest::Partitions => "admin partitions",
         ClientRequest::Hints => "admin hints",
+        ClientRequest::Transfers => "admin transfers",
         ClientRequest::Limits => "admin limits",
         ClientRequest::SetLimits { .. } => "admin limits set",
         ClientRequest::Leave { .. } => "admin leave",

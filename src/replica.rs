@@ -54,6 +54,19 @@ pub struct ReplicaStage {
     effects: VecDeque<Effect>,
     /// Requests from other nodes taken, by kind ([`ReplicaStage::count`]).
     taken: BTreeMap<&'static str, u64>,
+    /// Anti-entropy exchanges this node started and completed, by partition and peer (from
+    /// [`Signal::Exchanged`]), for `admin partitions`.
+    exchanges: BTreeMap<(u32, NodeId), Exchanged>,
+}
+
+/// A partition's exchanges with one peer, as `admin partitions` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Exchanged {
+    /// When the last one completed (wall ms).
+    last_wall_ms: u64,
+    /// Keys repaired (sent and received) by the last one, and by all since the node started.
+    last_keys: u64,
+    keys: u64,
 }
 
 fn document(v: serde_json::Value) -> ClientResponse {
@@ -76,6 +89,7 @@ impl ReplicaStage {
             ids: Ids::default(),
             effects: VecDeque::new(),
             taken: BTreeMap::new(),
+            exchanges: BTreeMap::new(),
         }
     }
 
@@ -216,7 +230,23 @@ impl ReplicaStage {
         }
     }
 
-    fn handle_stored(&mut self, token: u64, result: Result<StoreOutcome, StoreError>) {
+    /// A partition's exchanges, by peer, for `admin partitions`.
+    fn exchanges_of(&self, partition: u32, now_wall_ms: u64) -> Vec<serde_json::Value> {
+        self.exchanges
+            .range((partition, NodeId::new())..)
+            .take_while(|((p, _), _)| *p == partition)
+            .map(|((_, peer), x)| {
+                json!({
+                    "peer": peer,
+                    "last_completed_ms_ago": now_wall_ms.saturating_sub(x.last_wall_ms),
+                    "keys_repaired": x.keys,
+                    "last_keys_repaired": x.last_keys,
+                })
+            })
+            .collect()
+    }
+
+    fn handle_stored(&mut self, now: Now, token: u64, result: Result<StoreOutcome, StoreError>) {
         let Some(answer) = self.waiting.remove(&token) else { return };
         if let Err(e) = &result {
             tracing::warn!(error = %e, "storage operation failed");
@@ -239,7 +269,13 @@ impl ReplicaStage {
                         let list: Vec<serde_json::Value> = ps
                             .into_iter()
                             .map(|s| {
-                                let mut part = json!({"partition": s.partition, "keys": s.keys, "merkle_root": s.root});
+                                let exchanges = self.exchanges_of(s.partition, now.wall_ms);
+                                let mut part = json!({
+                                    "partition": s.partition,
+                                    "keys": s.keys,
+                                    "merkle_root": s.root,
+                                    "exchanges": exchanges,
+                                });
                                 if !s.namespaces.is_empty() {
                                     let others: Vec<serde_json::Value> = s
                                         .namespaces
@@ -289,9 +325,15 @@ impl Stage for ReplicaStage {
                 if let Some(issued) = self.issued_ms.remove(&token) {
                     self.waits.storage(now.mono_ms, now.mono_ms.saturating_sub(issued));
                 }
-                self.handle_stored(token, result)
+                self.handle_stored(now, token, result)
             }
             Input::Signal(Signal::View(v)) => self.view = Some(v),
+            Input::Signal(Signal::Exchanged { partition, peer, wall_ms, keys }) => {
+                let x = self.exchanges.entry((partition, peer)).or_default();
+                x.last_wall_ms = x.last_wall_ms.max(wall_ms);
+                x.last_keys = keys;
+                x.keys = x.keys.saturating_add(keys);
+            }
             Input::Signal(_) | Input::Tick { .. } => {}
         }
         if let Some(waited) = self.waits.take_due(now.mono_ms) {
