@@ -75,6 +75,15 @@ fn transfers_leave_wait_and_exchanges_show_progress() {
         .collect();
     assert!(!holders.is_empty() && holders.iter().all(|n| n["node"] != "n4"), "{pending}");
 
+    // While nothing can move, a watch gives up at its timeout with exit status 3 and one line
+    // on stderr, its updates printed.
+    let out = c.cli(0, &["admin", "transfers", "--watch", "--timeout", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("still pending"), "{err}");
+    assert!(json_lines(&out.stdout).iter().all(|l| l["pending"] == true));
+
     // Handoff on again: --watch follows until nothing is pending, a JSON line per update.
     set_handoff_everywhere(&c, 2);
     let out = c.cli(0, &["admin", "transfers", "--watch", "--timeout", "120"]);
