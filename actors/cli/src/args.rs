@@ -217,4 +217,9 @@ pub struct BenchArgs {
     /// answered the read before fastest (workload f).
     #[arg(long)]
     pub no_fastest: bool,
+    /// Also print progress on standard output, one JSON line a second and one at the end of
+    /// each phase (`{"progress": "preload"|"run", "done", "total", "elapsed_ms"}`), before the
+    /// result.
+    #[arg(long)]
+    pub progress_json: bool,
 }

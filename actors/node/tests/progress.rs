@@ -140,4 +140,19 @@ fn transfers_leave_wait_and_exchanges_show_progress() {
         assert!(parts.iter().any(|p| !p["exchanges"].as_array().unwrap().is_empty()), "{me}: {doc}");
     }
     assert!(repaired > 0, "anti-entropy copied keys to n4 while handoff was paused");
+
+    // The bench: with --json and no terminal, stdout holds its one document and nothing else;
+    // --progress-json adds JSON lines of progress before it.
+    let (code, doc) = c.json(0, &["bench", "--ops", "200", "--keys", "50", "--clients", "2"]);
+    assert_eq!((code, doc["ops"].as_u64()), (0, Some(200)), "one document: {doc}");
+    let args = ["bench", "--progress-json", "--duration", "2.5", "--keys", "20", "--clients", "2"];
+    let out = c.cli(0, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out.stdout);
+    let (result, progress) = lines.split_last().expect("lines");
+    assert!(result["ops"].as_u64() > Some(0) && result["progress"].is_null(), "{result}");
+    assert!(progress.iter().all(|l| l["progress"] == "preload" || l["progress"] == "run"), "{progress:?}");
+    let last_run = progress.iter().rev().find(|l| l["progress"] == "run").expect("a line for the run");
+    assert_eq!(last_run["done"], result["ops"], "the run's last line counts every operation");
+    assert!(progress.iter().any(|l| l["progress"] == "preload" && l["done"] == 20 && l["total"] == 20));
 }
