@@ -213,8 +213,10 @@ mod tests {
         let gossip = Message::Gossip { members: vec![], loads: vec![], namespaces: Vec::new() };
         let write = Message::Replica { id: 3, request: ReplicaRequest::Read { key: vec![] } };
         let handoff = Message::Handoff { id: 4, objects: vec![] };
-        let table: [(&Message, Role); 8] = [
+        let transfers = client(ClientRequest::Transfers);
+        let table: [(&Message, Role); 9] = [
             (&get, Role::Read),
+            (&transfers, Role::Admin),
             (&client(ClientRequest::Status), Role::Read),
             (&put, Role::Write),
             (&delete, Role::Write),

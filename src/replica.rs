@@ -404,6 +404,63 @@ mod tests {
     }
 
     #[test]
+    fn admin_partitions_joins_in_each_partitions_exchanges_by_peer() {
+        use crate::membership::{ring_of, Member, MemberState, View};
+        let mut s = stage();
+        let members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                incarnation: 1,
+                state: MemberState::Up,
+                join_seq: i,
+                leave_seq: None,
+                id: format!("n{i}"),
+                addr: format!("127.0.0.1:{i}"),
+                zone: None,
+                weight: 1,
+                signature: None,
+            })
+            .collect();
+        let ring = ring_of(&members, 8, 3).unwrap();
+        let view =
+            View { me: "n1".into(), members, ring: Some(Arc::new(ring)), epoch: 1, namespaces: Default::default() };
+        s.handle(now(), Input::Signal(Signal::View(Arc::new(view))));
+        let exchanged = |peer: &str, wall_ms, keys| {
+            Input::Signal(Signal::Exchanged { partition: 2, peer: peer.into(), wall_ms, keys })
+        };
+        s.handle(now(), exchanged("n2", 1000, 5));
+        s.handle(now(), exchanged("n2", 3000, 0));
+        s.handle(now(), exchanged("n3", 2000, 1));
+        let at = Now { mono_ms: 5, wall_ms: 4000 };
+        let msg = Message::Client { id: 6, request: ClientRequest::Partitions };
+        s.handle(at, Input::Message { from: Origin::client(9, crate::access::Role::Admin), msg });
+        let token = match s.poll_effect() {
+            Some(Effect::Store { token, op: StoreOp::Summaries { partitions }, .. }) if partitions.len() == 8 => token,
+            other => panic!("{other:?}"),
+        };
+        let summary =
+            |partition| crate::store::PartitionSummary { partition, keys: 4, root: "ab".into(), namespaces: vec![] };
+        let result = Ok(StoreOutcome::Summaries(vec![summary(1), summary(2)]));
+        s.handle(at, Input::Stored { token, result });
+        let json = match s.poll_effect() {
+            Some(Effect::Send {
+                msg: Message::ClientReply { response: ClientResponse::Document { json }, .. },
+                ..
+            }) => json,
+            other => panic!("{other:?}"),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let parts = doc["partitions"].as_array().unwrap();
+        assert_eq!(parts[0], json!({"partition": 1, "keys": 4, "merkle_root": "ab", "exchanges": []}));
+        assert_eq!(
+            parts[1]["exchanges"],
+            json!([
+                {"peer": "n2", "last_completed_ms_ago": 1000, "keys_repaired": 5, "last_keys_repaired": 0},
+                {"peer": "n3", "last_completed_ms_ago": 2000, "keys_repaired": 1, "last_keys_repaired": 1},
+            ])
+        );
+    }
+
+    #[test]
     fn a_leaving_node_takes_no_new_writes() {
         use crate::membership::{Member, MemberState, View};
         let mut s = stage();

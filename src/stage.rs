@@ -330,6 +330,8 @@ mod tests {
         let reply = Message::ReplicaReply { id: 1, reply: ReplicaReply::Written };
         assert_eq!(route(&reply), Some(StageId::Coordinator));
         assert_eq!(route(&Message::HandoffAck { id: 1, ok: true }), Some(StageId::Handoff));
+        let transfers = Message::Client { id: 1, request: ClientRequest::Transfers };
+        assert_eq!(route(&transfers), Some(StageId::Handoff), "admin transfers: the handoff stage knows");
         assert_eq!(
             route(&Message::ClientReply {
                 id: 1,
@@ -353,5 +355,7 @@ mod tests {
         let down = Signal::Down(Arc::default());
         assert!(!subscribers(&down).contains(&StageId::FailureDetector));
         assert_eq!(subscribers(&Signal::Latency { ms: 1 }), &[StageId::Admission]);
+        let exchanged = Signal::Exchanged { partition: 1, peer: "b".into(), wall_ms: 5, keys: 2 };
+        assert_eq!(subscribers(&exchanged), &[StageId::Replica], "admin partitions shows exchanges");
     }
 }
