@@ -76,6 +76,11 @@ fn totals(nodes: Vec<Value>) -> Value {
     })
 }
 
+/// A count as text (a JSON value does not pad to a width), `-` when absent.
+fn count(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
 /// The `admin transfers` table: one line per member and the totals.
 pub fn table(doc: &Value) -> String {
     let mut out = format!(
@@ -93,11 +98,11 @@ pub fn table(doc: &Value) -> String {
             id,
             n["state"].as_str().unwrap_or("-"),
             if n["pending"] == true { "yes" } else { "no" },
-            n["hints"]["held"],
-            n["transfers"]["partitions_pending"],
-            n["transfers"]["keys_left"],
-            n["transfers"]["keys_moved"],
-            n["transfers"]["bytes_moved"],
+            count(&n["hints"]["held"]),
+            count(&n["transfers"]["partitions_pending"]),
+            count(&n["transfers"]["keys_left"]),
+            count(&n["transfers"]["keys_moved"]),
+            count(&n["transfers"]["bytes_moved"]),
         ));
     }
     let t = &doc["total"];
@@ -106,11 +111,11 @@ pub fn table(doc: &Value) -> String {
         "total",
         "",
         if doc["pending"] == true { "yes" } else { "no" },
-        t["hints_held"],
-        t["partitions_pending"],
-        t["keys_left"],
-        t["keys_moved"],
-        t["bytes_moved"],
+        count(&t["hints_held"]),
+        count(&t["partitions_pending"]),
+        count(&t["keys_left"]),
+        count(&t["keys_moved"]),
+        count(&t["bytes_moved"]),
     ));
     out
 }
@@ -256,5 +261,40 @@ pub async fn leave_and_wait(client: &Client, node: String, timeout_s: u64, json:
             ));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_the_members_and_the_table_lines_up() {
+        let node = |id: &str, pending: bool, partitions: u64, left: u64, moved: u64| {
+            json!({"node": id, "state": "up", "pending": pending,
+                   "hints": {"held": 1, "delivered": 2, "by_node": [], "expired": 0},
+                   "transfers": {"partitions_pending": partitions, "keys_left": left, "keys_moved": moved,
+                                 "bytes_moved": moved * 10, "bytes_left_estimate": left * 10, "partitions": []}})
+        };
+        let doc = totals(vec![
+            node("n1", true, 2, 30, 5),
+            node("n2", false, 0, 0, 7),
+            json!({"node": "n3", "error": "did not answer"}),
+        ]);
+        assert_eq!(doc["pending"], true);
+        assert_eq!(
+            doc["total"],
+            json!({"hints_held": 2, "hints_delivered": 4, "partitions_pending": 2, "keys_left": 30,
+                   "keys_moved": 12, "bytes_moved": 120, "bytes_left_estimate": 300})
+        );
+        assert_eq!(moved_and_left(&doc["total"]), (16, 32));
+        let text = table(&doc);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[1].starts_with("n1") && lines[1].ends_with("           50"), "{text}");
+        assert!(lines[3].starts_with("n3") && lines[3].contains("unreachable: did not answer"), "{text}");
+        assert!(lines[4].starts_with("total") && lines[4].ends_with("          120"), "{text}");
+        let quiet = totals(vec![node("n1", false, 0, 0, 0)]);
+        assert_eq!(quiet["pending"], false);
     }
 }
