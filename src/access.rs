@@ -86,6 +86,7 @@ pub fn client_role(request: &ClientRequest) -> Role {
         ClientRequest::Put { .. } => Role::Write,
         ClientRequest::Partitions
         | ClientRequest::Hints
+        | ClientRequest::Transfers
         | ClientRequest::Limits
         | ClientRequest::SetLimits { .. }
         | ClientRequest::Leave { .. }
@@ -106,6 +107,7 @@ fn client_command(request: &ClientRequest) -> &'static str {
         ClientRequest::Ring => "ring",
         ClientRequest::Partitions => "admin partitions",
         ClientRequest::Hints => "admin hints",
+        ClientRequest::Transfers => "admin transfers",
         ClientRequest::Limits => "admin limits",
         ClientRequest::SetLimits { .. } => "admin limits set",
         ClientRequest::Leave { .. } => "admin leave",
@@ -210,8 +212,10 @@ mod tests {
         let gossip = Message::Gossip { members: vec![], loads: vec![], namespaces: Vec::new() };
         let write = Message::Replica { id: 3, request: ReplicaRequest::Read { key: vec![] } };
         let handoff = Message::Handoff { id: 4, objects: vec![] };
-        let table: [(&Message, Role); 8] = [
+        let transfers = client(ClientRequest::Transfers);
+        let table: [(&Message, Role); 9] = [
             (&get, Role::Read),
+            (&transfers, Role::Admin),
             (&client(ClientRequest::Status), Role::Read),
             (&put, Role::Write),
             (&delete, Role::Write),

@@ -113,6 +113,8 @@ pub struct AntiEntropyStage {
     ids: Ids,
     effects: VecDeque<Effect>,
     pub stats: AeStats,
+    /// The wall time of the input being handled (an exchange completes at it).
+    wall_ms: u64,
 }
 
 impl AntiEntropyStage {
@@ -134,6 +136,7 @@ impl AntiEntropyStage {
             ids: Ids::default(),
             effects: VecDeque::new(),
             stats: AeStats::default(),
+            wall_ms: 0,
         }
     }
 
@@ -187,6 +190,14 @@ impl AntiEntropyStage {
         let Some(e) = self.exchanges.remove(&id) else { return };
         if ok {
             self.stats.completed += 1;
+            // For `admin partitions` (the replica stage keeps them): when this partition last
+            // completed an exchange with this peer, and the keys it repaired.
+            self.effects.push_back(Effect::Signal(Signal::Exchanged {
+                partition: e.tree.partition,
+                peer: e.peer.clone(),
+                wall_ms: self.wall_ms,
+                keys: e.keys_sent.saturating_add(e.keys_received),
+            }));
             if !e.leaves.is_empty() {
                 self.stats.repaired += 1;
                 tracing::info!(
@@ -485,6 +496,7 @@ impl Stage for AntiEntropyStage {
     }
 
     fn handle(&mut self, now: Now, input: Input) {
+        self.wall_ms = now.wall_ms;
         match input {
             // Only a coordinator replicates ahead of a commit.
             Input::Ahead { .. } => {}

@@ -152,6 +152,11 @@ pub struct HandoffStage {
     /// Keys and encoded bytes of partition transfers acknowledged by every target.
     transferred_keys: u64,
     transferred_bytes: u64,
+    /// Keys left in each partition (tree) waiting to be transferred, as the last inventory
+    /// found them less those acknowledged since.
+    transfer_keys: BTreeMap<TreeId, u64>,
+    /// When (wall ms) the last inventory was taken, for `admin transfers`.
+    inventoried_wall_ms: Option<u64>,
 }
 
 impl HandoffStage {
@@ -181,6 +186,8 @@ impl HandoffStage {
             hints_delivered: 0,
             transferred_keys: 0,
             transferred_bytes: 0,
+            transfer_keys: BTreeMap::new(),
+            inventoried_wall_ms: None,
         }
     }
 
@@ -194,6 +201,50 @@ impl HandoffStage {
     /// round found them (less hints delivered since).
     pub fn pending(&self) -> (u64, u64) {
         (self.hints_held.values().sum(), self.transfers_pending)
+    }
+
+    /// What `admin transfers` shows: hints held and delivered, partitions waiting to be
+    /// transferred with their keys left, what transfers moved, and whether anything is
+    /// pending (also before the first inventory of a node in a ring, when nothing is known).
+    pub fn transfers_document(&self, now: Now) -> serde_json::Value {
+        use serde_json::json;
+        let hints_held: u64 = self.hints_held.values().sum();
+        let by_node: Vec<serde_json::Value> =
+            self.hints_held.iter().filter(|(_, c)| **c > 0).map(|(n, c)| json!({"for": n, "count": c})).collect();
+        let keys_left: u64 = self.transfer_keys.values().sum();
+        let partitions: Vec<serde_json::Value> = self
+            .transfer_keys
+            .iter()
+            .map(|(t, k)| json!({"partition": t.partition, "namespace": t.namespace_name(), "keys_left": k}))
+            .collect();
+        // Bytes left, estimated from the average encoded size of the keys moved so far.
+        let bytes_left = (self.transferred_keys > 0)
+            .then(|| (keys_left as u128 * self.transferred_bytes as u128 / self.transferred_keys as u128) as u64);
+        let joined = self.view.as_ref().is_some_and(|v| v.ring.is_some());
+        let unknown = joined && self.inventoried_wall_ms.is_none();
+        let pending = unknown || hints_held > 0 || self.transfers_pending > 0 || !self.batches.is_empty();
+        let state = self.view.as_ref().and_then(|v| v.my_state()).map(|s| s.as_str());
+        json!({
+            "node": self.settings.me,
+            "state": state,
+            "pending": pending,
+            "as_of_ms_ago": self.inventoried_wall_ms.map(|w| now.wall_ms.saturating_sub(w)),
+            "hints": {
+                "held": hints_held,
+                "by_node": by_node,
+                "delivered": self.hints_delivered,
+                "expired": self.expired_hints,
+            },
+            "transfers": {
+                "partitions_pending": self.transfers_pending,
+                "keys_left": keys_left,
+                "bytes_left_estimate": bytes_left,
+                "keys_moved": self.transferred_keys,
+                "bytes_moved": self.transferred_bytes,
+                "partitions": partitions,
+            },
+            "batches_in_flight": self.batches.len(),
+        })
     }
 
     /// Tombstones reaped with this node's agreement as the initiator.
@@ -290,11 +341,19 @@ impl HandoffStage {
     }
 
     /// What is held here: report it, decide whether a leaving node is done, start work.
-    fn handle_inventory(&mut self, now: Now, held: Vec<TreeId>, hints: BTreeMap<NodeId, u64>) {
+    fn handle_inventory(
+        &mut self,
+        now: Now,
+        held: Vec<TreeId>,
+        hints: BTreeMap<NodeId, u64>,
+        tree_keys: BTreeMap<TreeId, u64>,
+    ) {
         if self.view.as_ref().and_then(|v| v.ring.as_ref()).is_none() {
             return;
         }
         let foreign: Vec<TreeId> = held.iter().filter(|t| !self.replicates(t)).cloned().collect();
+        self.transfer_keys = foreign.iter().map(|t| (t.clone(), tree_keys.get(t).copied().unwrap_or(0))).collect();
+        self.inventoried_wall_ms = Some(now.wall_ms);
         self.held = held.clone();
         let hint_total: u64 = hints.values().sum();
         self.hints_held = hints.clone();
@@ -469,7 +528,10 @@ impl HandoffStage {
                     *held = held.saturating_sub(b.keys.len() as u64);
                 }
             }
-            Kind::Transfer { .. } => {
+            Kind::Transfer { tree } => {
+                if let Some(left) = self.transfer_keys.get_mut(tree) {
+                    *left = left.saturating_sub(b.keys.len() as u64);
+                }
                 self.transferred_keys = self.transferred_keys.saturating_add(b.keys.len() as u64);
                 self.transferred_bytes = self.transferred_bytes.saturating_add(b.bytes);
             }
@@ -546,7 +608,9 @@ impl HandoffStage {
             tracing::warn!(error = %e, ?scan, "handoff storage operation failed");
         }
         match (scan, result) {
-            (Scan::Inventory, Ok(StoreOutcome::Inventory { held, hints })) => self.handle_inventory(now, held, hints),
+            (Scan::Inventory, Ok(StoreOutcome::Inventory { held, hints, tree_keys })) => {
+                self.handle_inventory(now, held, hints, tree_keys)
+            }
             (Scan::Hints { intended }, Ok(StoreOutcome::Hints { hints, next })) => {
                 // The next page of this destination starts after this one, wrapping around at
                 // the end, so hints that cannot move yet never hold up the ones behind them.
@@ -592,7 +656,14 @@ impl HandoffStage {
         }
     }
 
-    fn handle_message(&mut self, from: Origin, msg: Message) {
+    fn handle_message(&mut self, now: Now, from: Origin, msg: Message) {
+        if let Message::Client { id, request: crate::wire::ClientRequest::Transfers } = msg {
+            let json = self.transfers_document(now).to_string();
+            let response = crate::wire::ClientResponse::Document { json };
+            let msg = Message::ClientReply { id, response, epoch: 0 };
+            self.effects.push_back(Effect::Send { to: Dest::Conn(from.conn), msg });
+            return;
+        }
         let Some(node) = from.node else { return };
         if let Some(e) = self.down.heard(&node) {
             self.effects.push_back(e);
@@ -617,7 +688,7 @@ impl Stage for HandoffStage {
         match input {
             // Only a coordinator replicates ahead of a commit.
             Input::Ahead { .. } => {}
-            Input::Message { from, msg } => self.handle_message(from, msg),
+            Input::Message { from, msg } => self.handle_message(now, from, msg),
             Input::Tick { .. } => self.round(now),
             Input::Stored { token, result } => self.handle_stored(now, token, result),
             Input::Signal(Signal::View(v)) => {
@@ -787,8 +858,9 @@ mod tests {
             })
             .expect("an inventory each round");
         let hints = hints.iter().map(|(n, c)| (n.to_string(), *c)).collect();
-        let held = held.into_iter().map(TreeId::default_of).collect();
-        h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Inventory { held, hints }) });
+        let held: Vec<TreeId> = held.into_iter().map(TreeId::default_of).collect();
+        let tree_keys = held.iter().map(|t| (t.clone(), 10)).collect();
+        h.handle(now(at), Input::Stored { token, result: Ok(StoreOutcome::Inventory { held, hints, tree_keys }) });
         drain(h)
     }
 
@@ -1003,6 +1075,86 @@ mod tests {
             },
         );
         assert!(drain(&mut h).iter().any(|e| matches!(e, Effect::Store { op: StoreOp::RemoveObjects { .. }, .. })));
+    }
+
+    #[test]
+    fn admin_transfers_shows_what_is_pending_and_what_moved() {
+        let v = view("a", &["a"]);
+        let ring = v.ring.clone().unwrap();
+        let p = (0..16).find(|p| ring.preference_list(*p, 3).primaries.len() == 3).unwrap();
+        let mut h = stage("a", &["a"], 2);
+        let doc = h.transfers_document(now(50));
+        assert_eq!(doc["pending"], true, "nothing is known before the first inventory: {doc}");
+        assert_eq!(doc["as_of_ms_ago"], serde_json::Value::Null);
+        // The round's inventory: partition p (10 keys, see `round`) and 3 hints for b.
+        let effects = round(&mut h, 100, vec![p], &[("b", 3)]);
+        let doc = h.transfers_document(now(150));
+        assert_eq!(doc["node"], "a");
+        assert_eq!(doc["state"], "leaving");
+        assert_eq!(doc["pending"], true);
+        assert_eq!(doc["as_of_ms_ago"], 50);
+        assert_eq!(doc["hints"]["held"], 3);
+        assert_eq!(doc["hints"]["by_node"], serde_json::json!([{"for": "b", "count": 3}]));
+        assert_eq!(doc["transfers"]["partitions_pending"], 1);
+        assert_eq!(doc["transfers"]["keys_left"], 10);
+        assert_eq!(doc["transfers"]["keys_moved"], 0);
+        assert_eq!(doc["transfers"]["bytes_left_estimate"], serde_json::Value::Null, "nothing moved to estimate from");
+        assert_eq!(doc["transfers"]["partitions"][0]["partition"], p);
+        // One key of the partition moves and is acknowledged by its three replicas.
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::Page { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("the partition is paged");
+        let page = Ok(StoreOutcome::Page { objects: vec![(b"k".to_vec(), obj(1))], next: None });
+        h.handle(now(160), Input::Stored { token, result: page });
+        let targets: Vec<String> = drain(&mut h)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(h.transfers_document(now(170))["batches_in_flight"], 1);
+        let batch = *h.batches.keys().next().unwrap();
+        for t in targets {
+            let msg = Message::HandoffAck { id: batch, ok: true };
+            h.handle(now(170), Input::Message { from: Origin::node(1, t), msg });
+        }
+        let doc = h.transfers_document(now(180));
+        let bytes = doc["transfers"]["bytes_moved"].as_u64().unwrap();
+        assert_eq!(doc["transfers"]["keys_moved"], 1);
+        assert!(bytes > 0);
+        assert_eq!(doc["transfers"]["keys_left"], 9);
+        assert_eq!(doc["transfers"]["bytes_left_estimate"], 9 * bytes);
+        assert_eq!(doc["batches_in_flight"], 0);
+        // The next inventory finds nothing left: nothing is pending, what moved is kept.
+        drain(&mut h);
+        round(&mut h, 400, vec![], &[]);
+        let doc = h.transfers_document(now(400));
+        assert_eq!(doc["pending"], false, "{doc}");
+        assert_eq!(doc["transfers"]["partitions_pending"], 0);
+        assert_eq!(doc["transfers"]["partitions"], serde_json::json!([]));
+        assert_eq!(doc["transfers"]["keys_moved"], 1);
+        assert_eq!(doc["hints"]["held"], 0);
+    }
+
+    #[test]
+    fn admin_transfers_is_answered_on_the_requests_connection() {
+        let mut h = stage("a", &[], 1);
+        let msg = Message::Client { id: 9, request: crate::wire::ClientRequest::Transfers };
+        h.handle(now(10), Input::Message { from: Origin::client(4, crate::access::Role::Admin), msg });
+        let effects = drain(&mut h);
+        let [Effect::Send { to: Dest::Conn(4), msg: Message::ClientReply { id: 9, response, .. } }] = &effects[..]
+        else {
+            panic!("{effects:?}")
+        };
+        let crate::wire::ClientResponse::Document { json } = response else { panic!("{response:?}") };
+        let doc: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(doc["node"], "a");
+        assert_eq!(doc["state"], "up");
     }
 
     #[test]

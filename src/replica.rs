@@ -54,6 +54,19 @@ pub struct ReplicaStage {
     effects: VecDeque<Effect>,
     /// Requests from other nodes taken, by kind ([`ReplicaStage::count`]).
     taken: BTreeMap<&'static str, u64>,
+    /// Anti-entropy exchanges this node started and completed, by partition and peer (from
+    /// [`Signal::Exchanged`]), for `admin partitions`.
+    exchanges: BTreeMap<(u32, NodeId), Exchanged>,
+}
+
+/// A partition's exchanges with one peer, as `admin partitions` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Exchanged {
+    /// When the last one completed (wall ms).
+    last_wall_ms: u64,
+    /// Keys repaired (sent and received) by the last one, and by all since the node started.
+    last_keys: u64,
+    keys: u64,
 }
 
 fn document(v: serde_json::Value) -> ClientResponse {
@@ -76,6 +89,7 @@ impl ReplicaStage {
             ids: Ids::default(),
             effects: VecDeque::new(),
             taken: BTreeMap::new(),
+            exchanges: BTreeMap::new(),
         }
     }
 
@@ -216,7 +230,23 @@ impl ReplicaStage {
         }
     }
 
-    fn handle_stored(&mut self, token: u64, result: Result<StoreOutcome, StoreError>) {
+    /// A partition's exchanges, by peer, for `admin partitions`.
+    fn exchanges_of(&self, partition: u32, now_wall_ms: u64) -> Vec<serde_json::Value> {
+        self.exchanges
+            .range((partition, NodeId::new())..)
+            .take_while(|((p, _), _)| *p == partition)
+            .map(|((_, peer), x)| {
+                json!({
+                    "peer": peer,
+                    "last_completed_ms_ago": now_wall_ms.saturating_sub(x.last_wall_ms),
+                    "keys_repaired": x.keys,
+                    "last_keys_repaired": x.last_keys,
+                })
+            })
+            .collect()
+    }
+
+    fn handle_stored(&mut self, now: Now, token: u64, result: Result<StoreOutcome, StoreError>) {
         let Some(answer) = self.waiting.remove(&token) else { return };
         if let Err(e) = &result {
             tracing::warn!(error = %e, "storage operation failed");
@@ -239,7 +269,13 @@ impl ReplicaStage {
                         let list: Vec<serde_json::Value> = ps
                             .into_iter()
                             .map(|s| {
-                                let mut part = json!({"partition": s.partition, "keys": s.keys, "merkle_root": s.root});
+                                let exchanges = self.exchanges_of(s.partition, now.wall_ms);
+                                let mut part = json!({
+                                    "partition": s.partition,
+                                    "keys": s.keys,
+                                    "merkle_root": s.root,
+                                    "exchanges": exchanges,
+                                });
                                 if !s.namespaces.is_empty() {
                                     let others: Vec<serde_json::Value> = s
                                         .namespaces
@@ -289,9 +325,15 @@ impl Stage for ReplicaStage {
                 if let Some(issued) = self.issued_ms.remove(&token) {
                     self.waits.storage(now.mono_ms, now.mono_ms.saturating_sub(issued));
                 }
-                self.handle_stored(token, result)
+                self.handle_stored(now, token, result)
             }
             Input::Signal(Signal::View(v)) => self.view = Some(v),
+            Input::Signal(Signal::Exchanged { partition, peer, wall_ms, keys }) => {
+                let x = self.exchanges.entry((partition, peer)).or_default();
+                x.last_wall_ms = x.last_wall_ms.max(wall_ms);
+                x.last_keys = keys;
+                x.keys = x.keys.saturating_add(keys);
+            }
             Input::Signal(_) | Input::Tick { .. } => {}
         }
         if let Some(waited) = self.waits.take_due(now.mono_ms) {
@@ -358,6 +400,63 @@ mod tests {
         assert_eq!(
             s.poll_effect(),
             Some(Effect::Send { to: Dest::Conn(7), msg: Message::HandoffAck { id: 3, ok: true } })
+        );
+    }
+
+    #[test]
+    fn admin_partitions_joins_in_each_partitions_exchanges_by_peer() {
+        use crate::membership::{ring_of, Member, MemberState, View};
+        let mut s = stage();
+        let members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                incarnation: 1,
+                state: MemberState::Up,
+                join_seq: i,
+                leave_seq: None,
+                id: format!("n{i}"),
+                addr: format!("127.0.0.1:{i}"),
+                zone: None,
+                weight: 1,
+                signature: None,
+            })
+            .collect();
+        let ring = ring_of(&members, 8, 3).unwrap();
+        let view =
+            View { me: "n1".into(), members, ring: Some(Arc::new(ring)), epoch: 1, namespaces: Default::default() };
+        s.handle(now(), Input::Signal(Signal::View(Arc::new(view))));
+        let exchanged = |peer: &str, wall_ms, keys| {
+            Input::Signal(Signal::Exchanged { partition: 2, peer: peer.into(), wall_ms, keys })
+        };
+        s.handle(now(), exchanged("n2", 1000, 5));
+        s.handle(now(), exchanged("n2", 3000, 0));
+        s.handle(now(), exchanged("n3", 2000, 1));
+        let at = Now { mono_ms: 5, wall_ms: 4000 };
+        let msg = Message::Client { id: 6, request: ClientRequest::Partitions };
+        s.handle(at, Input::Message { from: Origin::client(9, crate::access::Role::Admin), msg });
+        let token = match s.poll_effect() {
+            Some(Effect::Store { token, op: StoreOp::Summaries { partitions }, .. }) if partitions.len() == 8 => token,
+            other => panic!("{other:?}"),
+        };
+        let summary =
+            |partition| crate::store::PartitionSummary { partition, keys: 4, root: "ab".into(), namespaces: vec![] };
+        let result = Ok(StoreOutcome::Summaries(vec![summary(1), summary(2)]));
+        s.handle(at, Input::Stored { token, result });
+        let json = match s.poll_effect() {
+            Some(Effect::Send {
+                msg: Message::ClientReply { response: ClientResponse::Document { json }, .. },
+                ..
+            }) => json,
+            other => panic!("{other:?}"),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let parts = doc["partitions"].as_array().unwrap();
+        assert_eq!(parts[0], json!({"partition": 1, "keys": 4, "merkle_root": "ab", "exchanges": []}));
+        assert_eq!(
+            parts[1]["exchanges"],
+            json!([
+                {"peer": "n2", "last_completed_ms_ago": 1000, "keys_repaired": 5, "last_keys_repaired": 0},
+                {"peer": "n3", "last_completed_ms_ago": 2000, "keys_repaired": 1, "last_keys_repaired": 1},
+            ])
         );
     }
 

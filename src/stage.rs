@@ -141,6 +141,10 @@ pub enum Signal {
     /// gossip): coordinated as a replica of the key, or for a key it does not replicate
     /// (a put forwarded to a replica, a get read from remote replicas only).
     Counters { coordinated: u64, forwarded: u64 },
+    /// An anti-entropy exchange this node started completed (anti-entropy to the replica
+    /// stage, for `admin partitions`): the partition, the peer, when (wall ms) and the keys
+    /// it repaired (sent and received).
+    Exchanged { partition: u32, peer: NodeId, wall_ms: u64, keys: u64 },
 }
 
 /// An input to a stage.
@@ -221,6 +225,7 @@ pub fn route(msg: &Message) -> Option<StageId> {
             | ClientRequest::FaultBlock { .. }
             | ClientRequest::FaultUnblock => StageId::Replica,
             ClientRequest::Limits | ClientRequest::SetLimits { .. } => StageId::Admission,
+            ClientRequest::Transfers => StageId::Handoff,
         },
         Message::Replica { request: ReplicaRequest::Forward { .. }, .. } => StageId::Coordinator,
         Message::Replica { .. } | Message::Handoff { .. } | Message::Reap { .. } => StageId::Replica,
@@ -255,6 +260,7 @@ pub fn subscribers(signal: &Signal) -> &'static [StageId] {
         Signal::Unreachable { .. } => &[Coordinator, Gossip, FailureDetector, Handoff, AntiEntropy],
         Signal::Budgets { .. } => &[Handoff, AntiEntropy],
         Signal::Latency { .. } | Signal::Waited { .. } => &[Admission],
+        Signal::Exchanged { .. } => &[Replica],
         Signal::MarkLeft | Signal::Pending { .. } | Signal::Counters { .. } | Signal::Suspicion(_) => &[Gossip],
     }
 }
@@ -324,6 +330,8 @@ mod tests {
         let reply = Message::ReplicaReply { id: 1, reply: ReplicaReply::Written };
         assert_eq!(route(&reply), Some(StageId::Coordinator));
         assert_eq!(route(&Message::HandoffAck { id: 1, ok: true }), Some(StageId::Handoff));
+        let transfers = Message::Client { id: 1, request: ClientRequest::Transfers };
+        assert_eq!(route(&transfers), Some(StageId::Handoff), "admin transfers: the handoff stage knows");
         assert_eq!(
             route(&Message::ClientReply {
                 id: 1,
@@ -347,5 +355,7 @@ mod tests {
         let down = Signal::Down(Arc::default());
         assert!(!subscribers(&down).contains(&StageId::FailureDetector));
         assert_eq!(subscribers(&Signal::Latency { ms: 1 }), &[StageId::Admission]);
+        let exchanged = Signal::Exchanged { partition: 1, peer: "b".into(), wall_ms: 5, keys: 2 };
+        assert_eq!(subscribers(&exchanged), &[StageId::Replica], "admin partitions shows exchanges");
     }
 }

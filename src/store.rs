@@ -179,7 +179,7 @@ pub enum StoreOp {
     ReapRemove { key: Vec<u8>, digest: [u8; 16] },
     /// Drop reaped records older than `before_wall_ms`, scanning at most `limit` after `after`.
     SweepReaped { after: Option<Vec<u8>>, before_wall_ms: u64, limit: usize },
-    /// Trees holding owned keys, and hints held by intended node.
+    /// Trees holding owned keys (with their key counts), and hints held by intended node.
     Inventory,
     /// Key count and Merkle root of each listed partition's default namespace, and of
     /// each other namespace holding keys in it.
@@ -263,6 +263,8 @@ pub enum StoreOutcome {
     Inventory {
         held: Vec<TreeId>,
         hints: BTreeMap<NodeId, u64>,
+        /// Owned keys in each held tree (from its Merkle tree: no rows are read).
+        tree_keys: BTreeMap<TreeId, u64>,
     },
     Summaries(Vec<PartitionSummary>),
     Done,
@@ -809,6 +811,14 @@ impl StoreState {
         let mut held: Vec<TreeId> = default.map(|(p, _)| TreeId::default_of(p as u32)).collect();
         held.extend(self.ns_trees.iter().filter(|(_, t)| t.keys() > 0).map(|(id, _)| id.clone()));
         held
+    }
+
+    /// Owned keys in each tree holding any.
+    pub fn tree_keys(&self) -> BTreeMap<TreeId, u64> {
+        let default = self.trees.iter().enumerate().filter(|(_, t)| t.keys() > 0);
+        let mut keys: BTreeMap<TreeId, u64> = default.map(|(p, t)| (TreeId::default_of(p as u32), t.keys())).collect();
+        keys.extend(self.ns_trees.iter().filter(|(_, t)| t.keys() > 0).map(|(id, t)| (id.clone(), t.keys())));
+        keys
     }
 
     /// What `admin partitions` shows of `partition`.
@@ -1385,9 +1395,11 @@ impl<E: Engine> Exec<'_, E> {
                 let next = if seen >= limit.max(1) { last } else { None };
                 Ok(StoreOutcome::Swept { removed, next })
             }
-            StoreOp::Inventory => {
-                Ok(StoreOutcome::Inventory { held: self.state.held(), hints: self.state.hint_counts.clone() })
-            }
+            StoreOp::Inventory => Ok(StoreOutcome::Inventory {
+                held: self.state.held(),
+                hints: self.state.hint_counts.clone(),
+                tree_keys: self.state.tree_keys(),
+            }),
             StoreOp::Summaries { partitions } => {
                 Ok(StoreOutcome::Summaries(partitions.into_iter().filter_map(|p| self.state.summary(p)).collect()))
             }

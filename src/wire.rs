@@ -119,6 +119,9 @@ pub enum ClientRequest {
     },
     /// The cluster's namespaces, as JSON.
     Namespaces,
+    /// What this node's hinted handoff and partition transfers hold and have moved, as JSON
+    /// (`admin transfers`).
+    Transfers,
 }
 
 /// A node's answer to a client.

@@ -345,6 +345,7 @@ pub fn sample_messages() -> Vec<Message> {
         ClientRequest::Ring,
         ClientRequest::Partitions,
         ClientRequest::Hints,
+        ClientRequest::Transfers,
         ClientRequest::Limits,
         ClientRequest::SetLimits { pairs: vec![("handoff".into(), 2), ("anti_entropy".into(), -1)] },
         ClientRequest::Leave { node: "n2".into() },

@@ -91,7 +91,27 @@ pub enum AdminCommand {
     /// Hints this node holds, by intended node.
     Hints,
     /// Make NODE_ID hand its partitions away, then leave the ring.
-    Leave { node_id: String },
+    Leave {
+        node_id: String,
+        /// Follow its transfers until it has left (a progress bar on a terminal, JSON lines
+        /// with --json); exit status 3 if it has not left by --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit status 3).
+        #[arg(long, value_name = "SECONDS", default_value_t = 600, requires = "wait")]
+        timeout: u64,
+    },
+    /// Every member's hinted handoff and partition transfers: hints held and delivered,
+    /// partitions pending with their keys left, keys and bytes moved.
+    Transfers {
+        /// Ask again every second until nothing is pending (a progress bar on a terminal, one
+        /// JSON line per update with --json); exit status 3 at --timeout.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: give up after this many seconds (exit status 3).
+        #[arg(long, value_name = "SECONDS", default_value_t = 600, requires = "watch")]
+        timeout: u64,
+    },
     /// Read background admission limits, or change them: `limits set NAME=VALUE ...`.
     Limits {
         #[command(subcommand)]
@@ -197,4 +217,9 @@ pub struct BenchArgs {
     /// answered the read before fastest (workload f).
     #[arg(long)]
     pub no_fastest: bool,
+    /// Also print progress on standard output, one JSON line a second and one at the end of
+    /// each phase (`{"progress": "preload"|"run", "done", "total", "elapsed_ms"}`), before the
+    /// result.
+    #[arg(long)]
+    pub progress_json: bool,
 }

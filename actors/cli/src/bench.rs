@@ -8,7 +8,8 @@
 //! connection per node); `--pin ADDR` sends everything to one node and `--nodes` spreads the
 //! clients over the nodes listed (server-driven coordination, for comparison). The run ends after `--ops` operations, or after
 //! `--duration` seconds when given. Latencies go into an HDR histogram (microseconds); on a
-//! terminal a progress line shows what is done.
+//! terminal a progress line on standard error shows what is done; standard output gets only
+//! the result, and with `--progress-json` a JSON line of progress each second before it.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng;
 use ringkv::wire::{Bytes, ClientRequest, ClientResponse};
 use serde_json::json;
@@ -55,10 +56,11 @@ impl Mix {
     }
 }
 
-/// A progress line on a terminal (hidden otherwise).
-fn progress(total: Option<u64>, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+/// A progress line on a terminal (hidden otherwise, or when progress goes out as JSON lines:
+/// a hidden bar still counts).
+fn progress(total: Option<u64>, what: &str, json_lines: bool) -> ProgressBar {
+    if json_lines || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(total, ProgressDrawTarget::hidden());
     }
     let bar = match total {
         Some(n) => ProgressBar::new(n).with_style(
@@ -75,11 +77,52 @@ fn progress(total: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
+/// `--progress-json`: a line on standard output each second while a phase runs, and one
+/// when it ends.
+struct JsonProgress {
+    phase: &'static str,
+    bar: ProgressBar,
+    started: Instant,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl JsonProgress {
+    fn line(phase: &str, bar: &ProgressBar, started: Instant) -> String {
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        json!({"progress": phase, "done": bar.position(), "total": bar.length(), "elapsed_ms": elapsed_ms}).to_string()
+    }
+
+    fn start(on: bool, phase: &'static str, bar: &ProgressBar) -> JsonProgress {
+        let started = Instant::now();
+        let ticker = on.then(|| {
+            let bar = bar.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    // A failing stdout is reported by the result's own output.
+                    let _ = ringkv_console::print_line(&JsonProgress::line(phase, &bar, started));
+                }
+            })
+        });
+        JsonProgress { phase, bar: bar.clone(), started, ticker }
+    }
+
+    fn end(self) {
+        if let Some(t) = self.ticker {
+            t.abort();
+            let _ = ringkv_console::print_line(&JsonProgress::line(self.phase, &self.bar, self.started));
+        }
+    }
+}
+
 /// Write every key once, `PRELOAD_DEPTH` writes in flight per client. The number of
 /// failed writes.
-async fn preload(clients: &[Client], keys: u64, value: &Bytes) -> u64 {
+async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool) -> u64 {
     let next = Arc::new(AtomicU64::new(0));
-    let bar = progress(Some(keys), "preloading");
+    let bar = progress(Some(keys), "preloading", json_lines);
+    let lines = JsonProgress::start(json_lines, "preload", &bar);
     let loaders = clients.iter().flat_map(|client| (0..PRELOAD_DEPTH).map(move |_| client)).map(|client| {
         let (next, value, bar) = (next.clone(), value.clone(), bar.clone());
         async move {
@@ -100,6 +143,7 @@ async fn preload(clients: &[Client], keys: u64, value: &Bytes) -> u64 {
     });
     let errors = futures::future::join_all(loaders).await.into_iter().sum();
     bar.finish_and_clear();
+    lines.end();
     errors
 }
 
@@ -161,7 +205,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
 
     let preload_started = Instant::now();
     if !args.no_preload {
-        let errors = preload(&clients, args.keys, &value).await;
+        let errors = preload(&clients, args.keys, &value, args.progress_json).await;
         if errors > 0 {
             return Err(Failure::new(exit::UNAVAILABLE, format!("{errors} preload writes failed")));
         }
@@ -170,7 +214,9 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
 
     // Operations are drawn from one budget (none with --duration), so fast clients do more.
     let budget = Arc::new(AtomicU64::new(if duration.is_some() { u64::MAX } else { args.ops }));
-    let bar = progress(if duration.is_some() { None } else { Some(args.ops) }, &format!("workload {}", args.workload));
+    let total = if duration.is_some() { None } else { Some(args.ops) };
+    let bar = progress(total, &format!("workload {}", args.workload), args.progress_json);
+    let lines = JsonProgress::start(args.progress_json, "run", &bar);
     let started = Instant::now();
     let runs = clients.iter().map(|client| {
         let (budget, value, bar) = (budget.clone(), value.clone(), bar.clone());
@@ -202,6 +248,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         (None, n) => n,
     };
     bar.finish_and_clear();
+    lines.end();
     let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
     let (mut errors, mut ops) = (0, 0);
     for (h, e, n) in results {

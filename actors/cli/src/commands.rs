@@ -60,7 +60,7 @@ fn expect_written(r: ClientResponse) -> Result<String, Failure> {
     }
 }
 
-fn expect_document(r: ClientResponse) -> Result<Value, Failure> {
+pub fn expect_document(r: ClientResponse) -> Result<Value, Failure> {
     match r {
         ClientResponse::Document { json } => {
             serde_json::from_str(&json).map_err(|e| Failure::new(exit::OTHER, format!("bad document from node: {e}")))
@@ -157,7 +157,13 @@ fn parse_pair(p: &str) -> Result<(String, i64), Failure> {
 }
 
 /// Run one command against the connected node.
-pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u64) -> Result<Outcome, Failure> {
+/// `json`: the output is JSON (commands that print progress as they go print JSON lines).
+pub async fn execute(
+    client: &Client,
+    command: ClientCommand,
+    value_bytes_max: u64,
+    json: bool,
+) -> Result<Outcome, Failure> {
     match command {
         ClientCommand::Get { key, r, ns } => {
             let (values, context) = expect_values(
@@ -233,7 +239,13 @@ pub async fn execute(client: &Client, command: ClientCommand, value_bytes_max: u
             let req = match command {
                 AdminCommand::Partitions => ClientRequest::Partitions,
                 AdminCommand::Hints => ClientRequest::Hints,
-                AdminCommand::Leave { node_id } => ClientRequest::Leave { node: node_id },
+                AdminCommand::Leave { node_id, wait: true, timeout } => {
+                    return crate::progress::leave_and_wait(client, node_id, timeout, json).await;
+                }
+                AdminCommand::Leave { node_id, wait: false, .. } => ClientRequest::Leave { node: node_id },
+                AdminCommand::Transfers { watch, timeout } => {
+                    return crate::progress::transfers(client, watch, timeout, json).await;
+                }
                 AdminCommand::Limits { command: None } => ClientRequest::Limits,
                 AdminCommand::Limits { command: Some(LimitsCommand::Set { all: true, pairs }) } => {
                     let pairs = pairs.iter().map(|p| parse_pair(p)).collect::<Result<Vec<_>, _>>()?;

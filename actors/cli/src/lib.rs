@@ -7,6 +7,7 @@ pub mod args;
 pub mod bench;
 pub mod commands;
 pub mod outcome;
+pub mod progress;
 
 use args::{ClientArgs, ClientCommand};
 use commands::{execute, target, Client};
@@ -30,11 +31,16 @@ pub fn run(args: ClientArgs) -> i32 {
             }
             // The CLI talks to the node it is given (--node, else the config's address).
             let client = Client::pinned(addr, &setup.creds, setup.frame_max).await?;
-            execute(&client, args.command, setup.value_bytes_max).await
+            execute(&client, args.command, setup.value_bytes_max, json).await
         })
     })();
     finish(result.and_then(|out| {
-        let text = if json { out.doc.to_string() } else { out.human };
+        // A watch that printed its updates as it went has no document left to print.
+        let text = match json {
+            true if out.doc.is_null() => String::new(),
+            true => out.doc.to_string(),
+            false => out.human,
+        };
         if !text.is_empty() {
             ringkv_console::print_line(&text).map_err(output_failed)?;
         }
@@ -53,7 +59,7 @@ fn completions(shell: clap_complete::Shell) -> Result<i32, Failure> {
 
 /// Standard output failed other than by its reader going away (which ends the output
 /// quietly): a full disk, a revoked terminal.
-fn output_failed(e: std::io::Error) -> Failure {
+pub(crate) fn output_failed(e: std::io::Error) -> Failure {
     Failure::new(exit::OTHER, format!("cannot write to standard output: {e}; check where the output goes"))
 }
 

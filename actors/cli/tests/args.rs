@@ -47,6 +47,9 @@ fn usage_errors_are_one_line_exit_2_and_point_to_help() {
         (&["get", "k", "--nope"], "--nope"),
         (&["completions", "tcsh"], "tcsh"),
         (&["get", "k", "--r", "many"], "--r"),
+        (&["admin", "transfers", "--timeout", "5"], "--watch"),
+        (&["admin", "leave", "n1", "--timeout", "5"], "--wait"),
+        (&["admin", "transfers", "--watch", "--timeout", "soon"], "--timeout"),
     ] {
         let (code, out, err) = output(args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -58,7 +61,10 @@ fn usage_errors_are_one_line_exit_2_and_point_to_help() {
     // Help and the version are not errors.
     let (code, out, err) = output(&["admin", "--help"]);
     assert_eq!((code, err.as_str()), (0, ""));
-    assert!(out.contains("partitions"), "{out}");
+    assert!(out.contains("partitions") && out.contains("transfers"), "{out}");
+    let (code, out, _) = output(&["admin", "leave", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--wait") && out.contains("--timeout"), "{out}");
     assert_eq!(output(&["--version"]).0, 0);
 }
 
