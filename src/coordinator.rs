@@ -965,7 +965,7 @@ impl CoordinatorStage {
                 // refuses other coordinators' writes: a request started before the leave
                 // writes to a fallback instead.
                 Action::Send { to, request } if to == self.settings.me => match store_op(request, now.wall_ms) {
-                    Some(op) if !(self.leaving && !op.is_read_only()) => {
+                    Some(op) if !self.leaving || op.is_read_only() => {
                         let token = self.ids.issue();
                         self.local.insert(token, (id, now.mono_ms));
                         let durable = durable_writer(&op);
