@@ -848,6 +848,27 @@ mod tests {
     }
 
     /// Tick a round and answer its inventory with `held` and `hints`.
+    /// The partition page `effects` asked for comes back holding one key: where the batch
+    /// of it is sent.
+    fn page_one_key(h: &mut HandoffStage, effects: &[Effect], at: u64) -> Vec<String> {
+        let token = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Store { token, op: StoreOp::Page { .. }, .. } => Some(*token),
+                _ => None,
+            })
+            .expect("the partition is paged");
+        let page = Ok(StoreOutcome::Page { objects: vec![(b"k".to_vec(), obj(1))], next: None });
+        h.handle(now(at), Input::Stored { token, result: page });
+        drain(h)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn round(h: &mut HandoffStage, at: u64, held: Vec<u32>, hints: &[(&str, u64)]) -> Vec<Effect> {
         h.handle(now(at), Input::Tick { random: 0 });
         let token = drain(h)
@@ -1040,22 +1061,13 @@ mod tests {
         let p = (0..16).find(|p| ring.preference_list(*p, 3).primaries.len() == 3).unwrap();
         let mut h = stage("a", &["a"], 2);
         let effects = round(&mut h, 100, vec![p], &[]);
-        let token = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Store { token, op: StoreOp::Page { tree, .. }, .. } if tree.partition == p => Some(*token),
-                _ => None,
-            })
-            .expect("a leaving node transfers what it holds");
-        let page = Ok(StoreOutcome::Page { objects: vec![(b"k".to_vec(), obj(1))], next: None });
-        h.handle(now(100), Input::Stored { token, result: page });
-        let targets: Vec<String> = drain(&mut h)
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
-                _ => None,
-            })
-            .collect();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Store { op: StoreOp::Page { tree, .. }, .. } if tree.partition == p)),
+            "a leaving node transfers what it holds"
+        );
+        let targets = page_one_key(&mut h, &effects, 100);
         assert_eq!(targets.len(), 3);
         assert!(!targets.contains(&"a".to_string()));
         // Acks from all but one: nothing is dropped yet.
@@ -1101,22 +1113,7 @@ mod tests {
         assert_eq!(doc["transfers"]["bytes_left_estimate"], serde_json::Value::Null, "nothing moved to estimate from");
         assert_eq!(doc["transfers"]["partitions"][0]["partition"], p);
         // One key of the partition moves and is acknowledged by its three replicas.
-        let token = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Store { token, op: StoreOp::Page { .. }, .. } => Some(*token),
-                _ => None,
-            })
-            .expect("the partition is paged");
-        let page = Ok(StoreOutcome::Page { objects: vec![(b"k".to_vec(), obj(1))], next: None });
-        h.handle(now(160), Input::Stored { token, result: page });
-        let targets: Vec<String> = drain(&mut h)
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::Send { to: Dest::Node(n), msg: Message::Handoff { .. } } => Some(n),
-                _ => None,
-            })
-            .collect();
+        let targets = page_one_key(&mut h, &effects, 160);
         assert_eq!(h.transfers_document(now(170))["batches_in_flight"], 1);
         let batch = *h.batches.keys().next().unwrap();
         for t in targets {
