@@ -159,7 +159,7 @@ impl AntiEntropyStage {
         let defined = view.namespaces.list().into_iter().map(|ns| ns.prefix());
         let prefixes: BTreeSet<Vec<u8>> = defined.chain(self.held_namespaces.iter().cloned()).collect();
         for prefix in prefixes {
-            let n = TreeId { partition: 0, ns: prefix.clone() }.n_or(self.settings.replicas);
+            let n = crate::namespace::class_of(&prefix).n_or(self.settings.replicas);
             let mine = ring.replica_sets(me, n).into_iter();
             sets.extend(mine.map(|(partition, rs)| (TreeId { partition, ns: prefix.clone() }, rs)));
         }

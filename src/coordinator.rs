@@ -483,7 +483,7 @@ impl Coordinator {
         if self.phase != Phase::Started || !matches!(self.op, Operation::Put { .. }) {
             return;
         }
-        let Some(i) = self.slot_of(&self.me.clone()) else { return };
+        let Some(i) = self.slot_of(&self.me) else { return };
         self.object = Some(object);
         self.phase = Phase::Replicating;
         for j in 0..self.slots.len() {

@@ -48,8 +48,11 @@ fn namespace_json(ns: &Namespace) -> serde_json::Value {
 }
 
 impl GossipStage {
-    /// `membership` holds the saved table; the first view is published at once.
-    pub fn new(membership: Membership, replicas: usize) -> Self {
+    /// `membership` holds the saved table and `saved` the saved namespaces; the first view
+    /// is published at once.
+    pub fn new(membership: Membership, replicas: usize, saved: &[Namespace]) -> Self {
+        let mut namespaces = Namespaces::new();
+        namespaces.merge(saved);
         let mut g = GossipStage {
             membership,
             replicas,
@@ -59,21 +62,13 @@ impl GossipStage {
             window: RequestWindow::default(),
             loads: LoadTable::default(),
             suspicion: Arc::default(),
-            namespaces: Namespaces::new(),
+            namespaces,
             ids: Ids::default(),
             effects: VecDeque::new(),
         };
         g.publish();
         g.drain();
         g
-    }
-
-    /// Start with the namespaces the store saved.
-    pub fn with_namespaces(mut self, saved: Vec<Namespace>) -> Self {
-        if self.namespaces.merge(&saved) {
-            self.publish();
-        }
-        self
     }
 
     pub fn namespaces(&self) -> &Namespaces {

@@ -145,15 +145,13 @@ pub struct HandoffStage {
     pub expired_hints: u64,
     /// Hints held, by intended node, as the last inventory found them.
     hints_held: BTreeMap<NodeId, u64>,
-    /// Partitions (trees) held here that this node no longer replicates, as last found.
-    transfers_pending: u64,
     /// Hinted keys delivered (acknowledged by every target).
     hints_delivered: u64,
     /// Keys and encoded bytes of partition transfers acknowledged by every target.
     transferred_keys: u64,
     transferred_bytes: u64,
-    /// Keys left in each partition (tree) waiting to be transferred, as the last inventory
-    /// found them less those acknowledged since.
+    /// The partitions (trees) held here that this node no longer replicates, as the last
+    /// inventory found them, with the keys left in each (less those acknowledged since).
     transfer_keys: BTreeMap<TreeId, u64>,
     /// When (wall ms) the last inventory was taken, for `admin transfers`.
     inventoried_wall_ms: Option<u64>,
@@ -182,7 +180,6 @@ impl HandoffStage {
             moved_keys: 0,
             expired_hints: 0,
             hints_held: BTreeMap::new(),
-            transfers_pending: 0,
             hints_delivered: 0,
             transferred_keys: 0,
             transferred_bytes: 0,
@@ -200,7 +197,7 @@ impl HandoffStage {
     /// Hints held (all intended nodes) and partitions waiting to be transferred, as the last
     /// round found them (less hints delivered since).
     pub fn pending(&self) -> (u64, u64) {
-        (self.hints_held.values().sum(), self.transfers_pending)
+        (self.hints_held.values().sum(), self.transfer_keys.len() as u64)
     }
 
     /// What `admin transfers` shows: hints held and delivered, partitions waiting to be
@@ -222,7 +219,7 @@ impl HandoffStage {
             .then(|| (keys_left as u128 * self.transferred_bytes as u128 / self.transferred_keys as u128) as u64);
         let joined = self.view.as_ref().is_some_and(|v| v.ring.is_some());
         let unknown = joined && self.inventoried_wall_ms.is_none();
-        let pending = unknown || hints_held > 0 || self.transfers_pending > 0 || !self.batches.is_empty();
+        let pending = unknown || hints_held > 0 || !self.transfer_keys.is_empty() || !self.batches.is_empty();
         let state = self.view.as_ref().and_then(|v| v.my_state()).map(|s| s.as_str());
         json!({
             "node": self.settings.me,
@@ -236,7 +233,7 @@ impl HandoffStage {
                 "expired": self.expired_hints,
             },
             "transfers": {
-                "partitions_pending": self.transfers_pending,
+                "partitions_pending": self.transfer_keys.len(),
                 "keys_left": keys_left,
                 "bytes_left_estimate": bytes_left,
                 "keys_moved": self.transferred_keys,
@@ -354,13 +351,13 @@ impl HandoffStage {
         let foreign: Vec<TreeId> = held.iter().filter(|t| !self.replicates(t)).cloned().collect();
         self.transfer_keys = foreign.iter().map(|t| (t.clone(), tree_keys.get(t).copied().unwrap_or(0))).collect();
         self.inventoried_wall_ms = Some(now.wall_ms);
-        self.held = held.clone();
+        let held_nothing = held.is_empty();
+        self.held = held;
         let hint_total: u64 = hints.values().sum();
         self.hints_held = hints.clone();
-        self.transfers_pending = foreign.len() as u64;
         self.effects.push_back(Effect::Signal(Signal::Pending { hints: hint_total, transfers: foreign.len() as u64 }));
         let hints_done = hint_total == 0 || self.settings.planted == Planted::LeaveIgnoresHints;
-        if self.leaving() && held.is_empty() && hints_done && self.batches.is_empty() && !self.marked_left {
+        if self.leaving() && held_nothing && hints_done && self.batches.is_empty() && !self.marked_left {
             self.marked_left = true;
             self.effects.push_back(Effect::Signal(Signal::MarkLeft));
         }
@@ -746,7 +743,7 @@ impl Stage for HandoffStage {
             "ringkv_transfers_pending",
             "Partitions held here that this node no longer replicates, waiting to be transferred",
             &[],
-            self.transfers_pending as f64,
+            self.transfer_keys.len() as f64,
         );
         out.counter(
             "ringkv_transferred_keys",
@@ -778,22 +775,8 @@ impl Stage for HandoffStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{ring_of, Member};
+    use crate::membership::{ring_of, test_member, Member};
     use crate::version::VersionVector;
-
-    fn member(id: &str, seq: u64, state: MemberState) -> Member {
-        Member {
-            incarnation: 1,
-            state,
-            join_seq: seq,
-            leave_seq: (state == MemberState::Leaving).then_some(100),
-            id: id.into(),
-            addr: format!("10.0.0.{seq}:1"),
-            zone: None,
-            weight: 1,
-            signature: None,
-        }
-    }
 
     fn view(me: &str, leaving: &[&str]) -> Arc<View> {
         let members: Vec<Member> = ["a", "b", "c", "d", "e"]
@@ -801,7 +784,7 @@ mod tests {
             .enumerate()
             .map(|(i, id)| {
                 let st = if leaving.contains(id) { MemberState::Leaving } else { MemberState::Up };
-                member(id, i as u64 + 1, st)
+                test_member(id, i as u64 + 1, st)
             })
             .collect();
         let ring = Arc::new(ring_of(&members, 16, 3).unwrap());

@@ -170,6 +170,23 @@ pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// A member record for tests of the stages: `id` in `state`, joined as the `seq`-th event
+/// (a leaving member asked to leave after everyone joined), on a made-up address.
+#[cfg(test)]
+pub(crate) fn test_member(id: &str, seq: u64, state: MemberState) -> Member {
+    Member {
+        incarnation: 1,
+        state,
+        join_seq: seq,
+        leave_seq: (state == MemberState::Leaving).then_some(100),
+        id: id.into(),
+        addr: format!("10.0.0.{seq}:1"),
+        zone: None,
+        weight: 1,
+        signature: None,
+    }
+}
+
 /// The membership as one node sees it, published to the stages that route by it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {

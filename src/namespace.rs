@@ -123,6 +123,29 @@ pub fn check_name(name: &str) -> Result<(), NamespaceError> {
     Ok(())
 }
 
+/// Whether `n` may be a namespace's N (the ring's size is checked where it is created).
+fn check_n(n: u8) -> Result<(), NamespaceError> {
+    if n == 0 || n > N_MAX {
+        return Err(NamespaceError::new("n", format!("{n} is not in 1..={N_MAX}")));
+    }
+    Ok(())
+}
+
+fn raw_prefix(name: &str, n: u8, resolution: Resolution) -> Vec<u8> {
+    let mut p = Vec::with_capacity(5 + name.len());
+    p.extend_from_slice(&[PREFIX_MARK, PREFIX_VERSION, n, resolution.byte(), name.len() as u8]);
+    p.extend_from_slice(name.as_bytes());
+    p
+}
+
+/// The store-key prefix of a namespace known by its name, N and resolution (as
+/// `admin namespace list` shows them), when those are valid.
+pub fn prefix_of(name: &str, n: u8, resolution: Resolution) -> Result<Vec<u8>, NamespaceError> {
+    check_name(name)?;
+    check_n(n)?;
+    Ok(raw_prefix(name, n, resolution))
+}
+
 /// Whether `r` and `w` suit N `n`.
 fn check_quorums(n: u8, r: u8, w: u8) -> Result<(), NamespaceError> {
     for (field, q) in [("r", r), ("w", w)] {
@@ -150,7 +173,10 @@ impl Namespace {
         if n == 0 || n > N_MAX || n as usize > members {
             return Err(NamespaceError::new(
                 "n",
-                format!("{n} is not in 1..={} (at most the {members} members of the ring)", N_MAX.min(members as u8)),
+                format!(
+                    "{n} is not in 1..={} (at most the {members} members of the ring)",
+                    (N_MAX as usize).min(members)
+                ),
             ));
         }
         check_quorums(n, r, w)?;
@@ -169,18 +195,13 @@ impl Namespace {
     /// A received or loaded definition that any node could have made.
     pub fn validate(&self) -> Result<(), NamespaceError> {
         check_name(&self.name)?;
-        if self.n == 0 || self.n > N_MAX {
-            return Err(NamespaceError::new("n", format!("{} is not in 1..={N_MAX}", self.n)));
-        }
+        check_n(self.n)?;
         check_quorums(self.n, self.r, self.w)
     }
 
     /// The prefix this namespace's keys carry in the store.
     pub fn prefix(&self) -> Vec<u8> {
-        let mut p = Vec::with_capacity(5 + self.name.len());
-        p.extend_from_slice(&[PREFIX_MARK, PREFIX_VERSION, self.n, self.resolution.byte(), self.name.len() as u8]);
-        p.extend_from_slice(self.name.as_bytes());
-        p
+        raw_prefix(&self.name, self.n, self.resolution)
     }
 
     /// The key a client's `key` of this namespace is stored under.
@@ -353,6 +374,8 @@ mod tests {
         assert_eq!(class_of(b"user:1"), KeyClass::DEFAULT);
         assert_eq!(KeyClass::DEFAULT.n_or(3), 3);
         assert_eq!((name_of_prefix(&a.prefix()), name_of_prefix(b"")), ("sessions", "default"));
+        assert_eq!(prefix_of("sessions", 1, Resolution::Lww), Ok(a.prefix()));
+        assert!(prefix_of("sessions", 0, Resolution::Lww).is_err() && prefix_of("", 1, Resolution::Lww).is_err());
         // A name that is a prefix of another's is still another namespace.
         let b = ns("sessions2", 1, Resolution::Lww);
         assert_ne!(class_of(&b.store_key(b"x")).prefix, c.prefix);

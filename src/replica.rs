@@ -49,7 +49,6 @@ pub struct ReplicaStage {
     /// When each coordinator's request went to storage, for admission's feedback.
     issued_ms: BTreeMap<u64, u64>,
     waits: WaitSamples,
-    now_ms: u64,
     ids: Ids,
     effects: VecDeque<Effect>,
     /// Requests from other nodes taken, by kind ([`ReplicaStage::count`]).
@@ -85,7 +84,6 @@ impl ReplicaStage {
             waiting: BTreeMap::new(),
             issued_ms: BTreeMap::new(),
             waits: WaitSamples::default(),
-            now_ms: 0,
             ids: Ids::default(),
             effects: VecDeque::new(),
             taken: BTreeMap::new(),
@@ -105,13 +103,11 @@ impl ReplicaStage {
         matches!(self.view.as_ref().and_then(|v| v.my_state()), Some(MemberState::Leaving | MemberState::Left))
     }
 
-    fn store(&mut self, op: StoreOp, durable: bool, answer: Answer) {
+    fn store(&mut self, op: StoreOp, durable: bool, answer: Answer) -> u64 {
         let token = self.ids.issue();
-        if matches!(answer, Answer::Replica { .. }) {
-            self.issued_ms.insert(token, self.now_ms);
-        }
         self.waiting.insert(token, answer);
         self.effects.push_back(Effect::Store { token, op, durable });
+        token
     }
 
     fn send(&mut self, conn: ConnId, msg: Message) {
@@ -157,7 +153,8 @@ impl ReplicaStage {
                 match op {
                     Some(op) => {
                         let durable = crate::coordinator::durable_writer(&op);
-                        self.store(op, durable, Answer::Replica { conn, id })
+                        let token = self.store(op, durable, Answer::Replica { conn, id });
+                        self.issued_ms.insert(token, now.mono_ms);
                     }
                     None => {
                         let reply = ReplicaReply::Failed {
@@ -317,10 +314,7 @@ impl Stage for ReplicaStage {
         match input {
             // Only a coordinator replicates ahead of a commit.
             Input::Ahead { .. } => {}
-            Input::Message { from, msg } => {
-                self.now_ms = now.mono_ms;
-                self.handle_message(now, from, msg)
-            }
+            Input::Message { from, msg } => self.handle_message(now, from, msg),
             Input::Stored { token, result } => {
                 if let Some(issued) = self.issued_ms.remove(&token) {
                     self.waits.storage(now.mono_ms, now.mono_ms.saturating_sub(issued));
@@ -405,21 +399,9 @@ mod tests {
 
     #[test]
     fn admin_partitions_joins_in_each_partitions_exchanges_by_peer() {
-        use crate::membership::{ring_of, Member, MemberState, View};
+        use crate::membership::{ring_of, test_member, Member, MemberState, View};
         let mut s = stage();
-        let members: Vec<Member> = (1..=3)
-            .map(|i| Member {
-                incarnation: 1,
-                state: MemberState::Up,
-                join_seq: i,
-                leave_seq: None,
-                id: format!("n{i}"),
-                addr: format!("127.0.0.1:{i}"),
-                zone: None,
-                weight: 1,
-                signature: None,
-            })
-            .collect();
+        let members: Vec<Member> = (1..=3).map(|i| test_member(&format!("n{i}"), i, MemberState::Up)).collect();
         let ring = ring_of(&members, 8, 3).unwrap();
         let view =
             View { me: "n1".into(), members, ring: Some(Arc::new(ring)), epoch: 1, namespaces: Default::default() };
@@ -462,19 +444,9 @@ mod tests {
 
     #[test]
     fn a_leaving_node_takes_no_new_writes() {
-        use crate::membership::{Member, MemberState, View};
+        use crate::membership::{test_member, MemberState, View};
         let mut s = stage();
-        let me = Member {
-            incarnation: 2,
-            state: MemberState::Leaving,
-            join_seq: 1,
-            leave_seq: Some(2),
-            id: "n1".into(),
-            addr: "127.0.0.1:1".into(),
-            zone: None,
-            weight: 1,
-            signature: None,
-        };
+        let me = test_member("n1", 1, MemberState::Leaving);
         let view = View { me: "n1".into(), members: vec![me], ring: None, epoch: 2, namespaces: Default::default() };
         s.handle(now(), Input::Signal(Signal::View(std::sync::Arc::new(view))));
         let write = crate::wire::ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: None };

@@ -738,19 +738,18 @@ impl StoreState {
     }
 
     /// Mark the store open (in the transaction that opened it). When the last run did not
-    /// close it and commits may have been lost with it (`rollback_possible`: buffered
-    /// durability), begin a new generation: every row's actor from before is retired, and
-    /// new actors differ from every one drawn before, even if the counter rolled back.
-    /// Returns whether a new generation began.
+    /// close it, commits may have been lost with it (buffered durability) or writes sent on
+    /// ahead of a commit that never landed (sync durability): begin a new generation, so every
+    /// row's actor from before is retired and new actors differ from every one drawn before,
+    /// even if the counter rolled back. Returns whether a new generation began.
     pub fn start<E: Engine>(&mut self, engine: &mut E) -> Result<bool, StoreError> {
         let unclean = engine.get(Table::Meta, META_OPEN)?.is_some();
-        let bump = unclean;
-        if bump {
+        if unclean {
             self.generation = self.generation.checked_add(1).ok_or(StoreError::Io("generation exhausted".into()))?;
             engine.put(Table::Meta, META_GENERATION, &self.generation.to_be_bytes())?;
         }
         engine.put(Table::Meta, META_OPEN, &[1])?;
-        Ok(bump)
+        Ok(unclean)
     }
 
     /// A list saved under `key` in the meta table (empty when none was saved).

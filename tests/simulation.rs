@@ -425,17 +425,20 @@ fn op_copies(op: &StoreOp, copies: &mut Copies) {
 /// that the write's context had not seen, stamped by this write and newest of their actor.
 /// The namespaces every run creates (through an admin request, then gossip): one with N=1,
 /// one with N=2 and last-write-wins. Clients name their keys `NAME/KEY`.
-fn namespaces() -> Vec<Namespace> {
-    vec![
-        Namespace::create("one", 1, 1, 1, Resolution::Siblings, N, 0, "n1").expect("a valid definition"),
-        Namespace::create("last", 2, 1, 1, Resolution::Lww, N, 0, "n1").expect("a valid definition"),
-    ]
+fn namespaces() -> &'static [Namespace] {
+    static DEFINED: std::sync::LazyLock<Vec<Namespace>> = std::sync::LazyLock::new(|| {
+        vec![
+            Namespace::create("one", 1, 1, 1, Resolution::Siblings, N, 0, "n1").expect("a valid definition"),
+            Namespace::create("last", 2, 1, 1, Resolution::Lww, N, 0, "n1").expect("a valid definition"),
+        ]
+    });
+    &DEFINED
 }
 
 /// A client's key as the store holds it: `NAME/KEY` under its namespace's prefix.
 fn store_key(key: &str) -> Vec<u8> {
     match key.split_once('/') {
-        Some((ns, k)) => match namespaces().into_iter().find(|d| d.name == ns) {
+        Some((ns, k)) => match namespaces().iter().find(|d| d.name == ns) {
             Some(d) => d.store_key(k.as_bytes()),
             None => key.as_bytes().to_vec(),
         },
@@ -1044,11 +1047,10 @@ impl Sim {
             }
         }
         let read_only = ops.iter().all(StoreOp::is_read_only);
-        // Coordinated writes computed by a batch that ran: handed to their stage ahead of
-        // the commit (as the node's storage thread does), whether it then commits or not.
-        let mut ahead: Vec<(StageId, u64, StoreOutcome)> = Vec::new();
-        let mut computed: Vec<Result<StoreOutcome, StoreError>> = Vec::new();
-        let mut return_failed: Option<Vec<Result<StoreOutcome, StoreError>>> = None;
+        // Coordinated writes computed by a batch that ran, by index in `ops`: handed to their
+        // stage ahead of the commit (as the node's storage thread does), whether it then
+        // commits or not.
+        let mut computed: Vec<(usize, StoreOutcome)> = Vec::new();
         let mut committed = false;
         let mut made_durable = false;
         let mut crash = false;
@@ -1075,6 +1077,20 @@ impl Sim {
                 let store = &mut self.nodes[i].store;
                 let mut txn = FaultyTxn { txn: store.engine.begin(), fail_puts };
                 let run = store.state.run(&mut txn, ops.clone(), now.wall_ms);
+                if run.failed.is_none() {
+                    computed = ops
+                        .iter()
+                        .zip(&run.outcomes)
+                        .enumerate()
+                        .filter_map(|(k, (op, outcome))| match (op, outcome) {
+                            (StoreOp::Coordinate { .. }, Ok(o @ StoreOutcome::Coordinated(Ok(_)))) => {
+                                Some((k, o.clone()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                }
+                let mut commit_failed = false;
                 if run.failed.is_some() {
                     drop(txn);
                     if fail_puts {
@@ -1088,10 +1104,7 @@ impl Sim {
                     if !keep_actors {
                         store.state.abandon();
                     }
-                    computed = run.outcomes.clone();
-                    let e = StoreError::Io("commit failed".into());
-                    let failed = (0..count).map(|_| Err(e.clone())).collect();
-                    return_failed = Some(failed);
+                    commit_failed = true;
                 } else {
                     txn.txn.commit();
                     store.state.commit(&run.pending);
@@ -1100,12 +1113,11 @@ impl Sim {
                     // A durable commit persists every commit before it (as redb's does).
                     made_durable = !self.buffered || batch.iter().any(|(_, _, durable)| *durable);
                 }
-                match return_failed.take() {
-                    Some(failed) => (failed, None),
-                    None => {
-                        computed = run.outcomes.clone();
-                        (run.outcomes, run.failed)
-                    }
+                if commit_failed {
+                    let e = StoreError::Io("commit failed".into());
+                    ((0..count).map(|_| Err(e.clone())).collect(), None)
+                } else {
+                    (run.outcomes, run.failed)
                 }
             };
             if made_durable {
@@ -1119,17 +1131,11 @@ impl Sim {
                     outcomes.len()
                 ));
             }
-            let ran = !read_only && failed.is_none();
-            for ((op, outcome), k) in ops.iter().zip(&computed).zip(&run_index) {
-                if ran && matches!((op, outcome), (StoreOp::Coordinate { .. }, Ok(StoreOutcome::Coordinated(Ok(_))))) {
-                    // It may reach other replicas, committed here or not: its dots are tracked.
-                    self.coordinated(op, outcome);
-                    if let (Some((stage, token)), Ok(o)) = (batch[*k].0, outcome) {
-                        ahead.push((stage, token, o.clone()));
-                    }
-                }
+            for (j, o) in &computed {
+                // It may reach other replicas, committed here or not: its dots are tracked.
+                self.coordinated(&ops[*j], o);
             }
-            for (k, outcome) in run_index.into_iter().zip(outcomes) {
+            for (&k, outcome) in run_index.iter().zip(outcomes) {
                 results[k] = Some(outcome);
             }
         }
@@ -1141,8 +1147,9 @@ impl Sim {
             // the acknowledgement arrived, seed 327).
             self.note_destroyed();
         }
-        if !ahead.is_empty() {
-            for (stage, token, outcome) in ahead {
+        if !computed.is_empty() {
+            for (j, outcome) in computed {
+                let Some((stage, token)) = batch[run_index[j]].0 else { continue };
                 if let Some(node) = self.nodes[i].node.as_mut() {
                     node.input(now, stage, Input::Ahead { token, outcome });
                 }
@@ -1170,10 +1177,11 @@ impl Sim {
         self.pump(i);
     }
 
-    /// A coordinated write committed: note its dot and context for the checks.
-    fn coordinated(&mut self, op: &StoreOp, outcome: &Result<StoreOutcome, StoreError>) {
+    /// A coordinated write was computed (it may reach other replicas whether or not its batch
+    /// commits): note its dot and context for the checks.
+    fn coordinated(&mut self, op: &StoreOp, outcome: &StoreOutcome) {
         let StoreOp::Coordinate { key, context, value, now_wall_ms, .. } = op else { return };
-        let Ok(StoreOutcome::Coordinated(Ok(o))) = outcome else { return };
+        let StoreOutcome::Coordinated(Ok(o)) = outcome else { return };
         let k = sim_key(key);
         let dots = new_dots(o, context, value, *now_wall_ms);
         // An lww write supersedes all its coordinator held, whatever context it came with.
@@ -1810,9 +1818,9 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
     }
     sim.run_until(3000, false);
     // The namespaces, created on one node: the others learn them by gossip.
-    for (op, d) in namespaces().into_iter().enumerate() {
+    for (op, d) in namespaces().iter().enumerate() {
         let create = ClientRequest::NamespaceCreate {
-            name: d.name,
+            name: d.name.clone(),
             n: Some(d.n),
             r: Some(d.r),
             w: Some(d.w),

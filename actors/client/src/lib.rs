@@ -472,18 +472,8 @@ impl Client {
             let (Ok(n), Ok(resolution)) = (u8::try_from(n), ringkv::namespace::Resolution::parse(res)) else {
                 continue;
             };
-            let def = ringkv::namespace::Namespace {
-                name: name.to_string(),
-                n,
-                r: 1,
-                w: 1,
-                resolution,
-                created_wall_ms: 0,
-                created_by: String::new(),
-                revision: 0,
-            };
-            if def.validate().is_ok() {
-                known.insert(name.to_string(), def.prefix());
+            if let Ok(prefix) = ringkv::namespace::prefix_of(name, n, resolution) {
+                known.insert(name.to_string(), prefix);
             }
         }
     }
