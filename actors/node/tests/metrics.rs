@@ -62,6 +62,10 @@ fn scrape(c: &Cluster, i: usize) -> Scrape {
 
 fn cluster_with_metrics() -> Cluster {
     let mut c = Cluster::new(3, 3, 2, 2, "");
+    // The counts below need every request to succeed: on a loaded machine a replica may
+    // answer after its replica timeout (it is then late, not failed), and the request's own
+    // deadline is generous.
+    c.set_partitions(16, (20_000, 500));
     c.enable_metrics();
     // No peer may count as down for a moment (early phi estimates rest on few heartbeats, and
     // this test may run beside others on two cores): a put would then write to one replica
