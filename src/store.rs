@@ -472,6 +472,36 @@ pub struct ObjectRow {
     /// may have issued dots a crash rolled back, so it is never used again.
     #[serde(default)]
     pub generation: u64,
+    /// The object's digest as stored beside it (rows are always written with a fresh one,
+    /// see [`ObjectRowOut`]), so that replacing or removing a row, and rebuilding the Merkle
+    /// trees at start, need not hash the object again. None in rows built in memory and in
+    /// rows of older data directories: [`ObjectRow::digest`] computes it then.
+    #[serde(default)]
+    pub stored_digest: Option<u128>,
+}
+
+impl ObjectRow {
+    pub fn new(actor: Option<Actor>, object: Object, generation: u64) -> ObjectRow {
+        ObjectRow { actor, object, generation, stored_digest: None }
+    }
+
+    /// The object's digest: the stored one when the row was read, else computed.
+    pub fn digest(&self) -> [u8; 16] {
+        match self.stored_digest {
+            Some(d) => d.to_be_bytes(),
+            None => self.object.digest(),
+        }
+    }
+}
+
+/// How an owned row is written: its fields and the object's digest computed now, in the
+/// layout [`ObjectRow`] reads (without copying the object).
+#[derive(Serialize)]
+struct ObjectRowOut<'a> {
+    actor: Option<Actor>,
+    object: &'a Object,
+    generation: u64,
+    stored_digest: Option<u128>,
 }
 
 /// A hinted row: as an owned row, and when it was last written (a hint nobody wrote to
@@ -684,7 +714,7 @@ impl StoreState {
                         false => Some(ns_trees.entry(id).or_default()),
                     };
                     if let Some(t) = tree {
-                        t.insert(key, &row.object.digest());
+                        t.insert(key, &row.digest());
                         report.objects += 1;
                     }
                 }
@@ -1055,7 +1085,7 @@ impl<E: Engine> Exec<'_, E> {
             if let Some(key) = key_of_object_row(k) {
                 if leaf_of(key) == leaf && tree.holds(key) {
                     match decode_object_row(v) {
-                        Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.object.digest()),
+                        Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.digest()),
                         _ => unreadable.push(k.to_vec()),
                     }
                 }
@@ -1083,19 +1113,30 @@ impl<E: Engine> Exec<'_, E> {
         }
     }
 
-    fn set_owned(&mut self, key: &[u8], old: Option<&Object>, row: &ObjectRow) -> Run<()> {
-        let bytes = seal(row).map_err(Fault::Op)?;
+    /// Write the row of `object` (coordinated by `actor` in `generation`) in place of a row
+    /// whose digest was `old` (None: no row).
+    fn set_owned(
+        &mut self,
+        key: &[u8],
+        old: Option<[u8; 16]>,
+        actor: Option<Actor>,
+        object: &Object,
+        generation: u64,
+    ) -> Run<()> {
+        let new = object.digest();
+        let out = ObjectRowOut { actor, object, generation, stored_digest: Some(u128::from_be_bytes(new)) };
+        let bytes = seal(&out).map_err(Fault::Op)?;
         self.put(Table::Objects, &object_row_key(key, self.q()), &bytes)?;
         self.pending.changes.push(Change::Tree {
             partition: partition_of(key, self.q()),
             key: key.to_vec(),
-            old: old.map(Object::digest),
-            new: Some(row.object.digest()),
+            old,
+            new: Some(new),
         });
         Ok(())
     }
 
-    fn remove_owned(&mut self, key: &[u8], old: &Object) -> Run<()> {
+    fn remove_owned(&mut self, key: &[u8], old: &ObjectRow) -> Run<()> {
         self.delete(Table::Objects, &object_row_key(key, self.q()))?;
         self.pending.changes.push(Change::Tree {
             partition: partition_of(key, self.q()),
@@ -1186,6 +1227,7 @@ impl<E: Engine> Exec<'_, E> {
             Some(row) => (row.actor, row.generation, Some(&row.object)),
             None => (None, 0, None),
         };
+        let old_digest = current.as_ref().map(ObjectRow::digest);
         let merged = match old {
             Some(o) => o.merge(&incoming),
             None => incoming,
@@ -1193,8 +1235,7 @@ impl<E: Engine> Exec<'_, E> {
         if old == Some(&merged) {
             return Ok(Merged::Unchanged);
         }
-        let row = ObjectRow { actor, object: merged, generation };
-        self.set_owned(key, old, &row)?;
+        self.set_owned(key, old_digest, actor, &merged, generation)?;
         if old.is_none() {
             // The key lives again: its own clock carries the reaped record from now on.
             self.delete(Table::Reaped, &object_row_key(key, self.q()))?;
@@ -1266,13 +1307,12 @@ impl<E: Engine> Exec<'_, E> {
                         Ok(Some(row)) => {
                             let merged = row.object.merge(&covered);
                             if merged.siblings().is_empty() {
-                                self.remove_owned(&key, &row.object)?;
+                                self.remove_owned(&key, &row)?;
                                 let bytes = seal(&rec).map_err(Fault::Op)?;
                                 self.put(Table::Reaped, &object_row_key(&key, self.q()), &bytes)?;
                                 count += 1;
                             } else if merged != row.object {
-                                let new = ObjectRow { object: merged, ..row.clone() };
-                                self.set_owned(&key, Some(&row.object), &new)?;
+                                self.set_owned(&key, Some(row.digest()), row.actor, &merged, row.generation)?;
                             }
                         }
                         Ok(None) => {
@@ -1318,8 +1358,8 @@ impl<E: Engine> Exec<'_, E> {
                         Err(Fault::Op(_)) => continue,
                         Err(e) => return Err(e),
                     };
-                    if let Some(row) = current.filter(|r| r.object.digest() == digest) {
-                        self.remove_owned(&key, &row.object)?;
+                    if let Some(row) = current.filter(|r| r.digest() == digest) {
+                        self.remove_owned(&key, &row)?;
                         count += 1;
                     }
                 }
@@ -1338,7 +1378,7 @@ impl<E: Engine> Exec<'_, E> {
                             let o = &row.object;
                             if o.is_deleted() && o.last_modified_ms() < before_wall_ms {
                                 if let Some(key) = key_of_object_row(k) {
-                                    found.push((o.digest(), key.to_vec()));
+                                    found.push((row.digest(), key.to_vec()));
                                 }
                             }
                         }
@@ -1353,7 +1393,7 @@ impl<E: Engine> Exec<'_, E> {
             }
             StoreOp::ReapCheck { key, digest } => {
                 let yes = match self.owned(&key)? {
-                    Some(row) => row.object.digest() == digest,
+                    Some(row) => row.digest() == digest,
                     // Reaped here already, this very state: a removal that reached this
                     // replica but not every other one. Agree, so they can finish it.
                     None => self.reaped(&key)?.is_some_and(|r| r.digest == Some(digest)),
@@ -1361,8 +1401,8 @@ impl<E: Engine> Exec<'_, E> {
                 Ok(StoreOutcome::Reaped { yes })
             }
             StoreOp::ReapRemove { key, digest } => match self.owned(&key)? {
-                Some(row) if row.object.digest() == digest => {
-                    self.remove_owned(&key, &row.object)?;
+                Some(row) if row.digest() == digest => {
+                    self.remove_owned(&key, &row)?;
                     let rec = ReapedRow {
                         reaped_wall_ms: self.now_wall_ms,
                         clock: row.object.clock().clone(),
@@ -1434,8 +1474,12 @@ impl<E: Engine> Exec<'_, E> {
         let owned = self.owned(&key)?;
         let hints = self.hints_of(&key)?;
         let reaped = self.reaped(&key)?;
+        let current = self.state.generation;
+        // What the owned row's own write needs of it, before its object is taken.
+        let owned_actor = owned.as_ref().filter(|r| r.generation == current).and_then(|r| r.actor);
+        let owned_digest = owned.as_ref().map(ObjectRow::digest);
         // The state to coordinate on: every local copy, and what a reaped tombstone covered.
-        let mut merged = owned.as_ref().map(|r| r.object.clone()).unwrap_or_default();
+        let mut merged = owned.map(|r| r.object).unwrap_or_default();
         for (_, h) in &hints {
             merged = merged.merge(&h.object);
         }
@@ -1457,13 +1501,8 @@ impl<E: Engine> Exec<'_, E> {
             return Ok(StoreOutcome::Coordinated(Err(Refusal::TooManySiblings(survivors))));
         }
         // The row the write lands in, and the actor that numbers its writes.
-        let current = self.state.generation;
         let (target_actor, old_owned, old_hint) = match &hint {
-            None => (
-                owned.as_ref().filter(|r| r.generation == current).and_then(|r| r.actor),
-                owned.as_ref().map(|r| r.object.clone()),
-                None,
-            ),
+            None => (owned_actor, owned_digest, None),
             Some(h) => {
                 let row = hints.iter().find(|(i, _)| i == h).map(|(_, r)| r.clone());
                 (row.as_ref().filter(|r| r.generation == current).and_then(|r| r.actor), None, row)
@@ -1490,8 +1529,7 @@ impl<E: Engine> Exec<'_, E> {
         }
         match hint {
             None => {
-                let row = ObjectRow { actor: Some(actor), object: object.clone(), generation: current };
-                self.set_owned(&key, old_owned.as_ref(), &row)?;
+                self.set_owned(&key, old_owned, Some(actor), &object, current)?;
                 if old_owned.is_none() && reaped.is_some() {
                     self.delete(Table::Reaped, &object_row_key(&key, self.q()))?;
                 }
@@ -2053,9 +2091,46 @@ mod tests {
         }
     }
 
+    /// Every owned row is written with its object's digest, which replacing the row, removing
+    /// it and rebuilding the trees at start then use instead of hashing the object again;
+    /// rows of older data directories, without one, still read and count right.
+    #[test]
+    fn rows_carry_their_digest_and_rows_without_one_still_count() {
+        let mut s = store();
+        let a = coordinate(&mut s, b"a", &VersionVector::new(), b"1", None);
+        coordinate(&mut s, b"a", &VersionVector::new(), b"2", None);
+        coordinate(&mut s, b"b", &a.context(), b"3", None);
+        let mut other = Object::new();
+        other.update(&VersionVector::new(), Actor(99), Some(b"4".to_vec()), 2, 10);
+        s.run(StoreOp::Write { key: b"b".to_vec(), object: other.clone(), hint: None }).unwrap();
+        s.run(StoreOp::Merge { objects: vec![(b"c".to_vec(), other.clone())] }).unwrap();
+        for (k, v) in s.engine.rows(Table::Objects) {
+            let row = decode_object_row(v).unwrap();
+            assert_eq!(row.stored_digest, Some(u128::from_be_bytes(row.object.digest())), "{k:?}");
+        }
+        // Write row c back in the older layout (no digest): it reads, and its digest is computed.
+        let c = s.object(b"c").unwrap();
+        let old_layout = seal(&(None::<Actor>, &c, 0u64)).unwrap();
+        s.engine.poke(Table::Objects, &row_key(b"c"), old_layout);
+        let row = decode_object_row(s.engine.get(Table::Objects, &row_key(b"c")).unwrap().as_deref().unwrap()).unwrap();
+        assert_eq!((row.stored_digest, row.digest()), (None, c.digest()));
+        // The trees rebuilt at start from stored and computed digests are the running ones.
+        let trees: Vec<Option<MerkleTree>> = (0..16).map(|p| s.state.tree(p).cloned()).collect();
+        let mut txn = s.engine.begin();
+        let (reopened, _) = StoreState::open(&mut txn, 16, StoreLimits::default(), 7).unwrap();
+        assert_eq!((0..16).map(|p| reopened.tree(p).cloned()).collect::<Vec<_>>(), trees);
+        drop(txn);
+        // Removing the older row by its digest removes it and empties its leaf's share.
+        let removed = s.run(StoreOp::RemoveObjects { keys: vec![(b"c".to_vec(), c.digest())] }).unwrap();
+        assert_eq!(removed, StoreOutcome::Removed { count: 1 });
+        let mut expected = trees[partition_of(b"c", 16) as usize].clone().unwrap();
+        expected.update(b"c", Some(&c.digest()), None);
+        assert_eq!(s.state.tree(partition_of(b"c", 16)), Some(&expected));
+    }
+
     #[test]
     fn rows_of_both_formats_read_and_a_flipped_bit_in_either_is_caught() {
-        let row = ObjectRow { actor: Some(Actor(9)), object: Object::new(), generation: 3 };
+        let row = ObjectRow::new(Some(Actor(9)), Object::new(), 3);
         let now = seal(&row).unwrap();
         assert_eq!(now[0], ROW_FORMAT);
         let body = rmp_serde::to_vec(&row).unwrap();
