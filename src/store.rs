@@ -504,6 +504,17 @@ struct ObjectRowOut<'a> {
     stored_digest: Option<u128>,
 }
 
+impl<'a> ObjectRowOut<'a> {
+    fn of(row: &'a ObjectRow, digest: [u8; 16]) -> ObjectRowOut<'a> {
+        ObjectRowOut {
+            actor: row.actor,
+            object: &row.object,
+            generation: row.generation,
+            stored_digest: Some(u128::from_be_bytes(digest)),
+        }
+    }
+}
+
 /// A hinted row: as an owned row, and when it was last written (a hint nobody wrote to
 /// for the reaped-record retention expires).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -636,6 +647,9 @@ pub struct OpenReport {
     pub objects: u64,
     pub hints: u64,
     pub quarantined: u64,
+    /// Rows whose stored digest was not their object's: written again with the right one
+    /// (the trees are always built from the objects themselves).
+    pub digests_mended: u64,
     /// True when the store was new (no epoch yet): a fresh data directory.
     pub fresh: bool,
 }
@@ -705,6 +719,7 @@ impl StoreState {
         let mut trees = vec![MerkleTree::new(); q as usize];
         let mut ns_trees: BTreeMap<TreeId, MerkleTree> = BTreeMap::new();
         let mut bad: Vec<(Table, Vec<u8>)> = Vec::new();
+        let mut mend: Vec<(Vec<u8>, ObjectRow, [u8; 16])> = Vec::new();
         engine.scan(Table::Objects, &[], None, &mut |k, v| {
             match (key_of_object_row(k), decode_object_row(v)) {
                 (Some(key), Ok(row)) if object_row_key(key, q) == k => {
@@ -713,9 +728,15 @@ impl StoreState {
                         true => trees.get_mut(id.partition as usize),
                         false => Some(ns_trees.entry(id).or_default()),
                     };
+                    // Built from the object itself: a stored digest is trusted only for the
+                    // rows this run writes or checked here.
+                    let digest = row.object.digest();
                     if let Some(t) = tree {
-                        t.insert(key, &row.digest());
+                        t.insert(key, &digest);
                         report.objects += 1;
+                    }
+                    if row.stored_digest.is_some_and(|d| d != u128::from_be_bytes(digest)) {
+                        mend.push((k.to_vec(), row, digest));
                     }
                 }
                 _ => bad.push((Table::Objects, k.to_vec())),
@@ -746,6 +767,11 @@ impl StoreState {
         }
         for (intended, key) in &indexed {
             engine.put(Table::HintIndex, &index_key(intended, key), &[])?;
+        }
+        for (k, row, digest) in mend {
+            let bytes = seal(&ObjectRowOut::of(&row, digest)).map_err(|e| EngineError(e.to_string()))?;
+            engine.put(Table::Objects, &k, &bytes)?;
+            report.digests_mended += 1;
         }
         for (table, k) in &bad {
             if let Some(bytes) = engine.get(*table, k)? {
@@ -1085,7 +1111,7 @@ impl<E: Engine> Exec<'_, E> {
             if let Some(key) = key_of_object_row(k) {
                 if leaf_of(key) == leaf && tree.holds(key) {
                     match decode_object_row(v) {
-                        Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.digest()),
+                        Ok(row) if object_row_key(key, q) == k => hash ^= item_hash(key, &row.object.digest()),
                         _ => unreadable.push(k.to_vec()),
                     }
                 }
@@ -2114,12 +2140,20 @@ mod tests {
         s.engine.poke(Table::Objects, &row_key(b"c"), old_layout);
         let row = decode_object_row(s.engine.get(Table::Objects, &row_key(b"c")).unwrap().as_deref().unwrap()).unwrap();
         assert_eq!((row.stored_digest, row.digest()), (None, c.digest()));
-        // The trees rebuilt at start from stored and computed digests are the running ones.
+        // A row whose stored digest is not its object's (no write of ours makes one; a
+        // checksum collision could) is written again with the right one at start.
+        let b = s.object(b"b").unwrap();
+        let wrong = ObjectRowOut { actor: None, object: &b, generation: 0, stored_digest: Some(7) };
+        s.engine.poke(Table::Objects, &row_key(b"b"), seal(&wrong).unwrap());
+        // The trees built at start are the running ones: built from the objects themselves.
         let trees: Vec<Option<MerkleTree>> = (0..16).map(|p| s.state.tree(p).cloned()).collect();
         let mut txn = s.engine.begin();
-        let (reopened, _) = StoreState::open(&mut txn, 16, StoreLimits::default(), 7).unwrap();
+        let (reopened, report) = StoreState::open(&mut txn, 16, StoreLimits::default(), 7).unwrap();
+        txn.commit();
         assert_eq!((0..16).map(|p| reopened.tree(p).cloned()).collect::<Vec<_>>(), trees);
-        drop(txn);
+        assert_eq!(report.digests_mended, 1);
+        let row = decode_object_row(s.engine.get(Table::Objects, &row_key(b"b")).unwrap().as_deref().unwrap()).unwrap();
+        assert_eq!((row.stored_digest, row.object), (Some(u128::from_be_bytes(b.digest())), b));
         // Removing the older row by its digest removes it and empties its leaf's share.
         let removed = s.run(StoreOp::RemoveObjects { keys: vec![(b"c".to_vec(), c.digest())] }).unwrap();
         assert_eq!(removed, StoreOutcome::Removed { count: 1 });

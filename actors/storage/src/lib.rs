@@ -225,6 +225,9 @@ impl Storage {
         if report.quarantined > 0 {
             tracing::warn!(rows = report.quarantined, "unreadable rows quarantined; anti-entropy refills them");
         }
+        if report.digests_mended > 0 {
+            tracing::warn!(rows = report.digests_mended, "rows with a wrong stored digest written again");
+        }
         Ok(Opened { storage: Storage { db: Arc::new(db), state, mode }, saved, report })
     }
 
