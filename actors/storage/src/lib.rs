@@ -7,7 +7,7 @@
 
 use std::cell::OnceCell;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -158,6 +158,18 @@ pub struct Storage {
     db: Arc<Database>,
     state: StoreState,
     mode: DurabilityMode,
+    snapshot: Snapshot,
+}
+
+/// The read snapshot (a read transaction and the tables opened in it) that readers share
+/// until the next commit: the writer drops it once a commit succeeded and before anyone
+/// hears of that commit, so a read that starts after a write's acknowledgement always
+/// sees the write, and no snapshot outlives a commit to pin pages the commit freed.
+type Snapshot = Arc<Mutex<Option<ReadEngine>>>;
+
+fn lock(snapshot: &Snapshot) -> MutexGuard<'_, Option<ReadEngine>> {
+    // A reader that panicked left nothing half-done: the snapshot is read-only.
+    snapshot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs row reads ([`StoreOp::reads_rows_only`]) in read snapshots of the database, on the
@@ -166,19 +178,23 @@ pub struct Storage {
 pub struct Reader {
     db: Arc<Database>,
     reader: StoreReader,
+    snapshot: Snapshot,
 }
 
 impl Reader {
     /// The outcomes, and the operations the writer must run after (quarantines of rows
     /// found unreadable).
     pub fn run(&self, ops: Vec<StoreOp>, now_wall_ms: u64) -> (Vec<Result<StoreOutcome, StoreError>>, Vec<StoreOp>) {
-        match self.db.begin_read() {
-            Ok(txn) => {
-                let run = self.reader.run(&mut ReadEngine::new(txn), ops, now_wall_ms);
-                (run.outcomes, run.pending.quarantine)
-            }
-            Err(e) => (ops.iter().map(|_| Err(StoreError::Io(e.to_string()))).collect(), Vec::new()),
-        }
+        let mut snapshot = lock(&self.snapshot);
+        let engine = match snapshot.take() {
+            Some(engine) => engine,
+            None => match self.db.begin_read() {
+                Ok(txn) => ReadEngine::new(txn),
+                Err(e) => return (ops.iter().map(|_| Err(StoreError::Io(e.to_string()))).collect(), Vec::new()),
+            },
+        };
+        let run = self.reader.run(snapshot.insert(engine), ops, now_wall_ms);
+        (run.outcomes, run.pending.quarantine)
     }
 }
 
@@ -228,13 +244,14 @@ impl Storage {
         if report.digests_mended > 0 {
             tracing::warn!(rows = report.digests_mended, "rows with a wrong stored digest written again");
         }
-        Ok(Opened { storage: Storage { db: Arc::new(db), state, mode }, saved, report })
+        let storage = Storage { db: Arc::new(db), state, mode, snapshot: Snapshot::default() };
+        Ok(Opened { storage, saved, report })
     }
 
     /// A reader of this database for the operations that read rows only, to run on any
     /// thread beside this writer.
     pub fn reader(&self) -> Reader {
-        Reader { db: self.db.clone(), reader: self.state.reader() }
+        Reader { db: self.db.clone(), reader: self.state.reader(), snapshot: self.snapshot.clone() }
     }
 
     pub fn state(&self) -> &StoreState {
@@ -296,6 +313,7 @@ impl Storage {
             self.state.abandon();
             return failed(e.to_string());
         }
+        *lock(&self.snapshot) = None;
         self.state.commit(&run.pending);
         if run.pending.quarantined > 0 {
             tracing::warn!(rows = run.pending.quarantined, "unreadable rows quarantined; anti-entropy refills them");
