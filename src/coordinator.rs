@@ -170,7 +170,7 @@ impl RequestLimits {
     pub fn replica(&self, request: &ReplicaRequest) -> Result<(), String> {
         self.key(request.key())?;
         match request {
-            ReplicaRequest::Read { .. } => Ok(()),
+            ReplicaRequest::Read { .. } | ReplicaRequest::ReadDigest { .. } => Ok(()),
             ReplicaRequest::Write { object, hint, .. } => {
                 object.validate().map_err(|e| e.to_string())?;
                 hint_ok(hint.as_deref())
@@ -230,8 +230,19 @@ struct Slot {
     /// The primary this node stands in for, when it is a fallback.
     hint: Option<NodeId>,
     state: SlotState,
-    /// For gets: what the replica returned.
+    /// For gets: whether the replica was asked for its whole state, else for its digest.
+    full: bool,
+    /// For gets: what the replica returned in full.
     object: Option<Object>,
+    /// For gets: the digest of the replica's state (inner None: it holds nothing), from its
+    /// digest answer or computed from its full one.
+    digest: Option<Option<[u8; 16]>>,
+}
+
+impl Slot {
+    fn new(node: NodeId, hint: Option<NodeId>) -> Slot {
+        Slot { node, hint, state: SlotState::Idle, full: false, object: None, digest: None }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -292,14 +303,14 @@ impl Coordinator {
         let mut missing = Vec::new();
         for p in &plan.primaries {
             if reachable(p) {
-                slots.push(Slot { node: p.clone(), hint: None, state: SlotState::Idle, object: None });
+                slots.push(Slot::new(p.clone(), None));
             } else {
                 missing.push(p.clone());
             }
         }
         for p in missing {
             if let Some(f) = spare.pop_front() {
-                slots.push(Slot { node: f, hint: Some(p), state: SlotState::Idle, object: None });
+                slots.push(Slot::new(f, Some(p)));
             }
         }
         let mut c = Coordinator {
@@ -337,7 +348,13 @@ impl Coordinator {
         };
         match forwarded {
             None => {
-                for i in 0..self.slots.len() {
+                // One replica is read in full, this node when it holds a slot (a local read),
+                // the others by digest.
+                let first = self.slots.iter().position(|s| s.node == self.me).unwrap_or(0);
+                if first < self.slots.len() {
+                    self.send_read(first, now_ms);
+                }
+                for i in (0..self.slots.len()).filter(|&i| i != first) {
                     self.send_read(i, now_ms);
                 }
             }
@@ -348,10 +365,7 @@ impl Coordinator {
                         // Coordinate here anyway, standing in as an extra replica; this node
                         // is then no spare for another slot.
                         self.spare.retain(|n| *n != self.me);
-                        self.slots.insert(
-                            0,
-                            Slot { node: self.me.clone(), hint: None, state: SlotState::Idle, object: None },
-                        );
+                        self.slots.insert(0, Slot::new(self.me.clone(), None));
                         self.send_coordinate(0, now_ms);
                     }
                     None => {
@@ -368,10 +382,37 @@ impl Coordinator {
         }
     }
 
+    /// Read replica `i`: in full when no full answer is in hand or expected in time, else
+    /// by digest.
     fn send_read(&mut self, i: usize, now_ms: u64) {
-        self.slots[i].state = SlotState::Waiting { since_ms: now_ms };
-        let to = self.slots[i].node.clone();
-        self.outbox.push_back(Action::Send { to, request: ReplicaRequest::Read { key: self.key.clone() } });
+        let full = !self.full_read_covered();
+        self.send_read_as(i, now_ms, full);
+    }
+
+    fn send_read_as(&mut self, i: usize, now_ms: u64, full: bool) {
+        let slot = &mut self.slots[i];
+        slot.state = SlotState::Waiting { since_ms: now_ms };
+        (slot.full, slot.object, slot.digest) = (full, None, None);
+        let key = self.key.clone();
+        let request = if full { ReplicaRequest::Read { key } } else { ReplicaRequest::ReadDigest { key } };
+        self.outbox.push_back(Action::Send { to: slot.node.clone(), request });
+    }
+
+    /// Whether a replica's whole state is in hand or asked for and not yet late.
+    fn full_read_covered(&self) -> bool {
+        self.slots.iter().any(|s| s.full && matches!(s.state, SlotState::Waiting { .. } | SlotState::Answered))
+    }
+
+    /// The state of an answered slot: its own full answer, or the full answer its digest
+    /// matches (None when it holds nothing, or when no full answer matches).
+    fn state_of<'a>(&'a self, slot: &'a Slot) -> Option<&'a Object> {
+        if slot.full {
+            return slot.object.as_ref();
+        }
+        self.slots
+            .iter()
+            .find(|t| t.full && t.state == SlotState::Answered && t.digest == slot.digest)
+            .and_then(|t| t.object.as_ref())
     }
 
     fn send_coordinate(&mut self, i: usize, now_ms: u64) {
@@ -449,11 +490,28 @@ impl Coordinator {
                     }
                 }
             }
-            (ReplicaReply::Object(object), Phase::Started | Phase::Replied) => {
-                self.slots[i].state = SlotState::Answered;
-                self.slots[i].object = object;
+            (reply @ (ReplicaReply::Object(_) | ReplicaReply::State(_)), Phase::Started | Phase::Replied) => {
+                let (object, digest) = match reply {
+                    ReplicaReply::State(state) => state.map_or((None, None), |(o, d)| (Some(o), Some(d))),
+                    ReplicaReply::Object(object) => {
+                        let digest = object.as_ref().map(Object::digest);
+                        (object, digest)
+                    }
+                    _ => return,
+                };
+                let slot = &mut self.slots[i];
+                slot.state = SlotState::Answered;
+                slot.full = true;
+                slot.digest = Some(digest);
+                slot.object = object;
                 self.fastest.get_or_insert_with(|| from.to_string());
-                self.after_read();
+                self.after_read(now_ms);
+            }
+            (ReplicaReply::Digest(digest), Phase::Started | Phase::Replied) if !self.slots[i].full => {
+                self.slots[i].state = SlotState::Answered;
+                self.slots[i].digest = Some(digest);
+                self.fastest.get_or_insert_with(|| from.to_string());
+                self.after_read(now_ms);
             }
             (ReplicaReply::Coordinated(object), Phase::Started) => {
                 self.slots[i].state = SlotState::Answered;
@@ -509,6 +567,7 @@ impl Coordinator {
         if self.slots[i].state == SlotState::Late {
             self.slots[i].state = SlotState::Failed;
             self.check_hopeless();
+            self.after_read(now_ms);
         } else {
             self.replace(i, now_ms, Cause::Timeout);
         }
@@ -550,6 +609,7 @@ impl Coordinator {
             // Still in the running: its answer counts if it comes before the deadline.
             self.slots[i].state = SlotState::Late;
             self.stand_in(i, now_ms);
+            self.after_read(now_ms);
         }
     }
 
@@ -583,6 +643,8 @@ impl Coordinator {
             return;
         }
         self.stand_in(i, now_ms);
+        // A get may now have to read another replica in full.
+        self.after_read(now_ms);
     }
 
     /// Slot `i` failed or is late: send its work to the next chosen target or spare node.
@@ -606,7 +668,7 @@ impl Coordinator {
             return;
         };
         let hint = self.slots[i].hint.clone().or_else(|| Some(self.slots[i].node.clone()));
-        self.slots.push(Slot { node: next, hint, state: SlotState::Idle, object: None });
+        self.slots.push(Slot::new(next, hint));
         let j = self.slots.len() - 1;
         match self.phase {
             Phase::Started | Phase::Replied if matches!(self.op, Operation::Get { .. }) => self.send_read(j, now_ms),
@@ -652,8 +714,33 @@ impl Coordinator {
             .fold(None, |acc: Option<Object>, o| Some(acc.map_or_else(|| o.clone(), |a| a.merge(o))))
     }
 
-    fn after_read(&mut self) {
-        if self.phase == Phase::Started && self.answered() >= self.quorum() {
+    /// A get's answers changed: read in full every replica whose digest no full answer
+    /// accounts for (or one, when no full answer is in hand or coming), then reply once R
+    /// replicas' states are known, and repair once every replica answered.
+    fn after_read(&mut self, now_ms: u64) {
+        if !matches!(self.op, Operation::Get { .. }) || !matches!(self.phase, Phase::Started | Phase::Replied) {
+            return;
+        }
+        let known: Vec<Option<[u8; 16]>> =
+            self.slots.iter().filter(|s| s.full && s.state == SlotState::Answered).filter_map(|s| s.digest).collect();
+        let by_digest = |s: &Slot| !s.full && s.state == SlotState::Answered;
+        if known.is_empty() {
+            if !self.full_read_covered() {
+                if let Some(i) = self.slots.iter().position(by_digest) {
+                    self.send_read_as(i, now_ms, true);
+                }
+            }
+        } else {
+            let differ: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| by_digest(&self.slots[i]) && self.slots[i].digest.is_some_and(|d| !known.contains(&d)))
+                .collect();
+            for i in differ {
+                self.send_read_as(i, now_ms, true);
+            }
+        }
+        // Every answered slot now has a known state (digest answers left match a full one).
+        let states_known = if known.is_empty() { 0 } else { self.answered() };
+        if self.phase == Phase::Started && states_known >= self.quorum() {
             let merged = self.merged();
             let lww = class_of(&self.key).resolution == Resolution::Lww;
             let response = match &merged {
@@ -681,12 +768,19 @@ impl Coordinator {
             return;
         }
         self.phase = Phase::Finished;
+        // Every replica that answered holds the same state: nobody is stale.
+        let mut answered = self.slots.iter().filter(|s| s.state == SlotState::Answered).map(|s| s.digest);
+        if let Some(first) = answered.next() {
+            if first.is_some() && answered.all(|d| d == first) {
+                return;
+            }
+        }
         let Some(merged) = self.merged() else { return };
         let stale: Vec<(NodeId, Option<NodeId>)> = self
             .slots
             .iter()
             .filter(|s| s.state == SlotState::Answered)
-            .filter(|s| s.object.as_ref().is_none_or(|o| !o.descends(&merged)))
+            .filter(|s| self.state_of(s).is_none_or(|o| !o.descends(&merged)))
             .map(|s| (s.node.clone(), s.hint.clone()))
             .collect();
         self.repairs = self.repairs.saturating_add(stale.len() as u64);
@@ -833,6 +927,8 @@ pub const COUNTERS_INTERVAL_MS: u64 = 1000;
 pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
     match result {
         Ok(StoreOutcome::Object(o)) => ReplicaReply::Object(o),
+        Ok(StoreOutcome::Digest(d)) => ReplicaReply::Digest(d),
+        Ok(StoreOutcome::State(s)) => ReplicaReply::State(s),
         Ok(StoreOutcome::Written { .. }) => ReplicaReply::Written,
         Ok(StoreOutcome::Coordinated(Ok(o))) => ReplicaReply::Coordinated(o),
         Ok(StoreOutcome::Coordinated(Err(refusal))) => {
@@ -846,7 +942,8 @@ pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
 /// The storage operation that carries out a replica request on this node, if it is one.
 pub fn store_op(request: ReplicaRequest, now_wall_ms: u64) -> Option<StoreOp> {
     Some(match request {
-        ReplicaRequest::Read { key } => StoreOp::Read { key },
+        ReplicaRequest::Read { key } => StoreOp::ReadState { key },
+        ReplicaRequest::ReadDigest { key } => StoreOp::ReadDigest { key },
         ReplicaRequest::Write { key, object, hint } => StoreOp::Write { key, object, hint },
         ReplicaRequest::Coordinate { key, context, value, hint } => {
             StoreOp::Coordinate { key, context, value, hint, now_wall_ms }
@@ -1510,6 +1607,103 @@ mod tests {
         // a and c each had one of the two siblings and b had nothing: all get the merged state.
         assert_eq!(sends(&repairs), vec![("a".into(), None), ("b".into(), None), ("c".into(), None)]);
         assert!(c.is_finished());
+    }
+
+    fn digest(o: Option<&Object>) -> ReplicaReply {
+        ReplicaReply::Digest(o.map(Object::digest))
+    }
+
+    /// The reads among `actions`: (to, true when in full, false when by digest).
+    fn reads(actions: &[Action]) -> Vec<(String, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, request: ReplicaRequest::Read { .. } } => Some((to.clone(), true)),
+                Action::Send { to, request: ReplicaRequest::ReadDigest { .. } } => Some((to.clone(), false)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A get reads this node in full and the other replicas by digest; equal digests count
+    /// towards R without their objects, and nobody is repaired or read again.
+    #[test]
+    fn get_reads_one_replica_in_full_and_the_others_by_digest() {
+        let mut c = get(2, &[]);
+        assert_eq!(reads(&drain(&mut c)), vec![("a".into(), true), ("b".into(), false), ("c".into(), false)]);
+        let o = obj(1, b"x");
+        // A digest before any full answer waits for it.
+        c.handle_reply(1, "b", digest(Some(&o)));
+        assert!(drain(&mut c).is_empty());
+        c.handle_reply(2, "a", read(Some(o.clone())));
+        let out = drain(&mut c);
+        assert!(reads(&out).is_empty(), "{out:?}");
+        assert!(
+            matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values == &vec![Bytes::from(b"x".to_vec())])
+        );
+        c.handle_reply(3, "c", digest(Some(&o)));
+        assert!(drain(&mut c).is_empty());
+        assert!(c.is_finished());
+        // Nothing anywhere: empty, without a context.
+        let mut c = get(2, &[]);
+        drain(&mut c);
+        c.handle_reply(1, "a", read(None));
+        c.handle_reply(2, "c", digest(None));
+        assert_eq!(replies(&drain(&mut c)), vec![ClientResponse::Values { values: vec![], context: None }]);
+    }
+
+    /// A replica whose digest differs is read in full before it counts, and repaired when stale.
+    #[test]
+    fn a_differing_digest_is_read_in_full_then_merged_and_repaired() {
+        let mut c = get(2, &[]);
+        drain(&mut c);
+        let (x, y) = (obj(1, b"x"), obj(2, b"y"));
+        c.handle_reply(1, "a", read(Some(x.clone())));
+        c.handle_reply(2, "b", digest(Some(&y)));
+        let out = drain(&mut c);
+        assert_eq!(reads(&out), vec![("b".into(), true)]);
+        assert!(replies(&out).is_empty(), "b's state is unknown yet: R is not met");
+        c.handle_reply(3, "b", read(Some(y.clone())));
+        let out = drain(&mut c);
+        assert!(matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values.len() == 2));
+        // c matches a's old state: it is repaired with a and b, without a read of its own.
+        c.handle_reply(4, "c", digest(Some(&x)));
+        let out = drain(&mut c);
+        assert!(reads(&out).is_empty());
+        assert_eq!(sends(&out), vec![("a".into(), None), ("b".into(), None), ("c".into(), None)]);
+        assert!(c.is_finished());
+    }
+
+    /// When the replica read in full fails, another one is read in full: a stand-in if
+    /// there is one, else a replica that answered by digest.
+    #[test]
+    fn a_failed_full_read_moves_to_another_replica() {
+        let o = obj(1, b"x");
+        let mut c = get(2, &[]);
+        drain(&mut c);
+        c.handle_failure(1, "a");
+        assert_eq!(reads(&drain(&mut c)), vec![("d".into(), true)]);
+        c.handle_reply(2, "b", digest(Some(&o)));
+        c.handle_reply(3, "d", read(Some(o.clone())));
+        assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Values { .. }]));
+
+        let mut c = get(2, &["d", "e"]);
+        drain(&mut c);
+        c.handle_reply(1, "b", digest(Some(&o)));
+        c.handle_reply(2, "c", digest(Some(&o)));
+        assert!(drain(&mut c).is_empty());
+        c.handle_failure(3, "a");
+        assert_eq!(reads(&drain(&mut c)), vec![("b".into(), true)]);
+        c.handle_reply(4, "b", read(Some(o.clone())));
+        let out = drain(&mut c);
+        assert!(matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values.len() == 1), "{out:?}");
+        // A late full read hands over too: a's read times out, b is read in full.
+        let mut c = get(2, &["d", "e"]);
+        drain(&mut c);
+        c.handle_reply(1, "b", digest(Some(&o)));
+        c.handle_timeout(101);
+        let out = drain(&mut c);
+        assert!(reads(&out).contains(&("b".into(), true)), "{out:?}");
     }
 
     #[test]

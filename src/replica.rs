@@ -124,7 +124,7 @@ impl ReplicaStage {
         match msg {
             Message::Replica { id, request } => {
                 self.count(match request {
-                    crate::wire::ReplicaRequest::Read { .. } => "read",
+                    crate::wire::ReplicaRequest::Read { .. } | crate::wire::ReplicaRequest::ReadDigest { .. } => "read",
                     crate::wire::ReplicaRequest::Write { .. } => "write",
                     crate::wire::ReplicaRequest::Coordinate { .. } => "coordinate",
                     crate::wire::ReplicaRequest::Forward { .. } => "forward",
@@ -136,7 +136,10 @@ impl ReplicaStage {
                     };
                     return self.send(conn, Message::ReplicaReply { id, reply });
                 }
-                let writes = !matches!(request, crate::wire::ReplicaRequest::Read { .. });
+                let writes = !matches!(
+                    request,
+                    crate::wire::ReplicaRequest::Read { .. } | crate::wire::ReplicaRequest::ReadDigest { .. }
+                );
                 if writes && self.leaving() {
                     // A leaving node takes no new data: the coordinator picks another replica,
                     // so nothing acknowledged is left behind when it goes.
@@ -461,7 +464,7 @@ mod tests {
         let read = crate::wire::ReplicaRequest::Read { key: b"k".to_vec() };
         s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 2, request: read } });
         assert!(
-            matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Read { .. }, .. })),
+            matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::ReadState { .. }, .. })),
             "reads are still served"
         );
         let hint = vec![(Bytes::from(b"k".to_vec()), Object::new())];

@@ -154,6 +154,11 @@ pub enum Refusal {
 pub enum StoreOp {
     /// The node's state of a key: its owned and hinted copies merged.
     Read { key: Vec<u8> },
+    /// The digest of what `Read` answers (an owned row's stored digest when no hint or
+    /// reaped record adds to it: no hashing, and the object is not decoded).
+    ReadDigest { key: Vec<u8> },
+    /// What `Read` answers, with its digest.
+    ReadState { key: Vec<u8> },
     /// Merge a state; with `hint`, into the row kept for that node.
     Write { key: Vec<u8>, object: Object, hint: Option<NodeId> },
     /// Coordinate a client's write: apply it under a new dot of the target row's actor.
@@ -203,6 +208,8 @@ impl StoreOp {
         matches!(
             self,
             StoreOp::Read { .. }
+                | StoreOp::ReadDigest { .. }
+                | StoreOp::ReadState { .. }
                 | StoreOp::Page { .. }
                 | StoreOp::Tree { .. }
                 | StoreOp::HintPage { .. }
@@ -217,7 +224,10 @@ impl StoreOp {
     /// Merkle tree, no hint count): a [`StoreReader`] runs it in any read snapshot, beside
     /// the writer, so a replica read never waits behind a group commit.
     pub fn reads_rows_only(&self) -> bool {
-        matches!(self, StoreOp::Read { .. } | StoreOp::ReapCheck { .. })
+        matches!(
+            self,
+            StoreOp::Read { .. } | StoreOp::ReadDigest { .. } | StoreOp::ReadState { .. } | StoreOp::ReapCheck { .. }
+        )
     }
 }
 
@@ -225,6 +235,10 @@ impl StoreOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOutcome {
     Object(Option<Object>),
+    /// A digest read: the digest of the key's state, None when there is none.
+    Digest(Option<[u8; 16]>),
+    /// A state read: the key's state and its digest, None when there is none.
+    State(Option<(Object, [u8; 16])>),
     /// A write merged; `changed` is false when the store had it all.
     Written {
         changed: bool,
@@ -1128,6 +1142,62 @@ impl<E: Engine> Exec<'_, E> {
         Ok(())
     }
 
+    /// The node's state of a key: its owned object with every hinted copy merged in; and
+    /// the owned row's digest when that is the whole state.
+    fn with_hints(&mut self, key: &[u8], owned: Option<ObjectRow>) -> Run<Option<(Object, Option<[u8; 16]>)>> {
+        let hints = self.hints_of(key)?;
+        self.with_these_hints(key, owned, hints)
+    }
+
+    fn with_these_hints(
+        &mut self,
+        key: &[u8],
+        owned: Option<ObjectRow>,
+        hints: Vec<(NodeId, HintRow)>,
+    ) -> Run<Option<(Object, Option<[u8; 16]>)>> {
+        if hints.is_empty() {
+            return Ok(owned.map(|r| {
+                let stored = r.stored_digest.map(u128::to_be_bytes);
+                (r.object, stored)
+            }));
+        }
+        let mut found = owned.map(|r| r.object);
+        for (_, h) in hints {
+            found = Some(match found {
+                Some(o) => o.merge(&h.object),
+                None => h.object,
+            });
+        }
+        // A hint may hold what a reaped tombstone of the key covered.
+        if let (Some(o), Some(r)) = (found.as_mut(), self.reaped(key)?) {
+            *o = o.merge(&Object::from_clock(r.clock));
+        }
+        Ok(found.map(|o| (o, None)))
+    }
+
+    /// The stored digest of `key`'s owned row without decoding its object: `Some(None)`
+    /// when there is no row, None when the row has no readable stored digest (decode it).
+    fn peek_owned_digest(&mut self, key: &[u8]) -> Run<Option<Option<[u8; 16]>>> {
+        /// An owned row's fields, all but the digest skipped.
+        #[derive(Deserialize)]
+        struct RowDigest {
+            _actor: serde::de::IgnoredAny,
+            _object: serde::de::IgnoredAny,
+            #[serde(default)]
+            _generation: serde::de::IgnoredAny,
+            #[serde(default)]
+            stored_digest: Option<u128>,
+        }
+        let rk = object_row_key(key, self.q());
+        Ok(match self.engine.get(Table::Objects, &rk)? {
+            None => Some(None),
+            Some(bytes) => match unseal::<RowDigest>(&bytes) {
+                Ok(RowDigest { stored_digest: Some(d), .. }) => Some(Some(d.to_be_bytes())),
+                _ => None,
+            },
+        })
+    }
+
     fn owned(&mut self, key: &[u8]) -> Run<Option<ObjectRow>> {
         let rk = object_row_key(key, self.q());
         match self.engine.get(Table::Objects, &rk)? {
@@ -1272,21 +1342,27 @@ impl<E: Engine> Exec<'_, E> {
     fn execute(&mut self, op: StoreOp) -> Run<StoreOutcome> {
         match op {
             StoreOp::Read { key } => {
-                let mut found = self.owned(&key)?.map(|r| r.object);
+                let owned = self.owned(&key)?;
+                Ok(StoreOutcome::Object(self.with_hints(&key, owned)?.map(|(o, _)| o)))
+            }
+            StoreOp::ReadDigest { key } => {
                 let hints = self.hints_of(&key)?;
-                if !hints.is_empty() {
-                    for (_, h) in hints {
-                        found = Some(match found {
-                            Some(o) => o.merge(&h.object),
-                            None => h.object,
-                        });
-                    }
-                    // A hint may hold what a reaped tombstone of the key covered.
-                    if let (Some(o), Some(r)) = (found.as_mut(), self.reaped(&key)?) {
-                        *o = o.merge(&Object::from_clock(r.clock));
+                if hints.is_empty() {
+                    if let Some(digest) = self.peek_owned_digest(&key)? {
+                        return Ok(StoreOutcome::Digest(digest));
                     }
                 }
-                Ok(StoreOutcome::Object(found))
+                let owned = self.owned(&key)?;
+                let state = self.with_these_hints(&key, owned, hints)?;
+                Ok(StoreOutcome::Digest(state.map(|(o, stored)| stored.unwrap_or_else(|| o.digest()))))
+            }
+            StoreOp::ReadState { key } => {
+                let owned = self.owned(&key)?;
+                let state = self.with_hints(&key, owned)?;
+                Ok(StoreOutcome::State(state.map(|(o, stored)| {
+                    let digest = stored.unwrap_or_else(|| o.digest());
+                    (o, digest)
+                })))
             }
             StoreOp::Write { key, object, hint: None } => {
                 Ok(StoreOutcome::Written { changed: self.merge_owned(&key, &object)? })
@@ -2160,6 +2236,37 @@ mod tests {
         let mut expected = trees[partition_of(b"c", 16) as usize].clone().unwrap();
         expected.update(b"c", Some(&c.digest()), None);
         assert_eq!(s.state.tree(partition_of(b"c", 16)), Some(&expected));
+    }
+
+    /// A digest read answers the digest of what a read answers: the stored one for an owned
+    /// row alone, computed when hints add to it, None when there is nothing.
+    #[test]
+    fn a_digest_read_is_the_digest_of_the_read() {
+        let mut s = store();
+        let digest_of = |s: &mut MemStore, k: &[u8]| {
+            let read = s.run(StoreOp::Read { key: k.to_vec() }).unwrap();
+            let digest = s.run(StoreOp::ReadDigest { key: k.to_vec() }).unwrap();
+            let state = s.run(StoreOp::ReadState { key: k.to_vec() }).unwrap();
+            let StoreOutcome::Object(o) = read else { panic!("{read:?}") };
+            assert_eq!(digest, StoreOutcome::Digest(o.as_ref().map(Object::digest)), "{k:?}");
+            assert_eq!(state, StoreOutcome::State(o.clone().map(|o| (o.clone(), o.digest()))), "{k:?}");
+            o
+        };
+        assert_eq!(digest_of(&mut s, b"k"), None);
+        coordinate(&mut s, b"k", &VersionVector::new(), b"1", None);
+        coordinate(&mut s, b"k", &VersionVector::new(), b"2", Some("n9"));
+        let both = digest_of(&mut s, b"k").unwrap();
+        assert_eq!(both.siblings().len(), 2, "the owned row and the hint");
+        coordinate(&mut s, b"j", &VersionVector::new(), b"3", None);
+        let j = digest_of(&mut s, b"j").unwrap();
+        // A row of the older layout (no stored digest) is decoded and hashed.
+        s.engine.poke(Table::Objects, &row_key(b"j"), seal(&(None::<Actor>, &j, 0u64)).unwrap());
+        assert_eq!(digest_of(&mut s, b"j"), Some(j));
+        // An unreadable row is not answered from: it is quarantined, as by a read.
+        s.engine.poke(Table::Objects, &row_key(b"j"), vec![ROW_FORMAT, 0, 0, 0, 0, 1]);
+        let run = s.state.run(&mut s.engine.begin(), vec![StoreOp::ReadDigest { key: b"j".to_vec() }], 0);
+        assert!(matches!(&run.outcomes[..], [Err(StoreError::Corrupt { .. })]), "{run:?}");
+        assert_eq!(run.pending.quarantined, 1, "{run:?}");
     }
 
     #[test]

@@ -179,12 +179,19 @@ pub enum ReplicaRequest {
         value: Option<Vec<u8>>,
         w: u8,
     },
+    /// Only the digest of what `Read` would answer: a get reads one replica in full and
+    /// the others by digest, and fetches in full only a replica whose digest differs.
+    ReadDigest {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 impl ReplicaRequest {
     pub fn key(&self) -> &[u8] {
         match self {
             ReplicaRequest::Read { key }
+            | ReplicaRequest::ReadDigest { key }
             | ReplicaRequest::Write { key, .. }
             | ReplicaRequest::Coordinate { key, .. }
             | ReplicaRequest::Forward { key, .. } => key,
@@ -205,6 +212,10 @@ pub enum ReplicaReply {
     Failed { kind: ErrorKind, message: String },
     /// The answer to a forwarded put.
     Forwarded(ClientResponse),
+    /// A digest read: the digest of the replica's state, None when it holds nothing.
+    Digest(Option<[u8; 16]>),
+    /// A read: the replica's state and its digest, None when it holds nothing.
+    State(Option<(Object, [u8; 16])>),
 }
 
 /// Anti-entropy (Dynamo §4.7): the steps of a Merkle exchange between two replicas of a
@@ -404,15 +415,16 @@ impl Message {
         let objects = |list: &[(Bytes, Object)]| list.iter().try_for_each(|(_, o)| o.validate());
         match self {
             Message::Replica { request, .. } => match request {
-                ReplicaRequest::Read { .. } => Ok(()),
+                ReplicaRequest::Read { .. } | ReplicaRequest::ReadDigest { .. } => Ok(()),
                 ReplicaRequest::Write { object, .. } => object.validate(),
                 ReplicaRequest::Coordinate { context, .. } | ReplicaRequest::Forward { context, .. } => {
                     context.validate()
                 }
             },
-            Message::ReplicaReply { reply: ReplicaReply::Object(Some(o)) | ReplicaReply::Coordinated(o), .. } => {
-                o.validate()
-            }
+            Message::ReplicaReply {
+                reply: ReplicaReply::Object(Some(o)) | ReplicaReply::State(Some((o, _))) | ReplicaReply::Coordinated(o),
+                ..
+            } => o.validate(),
             Message::AntiEntropy { msg: AeMessage::PushAck { reaped }, .. } => {
                 reaped.iter().try_for_each(|(_, clock, _)| clock.validate())
             }

@@ -77,6 +77,10 @@ const WALL_BASE_MS: u64 = 1_700_000_000_000;
 const CLIENT_CONN: u64 = 1 << 60;
 /// The client index of the operator's admin requests.
 const ADMIN: u64 = 0xffff;
+/// The client id of the reads made once the cluster converged.
+const FINAL_READER: u64 = 0xfffe;
+/// Acknowledged keys read through the coordinators once the cluster converged.
+const FINAL_READS_MAX: usize = 64;
 /// Most operations one storage batch commits (`storage.commit_batch_max`).
 const BATCH_MAX: usize = 256;
 /// Buffered mode: a node's commits become durable this often (storage.flush_interval_ms).
@@ -525,6 +529,8 @@ struct Sim {
     pending_value: BTreeMap<(usize, u64), PendingWrite>,
     /// Leave requests in flight: admin op -> node.
     leave_requests: BTreeMap<u64, NodeId>,
+    /// The answers to the final reads, by op.
+    final_answers: BTreeMap<u64, ClientResponse>,
     next_admin: u64,
     /// Nodes told to leave.
     left: Vec<NodeId>,
@@ -571,6 +577,7 @@ impl Sim {
             rmw_keys: BTreeSet::new(),
             pending_value: BTreeMap::new(),
             leave_requests: BTreeMap::new(),
+            final_answers: BTreeMap::new(),
             next_admin: 1,
             left: Vec::new(),
             left_holding: Vec::new(),
@@ -1336,6 +1343,10 @@ impl Sim {
     }
 
     fn client_reply(&mut self, c: usize, op_id: u64, response: ClientResponse) {
+        if c as u64 == FINAL_READER {
+            self.final_answers.insert(op_id, response);
+            return;
+        }
         if c as u64 == ADMIN {
             let Some(node) = self.leave_requests.remove(&op_id) else { return };
             self.log(|| format!("admin: leave of {node} answered {response:?}"));
@@ -1933,6 +1944,7 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
         }
     }
     let last = last.and_then(|()| sim.left_holding.first().map_or(Ok(()), |e| Err(e.clone())));
+    let last = last.and_then(|()| final_reads(&mut sim, t));
     let reaped =
         sim.reaped + sim.nodes.iter().filter_map(|n| n.node.as_ref()).map(|n| n.stages.handoff.reaped()).sum::<u64>();
     last.map(|()| Stats {
@@ -1950,6 +1962,73 @@ fn run_seed(seed: u64, scenario: Scenario, trace: bool) -> Result<Stats, String>
         signed: sim.signed,
         buffered: sim.buffered,
     })
+}
+
+/// Once the cluster converged, a get of acknowledged keys through any live node, with any
+/// R, answers the converged state: every sibling of the replicas' merged object (the newest
+/// alone under last-write-wins). Checks the coordinators' read path (digest reads, reads in
+/// full, merging) against the stores.
+fn final_reads(sim: &mut Sim, t: u64) -> Result<(), String> {
+    let ring = sim.nodes.iter().find_map(|n| n.node.as_ref()?.stages.gossip.membership().clone().ring());
+    let Some(ring) = ring else { return Err("no ring to read with".into()) };
+    let keys: BTreeSet<String> = sim.acked.iter().map(|(k, ..)| k.clone()).take(FINAL_READS_MAX).collect();
+    let live = sim.up_nodes();
+    let mut asked = BTreeMap::new();
+    for (op, key) in keys.iter().enumerate() {
+        let (ns, user_key) = match key.split_once('/') {
+            Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
+            None => (None, key.clone()),
+        };
+        // Via a node that knows the key's namespace (wipes may have taken the definition
+        // from some, or all: harsh,leave seed 4).
+        let knows = |i: &usize| {
+            ns.as_deref().is_none_or(|name| {
+                sim.nodes[*i].node.as_ref().is_some_and(|n| n.stages.gossip.namespaces().get(name).is_some())
+            })
+        };
+        let able: Vec<usize> = live.iter().copied().filter(knows).collect();
+        if able.is_empty() {
+            continue;
+        }
+        let node = able[sim.rng.below(able.len() as u64) as usize];
+        let r = 1 + sim.rng.below(n_of(key) as u64) as u8;
+        let request = ClientRequest::Get { key: Bytes::from(user_key.into_bytes()), r: Some(r), ns };
+        asked.insert(op as u64, (key.clone(), node, r));
+        sim.client_send(node, FINAL_READER, op as u64, request);
+    }
+    sim.run_until(t + 5000, false);
+    for (op, (key, node, r)) in asked {
+        let stored = store_key(&key);
+        let merged = ring
+            .preference_list(ring.partition_for_key(&stored), n_of(&key))
+            .primaries
+            .iter()
+            .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(&stored))
+            .fold(Object::new(), |a, o| a.merge(&o));
+        let mut expected: Vec<Vec<u8>> = if class_of(&stored).resolution == Resolution::Lww {
+            ringkv::namespace::newest(merged.siblings()).and_then(|s| s.value.clone()).into_iter().collect()
+        } else {
+            merged.values().map(<[u8]>::to_vec).collect()
+        };
+        expected.sort();
+        let via = &sim.nodes[node].id;
+        match sim.final_answers.get(&op) {
+            Some(ClientResponse::Values { values, .. }) => {
+                let mut got: Vec<Vec<u8>> = values.iter().map(|v| v.to_vec()).collect();
+                got.sort();
+                if got != expected {
+                    return Err(format!(
+                        "a get of {key} via {via} with R={r} answered {} values, the replicas hold {} \
+                         (answered {got:?}, held {expected:?})",
+                        got.len(),
+                        expected.len()
+                    ));
+                }
+            }
+            other => return Err(format!("a get of {key} via {via} with R={r} after convergence answered {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 fn seeds_from_env(default: u64) -> Vec<u64> {
