@@ -6,9 +6,11 @@
 //! unreachable primary is replaced by the next fallback, and the replica sent there carries
 //! a hint naming the primary it stands in for. A replica that fails or times out is replaced
 //! the same way. No node ever fills two slots, so W acknowledgements are W distinct copies.
-//! A get waits for R answers, replies with every concurrent value merged, then waits
-//! briefly for the other replicas and sends the merged state to any that were stale (read
-//! repair). A put is coordinated on a replica: that replica applies the write under a new
+//! A get reads one replica in full (this node when it is one) and the others by digest,
+//! as Cassandra's digest reads do: a digest equal to a full answer's counts without its
+//! object, and a replica whose digest differs is read in full. The get replies once R
+//! replicas' states are known, with every concurrent value merged, then waits briefly for
+//! the other replicas and sends the merged state to any that were stale (read repair). A put is coordinated on a replica: that replica applies the write under a new
 //! version (so it must hold the key's state) and the result goes to the other targets; the
 //! client hears back after W acknowledgements, the coordinating replica's own included, and
 //! that one is always durable ([`durable_writer`]: with buffered storage the others may
