@@ -487,8 +487,9 @@ pub struct ObjectRow {
     #[serde(default)]
     pub generation: u64,
     /// The object's digest as stored beside it (rows are always written with a fresh one,
-    /// see [`ObjectRowOut`]), so that replacing or removing a row, and rebuilding the Merkle
-    /// trees at start, need not hash the object again. None in rows built in memory and in
+    /// by `set_owned`), so that replacing or removing a row and answering a digest read need
+    /// not hash the object again (the trees built at start hash every object, and a row
+    /// whose stored digest is wrong is written again). None in rows built in memory and in
     /// rows of older data directories: [`ObjectRow::digest`] computes it then.
     #[serde(default)]
     pub stored_digest: Option<u128>,
