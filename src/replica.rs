@@ -124,7 +124,8 @@ impl ReplicaStage {
         match msg {
             Message::Replica { id, request } => {
                 self.count(match request {
-                    crate::wire::ReplicaRequest::Read { .. } | crate::wire::ReplicaRequest::ReadDigest { .. } => "read",
+                    crate::wire::ReplicaRequest::Read { .. } => "read",
+                    crate::wire::ReplicaRequest::ReadDigest { .. } => "digest",
                     crate::wire::ReplicaRequest::Write { .. } => "write",
                     crate::wire::ReplicaRequest::Coordinate { .. } => "coordinate",
                     crate::wire::ReplicaRequest::Forward { .. } => "forward",
@@ -347,9 +348,10 @@ impl Stage for ReplicaStage {
     }
 
     fn report(&self, out: &mut crate::metrics::Report) {
-        const HELP: &str = "Requests other nodes sent this node as a replica, by kind (read, write, coordinate: \
-                            a coordinator's; handoff: a batch of hints or transferred keys; reap)";
-        for kind in ["read", "write", "coordinate", "handoff", "reap"] {
+        const HELP: &str = "Requests other nodes sent this node as a replica, by kind (read: in full, digest: a \
+                            get's digest read, write, coordinate: a coordinator's; handoff: a batch of hints or \
+                            transferred keys; reap)";
+        for kind in ["read", "digest", "write", "coordinate", "handoff", "reap"] {
             let n = self.taken.get(kind).copied().unwrap_or(0);
             out.counter("ringkv_replica_requests", HELP, &[("kind", kind)], n);
         }

@@ -125,17 +125,23 @@ fn metrics_move_by_a_known_workload() {
     assert_eq!(d(0, "ringkv_forwarded_requests_total", &["direction=\"out\""]), 0.0);
 
     // Replica requests: n1 coordinates each put on itself and writes it to n2 and n3; each
-    // get reads from all three, and a read repair would be one more write.
+    // get reads n1 in full and n2 and n3 by digest; a replica whose digest differed is read
+    // in full too, and a read repair would be one more write.
     let repairs = d(0, "ringkv_read_repairs_total", &[]);
     let writes: f64 = (1..3).map(|i| d(i, "ringkv_replica_requests_total", &["kind=\"write\""])).sum();
     let seen = |k: &str| -> Vec<f64> { (0..3).map(|i| d(i, "ringkv_replica_requests_total", &[k])).collect() };
     let (w, r) = (seen("kind=\"write\""), seen("kind=\"read\""));
     assert_eq!(writes, 40.0 + repairs, "writes to n2 and n3 (read repairs: {repairs}; writes {w:?}, reads {r:?})");
     for i in 1..3 {
-        assert_eq!(d(i, "ringkv_replica_requests_total", &["kind=\"read\""]), 20.0, "reads on {}", c.nodes[i].id);
+        assert_eq!(d(i, "ringkv_replica_requests_total", &["kind=\"digest\""]), 20.0, "digests on {}", c.nodes[i].id);
+        // In full only after a differing digest (a write still on its way): once per get at most.
+        let full = d(i, "ringkv_replica_requests_total", &["kind=\"read\""]);
+        assert!(full <= 20.0, "{} read in full {full} times", c.nodes[i].id);
         assert_eq!(d(i, "ringkv_replica_requests_total", &["kind=\"coordinate\""]), 0.0);
     }
-    assert_eq!(dsum(0, "ringkv_replica_requests_total", &["kind=\"read\""]), 0.0, "n1 reads its own copy");
+    for kind in ["kind=\"read\"", "kind=\"digest\""] {
+        assert_eq!(dsum(0, "ringkv_replica_requests_total", &[kind]), 0.0, "n1 reads its own copy");
+    }
 
     // Storage: every node committed at least the 20 writes (in batches of any size) and
     // read rows for at least the 20 gets.
