@@ -1352,6 +1352,15 @@ mod tests {
         start(me, op, down)
     }
 
+    /// A put coordinated on a, whose local write is applied: replicating to the others.
+    fn put_applied_on_a(w: usize, down: &[&str]) -> Coordinator {
+        let mut c = put("a", w, down);
+        drain(&mut c);
+        c.handle_reply(1, "a", coordinated(&obj(1, b"v")));
+        drain(&mut c);
+        c
+    }
+
     fn get(r: usize, down: &[&str]) -> Coordinator {
         start("a", Operation::Get { r }, down)
     }
@@ -1481,10 +1490,7 @@ mod tests {
     /// while every replica was up and acknowledged a moment later).
     #[test]
     fn slow_replicas_with_no_spare_count_until_the_deadline() {
-        let mut c = put("a", 2, &["d", "e"]);
-        drain(&mut c);
-        c.handle_reply(1, "a", coordinated(&obj(1, b"v")));
-        drain(&mut c);
+        let mut c = put_applied_on_a(2, &["d", "e"]);
         c.handle_timeout(101);
         let out = drain(&mut c);
         assert!(sends(&out).is_empty() && replies(&out).is_empty(), "{out:?}");
@@ -1503,10 +1509,7 @@ mod tests {
         assert!(matches!(&out[..], [ClientResponse::Values { values, .. }] if values.len() == 1), "{out:?}");
 
         // A late replica whose connection then fails is given up at once.
-        let mut c = put("a", 2, &["d", "e"]);
-        drain(&mut c);
-        c.handle_reply(1, "a", coordinated(&obj(1, b"v")));
-        drain(&mut c);
+        let mut c = put_applied_on_a(2, &["d", "e"]);
         c.handle_timeout(101);
         drain(&mut c);
         c.handle_failure(102, "b");
