@@ -10,11 +10,14 @@
 //! as Cassandra's digest reads do: a digest equal to a full answer's counts without its
 //! object, and a replica whose digest differs is read in full. The get replies once R
 //! replicas' states are known, with every concurrent value merged, then waits briefly for
-//! the other replicas and sends the merged state to any that were stale (read repair). A put is coordinated on a replica: that replica applies the write under a new
-//! version (so it must hold the key's state) and the result goes to the other targets; the
-//! client hears back after W acknowledgements, the coordinating replica's own included, and
-//! that one is always durable ([`durable_writer`]: with buffered storage the others may
-//! still be in memory). A node outside the targets forwards the put to one inside.
+//! the other replicas and sends the merged state to any that were stale (read repair).
+//! A put is coordinated on a replica: that replica applies the write under a new version
+//! (so it must hold the key's state) and the result goes to the other targets; the client
+//! hears back after W acknowledgements, the coordinating replica's own included, and that
+//! one is always durable ([`durable_writer`]: with buffered storage the others may still
+//! be in memory). A node outside the targets forwards the put to one inside. A replica
+//! slower than the replica timeout is late: a spare takes over its work, but its answer
+//! still counts until the request's deadline.
 //!
 //! [`Coordinator`] is one request: inputs [`Coordinator::handle_reply`],
 //! [`Coordinator::handle_failure`], [`Coordinator::handle_timeout`], each with the current
@@ -385,8 +388,14 @@ impl Coordinator {
     }
 
     /// Read replica `i`: in full when no full answer is in hand or expected in time, else
-    /// by digest.
+    /// by digest. A replica that already answered by digest is read in full first, rather
+    /// than a stand-in that may hold nothing of the key.
     fn send_read(&mut self, i: usize, now_ms: u64) {
+        if !self.full_read_covered() {
+            if let Some(j) = self.slots.iter().position(|s| !s.full && s.state == SlotState::Answered) {
+                self.send_read_as(j, now_ms, true);
+            }
+        }
         let full = !self.full_read_covered();
         self.send_read_as(i, now_ms, full);
     }
@@ -483,9 +492,10 @@ impl Coordinator {
         let Some(i) = self.slot_of(from) else { return };
         match (reply, self.phase.clone()) {
             (ReplicaReply::Forwarded(response), Phase::Forwarding) => {
-                self.slots[i].state = SlotState::Answered;
+                let was_late = self.slots[i].state == SlotState::Late;
+                self.slots[i].state = if was_late { SlotState::Late } else { SlotState::Answered };
                 match &response {
-                    ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.replace(i, now_ms, Cause::Failed),
+                    ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.give_up(i, now_ms, Cause::Failed),
                     _ => {
                         self.reply(response);
                         self.phase = Phase::Finished;
@@ -532,7 +542,7 @@ impl Coordinator {
                 // The coordinating replica refused the write itself (sibling or size limits).
                 self.fail(ErrorKind::BadRequest, &message);
             }
-            (ReplicaReply::Failed { .. }, _) => self.replace(i, now_ms, Cause::Failed),
+            (ReplicaReply::Failed { .. }, _) => self.give_up(i, now_ms, Cause::Failed),
             // This node's write, replicated ahead of its commit, is now durable here too.
             (ReplicaReply::Coordinated(_), Phase::Replicating | Phase::Replied) if self.object.is_some() => {
                 self.slots[i].state = SlotState::Answered;
@@ -566,12 +576,17 @@ impl Coordinator {
     /// already replaced).
     pub fn handle_failure(&mut self, now_ms: u64, from: &str) {
         let Some(i) = self.slot_of(from) else { return };
+        self.give_up(i, now_ms, Cause::Timeout);
+    }
+
+    /// Slot `i` will not answer: a late one already has its stand-in, any other is replaced.
+    fn give_up(&mut self, i: usize, now_ms: u64, cause: Cause) {
         if self.slots[i].state == SlotState::Late {
             self.slots[i].state = SlotState::Failed;
             self.check_hopeless();
             self.after_read(now_ms);
         } else {
-            self.replace(i, now_ms, Cause::Timeout);
+            self.replace(i, now_ms, cause);
         }
     }
 
@@ -1691,6 +1706,16 @@ mod tests {
         c.handle_reply(2, "b", digest(Some(&o)));
         c.handle_reply(3, "d", read(Some(o.clone())));
         assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Values { .. }]));
+        // A primary that answered by digest is read in full before the stand-in, which may
+        // hold nothing of the key (a fallback): the stand-in is asked for a digest.
+        let mut c = get(2, &[]);
+        drain(&mut c);
+        c.handle_reply(1, "b", digest(Some(&o)));
+        c.handle_failure(2, "a");
+        assert_eq!(reads(&drain(&mut c)), vec![("b".into(), true), ("d".into(), false)]);
+        c.handle_reply(3, "b", read(Some(o.clone())));
+        c.handle_reply(4, "c", digest(Some(&o)));
+        assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Values { .. }]));
 
         let mut c = get(2, &["d", "e"]);
         drain(&mut c);
@@ -1851,5 +1876,45 @@ mod tests {
         let bad_hint = ReplicaRequest::Write { key: b"k".to_vec(), object: Object::new(), hint: Some("".into()) };
         assert!(l.replica(&bad_hint).is_err());
         assert!(l.replica(&ReplicaRequest::Read { key: b"k".to_vec() }).is_ok());
+    }
+
+    /// A late replica whose Failed answer comes after a spare already took its work over is
+    /// not stood in for a second time (found in review: an extra hinted copy, a spare spent).
+    #[test]
+    fn a_late_replica_that_answers_failed_is_not_stood_in_for_twice() {
+        let plan = PreferenceList { primaries: ids(&["a", "b", "c"]), fallbacks: ids(&["d", "e", "f"]) };
+        let op = Operation::Put { w: 3, context: VersionVector::new(), value: Some(b"v".to_vec()), forwarded: false };
+        let request = Request { key: b"k".to_vec(), op, timeouts: T };
+        let mut c = Coordinator::new(0, "a".into(), request, &plan, |_| true);
+        drain(&mut c);
+        c.handle_reply(1, "a", coordinated(&obj(1, b"v")));
+        drain(&mut c);
+        c.handle_reply(50, "c", written());
+        c.handle_timeout(101);
+        assert_eq!(sends(&drain(&mut c)), vec![("d".into(), Some("b".into()))]);
+        c.handle_reply(102, "b", ReplicaReply::Failed { kind: ErrorKind::Internal, message: "disk".into() });
+        let out = drain(&mut c);
+        assert!(sends(&out).is_empty(), "d already stands in for b: {out:?}");
+    }
+
+    /// A late forward that answers an internal error starts no third coordination while its
+    /// stand-in's forward still runs (found in review: two could apply the write, and the
+    /// key would hold the value twice).
+    #[test]
+    fn a_late_forward_that_fails_starts_no_second_forward() {
+        let mut c = put("z", 2, &[]);
+        drain(&mut c);
+        c.handle_timeout(500);
+        let out = drain(&mut c);
+        assert!(reads(&out).is_empty());
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Send { to, request: ReplicaRequest::Forward { .. } } if to == "b")));
+        let err = ClientResponse::Error { kind: ErrorKind::Internal, message: "leaving".into() };
+        c.handle_reply(600, "a", ReplicaReply::Forwarded(err));
+        let out = drain(&mut c);
+        let forwards: Vec<&Action> =
+            out.iter().filter(|a| matches!(a, Action::Send { request: ReplicaRequest::Forward { .. }, .. })).collect();
+        assert!(forwards.is_empty(), "b is still coordinating the put: {out:?}");
     }
 }

@@ -281,6 +281,11 @@ pub fn sample_messages() -> Vec<Message> {
             id: 14,
             reply: ReplicaReply::Forwarded(ClientResponse::Written { context: ctx.encode_context() }),
         },
+        Message::Replica { id: 6, request: ReplicaRequest::ReadDigest { key: b"k".to_vec() } },
+        Message::ReplicaReply { id: 14, reply: ReplicaReply::Digest(Some(o.digest())) },
+        Message::ReplicaReply { id: 14, reply: ReplicaReply::Digest(None) },
+        Message::ReplicaReply { id: 14, reply: ReplicaReply::State(Some((objects[4].clone(), objects[4].digest()))) },
+        Message::ReplicaReply { id: 14, reply: ReplicaReply::State(None) },
         Message::Gossip { members: sample_members(), loads: Vec::new(), namespaces: Vec::new() },
         Message::GossipReply { members: Vec::new(), loads: Vec::new(), namespaces: Vec::new() },
         Message::AntiEntropy {
