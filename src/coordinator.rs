@@ -391,13 +391,20 @@ impl Coordinator {
     /// by digest. A replica that already answered by digest is read in full first, rather
     /// than a stand-in that may hold nothing of the key.
     fn send_read(&mut self, i: usize, now_ms: u64) {
-        if !self.full_read_covered() {
-            if let Some(j) = self.slots.iter().position(|s| !s.full && s.state == SlotState::Answered) {
-                self.send_read_as(j, now_ms, true);
-            }
-        }
+        self.cover_full_read(now_ms);
         let full = !self.full_read_covered();
         self.send_read_as(i, now_ms, full);
+    }
+
+    /// When no full answer is in hand or expected in time, read in full a replica that
+    /// already answered by digest (if one has).
+    fn cover_full_read(&mut self, now_ms: u64) {
+        if self.full_read_covered() {
+            return;
+        }
+        if let Some(j) = self.slots.iter().position(|s| !s.full && s.state == SlotState::Answered) {
+            self.send_read_as(j, now_ms, true);
+        }
     }
 
     fn send_read_as(&mut self, i: usize, now_ms: u64, full: bool) {
@@ -491,33 +498,21 @@ impl Coordinator {
     pub fn handle_reply(&mut self, now_ms: u64, from: &str, reply: ReplicaReply) {
         let Some(i) = self.slot_of(from) else { return };
         match (reply, self.phase.clone()) {
-            (ReplicaReply::Forwarded(response), Phase::Forwarding) => {
-                let was_late = self.slots[i].state == SlotState::Late;
-                self.slots[i].state = if was_late { SlotState::Late } else { SlotState::Answered };
-                match &response {
-                    ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.give_up(i, now_ms, Cause::Failed),
-                    _ => {
-                        self.reply(response);
-                        self.phase = Phase::Finished;
-                    }
+            (ReplicaReply::Forwarded(response), Phase::Forwarding) => match &response {
+                ClientResponse::Error { kind: ErrorKind::Internal, .. } => self.give_up(i, now_ms, Cause::Failed),
+                _ => {
+                    self.slots[i].state = SlotState::Answered;
+                    self.reply(response);
+                    self.phase = Phase::Finished;
                 }
+            },
+            (ReplicaReply::State(state), Phase::Started | Phase::Replied) => {
+                let (object, digest) = state.map_or((None, None), |(o, d)| (Some(o), Some(d)));
+                self.answered_in_full(i, from, object, digest, now_ms);
             }
-            (reply @ (ReplicaReply::Object(_) | ReplicaReply::State(_)), Phase::Started | Phase::Replied) => {
-                let (object, digest) = match reply {
-                    ReplicaReply::State(state) => state.map_or((None, None), |(o, d)| (Some(o), Some(d))),
-                    ReplicaReply::Object(object) => {
-                        let digest = object.as_ref().map(Object::digest);
-                        (object, digest)
-                    }
-                    _ => return,
-                };
-                let slot = &mut self.slots[i];
-                slot.state = SlotState::Answered;
-                slot.full = true;
-                slot.digest = Some(digest);
-                slot.object = object;
-                self.fastest.get_or_insert_with(|| from.to_string());
-                self.after_read(now_ms);
+            (ReplicaReply::Object(object), Phase::Started | Phase::Replied) => {
+                let digest = object.as_ref().map(Object::digest);
+                self.answered_in_full(i, from, object, digest, now_ms);
             }
             (ReplicaReply::Digest(digest), Phase::Started | Phase::Replied) if !self.slots[i].full => {
                 self.slots[i].state = SlotState::Answered;
@@ -554,6 +549,24 @@ impl Coordinator {
             }
             _ => {}
         }
+    }
+
+    /// A get's replica `i` answered with its whole state (None: it holds nothing).
+    fn answered_in_full(
+        &mut self,
+        i: usize,
+        from: &str,
+        object: Option<Object>,
+        digest: Option<[u8; 16]>,
+        now_ms: u64,
+    ) {
+        let slot = &mut self.slots[i];
+        slot.state = SlotState::Answered;
+        slot.full = true;
+        slot.digest = Some(digest);
+        slot.object = object;
+        self.fastest.get_or_insert_with(|| from.to_string());
+        self.after_read(now_ms);
     }
 
     /// This node's write is computed (not yet durable): send it to the other replicas now;
@@ -742,11 +755,7 @@ impl Coordinator {
             self.slots.iter().filter(|s| s.full && s.state == SlotState::Answered).filter_map(|s| s.digest).collect();
         let by_digest = |s: &Slot| !s.full && s.state == SlotState::Answered;
         if known.is_empty() {
-            if !self.full_read_covered() {
-                if let Some(i) = self.slots.iter().position(by_digest) {
-                    self.send_read_as(i, now_ms, true);
-                }
-            }
+            self.cover_full_read(now_ms);
         } else {
             let differ: Vec<usize> = (0..self.slots.len())
                 .filter(|&i| by_digest(&self.slots[i]) && self.slots[i].digest.is_some_and(|d| !known.contains(&d)))
