@@ -450,6 +450,24 @@ fn store_key(key: &str) -> Vec<u8> {
     }
 }
 
+/// A client's key as a request names it: its namespace, if any, and the key within it.
+fn request_key(key: &str) -> (Option<String>, Bytes) {
+    match key.split_once('/') {
+        Some((ns, k)) => (Some(ns.to_string()), Bytes::from(k.as_bytes().to_vec())),
+        None => (None, Bytes::from(key.as_bytes().to_vec())),
+    }
+}
+
+/// The merged state of a client's key on its primaries in `ring`.
+fn replicas_merged(sim: &Sim, ring: &ringkv::ring::Ring, key: &str) -> Object {
+    let stored = store_key(key);
+    ring.preference_list(ring.partition_for_key(&stored), n_of(key))
+        .primaries
+        .iter()
+        .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(&stored))
+        .fold(Object::new(), |a, o| a.merge(&o))
+}
+
 /// A stored key as clients name it.
 fn sim_key(stored: &[u8]) -> String {
     let class = class_of(stored);
@@ -1310,11 +1328,7 @@ impl Sim {
         let w = 1 + self.rng.below(n as u64) as usize;
         let value = format!("c{c}-{op_id}").into_bytes();
         let delete = self.rng.chance(0.1);
-        let (ns, user_key) = match key.split_once('/') {
-            Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
-            None => (None, key.clone()),
-        };
-        let kb = Bytes::from(user_key.into_bytes());
+        let (ns, kb) = request_key(&key);
         let (request, then) = match cl.kind {
             ClientKind::Blind => {
                 self.pending_value.insert((c, op_id), (key.clone(), Some(value.clone()), w, None));
@@ -1372,12 +1386,9 @@ impl Sim {
                 let node = live[self.rng.below(live.len() as u64) as usize];
                 self.clients[c].op = Some((op_id, None));
                 self.pending_value.insert((c, op_id), (key.clone(), value.clone(), w, context.clone()));
-                let (ns, user_key) = match key.split_once('/') {
-                    Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
-                    None => (None, key.clone()),
-                };
+                let (ns, kb) = request_key(&key);
                 let request = ClientRequest::Put {
-                    key: Bytes::from(user_key.into_bytes()),
+                    key: kb,
                     context: context.clone(),
                     value: value.map(Bytes::from),
                     w: Some(w as u8),
@@ -1705,15 +1716,7 @@ fn check(sim: &Sim) -> Result<(), String> {
             }
         }
     }
-    let final_object = |key: &str| -> Object {
-        let stored = store_key(key);
-        let p = ring.partition_for_key(&stored);
-        ring.preference_list(p, n_of(key))
-            .primaries
-            .iter()
-            .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(&stored))
-            .fold(Object::new(), |a, o| a.merge(&o))
-    };
+    let final_object = |key: &str| replicas_merged(sim, &ring, key);
     // Every copy of a write was destroyed, by at least W wipes or corrupted rows: it had no
     // copy left at some point, and at least W distinct nodes lost theirs. (Counted at the
     // end, not when the last stored copy went: a coordinator still holds the object in
@@ -1975,10 +1978,7 @@ fn final_reads(sim: &mut Sim, t: u64) -> Result<(), String> {
     let live = sim.up_nodes();
     let mut asked = BTreeMap::new();
     for (op, key) in keys.iter().enumerate() {
-        let (ns, user_key) = match key.split_once('/') {
-            Some((ns, k)) => (Some(ns.to_string()), k.to_string()),
-            None => (None, key.clone()),
-        };
+        let (ns, kb) = request_key(key);
         // Via a node that knows the key's namespace (wipes may have taken the definition
         // from some, or all: harsh,leave seed 4).
         let knows = |i: &usize| {
@@ -1992,20 +1992,14 @@ fn final_reads(sim: &mut Sim, t: u64) -> Result<(), String> {
         }
         let node = able[sim.rng.below(able.len() as u64) as usize];
         let r = 1 + sim.rng.below(n_of(key) as u64) as u8;
-        let request = ClientRequest::Get { key: Bytes::from(user_key.into_bytes()), r: Some(r), ns };
+        let request = ClientRequest::Get { key: kb, r: Some(r), ns };
         asked.insert(op as u64, (key.clone(), node, r));
         sim.client_send(node, FINAL_READER, op as u64, request);
     }
     sim.run_until(t + 5000, false);
     for (op, (key, node, r)) in asked {
-        let stored = store_key(&key);
-        let merged = ring
-            .preference_list(ring.partition_for_key(&stored), n_of(&key))
-            .primaries
-            .iter()
-            .filter_map(|id| sim.nodes[sim.index_of(id).expect("member")].store.object(&stored))
-            .fold(Object::new(), |a, o| a.merge(&o));
-        let mut expected: Vec<Vec<u8>> = if class_of(&stored).resolution == Resolution::Lww {
+        let merged = replicas_merged(sim, &ring, &key);
+        let mut expected: Vec<Vec<u8>> = if class_of(&store_key(&key)).resolution == Resolution::Lww {
             ringkv::namespace::newest(merged.siblings()).and_then(|s| s.value.clone()).into_iter().collect()
         } else {
             merged.values().map(<[u8]>::to_vec).collect()
