@@ -496,10 +496,6 @@ pub struct ObjectRow {
 }
 
 impl ObjectRow {
-    pub fn new(actor: Option<Actor>, object: Object, generation: u64) -> ObjectRow {
-        ObjectRow { actor, object, generation, stored_digest: None }
-    }
-
     /// The object's digest: the stored one when the row was read, else computed.
     pub fn digest(&self) -> [u8; 16] {
         match self.stored_digest {
@@ -2272,7 +2268,7 @@ mod tests {
 
     #[test]
     fn rows_of_both_formats_read_and_a_flipped_bit_in_either_is_caught() {
-        let row = ObjectRow::new(Some(Actor(9)), Object::new(), 3);
+        let row = ObjectRow { actor: Some(Actor(9)), object: Object::new(), generation: 3, stored_digest: None };
         let now = seal(&row).unwrap();
         assert_eq!(now[0], ROW_FORMAT);
         let body = rmp_serde::to_vec(&row).unwrap();
