@@ -508,11 +508,13 @@ impl Coordinator {
             },
             (ReplicaReply::State(state), Phase::Started | Phase::Replied) => {
                 let (object, digest) = state.map_or((None, None), |(o, d)| (Some(o), Some(d)));
-                self.answered_in_full(i, from, object, digest, now_ms);
-            }
-            (ReplicaReply::Object(object), Phase::Started | Phase::Replied) => {
-                let digest = object.as_ref().map(Object::digest);
-                self.answered_in_full(i, from, object, digest, now_ms);
+                let slot = &mut self.slots[i];
+                slot.state = SlotState::Answered;
+                slot.full = true;
+                slot.digest = Some(digest);
+                slot.object = object;
+                self.fastest.get_or_insert_with(|| from.to_string());
+                self.after_read(now_ms);
             }
             (ReplicaReply::Digest(digest), Phase::Started | Phase::Replied) if !self.slots[i].full => {
                 self.slots[i].state = SlotState::Answered;
@@ -549,24 +551,6 @@ impl Coordinator {
             }
             _ => {}
         }
-    }
-
-    /// A get's replica `i` answered with its whole state (None: it holds nothing).
-    fn answered_in_full(
-        &mut self,
-        i: usize,
-        from: &str,
-        object: Option<Object>,
-        digest: Option<[u8; 16]>,
-        now_ms: u64,
-    ) {
-        let slot = &mut self.slots[i];
-        slot.state = SlotState::Answered;
-        slot.full = true;
-        slot.digest = Some(digest);
-        slot.object = object;
-        self.fastest.get_or_insert_with(|| from.to_string());
-        self.after_read(now_ms);
     }
 
     /// This node's write is computed (not yet durable): send it to the other replicas now;
@@ -952,7 +936,6 @@ pub const COUNTERS_INTERVAL_MS: u64 = 1000;
 /// A replica's answer to a request, from the storage result (this node's own, or a peer's).
 pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
     match result {
-        Ok(StoreOutcome::Object(o)) => ReplicaReply::Object(o),
         Ok(StoreOutcome::Digest(d)) => ReplicaReply::Digest(d),
         Ok(StoreOutcome::State(s)) => ReplicaReply::State(s),
         Ok(StoreOutcome::Written { .. }) => ReplicaReply::Written,
@@ -968,7 +951,7 @@ pub fn replica_reply(result: Result<StoreOutcome, StoreError>) -> ReplicaReply {
 /// The storage operation that carries out a replica request on this node, if it is one.
 pub fn store_op(request: ReplicaRequest, now_wall_ms: u64) -> Option<StoreOp> {
     Some(match request {
-        ReplicaRequest::Read { key } => StoreOp::ReadState { key },
+        ReplicaRequest::Read { key } => StoreOp::Read { key },
         ReplicaRequest::ReadDigest { key } => StoreOp::ReadDigest { key },
         ReplicaRequest::Write { key, object, hint } => StoreOp::Write { key, object, hint },
         ReplicaRequest::Coordinate { key, context, value, hint } => {
@@ -1525,10 +1508,10 @@ mod tests {
 
         let mut c = get(2, &["d", "e"]);
         drain(&mut c);
-        c.handle_reply(1, "a", ReplicaReply::Object(Some(obj(1, b"v"))));
+        c.handle_reply(1, "a", read(Some(obj(1, b"v"))));
         c.handle_timeout(101);
         assert!(replies(&drain(&mut c)).is_empty());
-        c.handle_reply(500, "b", ReplicaReply::Object(Some(obj(1, b"v"))));
+        c.handle_reply(500, "b", read(Some(obj(1, b"v"))));
         let out = replies(&drain(&mut c));
         assert!(matches!(&out[..], [ClientResponse::Values { values, .. }] if values.len() == 1), "{out:?}");
 
@@ -1612,7 +1595,10 @@ mod tests {
     }
 
     fn read(o: Option<Object>) -> ReplicaReply {
-        ReplicaReply::Object(o)
+        ReplicaReply::State(o.map(|o| {
+            let digest = o.digest();
+            (o, digest)
+        }))
     }
 
     #[test]

@@ -708,7 +708,7 @@ mod tests {
             let holders: Vec<String> = (0..3)
                 .filter(|&i| {
                     let read = m.peers[i].store.run(StoreOp::Read { key: store_key.clone() });
-                    matches!(read, Ok(StoreOutcome::Object(Some(_))))
+                    matches!(read, Ok(StoreOutcome::State(Some(_))))
                 })
                 .map(|i| format!("n{}", i + 1))
                 .collect();

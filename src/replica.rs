@@ -466,7 +466,7 @@ mod tests {
         let read = crate::wire::ReplicaRequest::Read { key: b"k".to_vec() };
         s.handle(now(), Input::Message { from: peer(), msg: Message::Replica { id: 2, request: read } });
         assert!(
-            matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::ReadState { .. }, .. })),
+            matches!(s.poll_effect(), Some(Effect::Store { op: StoreOp::Read { .. }, .. })),
             "reads are still served"
         );
         let hint = vec![(Bytes::from(b"k".to_vec()), Object::new())];

@@ -152,13 +152,11 @@ pub enum Refusal {
 /// An operation on a node's local store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
-    /// The node's state of a key: its owned and hinted copies merged.
+    /// The node's state of a key, its owned and hinted copies merged, with its digest.
     Read { key: Vec<u8> },
     /// The digest of what `Read` answers (an owned row's stored digest when no hint or
     /// reaped record adds to it: no hashing, and the object is not decoded).
     ReadDigest { key: Vec<u8> },
-    /// What `Read` answers, with its digest.
-    ReadState { key: Vec<u8> },
     /// Merge a state; with `hint`, into the row kept for that node.
     Write { key: Vec<u8>, object: Object, hint: Option<NodeId> },
     /// Coordinate a client's write: apply it under a new dot of the target row's actor.
@@ -209,7 +207,6 @@ impl StoreOp {
             self,
             StoreOp::Read { .. }
                 | StoreOp::ReadDigest { .. }
-                | StoreOp::ReadState { .. }
                 | StoreOp::Page { .. }
                 | StoreOp::Tree { .. }
                 | StoreOp::HintPage { .. }
@@ -224,20 +221,16 @@ impl StoreOp {
     /// Merkle tree, no hint count): a [`StoreReader`] runs it in any read snapshot, beside
     /// the writer, so a replica read never waits behind a group commit.
     pub fn reads_rows_only(&self) -> bool {
-        matches!(
-            self,
-            StoreOp::Read { .. } | StoreOp::ReadDigest { .. } | StoreOp::ReadState { .. } | StoreOp::ReapCheck { .. }
-        )
+        matches!(self, StoreOp::Read { .. } | StoreOp::ReadDigest { .. } | StoreOp::ReapCheck { .. })
     }
 }
 
 /// What an operation produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOutcome {
-    Object(Option<Object>),
     /// A digest read: the digest of the key's state, None when there is none.
     Digest(Option<[u8; 16]>),
-    /// A state read: the key's state and its digest, None when there is none.
+    /// A read: the key's state and its digest, None when there is none.
     State(Option<(Object, [u8; 16])>),
     /// A write merged; `changed` is false when the store had it all.
     Written {
@@ -1338,10 +1331,6 @@ impl<E: Engine> Exec<'_, E> {
 
     fn execute(&mut self, op: StoreOp) -> Run<StoreOutcome> {
         match op {
-            StoreOp::Read { key } => {
-                let owned = self.owned(&key)?;
-                Ok(StoreOutcome::Object(self.with_hints(&key, owned)?.map(|(o, _)| o)))
-            }
             StoreOp::ReadDigest { key } => {
                 let hints = self.hints_of(&key)?;
                 if hints.is_empty() {
@@ -1353,7 +1342,7 @@ impl<E: Engine> Exec<'_, E> {
                 let state = self.with_these_hints(&key, owned, hints)?;
                 Ok(StoreOutcome::Digest(state.map(|(o, stored)| stored.unwrap_or_else(|| o.digest()))))
             }
-            StoreOp::ReadState { key } => {
+            StoreOp::Read { key } => {
                 let owned = self.owned(&key)?;
                 let state = self.with_hints(&key, owned)?;
                 Ok(StoreOutcome::State(state.map(|(o, stored)| {
@@ -1995,7 +1984,8 @@ mod tests {
         let w = StoreOp::Write { key: b"k".to_vec(), object: o.clone(), hint: None };
         assert_eq!(b.run(w.clone()), Ok(StoreOutcome::Written { changed: true }));
         assert_eq!(b.run(w), Ok(StoreOutcome::Written { changed: false }));
-        assert_eq!(b.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::Object(Some(o))));
+        let digest = o.digest();
+        assert_eq!(b.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::State(Some((o, digest)))));
     }
 
     #[test]
@@ -2006,7 +1996,7 @@ mod tests {
         assert!(f.objects().is_empty());
         assert_eq!(f.hints(), vec![("n3".to_string(), b"k".to_vec(), o.clone())]);
         assert_eq!(f.state.hint_counts().get("n3"), Some(&1));
-        assert_eq!(f.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::Object(Some(o.clone()))));
+        assert_eq!(f.run(StoreOp::Read { key: b"k".to_vec() }), Ok(StoreOutcome::State(Some((o.clone(), o.digest())))));
         let page = f.run(StoreOp::HintPage { intended: "n3".into(), after: None, bytes_max: 1 << 20 }).unwrap();
         assert!(matches!(&page, StoreOutcome::Hints { hints, next: None } if hints.len() == 1));
         let removed = f.run(StoreOp::RemoveHints { intended: "n3".into(), keys: vec![(b"k".to_vec(), o.digest())] });
@@ -2243,10 +2233,12 @@ mod tests {
         let digest_of = |s: &mut MemStore, k: &[u8]| {
             let read = s.run(StoreOp::Read { key: k.to_vec() }).unwrap();
             let digest = s.run(StoreOp::ReadDigest { key: k.to_vec() }).unwrap();
-            let state = s.run(StoreOp::ReadState { key: k.to_vec() }).unwrap();
-            let StoreOutcome::Object(o) = read else { panic!("{read:?}") };
+            let StoreOutcome::State(state) = read else { panic!("{read:?}") };
+            let o = state.map(|(o, d)| {
+                assert_eq!(d, o.digest(), "{k:?}: a read's digest is its object's");
+                o
+            });
             assert_eq!(digest, StoreOutcome::Digest(o.as_ref().map(Object::digest)), "{k:?}");
-            assert_eq!(state, StoreOutcome::State(o.clone().map(|o| (o.clone(), o.digest()))), "{k:?}");
             o
         };
         assert_eq!(digest_of(&mut s, b"k"), None);
@@ -2302,7 +2294,7 @@ mod tests {
         assert!(by_reader.failed.is_none());
         assert_eq!(by_reader.outcomes, s.clone().run_batch(ops()));
         assert!(
-            matches!(&by_reader.outcomes[0], Ok(StoreOutcome::Object(Some(merged))) if merged.siblings().len() == 2)
+            matches!(&by_reader.outcomes[0], Ok(StoreOutcome::State(Some((merged, _)))) if merged.siblings().len() == 2)
         );
         // Anything that needs the writer's state or writes is refused, and nothing changes.
         let before = s.engine.clone();
@@ -2355,7 +2347,7 @@ mod tests {
         assert!(matches!(&out[0], Err(StoreError::Corrupt { .. })), "{out:?}");
         assert!(matches!(&out[1], Ok(StoreOutcome::Coordinated(Ok(_)))));
         assert_eq!(s.engine.len(Table::Quarantine), 1);
-        assert_eq!(s.run(StoreOp::Read { key: victim.clone() }), Ok(StoreOutcome::Object(None)));
+        assert_eq!(s.run(StoreOp::Read { key: victim.clone() }), Ok(StoreOutcome::State(None)));
         // The tree no longer claims the key; a merge from the peer (anti-entropy) refills it.
         let refill = peer.object(&victim).unwrap();
         s.run(StoreOp::Merge { objects: vec![(victim.clone(), refill)] }).unwrap();

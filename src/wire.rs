@@ -202,8 +202,6 @@ impl ReplicaRequest {
 /// A replica's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicaReply {
-    /// A read: the replica's state, None when it holds nothing for the key.
-    Object(Option<Object>),
     /// A write is merged and as durable as the replica's storage mode makes writes.
     Written,
     /// A coordinated write: the new state to replicate.
@@ -422,8 +420,7 @@ impl Message {
                 }
             },
             Message::ReplicaReply {
-                reply: ReplicaReply::Object(Some(o)) | ReplicaReply::State(Some((o, _))) | ReplicaReply::Coordinated(o),
-                ..
+                reply: ReplicaReply::State(Some((o, _))) | ReplicaReply::Coordinated(o), ..
             } => o.validate(),
             Message::AntiEntropy { msg: AeMessage::PushAck { reaped }, .. } => {
                 reaped.iter().try_for_each(|(_, clock, _)| clock.validate())
@@ -567,7 +564,7 @@ mod tests {
                 id: 3,
                 request: ReplicaRequest::Write { key: b"k".to_vec(), object: object(), hint: Some("n3".into()) },
             },
-            Message::ReplicaReply { id: 3, reply: ReplicaReply::Object(Some(object())) },
+            Message::ReplicaReply { id: 3, reply: ReplicaReply::State(Some((object(), object().digest()))) },
             Message::AntiEntropy {
                 id: 4,
                 msg: AeMessage::Diff {

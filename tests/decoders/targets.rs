@@ -269,8 +269,8 @@ pub fn sample_messages() -> Vec<Message> {
             id: 9,
             request: ReplicaRequest::Forward { key: b"k".to_vec(), context: ctx.clone(), value: None, w: 2 },
         },
-        Message::ReplicaReply { id: 10, reply: ReplicaReply::Object(Some(o.clone())) },
-        Message::ReplicaReply { id: 10, reply: ReplicaReply::Object(None) },
+        Message::ReplicaReply { id: 10, reply: ReplicaReply::State(Some((o.clone(), o.digest()))) },
+        Message::ReplicaReply { id: 10, reply: ReplicaReply::State(None) },
         Message::ReplicaReply { id: 11, reply: ReplicaReply::Written },
         Message::ReplicaReply { id: 12, reply: ReplicaReply::Coordinated(objects[4].clone()) },
         Message::ReplicaReply {
@@ -871,7 +871,7 @@ pub fn store_open(data: &[u8]) {
     ops.extend(counts.keys().map(|i| StoreOp::HintPage { intended: i.clone(), after: None, bytes_max: 1 << 20 }));
     for out in store.run_batch(ops) {
         match out {
-            Ok(StoreOutcome::Object(o)) => assert!(o.is_some()),
+            Ok(StoreOutcome::State(o)) => assert!(o.is_some()),
             Ok(StoreOutcome::Page { .. } | StoreOutcome::Hints { .. }) => {}
             other => panic!("an opened store fails to serve what it holds: {other:?}"),
         }

@@ -361,13 +361,14 @@ mod tests {
             .storage;
         let reader = s.reader();
         let read = |k: &str| StoreOp::Read { key: k.as_bytes().to_vec() };
-        assert_eq!(reader.run(vec![read("a")], 1).0, vec![Ok(StoreOutcome::Object(None))]);
+        assert_eq!(reader.run(vec![read("a")], 1).0, vec![Ok(StoreOutcome::State(None))]);
         let mut aheads = Vec::new();
         let written = s.run(vec![coordinate("a")], false, 1, &mut |k, o| aheads.push((k, o.clone())));
         let Some(Ok(StoreOutcome::Coordinated(Ok(object)))) = written.into_iter().next() else { panic!() };
         assert_eq!(aheads, vec![(0, StoreOutcome::Coordinated(Ok(object.clone())))], "heard before the commit");
         let (outcomes, follow) = reader.run(vec![read("a"), read("b")], 1);
-        assert_eq!(outcomes, vec![Ok(StoreOutcome::Object(Some(object))), Ok(StoreOutcome::Object(None))]);
+        let digest = object.digest();
+        assert_eq!(outcomes, vec![Ok(StoreOutcome::State(Some((object, digest)))), Ok(StoreOutcome::State(None))]);
         assert!(follow.is_empty());
         let (refused, _) = reader.run(vec![StoreOp::Tree { tree: ringkv::store::TreeId::default_of(0) }], 1);
         assert!(refused[0].is_err());
