@@ -142,10 +142,12 @@ fn transfers_leave_wait_and_exchanges_show_progress() {
     assert!(repaired > 0, "anti-entropy copied keys to n4 while handoff was paused");
 
     // The bench: with --json and no terminal, stdout holds its one document and nothing else;
-    // --progress-json adds JSON lines of progress before it.
+    // --progress-json adds JSON lines of progress before it. The timed run updates by
+    // read-modify-write (workload f): blind updates (a) for a time pile up siblings on its 20
+    // keys until the store refuses more, after a number of writes that depends on speed.
     let (code, doc) = c.json(0, &["bench", "--ops", "200", "--keys", "50", "--clients", "2"]);
     assert_eq!((code, doc["ops"].as_u64()), (0, Some(200)), "one document: {doc}");
-    let args = ["bench", "--progress-json", "--duration", "2.5", "--keys", "20", "--clients", "2"];
+    let args = ["bench", "--progress-json", "--workload", "f", "--duration", "2.5", "--keys", "20", "--clients", "2"];
     let out = c.cli(0, &args);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = json_lines(&out.stdout);
