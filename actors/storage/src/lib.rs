@@ -190,6 +190,9 @@ pub struct Storage {
     log: Option<CommitLog>,
     /// The log generation redb's last durable commit named.
     generation: u64,
+    /// The next write batch commits durably in redb, not through the log: a batch was
+    /// logged whose redb commit then failed, and the record must not outlive the batch.
+    checkpoint_next: bool,
 }
 
 /// The read snapshot (a read transaction and the tables opened in it) that readers share
@@ -321,7 +324,15 @@ impl Storage {
         if report.digests_mended > 0 {
             tracing::warn!(rows = report.digests_mended, "rows with a wrong stored digest written again");
         }
-        let storage = Storage { db: Arc::new(db), state, mode, snapshot: Snapshot::default(), log, generation };
+        let storage = Storage {
+            db: Arc::new(db),
+            state,
+            mode,
+            snapshot: Snapshot::default(),
+            log,
+            generation,
+            checkpoint_next: false,
+        };
         Ok(Opened { storage, saved, report })
     }
 
@@ -366,7 +377,7 @@ impl Storage {
             Err(e) => return failed(e.to_string()),
         };
         let (run, payload) = {
-            let mut engine = if self.log.is_some() && !durable {
+            let mut engine = if self.log.is_some() && !durable && !self.checkpoint_next {
                 WriteEngine::logging(&txn)
             } else {
                 match WriteEngine::new(&txn) {
@@ -400,21 +411,26 @@ impl Storage {
             _ => false,
         };
         let checkpoint = !logged && (durable || self.mode == DurabilityMode::Sync);
-        let generation = match checkpoint.then(|| next_generation(&txn, self.generation)).transpose() {
-            Ok(g) => g,
-            Err(e) => return failed(e.0),
+        let committed = (|| {
+            let generation = checkpoint.then(|| next_generation(&txn, self.generation)).transpose().map_err(|e| e.0)?;
+            txn.set_durability(if checkpoint { Durability::Immediate } else { Durability::None })
+                .map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())?;
+            Ok::<_, String>(generation)
+        })();
+        let generation = match committed {
+            Ok(generation) => generation,
+            Err(e) => {
+                tracing::error!(error = %e, "storage commit failed");
+                self.checkpoint_next |= logged;
+                self.state.abandon();
+                return failed(e);
+            }
         };
-        if let Err(e) = txn.set_durability(if checkpoint { Durability::Immediate } else { Durability::None }) {
-            return failed(e.to_string());
-        }
-        if let Err(e) = txn.commit() {
-            tracing::error!(error = %e, "storage commit failed");
-            self.state.abandon();
-            return failed(e.to_string());
-        }
         if let Some(generation) = generation {
             self.restart_log(generation);
         }
+        self.checkpoint_next &= !checkpoint;
         *lock(&self.snapshot) = None;
         self.state.commit(&run.pending);
         if run.pending.quarantined > 0 {
