@@ -5,7 +5,10 @@
 //! fdatasync, while redb commits the batch without syncing: one sequential page per batch
 //! instead of a dozen scattered ones.
 //!
-//! Records belong to a generation. A durable redb commit (a checkpoint) holds every batch
+//! Records belong to one database and one generation. The database's log id is random,
+//! chosen when redb is created and kept in it, and secret: a log left by another database
+//! (a data directory whose redb file was replaced) replays nothing, and no client can shape
+//! a value into a record that replays. A durable redb commit (a checkpoint) holds every batch
 //! before it, so it names the next generation in the same transaction and the log starts
 //! over from its first byte. At open, the records of the generation redb names are applied,
 //! in order, over redb's last durable commit; replaying a record twice is harmless, since a
@@ -13,17 +16,19 @@
 //! acknowledged) ends the replay, as does one of another generation (left from before the
 //! last checkpoint).
 //!
-//! Record: magic `RKVL`, generation u64, sequence u64, payload length u32, CRC32 of the
-//! generation, sequence, length and payload, then the payload: changes, each a table
-//! index u8, 0 (put) or 1 (delete), key length u32 and key, then for a put the value
-//! length u32 and value. Integers are little-endian.
+//! Record: magic `RKL1` (the format's version: a change of the layout below, or of the
+//! tables' numbering in [`ringkv::store::Table::ALL`], needs a new one), generation u64,
+//! sequence u64, payload length u32, CRC32 of the log id, generation, sequence, length and
+//! payload, then the payload: changes, each a table index u8, 0 (put) or 1 (delete), key
+//! length u32 and key, then for a put the value length u32 and value. Integers are
+//! little-endian.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const MAGIC: [u8; 4] = *b"RKVL";
+const MAGIC: [u8; 4] = *b"RKL1";
 const HEADER_BYTES: usize = 4 + 8 + 8 + 4 + 4;
 
 /// Bytes of log written before a batch that would not fit commits durably in redb instead,
@@ -88,8 +93,17 @@ fn take_bytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((bytes.get(4..end)?, bytes.get(end..)?))
 }
 
-fn checksum(generation: u64, sequence: u64, payload: &[u8]) -> u32 {
+/// Which log a record belongs to: the database's random log id and the generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogName {
+    pub id: u64,
+    pub generation: u64,
+}
+
+fn checksum(name: LogName, sequence: u64, payload: &[u8]) -> u32 {
+    let LogName { id, generation } = name;
     let mut h = crc32fast::Hasher::new();
+    h.update(&id.to_le_bytes());
     h.update(&generation.to_le_bytes());
     h.update(&sequence.to_le_bytes());
     h.update(&(payload.len() as u32).to_le_bytes());
@@ -98,33 +112,33 @@ fn checksum(generation: u64, sequence: u64, payload: &[u8]) -> u32 {
 }
 
 /// One record, ready to write.
-pub fn encode_record(generation: u64, sequence: u64, payload: &[u8]) -> Vec<u8> {
+pub fn encode_record(name: LogName, sequence: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&name.generation.to_le_bytes());
     out.extend_from_slice(&sequence.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&checksum(generation, sequence, payload).to_le_bytes());
+    out.extend_from_slice(&checksum(name, sequence, payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
 
-/// The payloads of `generation`'s records from the start of `log`, in order, up to the
-/// first record that is not the next one of that generation or does not check.
-pub fn scan(log: &[u8], generation: u64) -> Vec<&[u8]> {
+/// The payloads of the log `name`'s records from the start of `log`, in order, up to the
+/// first record that is not the next one of that log or does not check.
+pub fn scan(log: &[u8], name: LogName) -> Vec<&[u8]> {
     let mut payloads = Vec::new();
     let mut at = 0usize;
     while let Some(header) = at.checked_add(HEADER_BYTES).and_then(|end| log.get(at..end)) {
         let word = |from: usize| u64::from_le_bytes(header[from..from + 8].try_into().unwrap_or_default());
         let half = |from: usize| u32::from_le_bytes(header[from..from + 4].try_into().unwrap_or_default());
         let (record_generation, sequence, len, crc) = (word(4), word(12), half(20) as usize, half(24));
-        if header[..4] != MAGIC || record_generation != generation || sequence != payloads.len() as u64 {
+        if header[..4] != MAGIC || record_generation != name.generation || sequence != payloads.len() as u64 {
             break;
         }
         let Some(payload) = (at + HEADER_BYTES).checked_add(len).and_then(|end| log.get(at + HEADER_BYTES..end)) else {
             break;
         };
-        if checksum(generation, sequence, payload) != crc {
+        if checksum(name, sequence, payload) != crc {
             break;
         }
         payloads.push(payload);
@@ -136,7 +150,7 @@ pub fn scan(log: &[u8], generation: u64) -> Vec<&[u8]> {
 /// The open log file of one node, positioned after the last record of its generation.
 pub struct CommitLog {
     file: File,
-    generation: u64,
+    name: LogName,
     sequence: u64,
     offset: u64,
 }
@@ -144,25 +158,30 @@ pub struct CommitLog {
 impl CommitLog {
     /// Open the log at `path` (created, and filled with zeros up to [`LOG_BYTES_MAX`] so that
     /// appends never change its size, when `create` and it is shorter), and the payloads of
-    /// `generation`'s records, to replay. The log continues after them until the next
+    /// the log `name`'s records, to replay. The log continues after them until the next
     /// [`CommitLog::restart`].
-    pub fn open(path: &Path, generation: u64, create: bool) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
+    pub fn open(path: &Path, name: LogName, create: bool) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
         let mut file = match OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok((None, Vec::new())),
             Err(e) => return Err(e),
         };
+        // Records are appended only below LOG_BYTES_MAX.
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let payloads: Vec<Vec<u8>> = scan(&bytes, generation).into_iter().map(<[u8]>::to_vec).collect();
+        (&mut file).take(LOG_BYTES_MAX).read_to_end(&mut bytes)?;
+        let payloads: Vec<Vec<u8>> = scan(&bytes, name).into_iter().map(<[u8]>::to_vec).collect();
         if create && (bytes.len() as u64) < LOG_BYTES_MAX {
             let zeros = vec![0u8; (LOG_BYTES_MAX as usize).saturating_sub(bytes.len())];
             file.write_all_at(&zeros, bytes.len() as u64)?;
             file.sync_all()?;
+            // The file's name must outlive a power cut as well as its bytes.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
         }
         let offset = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
         let sequence = payloads.len() as u64;
-        Ok((Some(CommitLog { file, generation, sequence, offset }), payloads))
+        Ok((Some(CommitLog { file, name, sequence, offset }), payloads))
     }
 
     /// Whether a payload of `len` bytes still fits before [`LOG_BYTES_MAX`].
@@ -175,7 +194,7 @@ impl CommitLog {
         if !self.fits(payload.len()) {
             return Err(io::Error::other("the record does not fit in the commit log"));
         }
-        let record = encode_record(self.generation, self.sequence, payload);
+        let record = encode_record(self.name, self.sequence, payload);
         self.file.write_all_at(&record, self.offset)?;
         self.file.sync_data()?;
         self.offset += record.len() as u64;
@@ -183,10 +202,25 @@ impl CommitLog {
         Ok(())
     }
 
+    /// Take the last record back (its batch failed after all): its magic is overwritten and
+    /// flushed, so no replay reaches it, and the next append takes its place.
+    pub fn retract_last(&mut self, payload_len: usize) -> io::Result<()> {
+        let record_bytes = (HEADER_BYTES + payload_len) as u64;
+        let (Some(offset), Some(sequence)) = (self.offset.checked_sub(record_bytes), self.sequence.checked_sub(1))
+        else {
+            return Err(io::Error::other("no such record to retract"));
+        };
+        self.file.write_all_at(&[0u8; 4], offset)?;
+        self.file.sync_data()?;
+        self.offset = offset;
+        self.sequence = sequence;
+        Ok(())
+    }
+
     /// Start `generation` from the log's first byte: redb's durable commit naming it holds
     /// everything the log held.
     pub fn restart(&mut self, generation: u64) {
-        self.generation = generation;
+        self.name.generation = generation;
         self.sequence = 0;
         self.offset = 0;
     }
@@ -202,6 +236,10 @@ mod tests {
         push_put(&mut p, 0, &[i; 3], &vec![i; i as usize]);
         push_delete(&mut p, 2, &[i, i]);
         p
+    }
+
+    fn name(generation: u64) -> LogName {
+        LogName { id: 0x5eed, generation }
     }
 
     #[test]
@@ -222,7 +260,7 @@ mod tests {
     fn appends_replay_until_a_restart_and_a_restarted_log_hides_the_old_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("commit.log");
-        let (log, replay) = CommitLog::open(&path, 7, true).unwrap();
+        let (log, replay) = CommitLog::open(&path, name(7), true).unwrap();
         assert!(replay.is_empty());
         let mut log = log.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX);
@@ -230,28 +268,57 @@ mod tests {
             log.append(&payload(i)).unwrap();
         }
         drop(log);
-        assert_eq!(CommitLog::open(&path, 7, true).unwrap().1, (0..3).map(payload).collect::<Vec<_>>());
-        assert!(CommitLog::open(&path, 8, true).unwrap().1.is_empty(), "another generation replays nothing");
-        let mut log = CommitLog::open(&path, 7, true).unwrap().0.unwrap();
+        let replay = |n: LogName| CommitLog::open(&path, n, true).unwrap().1;
+        assert_eq!(replay(name(7)), (0..3).map(payload).collect::<Vec<_>>());
+        assert!(replay(name(8)).is_empty(), "another generation replays nothing");
+        assert!(replay(LogName { id: 1, generation: 7 }).is_empty(), "another database's log replays nothing");
+        let mut log = CommitLog::open(&path, name(7), true).unwrap().0.unwrap();
         log.append(&payload(3)).unwrap();
         log.restart(8);
         log.append(&payload(9)).unwrap();
         drop(log);
-        assert_eq!(CommitLog::open(&path, 8, true).unwrap().1, vec![payload(9)]);
-        assert!(CommitLog::open(&path, 7, true).unwrap().1.is_empty(), "overwritten from the start");
+        assert_eq!(replay(name(8)), vec![payload(9)]);
+        assert!(replay(name(7)).is_empty(), "overwritten from the start");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX, "appends never grow the file");
-        let (none, replay) = CommitLog::open(&dir.path().join("absent.log"), 1, false).unwrap();
+        let (none, replay) = CommitLog::open(&dir.path().join("absent.log"), name(1), false).unwrap();
         assert!(none.is_none() && replay.is_empty());
+    }
+
+    #[test]
+    fn a_retracted_record_replays_nothing_and_the_next_append_takes_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("commit.log");
+        let mut log = CommitLog::open(&path, name(1), true).unwrap().0.unwrap();
+        log.append(&payload(1)).unwrap();
+        log.append(&payload(2)).unwrap();
+        log.retract_last(payload(2).len()).unwrap();
+        assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1)]);
+        log.append(&payload(3)).unwrap();
+        assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1), payload(3)]);
+        log.restart(2);
+        assert!(log.retract_last(0).is_err(), "nothing to take back after a restart");
+    }
+
+    #[test]
+    fn a_record_forged_without_the_log_id_does_not_replay() {
+        let mut log = encode_record(name(4), 0, &payload(1));
+        let forged = |id| encode_record(LogName { id, generation: 4 }, 1, &payload(2));
+        let mut guessed = log.clone();
+        guessed.extend(forged(0x5eed));
+        assert_eq!(scan(&guessed, name(4)).len(), 2, "with the id, the record would replay");
+        log.extend(forged(0));
+        assert_eq!(scan(&log, name(4)), vec![&payload(1)[..]]);
     }
 
     #[test]
     fn a_record_past_the_capacity_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = CommitLog::open(&dir.path().join("commit.log"), 0, true).unwrap().0.unwrap();
+        let mut log = CommitLog::open(&dir.path().join("commit.log"), name(0), true).unwrap().0.unwrap();
         let big = vec![1u8; LOG_BYTES_MAX as usize];
         assert!(!log.fits(big.len()));
         assert!(log.append(&big).is_err());
-        assert!(log.fits(1000));
+        let fits = LOG_BYTES_MAX as usize - HEADER_BYTES;
+        assert!(log.fits(fits) && !log.fits(fits + 1), "a record may end exactly at the capacity");
     }
 
     proptest! {
@@ -268,23 +335,54 @@ mod tests {
             let mut log = Vec::new();
             let mut ends = Vec::new();
             for (i, p) in payloads.iter().enumerate() {
-                log.extend(encode_record(3, i as u64, p));
+                log.extend(encode_record(name(3), i as u64, p));
                 ends.push(log.len());
             }
-            log.extend(encode_record(2, payloads.len() as u64, b"stale"));
-            let whole: Vec<Vec<u8>> = scan(&log, 3).into_iter().map(<[u8]>::to_vec).collect();
+            log.extend(encode_record(name(2), payloads.len() as u64, b"stale"));
+            let whole: Vec<Vec<u8>> = scan(&log, name(3)).into_iter().map(<[u8]>::to_vec).collect();
             prop_assert_eq!(&whole, &payloads);
             let at = cut.index(log.len() + 1);
             let kept = ends.iter().filter(|&&e| e <= at).count();
-            prop_assert_eq!(scan(&log[..at], 3).len(), kept);
+            prop_assert_eq!(scan(&log[..at], name(3)).len(), kept);
             let mut flipped = log.clone();
             if !flipped.is_empty() {
                 let at = flip.index(flipped.len());
                 flipped[at] ^= 1 << bit;
-                let got: Vec<Vec<u8>> = scan(&flipped, 3).into_iter().map(<[u8]>::to_vec).collect();
+                let got: Vec<Vec<u8>> = scan(&flipped, name(3)).into_iter().map(<[u8]>::to_vec).collect();
                 let intact = ends.iter().filter(|&&e| e <= at).count();
                 prop_assert_eq!(&got, &payloads[..intact].to_vec());
             }
+        }
+
+        /// Records written over an older generation's replay alone, whatever the older bytes
+        /// hold after them: even a record of the new generation with the right sequence,
+        /// planted in a value (as a client could), does not check without the log id.
+        #[test]
+        fn old_bytes_after_the_records_replay_nothing(
+            old in proptest::collection::vec(0usize..60, 1..10),
+            new in proptest::collection::vec(0usize..40, 0..4),
+        ) {
+            let mut log = Vec::new();
+            for (i, &n) in old.iter().enumerate() {
+                let forged = encode_record(LogName { id: 0, generation: 3 }, (new.len() + i) as u64, &payload(9));
+                let mut value = forged.clone();
+                value.resize(n.max(forged.len()), 0);
+                let mut p = Vec::new();
+                push_put(&mut p, 0, b"k", &value);
+                log.extend(encode_record(name(2), i as u64, &p));
+            }
+            let mut start = Vec::new();
+            for (i, &n) in new.iter().enumerate() {
+                start.extend(encode_record(name(3), i as u64, &vec![7u8; n]));
+            }
+            let end = start.len().min(log.len());
+            log[..end].copy_from_slice(&start[..end]);
+            if start.len() > log.len() {
+                log.extend_from_slice(&start[end..]);
+            }
+            let got = scan(&log, name(3));
+            prop_assert_eq!(got.len(), new.len());
+            prop_assert!(got.iter().all(|p| p.iter().all(|&b| b == 7)));
         }
     }
 }

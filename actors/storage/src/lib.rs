@@ -13,7 +13,7 @@ use std::cell::OnceCell;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use commit_log::CommitLog;
+use commit_log::{CommitLog, LogName};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
@@ -23,6 +23,7 @@ use ringkv::store::{
     Engine, EngineError, OpenReport, Saved, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState,
     Table,
 };
+use std::hash::{BuildHasher, Hasher};
 
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -35,10 +36,10 @@ const DEFS: [Def; 6] = [
     TableDefinition::new("meta"),
 ];
 
-/// The generation of the commit log that follows redb's last durable commit (this crate's
-/// own table: the core never sees it).
-const LOG_GENERATION: Def = TableDefinition::new("commit_log");
-const GENERATION_KEY: &[u8] = b"generation";
+/// The database's log id and the generation of the commit log that follows redb's last
+/// durable commit (this crate's own table: the core never sees it).
+const LOG_NAME: Def = TableDefinition::new("commit_log");
+const LOG_NAME_KEY: &[u8] = b"name";
 
 fn index(table: Table) -> usize {
     Table::ALL.iter().position(|t| *t == table).unwrap_or(0)
@@ -188,11 +189,8 @@ pub struct Storage {
     snapshot: Snapshot,
     /// `sync` mode's commit log; None in `buffered` mode.
     log: Option<CommitLog>,
-    /// The log generation redb's last durable commit named.
-    generation: u64,
-    /// The next write batch commits durably in redb, not through the log: a batch was
-    /// logged whose redb commit then failed, and the record must not outlive the batch.
-    checkpoint_next: bool,
+    /// The log redb's last durable commit named.
+    log_name: LogName,
 }
 
 /// The read snapshot (a read transaction and the tables opened in it) that readers share
@@ -232,19 +230,33 @@ impl Reader {
     }
 }
 
-fn read_generation(txn: &WriteTransaction) -> Result<u64, EngineError> {
-    let table = txn.open_table(LOG_GENERATION).map_err(err)?;
-    let Some(row) = table.get(GENERATION_KEY).map_err(err)? else { return Ok(0) };
-    let bytes: [u8; 8] =
-        row.value().try_into().map_err(|_| EngineError("the commit log generation is not 8 bytes".into()))?;
-    Ok(u64::from_le_bytes(bytes))
+/// The log redb names; a new random log id at generation 0 when it names none (a new
+/// database, or one from before the commit log).
+fn read_log_name(txn: &WriteTransaction) -> Result<LogName, EngineError> {
+    let table = txn.open_table(LOG_NAME).map_err(err)?;
+    let Some(row) = table.get(LOG_NAME_KEY).map_err(err)? else {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+        );
+        hasher.write_u32(std::process::id());
+        return Ok(LogName { id: hasher.finish(), generation: 0 });
+    };
+    let word = |from: usize| row.value().get(from..from + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    match (word(0), word(8), row.value().len()) {
+        (Some(id), Some(generation), 16) => Ok(LogName { id, generation }),
+        _ => Err(EngineError("the commit log's name is not 16 bytes".into())),
+    }
 }
 
-/// Name the generation after `generation` in a transaction about to commit durably.
-fn next_generation(txn: &WriteTransaction, generation: u64) -> Result<u64, EngineError> {
-    let next = generation.checked_add(1).ok_or_else(|| EngineError("commit log generations ran out".into()))?;
-    txn.open_table(LOG_GENERATION).map_err(err)?.insert(GENERATION_KEY, next.to_le_bytes().as_slice()).map_err(err)?;
-    Ok(next)
+/// Name the log's next generation in a transaction about to commit durably.
+fn next_generation(txn: &WriteTransaction, name: LogName) -> Result<LogName, EngineError> {
+    let generation =
+        name.generation.checked_add(1).ok_or_else(|| EngineError("commit log generations ran out".into()))?;
+    let mut row = name.id.to_le_bytes().to_vec();
+    row.extend_from_slice(&generation.to_le_bytes());
+    txn.open_table(LOG_NAME).map_err(err)?.insert(LOG_NAME_KEY, row.as_slice()).map_err(err)?;
+    Ok(LogName { id: name.id, generation })
 }
 
 /// Apply the commit log's payloads, in order.
@@ -285,9 +297,9 @@ impl Storage {
         let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-        let generation = read_generation(&txn).map_err(|e| format!("{}: {e}", path.display()))?;
+        let log_name = read_log_name(&txn).map_err(|e| format!("{}: {e}", path.display()))?;
         let log_path = path.with_extension("commit-log");
-        let (log, replay) = CommitLog::open(&log_path, generation, mode == DurabilityMode::Sync)
+        let (log, replay) = CommitLog::open(&log_path, log_name, mode == DurabilityMode::Sync)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let (state, report) = {
             let mut engine = WriteEngine::new(&txn)
@@ -305,11 +317,11 @@ impl Storage {
             }
             (state, report)
         };
-        let generation = next_generation(&txn, generation).map_err(|e| e.to_string())?;
+        let log_name = next_generation(&txn, log_name).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         // In `buffered` mode a log left by `sync` mode was replayed above and is stale now.
         let log = log.filter(|_| mode == DurabilityMode::Sync).map(|mut log| {
-            log.restart(generation);
+            log.restart(log_name.generation);
             log
         });
         let saved = {
@@ -324,15 +336,7 @@ impl Storage {
         if report.digests_mended > 0 {
             tracing::warn!(rows = report.digests_mended, "rows with a wrong stored digest written again");
         }
-        let storage = Storage {
-            db: Arc::new(db),
-            state,
-            mode,
-            snapshot: Snapshot::default(),
-            log,
-            generation,
-            checkpoint_next: false,
-        };
+        let storage = Storage { db: Arc::new(db), state, mode, snapshot: Snapshot::default(), log, log_name };
         Ok(Opened { storage, saved, report })
     }
 
@@ -377,7 +381,7 @@ impl Storage {
             Err(e) => return failed(e.to_string()),
         };
         let (run, payload) = {
-            let mut engine = if self.log.is_some() && !durable && !self.checkpoint_next {
+            let mut engine = if self.log.is_some() {
                 WriteEngine::logging(&txn)
             } else {
                 match WriteEngine::new(&txn) {
@@ -397,22 +401,22 @@ impl Storage {
                 ahead(k, o);
             }
         }
-        // Durable once logged; a batch the log cannot take commits durably in redb, which
-        // starts the log over.
+        // Durable once logged (the length of the record's payload when one was appended); a
+        // batch the log cannot take commits durably in redb, which starts the log over.
         let logged = match (&mut self.log, payload) {
-            (Some(_), Some(payload)) if payload.is_empty() => true,
+            (Some(_), Some(payload)) if payload.is_empty() => Some(None),
             (Some(log), Some(payload)) if log.fits(payload.len()) => match log.append(&payload) {
-                Ok(()) => true,
+                Ok(()) => Some(Some(payload.len())),
                 Err(e) => {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
-                    false
+                    None
                 }
             },
-            _ => false,
+            _ => None,
         };
-        let checkpoint = !logged && (durable || self.mode == DurabilityMode::Sync);
+        let checkpoint = logged.is_none() && (durable || self.mode == DurabilityMode::Sync);
         let committed = (|| {
-            let generation = checkpoint.then(|| next_generation(&txn, self.generation)).transpose().map_err(|e| e.0)?;
+            let generation = checkpoint.then(|| next_generation(&txn, self.log_name)).transpose().map_err(|e| e.0)?;
             txn.set_durability(if checkpoint { Durability::Immediate } else { Durability::None })
                 .map_err(|e| e.to_string())?;
             txn.commit().map_err(|e| e.to_string())?;
@@ -422,15 +426,19 @@ impl Storage {
             Ok(generation) => generation,
             Err(e) => {
                 tracing::error!(error = %e, "storage commit failed");
-                self.checkpoint_next |= logged;
+                // The batch failed: its record must not replay at the next start.
+                if let (Some(log), Some(Some(len))) = (&mut self.log, logged) {
+                    if let Err(e) = log.retract_last(len) {
+                        tracing::error!(error = %e, "a failed batch's commit log record could not be taken back: a restart may apply it");
+                    }
+                }
                 self.state.abandon();
                 return failed(e);
             }
         };
-        if let Some(generation) = generation {
-            self.restart_log(generation);
+        if let Some(name) = generation {
+            self.restart_log(name);
         }
-        self.checkpoint_next &= !checkpoint;
         *lock(&self.snapshot) = None;
         self.state.commit(&run.pending);
         if run.pending.quarantined > 0 {
@@ -443,24 +451,25 @@ impl Storage {
     pub fn flush(&mut self) -> Result<(), String> {
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-        let generation = next_generation(&txn, self.generation).map_err(|e| e.to_string())?;
+        let name = next_generation(&txn, self.log_name).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        self.restart_log(generation);
+        self.restart_log(name);
         Ok(())
     }
 
-    /// A durable commit naming `generation` succeeded: the log starts over.
-    fn restart_log(&mut self, generation: u64) {
-        self.generation = generation;
+    /// A durable commit naming `name` succeeded: the log starts over.
+    fn restart_log(&mut self, name: LogName) {
+        self.log_name = name;
         if let Some(log) = &mut self.log {
-            log.restart(generation);
+            log.restart(name.generation);
         }
     }
 
-    /// A clean stop: everything durable, and the store marked closed.
+    /// A clean stop: the store marked closed, and everything durable in redb (the commit
+    /// log starts over).
     pub fn close(&mut self, now_wall_ms: u64) -> Result<(), String> {
         match self.run(vec![StoreOp::Close], true, now_wall_ms, &mut |_, _| {}).pop() {
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(_)) => self.flush(),
             Some(Err(e)) => Err(e.to_string()),
             None => Err("no outcome".into()),
         }
@@ -518,11 +527,8 @@ mod tests {
         std::process::exit(0)
     }
 
-    #[test]
-    fn acknowledged_batches_survive_a_crash_through_the_commit_log() {
-        if let Some(dir) = std::env::var_os(CRASH_DIR) {
-            crash_child(Path::new(&dir));
-        }
+    /// A data directory after [`crash_child`] ran in it.
+    fn crashed() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "tests::acknowledged_batches_survive_a_crash_through_the_commit_log", "--nocapture"])
@@ -531,6 +537,15 @@ mod tests {
             .unwrap();
         let stdout = String::from_utf8_lossy(&child.stdout);
         assert_eq!(stdout.lines().filter(|l| l.starts_with("acknowledged ")).count(), BATCHES, "{stdout}");
+        dir
+    }
+
+    #[test]
+    fn acknowledged_batches_survive_a_crash_through_the_commit_log() {
+        if let Some(dir) = std::env::var_os(CRASH_DIR) {
+            crash_child(Path::new(&dir));
+        }
+        let dir = crashed();
         let o =
             Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, 2).unwrap();
         assert_eq!(o.report.objects, 4 * BATCHES as u64, "every acknowledged write is there");
@@ -544,11 +559,33 @@ mod tests {
                 }
             }
         }
-        drop(o);
+    }
+
+    #[test]
+    fn a_node_restarted_in_buffered_mode_replays_what_sync_mode_logged() {
+        let dir = crashed();
         let buffered =
-            Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Buffered, 3)
+            Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Buffered, 2)
                 .unwrap();
-        assert_eq!(buffered.report.objects, 4 * BATCHES as u64, "buffered mode opens what sync mode logged");
+        assert_eq!(buffered.report.objects, 4 * BATCHES as u64);
+    }
+
+    #[test]
+    fn a_new_database_beside_an_old_commit_log_replays_none_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let open = |epoch| Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, epoch).unwrap();
+        let mut s = open(1).storage;
+        for i in 0..10 {
+            s.run(vec![coordinate(&format!("k{i}"))], false, 1, &mut |_, _| {});
+        }
+        s.close(1).unwrap();
+        drop(s);
+        std::fs::remove_file(&path).unwrap();
+        let fresh = open(2);
+        assert_eq!(fresh.report.objects, 0);
+        drop(fresh);
+        assert_eq!(open(3).report.objects, 0, "the old database's records stay out of the new one");
     }
 
     #[test]
