@@ -10,7 +10,7 @@
 pub mod commit_log;
 
 use std::cell::OnceCell;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use commit_log::{CommitLog, LogName};
@@ -183,51 +183,81 @@ impl Engine for ReadEngine {
 
 /// One node's redb file and its store state.
 pub struct Storage {
-    db: Arc<Database>,
+    shared: Shared,
     state: StoreState,
     mode: DurabilityMode,
-    snapshot: Snapshot,
     /// `sync` mode's commit log; None in `buffered` mode.
     log: Option<CommitLog>,
     /// The log redb's last durable commit named.
     log_name: LogName,
+    /// How to open the database again.
+    path: PathBuf,
+    q: u32,
+    limits: StoreLimits,
+    fresh_epoch: u64,
+    /// A commit failed: redb refuses every write until the database is opened again, which
+    /// the next batch does first.
+    broken: bool,
+    /// Opening again failed: batches fail at once until then (it rebuilds every tree).
+    reopen_not_before: Option<std::time::Instant>,
 }
 
-/// The read snapshot (a read transaction and the tables opened in it) that readers share
-/// until the next commit: the writer drops it once a commit succeeded and before anyone
-/// hears of that commit, so a read that starts after a write's acknowledgement always
-/// sees the write, and no snapshot outlives a commit to pin pages the commit freed.
-type Snapshot = Arc<Mutex<Option<ReadEngine>>>;
+/// How long after a failed attempt to open the database again the next one waits.
+const REOPEN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn lock(snapshot: &Snapshot) -> MutexGuard<'_, Option<ReadEngine>> {
+/// The database, and the read snapshot (a read transaction and the tables opened in it)
+/// that readers share until the next commit: the writer drops the snapshot once a commit
+/// succeeded and before anyone hears of that commit, so a read that starts after a
+/// write's acknowledgement always sees the write, and no snapshot outlives a commit to pin
+/// pages the commit freed. No database while the writer opens it again after a failure.
+#[derive(Default)]
+struct Open {
+    db: Option<Arc<Database>>,
+    snapshot: Option<ReadEngine>,
+}
+
+type Shared = Arc<Mutex<Open>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Open> {
     // A reader that panicked left nothing half-done: the snapshot is read-only.
-    snapshot.lock().unwrap_or_else(PoisonError::into_inner)
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs row reads ([`StoreOp::reads_rows_only`]) in read snapshots of the database, on the
 /// caller's thread: a replica read never waits behind the writer's group commit.
 #[derive(Clone)]
 pub struct Reader {
-    db: Arc<Database>,
     reader: StoreReader,
-    snapshot: Snapshot,
+    shared: Shared,
 }
 
 impl Reader {
     /// The outcomes, and the operations the writer must run after (quarantines of rows
     /// found unreadable).
     pub fn run(&self, ops: Vec<StoreOp>, now_wall_ms: u64) -> (Vec<Result<StoreOutcome, StoreError>>, Vec<StoreOp>) {
-        let mut snapshot = lock(&self.snapshot);
-        let engine = match snapshot.take() {
-            Some(engine) => engine,
-            None => match self.db.begin_read() {
+        let mut open = lock(&self.shared);
+        let failed = |e: String| (ops.iter().map(|_| Err(StoreError::Io(e.clone()))).collect(), Vec::new());
+        let engine = match (open.snapshot.take(), &open.db) {
+            (Some(engine), _) => engine,
+            (None, Some(db)) => match db.begin_read() {
                 Ok(txn) => ReadEngine::new(txn),
-                Err(e) => return (ops.iter().map(|_| Err(StoreError::Io(e.to_string()))).collect(), Vec::new()),
+                Err(e) => return failed(e.to_string()),
             },
+            (None, None) => return failed("the storage is being opened again after a failed commit".into()),
         };
-        let run = self.reader.run(snapshot.insert(engine), ops, now_wall_ms);
+        let run = self.reader.run(open.snapshot.insert(engine), ops, now_wall_ms);
         (run.outcomes, run.pending.quarantine)
     }
+}
+
+/// A database opened, its log replayed.
+struct Parts {
+    db: Database,
+    state: StoreState,
+    report: OpenReport,
+    saved: Saved,
+    log: Option<CommitLog>,
+    log_name: LogName,
 }
 
 /// The log redb names; a new random log id at generation 0 when it names none (a new
@@ -281,16 +311,8 @@ pub struct Opened {
     pub report: OpenReport,
 }
 
-impl Storage {
-    /// Open (or create) the node's database; `fresh_epoch` becomes the node's epoch if the
-    /// database is new. Rebuilds the Merkle trees and quarantines unreadable rows.
-    pub fn open(
-        path: &Path,
-        q: u32,
-        limits: StoreLimits,
-        mode: DurabilityMode,
-        fresh_epoch: u64,
-    ) -> Result<Opened, String> {
+impl Parts {
+    fn open(path: &Path, q: u32, limits: StoreLimits, mode: DurabilityMode, fresh_epoch: u64) -> Result<Parts, String> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
@@ -336,14 +358,74 @@ impl Storage {
         if report.digests_mended > 0 {
             tracing::warn!(rows = report.digests_mended, "rows with a wrong stored digest written again");
         }
-        let storage = Storage { db: Arc::new(db), state, mode, snapshot: Snapshot::default(), log, log_name };
+        Ok(Parts { db, state, report, saved, log, log_name })
+    }
+}
+
+impl Storage {
+    /// Open (or create) the node's database; `fresh_epoch` becomes the node's epoch if the
+    /// database is new. Replays the commit log, rebuilds the Merkle trees and quarantines
+    /// unreadable rows.
+    pub fn open(
+        path: &Path,
+        q: u32,
+        limits: StoreLimits,
+        mode: DurabilityMode,
+        fresh_epoch: u64,
+    ) -> Result<Opened, String> {
+        let Parts { db, state, report, saved, log, log_name } = Parts::open(path, q, limits, mode, fresh_epoch)?;
+        let storage = Storage {
+            shared: Arc::new(Mutex::new(Open { db: Some(Arc::new(db)), snapshot: None })),
+            state,
+            mode,
+            log,
+            log_name,
+            path: path.to_path_buf(),
+            q,
+            limits,
+            fresh_epoch,
+            broken: false,
+            reopen_not_before: None,
+        };
         Ok(Opened { storage, saved, report })
+    }
+
+    /// Open the database again after a failed commit, as at a start: redb's last durable
+    /// commit, then the commit log (every acknowledged batch since). Readers fail until it
+    /// is open.
+    fn reopen(&mut self) -> Result<(), String> {
+        let now = std::time::Instant::now();
+        if self.reopen_not_before.is_some_and(|t| now < t) {
+            return Err("the storage failed and is not open yet".into());
+        }
+        *lock(&self.shared) = Open::default();
+        self.log = None;
+        let parts = Parts::open(&self.path, self.q, self.limits, self.mode, self.fresh_epoch).map_err(|e| {
+            self.reopen_not_before = Some(now + REOPEN_BACKOFF);
+            format!("opening the storage again after a failed commit failed: {e}")
+        })?;
+        tracing::warn!(objects = parts.report.objects, "storage opened again after a failed commit");
+        self.state = parts.state;
+        self.log = parts.log;
+        self.log_name = parts.log_name;
+        lock(&self.shared).db = Some(Arc::new(parts.db));
+        self.broken = false;
+        self.reopen_not_before = None;
+        Ok(())
+    }
+
+    /// The database, opened again first after a failed commit.
+    fn db(&mut self) -> Result<Arc<Database>, String> {
+        if self.broken {
+            self.reopen()?;
+        }
+        lock(&self.shared).db.clone().ok_or_else(|| "the storage is not open".to_string())
     }
 
     /// A reader of this database for the operations that read rows only, to run on any
     /// thread beside this writer.
     pub fn reader(&self) -> Reader {
-        Reader { db: self.db.clone(), reader: self.state.reader(), snapshot: self.snapshot.clone() }
+        Reader { reader: self.state.reader(), shared: self.shared.clone() }
     }
 
     pub fn state(&self) -> &StoreState {
@@ -366,8 +448,12 @@ impl Storage {
     ) -> Vec<Result<StoreOutcome, StoreError>> {
         let n = ops.len();
         let failed = |e: String| (0..n).map(|_| Err(StoreError::Io(e.clone()))).collect();
+        let db = match self.db() {
+            Ok(db) => db,
+            Err(e) => return failed(e),
+        };
         if ops.iter().all(StoreOp::is_read_only) {
-            let run = match self.db.begin_read() {
+            let run = match db.begin_read() {
                 Ok(txn) => self.state.run(&mut ReadEngine::new(txn), ops, now_wall_ms),
                 Err(e) => return failed(e.to_string()),
             };
@@ -376,9 +462,12 @@ impl Storage {
             }
             return run.outcomes;
         }
-        let mut txn = match self.db.begin_write() {
+        let mut txn = match db.begin_write() {
             Ok(t) => t,
-            Err(e) => return failed(e.to_string()),
+            Err(e) => {
+                self.broken = true;
+                return failed(e.to_string());
+            }
         };
         let (run, payload) = {
             let mut engine = if self.log.is_some() {
@@ -392,8 +481,12 @@ impl Storage {
             let run = self.state.run(&mut engine, ops, now_wall_ms);
             (run, engine.log.take())
         };
-        if run.failed.is_some() {
+        if let Some(e) = &run.failed {
+            // redb keeps an I/O error that a write met and refuses to commit until the
+            // database is opened again.
+            tracing::error!(error = %e, "a storage write failed");
             let _ = txn.abort();
+            self.broken = true;
             return run.outcomes;
         }
         for (k, outcome) in run.outcomes.iter().enumerate() {
@@ -433,13 +526,14 @@ impl Storage {
                     }
                 }
                 self.state.abandon();
+                self.broken = true;
                 return failed(e);
             }
         };
         if let Some(name) = generation {
             self.restart_log(name);
         }
-        *lock(&self.snapshot) = None;
+        lock(&self.shared).snapshot = None;
         self.state.commit(&run.pending);
         if run.pending.quarantined > 0 {
             tracing::warn!(rows = run.pending.quarantined, "unreadable rows quarantined; anti-entropy refills them");
@@ -449,12 +543,24 @@ impl Storage {
 
     /// Make every buffered commit durable.
     pub fn flush(&mut self) -> Result<(), String> {
-        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-        let name = next_generation(&txn, self.log_name).map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())?;
-        self.restart_log(name);
-        Ok(())
+        let db = self.db()?;
+        let committed = (|| {
+            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+            txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+            let name = next_generation(&txn, self.log_name).map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())?;
+            Ok::<_, String>(name)
+        })();
+        match committed {
+            Ok(name) => {
+                self.restart_log(name);
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
     }
 
     /// A durable commit naming `name` succeeded: the log starts over.
@@ -559,6 +665,82 @@ mod tests {
                 }
             }
         }
+    }
+
+    const FULL_DIR: &str = "RINGKV_STORAGE_FULL_DIR";
+
+    fn set_file_size_max(bytes: libc::rlim_t) {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: plain system calls on a local struct.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+            limit.rlim_cur = bytes.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        }
+    }
+
+    /// In a child process (the file size limit is the process's): the disk fills up (a file
+    /// size limit, past the commit log's size), commits fail, then space comes back. The
+    /// storage opens the database again by itself and loses no acknowledged batch.
+    fn full_child(dir: &Path) -> ! {
+        // SAFETY: ignoring a signal; writes past the limit then fail with EFBIG instead.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let open = |epoch| Storage::open(&dir.join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, epoch);
+        let mut s = open(1).unwrap().storage;
+        set_file_size_max(commit_log::LOG_BYTES_MAX + (64 << 10));
+        let (mut acknowledged, mut failures, mut lifted_at) = (Vec::new(), 0, None);
+        for batch in 0..2000 {
+            if failures >= 3 && lifted_at.is_none() {
+                set_file_size_max(libc::RLIM_INFINITY);
+                lifted_at = Some(acknowledged.len());
+            }
+            let key = format!("k{batch}");
+            let out = s.run(vec![write(&key, VersionVector::new(), Some(vec![7; 16_000]))], false, 1, &mut |_, _| {});
+            match &out[0] {
+                Ok(StoreOutcome::Coordinated(Ok(_))) => acknowledged.push(key),
+                _ => {
+                    failures += 1;
+                    if lifted_at.is_some() {
+                        // An attempt to open again that failed waits before the next.
+                        std::thread::sleep(REOPEN_BACKOFF);
+                    }
+                }
+            }
+            if lifted_at.is_some_and(|n| acknowledged.len() >= n + 20) {
+                break;
+            }
+        }
+        assert!(failures >= 3, "the disk never filled up");
+        assert!(lifted_at.is_some_and(|n| acknowledged.len() >= n + 20), "writes succeed again once there is space");
+        let missing: Vec<&String> = acknowledged.iter().filter(|k| read_object(&s, k).is_none()).collect();
+        assert!(missing.is_empty(), "lost before the restart: {missing:?}");
+        let closed = s.close(1);
+        assert!(closed.is_ok(), "the storage works again: {closed:?}");
+        drop(s);
+        let s = open(2).unwrap().storage;
+        let missing: Vec<&String> = acknowledged.iter().filter(|k| read_object(&s, k).is_none()).collect();
+        assert!(missing.is_empty(), "lost after the restart: {missing:?}");
+        println!("recovered: {} acknowledged, {failures} failed", acknowledged.len());
+        std::process::exit(0)
+    }
+
+    #[test]
+    fn a_full_disk_fails_commits_until_space_returns_and_loses_no_acknowledged_write() {
+        if let Some(dir) = std::env::var_os(FULL_DIR) {
+            full_child(Path::new(&dir));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_full_disk_fails_commits_until_space_returns_and_loses_no_acknowledged_write",
+                "--nocapture",
+            ])
+            .env(FULL_DIR, dir.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
+        assert!(child.status.success() && stdout.contains("recovered: "), "{stdout}\n{stderr}");
     }
 
     #[test]
