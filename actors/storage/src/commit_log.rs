@@ -45,17 +45,39 @@ pub struct Change {
     pub value: Option<Vec<u8>>,
 }
 
-/// Append a put to a payload.
-pub fn push_put(payload: &mut Vec<u8>, table: u8, key: &[u8], value: &[u8]) {
-    payload.extend_from_slice(&[table, 0]);
-    push_bytes(payload, key);
-    push_bytes(payload, value);
+/// One record being written: room for its header, then the payload. A writer keeps one
+/// and clears it for each batch, so a batch's changes are written down without allocating.
+pub struct Record {
+    bytes: Vec<u8>,
 }
 
-/// Append a delete to a payload.
-pub fn push_delete(payload: &mut Vec<u8>, table: u8, key: &[u8]) {
-    payload.extend_from_slice(&[table, 1]);
-    push_bytes(payload, key);
+impl Default for Record {
+    fn default() -> Self {
+        Record { bytes: vec![0; HEADER_BYTES] }
+    }
+}
+
+impl Record {
+    pub fn clear(&mut self) {
+        self.bytes.truncate(HEADER_BYTES);
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        self.bytes.get(HEADER_BYTES..).unwrap_or_default()
+    }
+
+    /// Append a put to the payload.
+    pub fn push_put(&mut self, table: u8, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(&[table, 0]);
+        push_bytes(&mut self.bytes, key);
+        push_bytes(&mut self.bytes, value);
+    }
+
+    /// Append a delete to the payload.
+    pub fn push_delete(&mut self, table: u8, key: &[u8]) {
+        self.bytes.extend_from_slice(&[table, 1]);
+        push_bytes(&mut self.bytes, key);
+    }
 }
 
 fn push_bytes(payload: &mut Vec<u8>, bytes: &[u8]) {
@@ -111,14 +133,19 @@ fn checksum(name: LogName, sequence: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+fn header(name: LogName, sequence: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
+    let mut out = [0u8; HEADER_BYTES];
+    out[..4].copy_from_slice(&MAGIC);
+    out[4..12].copy_from_slice(&name.generation.to_le_bytes());
+    out[12..20].copy_from_slice(&sequence.to_le_bytes());
+    out[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    out[24..].copy_from_slice(&checksum(name, sequence, payload).to_le_bytes());
+    out
+}
+
 /// One record, ready to write.
 pub fn encode_record(name: LogName, sequence: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&name.generation.to_le_bytes());
-    out.extend_from_slice(&sequence.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&checksum(name, sequence, payload).to_le_bytes());
+    let mut out = header(name, sequence, payload).to_vec();
     out.extend_from_slice(payload);
     out
 }
@@ -189,15 +216,17 @@ impl CommitLog {
         self.offset.saturating_add((HEADER_BYTES + len) as u64) <= LOG_BYTES_MAX
     }
 
-    /// Append one record and flush it: once this returns Ok, a crash replays the payload.
-    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
-        if !self.fits(payload.len()) {
+    /// Append one record and flush it: once this returns Ok, a crash replays its payload.
+    pub fn append(&mut self, record: &mut Record) -> io::Result<()> {
+        let payload_len = record.payload().len();
+        if !self.fits(payload_len) {
             return Err(io::Error::other("the record does not fit in the commit log"));
         }
-        let record = encode_record(self.name, self.sequence, payload);
-        self.file.write_all_at(&record, self.offset)?;
+        let header = header(self.name, self.sequence, record.payload());
+        record.bytes[..HEADER_BYTES].copy_from_slice(&header);
+        self.file.write_all_at(&record.bytes, self.offset)?;
         self.file.sync_data()?;
-        self.offset += record.len() as u64;
+        self.offset += record.bytes.len() as u64;
         self.sequence += 1;
         Ok(())
     }
@@ -231,11 +260,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn record(i: u8) -> Record {
+        let mut r = Record::default();
+        r.push_put(0, &[i; 3], &vec![i; i as usize]);
+        r.push_delete(2, &[i, i]);
+        r
+    }
+
     fn payload(i: u8) -> Vec<u8> {
-        let mut p = Vec::new();
-        push_put(&mut p, 0, &[i; 3], &vec![i; i as usize]);
-        push_delete(&mut p, 2, &[i, i]);
-        p
+        record(i).payload().to_vec()
     }
 
     fn name(generation: u64) -> LogName {
@@ -265,7 +298,7 @@ mod tests {
         let mut log = log.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX);
         for i in 0..3 {
-            log.append(&payload(i)).unwrap();
+            log.append(&mut record(i)).unwrap();
         }
         drop(log);
         let replay = |n: LogName| CommitLog::open(&path, n, true).unwrap().1;
@@ -273,9 +306,9 @@ mod tests {
         assert!(replay(name(8)).is_empty(), "another generation replays nothing");
         assert!(replay(LogName { id: 1, generation: 7 }).is_empty(), "another database's log replays nothing");
         let mut log = CommitLog::open(&path, name(7), true).unwrap().0.unwrap();
-        log.append(&payload(3)).unwrap();
+        log.append(&mut record(3)).unwrap();
         log.restart(8);
-        log.append(&payload(9)).unwrap();
+        log.append(&mut record(9)).unwrap();
         drop(log);
         assert_eq!(replay(name(8)), vec![payload(9)]);
         assert!(replay(name(7)).is_empty(), "overwritten from the start");
@@ -289,11 +322,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("commit.log");
         let mut log = CommitLog::open(&path, name(1), true).unwrap().0.unwrap();
-        log.append(&payload(1)).unwrap();
-        log.append(&payload(2)).unwrap();
+        log.append(&mut record(1)).unwrap();
+        log.append(&mut record(2)).unwrap();
         log.retract_last(payload(2).len()).unwrap();
         assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1)]);
-        log.append(&payload(3)).unwrap();
+        log.append(&mut record(3)).unwrap();
         assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1), payload(3)]);
         log.restart(2);
         assert!(log.retract_last(0).is_err(), "nothing to take back after a restart");
@@ -314,9 +347,10 @@ mod tests {
     fn a_record_past_the_capacity_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = CommitLog::open(&dir.path().join("commit.log"), name(0), true).unwrap().0.unwrap();
-        let big = vec![1u8; LOG_BYTES_MAX as usize];
-        assert!(!log.fits(big.len()));
-        assert!(log.append(&big).is_err());
+        let mut big = Record::default();
+        big.push_put(0, b"k", &vec![1u8; LOG_BYTES_MAX as usize]);
+        assert!(!log.fits(big.payload().len()));
+        assert!(log.append(&mut big).is_err());
         let fits = LOG_BYTES_MAX as usize - HEADER_BYTES;
         assert!(log.fits(fits) && !log.fits(fits + 1), "a record may end exactly at the capacity");
     }
@@ -367,9 +401,9 @@ mod tests {
                 let forged = encode_record(LogName { id: 0, generation: 3 }, (new.len() + i) as u64, &payload(9));
                 let mut value = forged.clone();
                 value.resize(n.max(forged.len()), 0);
-                let mut p = Vec::new();
-                push_put(&mut p, 0, b"k", &value);
-                log.extend(encode_record(name(2), i as u64, &p));
+                let mut r = Record::default();
+                r.push_put(0, b"k", &value);
+                log.extend(encode_record(name(2), i as u64, r.payload()));
             }
             let mut start = Vec::new();
             for (i, &n) in new.iter().enumerate() {

@@ -13,7 +13,7 @@ use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use commit_log::{CommitLog, LogName};
+use commit_log::{CommitLog, LogName, Record};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
@@ -58,7 +58,7 @@ fn err(e: impl std::fmt::Display) -> EngineError {
 pub struct WriteEngine<'t> {
     txn: &'t WriteTransaction,
     tables: [OnceCell<redb::Table<'t, &'static [u8], &'static [u8]>>; 6],
-    log: Option<Vec<u8>>,
+    log: Option<Record>,
 }
 
 impl<'t> WriteEngine<'t> {
@@ -67,8 +67,9 @@ impl<'t> WriteEngine<'t> {
     }
 
     /// An engine that also writes its changes down for the commit log.
-    fn logging(txn: &'t WriteTransaction) -> Self {
-        WriteEngine { txn, tables: Default::default(), log: Some(Vec::new()) }
+    fn logging(txn: &'t WriteTransaction, mut record: Record) -> Self {
+        record.clear();
+        WriteEngine { txn, tables: Default::default(), log: Some(record) }
     }
 
     fn t(&self, table: Table) -> Result<&redb::Table<'t, &'static [u8], &'static [u8]>, EngineError> {
@@ -113,14 +114,14 @@ impl Engine for WriteEngine<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
         self.t_mut(table)?.insert(key, value).map_err(err)?;
         if let Some(log) = &mut self.log {
-            commit_log::push_put(log, index(table) as u8, key, value);
+            log.push_put(index(table) as u8, key, value);
         }
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
         self.t_mut(table)?.remove(key).map_err(err)?;
         if let Some(log) = &mut self.log {
-            commit_log::push_delete(log, index(table) as u8, key);
+            log.push_delete(index(table) as u8, key);
         }
         Ok(())
     }
@@ -190,6 +191,8 @@ pub struct Storage {
     log: Option<CommitLog>,
     /// The log redb's last durable commit named.
     log_name: LogName,
+    /// The record each batch's changes are written down in, kept from batch to batch.
+    record: Record,
     /// How to open the database again.
     path: PathBuf,
     q: u32,
@@ -386,6 +389,7 @@ impl Storage {
             fresh_epoch,
             broken: false,
             reopen_not_before: None,
+            record: Record::default(),
         };
         Ok(Opened { storage, saved, report })
     }
@@ -471,7 +475,7 @@ impl Storage {
         };
         let (run, payload) = {
             let mut engine = if self.log.is_some() {
-                WriteEngine::logging(&txn)
+                WriteEngine::logging(&txn, std::mem::take(&mut self.record))
             } else {
                 match WriteEngine::new(&txn) {
                     Ok(e) => e,
@@ -497,9 +501,16 @@ impl Storage {
         // Durable once logged (the length of the record's payload when one was appended); a
         // batch the log cannot take commits durably in redb, which starts the log over.
         let logged = match (&mut self.log, payload) {
-            (Some(_), Some(payload)) if payload.is_empty() => Some(None),
-            (Some(log), Some(payload)) if log.fits(payload.len()) => match log.append(&payload) {
-                Ok(()) => Some(Some(payload.len())),
+            (Some(_), Some(record)) if record.payload().is_empty() => {
+                self.record = record;
+                Some(None)
+            }
+            (Some(log), Some(mut record)) if log.fits(record.payload().len()) => match log.append(&mut record) {
+                Ok(()) => {
+                    let len = record.payload().len();
+                    self.record = record;
+                    Some(Some(len))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
                     None
