@@ -284,6 +284,38 @@ struct Shared {
     namespaces: Mutex<HashMap<String, Vec<u8>>>,
     /// One refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
+    /// One connection attempt at a time to each node.
+    connecting: Gates,
+}
+
+/// A gate per address: concurrent first requests to a node wait for one connection
+/// attempt instead of each opening a connection of its own (which the node refuses past
+/// a few, and a refusal would mark the node unreachable).
+type Gates = Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>;
+
+/// `pooled()` if it has something, else `connect()`, one caller at a time per `addr`: a
+/// caller that waited on another's attempt takes what it pooled.
+async fn connect_once<T, E, Fut>(
+    gates: &Gates,
+    addr: SocketAddr,
+    pooled: impl Fn() -> Option<T>,
+    connect: impl FnOnce() -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    if let Some(c) = pooled() {
+        return Ok(c);
+    }
+    let gate = gates.lock().ok().map(|mut g| g.entry(addr).or_default().clone());
+    let _turn = match &gate {
+        Some(gate) => Some(gate.lock().await),
+        None => None,
+    };
+    if let Some(c) = pooled() {
+        return Ok(c);
+    }
+    connect().await
 }
 
 /// A client of a ringkv cluster, partition-aware (the paper's client-driven coordination):
@@ -345,6 +377,7 @@ impl Client {
                 view: Mutex::default(),
                 namespaces: Mutex::new(HashMap::new()),
                 refreshing: tokio::sync::Mutex::new(()),
+                connecting: Mutex::default(),
             }),
             fastest_replica: true,
         };
@@ -373,15 +406,15 @@ impl Client {
 
     /// The pooled connection to the node at `addr`, made when there is none.
     pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, NetError> {
-        let pooled = self.shared.pool.lock().ok().and_then(|p| p.get(&addr).cloned());
-        if let Some(c) = pooled.filter(|c| !c.is_closed()) {
-            return Ok(c);
-        }
-        let c = self.shared.connector.connect(addr, &self.shared.creds, self.shared.frame_max).await?;
-        if let Ok(mut p) = self.shared.pool.lock() {
-            p.insert(addr, c.clone());
-        }
-        Ok(c)
+        let pooled = || self.shared.pool.lock().ok().and_then(|p| p.get(&addr).cloned()).filter(|c| !c.is_closed());
+        connect_once(&self.shared.connecting, addr, pooled, || async {
+            let c = self.shared.connector.connect(addr, &self.shared.creds, self.shared.frame_max).await?;
+            if let Ok(mut p) = self.shared.pool.lock() {
+                p.insert(addr, c.clone());
+            }
+            Ok(c)
+        })
+        .await
     }
 
     /// Send a request: one for a key to the first reachable node of its preference list
@@ -669,6 +702,33 @@ fn reachable_first(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sixteen requests that all find no connection to a node open one between them (they
+    /// opened sixteen, and the node refused some, which sent the client's traffic elsewhere).
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_first_requests_to_a_node_open_one_connection() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (gates, pool, attempts) = (Gates::default(), Mutex::new(None::<u32>), AtomicU64::new(0));
+        let one = || {
+            connect_once(
+                &gates,
+                addr,
+                || *pool.lock().unwrap(),
+                || async {
+                    let n = attempts.fetch_add(1, Ordering::Relaxed) as u32;
+                    tokio::task::yield_now().await;
+                    *pool.lock().unwrap() = Some(n);
+                    Ok::<u32, ()>(n)
+                },
+            )
+        };
+        let got = futures::future::join_all((0..16).map(|_| one())).await;
+        assert_eq!(attempts.load(Ordering::Relaxed), 1);
+        assert!(got.iter().all(|c| *c == Ok(0)), "{got:?}");
+        let other: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let fresh = connect_once(&gates, other, || None, || async { Ok::<u32, ()>(7) }).await;
+        assert_eq!(fresh, Ok(7), "each address has its own gate");
+    }
 
     #[test]
     fn a_node_that_could_not_be_reached_is_tried_last_for_a_while() {
