@@ -576,6 +576,8 @@ pub fn link_writer(conn: quinn::Connection, frame_max: usize) -> LinkSender {
                 .await
             } else {
                 let mut batch = first;
+                // Let the tasks ready now queue what they have, to leave in the same packet.
+                tokio::task::yield_now().await;
                 while batch.len() < COALESCE_BYTES {
                     match rx.try_recv() {
                         Ok(f) if f.len() > BULK_BYTES => {
