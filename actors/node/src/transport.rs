@@ -56,6 +56,9 @@ struct Shared {
     conns: HashMap<ConnId, LinkSender>,
     /// Dialled connections by address.
     pool: HashMap<SocketAddr, ConnId>,
+    /// Connections other nodes dialled, by node: to a node whose id sorts before this
+    /// node's, messages go on the connection that node dialled (see [`TransportActor::me`]).
+    accepted: HashMap<NodeId, ConnId>,
     /// Dials in progress: messages wait for them.
     dialing: HashMap<SocketAddr, Vec<Message>>,
     /// Read by the connections' readers, on the runtime.
@@ -81,6 +84,10 @@ impl Shared {
 
 pub struct TransportActor {
     endpoint: quinn::Endpoint,
+    /// This node's id. Two nodes each dial the other, but send on one connection between
+    /// them, the one the node whose id sorts first dialled: requests and answers both ways
+    /// then share its packets.
+    me: Option<NodeId>,
     creds: Credentials,
     frame_max: usize,
     book: HashMap<NodeId, SocketAddr>,
@@ -91,7 +98,7 @@ impl TransportActor {
     /// The transport on `endpoint`; open connections are counted in `metrics`.
     pub fn new(endpoint: quinn::Endpoint, creds: Credentials, frame_max: usize, metrics: NodeMetrics) -> Self {
         let shared = Rc::new(RefCell::new(Shared { metrics, ..Shared::default() }));
-        TransportActor { endpoint, creds, frame_max, book: HashMap::new(), shared }
+        TransportActor { endpoint, me: creds.node.clone(), creds, frame_max, book: HashMap::new(), shared }
     }
 
     fn is_blocked(&self, node: &NodeId) -> bool {
@@ -116,12 +123,21 @@ fn unreachable(shared: &Rc<RefCell<Shared>>, node: NodeId) {
 }
 
 /// Serve a connection that passed its handshake: register it and read its streams.
-fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, frame_max: usize) -> ConnId {
+fn serve(
+    shared: Rc<RefCell<Shared>>,
+    conn: quinn::Connection,
+    peer: Identity,
+    frame_max: usize,
+    dialled: bool,
+) -> ConnId {
     let link = net::link_writer(conn.clone(), frame_max);
     let id = {
         let mut s = shared.borrow_mut();
         let id = s.conn_id();
         s.conns.insert(id, link.clone());
+        if let Some(n) = peer.node().filter(|_| !dialled) {
+            s.accepted.insert(n.clone(), id);
+        }
         s.metrics.connection(peer.role().name(), 1);
         id
     };
@@ -162,6 +178,7 @@ fn serve(shared: Rc<RefCell<Shared>>, conn: quinn::Connection, peer: Identity, f
         s.conns.remove(&id);
         s.metrics.connection(role, -1);
         s.pool.retain(|_, c| *c != id);
+        s.accepted.retain(|_, c| *c != id);
         drop(s);
         if let Some(n) = node {
             unreachable(&sh, n);
@@ -199,7 +216,7 @@ impl Actor for TransportActor {
                     match accepted {
                         Ok((conn, peer)) => {
                             tracing::debug!(%remote, ?peer, "accepted a connection");
-                            serve(shared, conn, peer, frame_max);
+                            serve(shared, conn, peer, frame_max, false);
                         }
                         Err(reason) => {
                             let mut s = shared.borrow_mut();
@@ -254,7 +271,7 @@ impl TransportActor {
             let queued = shared.borrow_mut().dialing.remove(&addr).unwrap_or_default();
             match dialled {
                 Ok((conn, peer)) => {
-                    let id = serve(shared.clone(), conn, Identity::Node(peer), frame_max);
+                    let id = serve(shared.clone(), conn, Identity::Node(peer), frame_max, true);
                     shared.borrow_mut().pool.insert(addr, id);
                     let link = shared.borrow().conns.get(&id).cloned();
                     if let Some(link) = link {
@@ -322,6 +339,18 @@ impl Handler<Outgoing> for TransportActor {
                 Dest::Node(node) => {
                     if self.is_blocked(&node) {
                         return;
+                    }
+                    if self.me.as_ref().is_some_and(|me| *me > node) {
+                        let link = {
+                            let s = self.shared.borrow();
+                            s.accepted.get(&node).and_then(|id| s.conns.get(id)).filter(|l| !l.is_closed()).cloned()
+                        };
+                        if let Some(link) = link {
+                            if let Some(wait) = write(link, msg, Some(node), self.shared.clone()) {
+                                ctx.wait(actix::fut::wrap_future(wait));
+                            }
+                            return;
+                        }
                     }
                     match self.book.get(&node).copied() {
                         Some(addr) => self.send_to_addr(addr, Some(node), msg, ctx),
