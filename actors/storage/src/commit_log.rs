@@ -180,6 +180,9 @@ pub struct CommitLog {
     name: LogName,
     sequence: u64,
     offset: u64,
+    /// Where the last record appended since the last restart begins, while it may still
+    /// be taken back.
+    last: Option<u64>,
 }
 
 impl CommitLog {
@@ -208,7 +211,7 @@ impl CommitLog {
         }
         let offset = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
         let sequence = payloads.len() as u64;
-        Ok((Some(CommitLog { file, name, sequence, offset }), payloads))
+        Ok((Some(CommitLog { file, name, sequence, offset, last: None }), payloads))
     }
 
     /// Whether a payload of `len` bytes still fits before [`LOG_BYTES_MAX`].
@@ -226,6 +229,7 @@ impl CommitLog {
         record.bytes[..HEADER_BYTES].copy_from_slice(&header);
         self.file.write_all_at(&record.bytes, self.offset)?;
         self.file.sync_data()?;
+        self.last = Some(self.offset);
         self.offset += record.bytes.len() as u64;
         self.sequence += 1;
         Ok(())
@@ -233,16 +237,15 @@ impl CommitLog {
 
     /// Take the last record back (its batch failed after all): its magic is overwritten and
     /// flushed, so no replay reaches it, and the next append takes its place.
-    pub fn retract_last(&mut self, payload_len: usize) -> io::Result<()> {
-        let record_bytes = (HEADER_BYTES + payload_len) as u64;
-        let (Some(offset), Some(sequence)) = (self.offset.checked_sub(record_bytes), self.sequence.checked_sub(1))
-        else {
-            return Err(io::Error::other("no such record to retract"));
+    pub fn retract_last(&mut self) -> io::Result<()> {
+        let (Some(offset), Some(sequence)) = (self.last, self.sequence.checked_sub(1)) else {
+            return Err(io::Error::other("no record to take back"));
         };
         self.file.write_all_at(&[0u8; 4], offset)?;
         self.file.sync_data()?;
         self.offset = offset;
         self.sequence = sequence;
+        self.last = None;
         Ok(())
     }
 
@@ -252,6 +255,7 @@ impl CommitLog {
         self.name.generation = generation;
         self.sequence = 0;
         self.offset = 0;
+        self.last = None;
     }
 }
 
@@ -324,12 +328,12 @@ mod tests {
         let mut log = CommitLog::open(&path, name(1), true).unwrap().0.unwrap();
         log.append(&mut record(1)).unwrap();
         log.append(&mut record(2)).unwrap();
-        log.retract_last(payload(2).len()).unwrap();
+        log.retract_last().unwrap();
         assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1)]);
         log.append(&mut record(3)).unwrap();
         assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1), payload(3)]);
         log.restart(2);
-        assert!(log.retract_last(0).is_err(), "nothing to take back after a restart");
+        assert!(log.retract_last().is_err(), "nothing to take back after a restart");
     }
 
     #[test]

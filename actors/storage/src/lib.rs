@@ -10,6 +10,7 @@
 pub mod commit_log;
 
 use std::cell::OnceCell;
+use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -23,7 +24,6 @@ use ringkv::store::{
     Engine, EngineError, OpenReport, Saved, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState,
     Table,
 };
-use std::hash::{BuildHasher, Hasher};
 
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
 
@@ -63,13 +63,15 @@ pub struct WriteEngine<'t> {
 
 impl<'t> WriteEngine<'t> {
     pub fn new(txn: &'t WriteTransaction) -> Result<Self, EngineError> {
-        Ok(WriteEngine { txn, tables: Default::default(), log: None })
+        Ok(WriteEngine::logging(txn, None))
     }
 
-    /// An engine that also writes its changes down for the commit log.
-    fn logging(txn: &'t WriteTransaction, mut record: Record) -> Self {
-        record.clear();
-        WriteEngine { txn, tables: Default::default(), log: Some(record) }
+    /// An engine that also writes its changes down in `record` (cleared first), if any.
+    fn logging(txn: &'t WriteTransaction, mut record: Option<Record>) -> Self {
+        if let Some(r) = &mut record {
+            r.clear();
+        }
+        WriteEngine { txn, tables: Default::default(), log: record }
     }
 
     fn t(&self, table: Table) -> Result<&redb::Table<'t, &'static [u8], &'static [u8]>, EngineError> {
@@ -466,22 +468,16 @@ impl Storage {
             }
             return run.outcomes;
         }
-        let mut txn = match db.begin_write() {
+        let txn = match db.begin_write() {
             Ok(t) => t,
             Err(e) => {
                 self.broken = true;
                 return failed(e.to_string());
             }
         };
-        let (run, payload) = {
-            let mut engine = if self.log.is_some() {
-                WriteEngine::logging(&txn, std::mem::take(&mut self.record))
-            } else {
-                match WriteEngine::new(&txn) {
-                    Ok(e) => e,
-                    Err(e) => return failed(e.0),
-                }
-            };
+        let (run, record) = {
+            let record = self.log.is_some().then(|| std::mem::take(&mut self.record));
+            let mut engine = WriteEngine::logging(&txn, record);
             let run = self.state.run(&mut engine, ops, now_wall_ms);
             (run, engine.log.take())
         };
@@ -498,51 +494,37 @@ impl Storage {
                 ahead(k, o);
             }
         }
-        // Durable once logged (the length of the record's payload when one was appended); a
-        // batch the log cannot take commits durably in redb, which starts the log over.
-        let logged = match (&mut self.log, payload) {
-            (Some(_), Some(record)) if record.payload().is_empty() => {
-                self.record = record;
-                Some(None)
-            }
-            (Some(log), Some(mut record)) if log.fits(record.payload().len()) => match log.append(&mut record) {
-                Ok(()) => {
-                    let len = record.payload().len();
-                    self.record = record;
-                    Some(Some(len))
-                }
-                Err(e) => {
+        // Durable once logged (a batch that changed nothing needs no record); a batch the
+        // log cannot take commits durably in redb, which starts the log over.
+        let (logged, appended) = match (&mut self.log, record) {
+            (Some(log), Some(mut record)) => {
+                let len = record.payload().len();
+                let logged = if len == 0 {
+                    (true, false)
+                } else if !log.fits(len) {
+                    (false, false)
+                } else if let Err(e) = log.append(&mut record) {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let checkpoint = logged.is_none() && (durable || self.mode == DurabilityMode::Sync);
-        let committed = (|| {
-            let generation = checkpoint.then(|| next_generation(&txn, self.log_name)).transpose().map_err(|e| e.0)?;
-            txn.set_durability(if checkpoint { Durability::Immediate } else { Durability::None })
-                .map_err(|e| e.to_string())?;
-            txn.commit().map_err(|e| e.to_string())?;
-            Ok::<_, String>(generation)
-        })();
-        let generation = match committed {
-            Ok(generation) => generation,
-            Err(e) => {
-                tracing::error!(error = %e, "storage commit failed");
-                // The batch failed: its record must not replay at the next start.
-                if let (Some(log), Some(Some(len))) = (&mut self.log, logged) {
-                    if let Err(e) = log.retract_last(len) {
-                        tracing::error!(error = %e, "a failed batch's commit log record could not be taken back: a restart may apply it");
-                    }
-                }
-                self.state.abandon();
-                self.broken = true;
-                return failed(e);
+                    (false, false)
+                } else {
+                    (true, true)
+                };
+                self.record = record;
+                logged
             }
+            _ => (false, false),
         };
-        if let Some(name) = generation {
-            self.restart_log(name);
+        let checkpoint = !logged && (durable || self.mode == DurabilityMode::Sync);
+        if let Err(e) = self.commit(txn, checkpoint) {
+            tracing::error!(error = %e, "storage commit failed");
+            // The batch failed: its record must not replay at the next start.
+            if let Some(log) = self.log.as_mut().filter(|_| appended) {
+                if let Err(e) = log.retract_last() {
+                    tracing::error!(error = %e, "a failed batch's commit log record could not be taken back: a restart may apply it");
+                }
+            }
+            self.state.abandon();
+            return failed(e);
         }
         lock(&self.shared).snapshot = None;
         self.state.commit(&run.pending);
@@ -554,17 +536,32 @@ impl Storage {
 
     /// Make every buffered commit durable.
     pub fn flush(&mut self) -> Result<(), String> {
-        let db = self.db()?;
+        let txn = match self.db()?.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                self.broken = true;
+                return Err(e.to_string());
+            }
+        };
+        self.commit(txn, true)
+    }
+
+    /// Commit `txn`: durably when `checkpoint`, naming the log's next generation, which then
+    /// starts over. A failure leaves the storage broken until it is opened again.
+    fn commit(&mut self, mut txn: WriteTransaction, checkpoint: bool) -> Result<(), String> {
+        let name = self.log_name;
         let committed = (|| {
-            let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-            txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-            let name = next_generation(&txn, self.log_name).map_err(|e| e.to_string())?;
+            let next = checkpoint.then(|| next_generation(&txn, name)).transpose().map_err(|e| e.0)?;
+            txn.set_durability(if checkpoint { Durability::Immediate } else { Durability::None })
+                .map_err(|e| e.to_string())?;
             txn.commit().map_err(|e| e.to_string())?;
-            Ok::<_, String>(name)
+            Ok::<_, String>(next)
         })();
         match committed {
-            Ok(name) => {
-                self.restart_log(name);
+            Ok(next) => {
+                if let Some(next) = next {
+                    self.restart_log(next);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -598,18 +595,26 @@ mod tests {
     use super::*;
     use ringkv::version::VersionVector;
 
-    fn coordinate(key: &str) -> StoreOp {
-        StoreOp::Coordinate {
-            key: key.as_bytes().to_vec(),
-            context: VersionVector::new(),
-            value: Some(vec![1; 10]),
-            hint: None,
-            now_wall_ms: 1,
-        }
-    }
-
     fn write(key: &str, context: VersionVector, value: Option<Vec<u8>>) -> StoreOp {
         StoreOp::Coordinate { key: key.as_bytes().to_vec(), context, value, hint: None, now_wall_ms: 1 }
+    }
+
+    fn coordinate(key: &str) -> StoreOp {
+        write(key, VersionVector::new(), Some(vec![1; 10]))
+    }
+
+    /// The storage in `dir`.
+    fn open(dir: &Path, mode: DurabilityMode, epoch: u64) -> Opened {
+        Storage::open(&dir.join("db.redb"), 16, StoreLimits::default(), mode, epoch).unwrap()
+    }
+
+    /// Run the test `test` again in a child process, with `var` naming `dir`.
+    fn in_child(test: &str, var: &str, dir: &Path) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &format!("tests::{test}"), "--nocapture"])
+            .env(var, dir)
+            .output()
+            .unwrap()
     }
 
     fn read_object(s: &Storage, key: &str) -> Option<ringkv::version::Object> {
@@ -628,8 +633,7 @@ mod tests {
     /// only what the commit log flushed can bring them back. 4 values of 16 KB a batch fill
     /// the log past its capacity on the way, so the run also checkpoints.
     fn crash_child(dir: &Path) -> ! {
-        let mut s =
-            Storage::open(&dir.join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, 1).unwrap().storage;
+        let mut s = open(dir, DurabilityMode::Sync, 1).storage;
         for batch in 0..BATCHES {
             let mut ops: Vec<StoreOp> =
                 (0..4).map(|i| write(&format!("k{batch}-{i}"), VersionVector::new(), Some(vec![i; 16_000]))).collect();
@@ -647,11 +651,7 @@ mod tests {
     /// A data directory after [`crash_child`] ran in it.
     fn crashed() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tests::acknowledged_batches_survive_a_crash_through_the_commit_log", "--nocapture"])
-            .env(CRASH_DIR, dir.path())
-            .output()
-            .unwrap();
+        let child = in_child("acknowledged_batches_survive_a_crash_through_the_commit_log", CRASH_DIR, dir.path());
         let stdout = String::from_utf8_lossy(&child.stdout);
         assert_eq!(stdout.lines().filter(|l| l.starts_with("acknowledged ")).count(), BATCHES, "{stdout}");
         dir
@@ -663,8 +663,7 @@ mod tests {
             crash_child(Path::new(&dir));
         }
         let dir = crashed();
-        let o =
-            Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, 2).unwrap();
+        let o = open(dir.path(), DurabilityMode::Sync, 2);
         assert_eq!(o.report.objects, 4 * BATCHES as u64, "every acknowledged write is there");
         for batch in 0..BATCHES {
             for i in 0..4u8 {
@@ -696,10 +695,10 @@ mod tests {
     fn full_child(dir: &Path) -> ! {
         // SAFETY: ignoring a signal; writes past the limit then fail with EFBIG instead.
         unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-        let open = |epoch| Storage::open(&dir.join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, epoch);
-        let mut s = open(1).unwrap().storage;
+        let mut s = open(dir, DurabilityMode::Sync, 1).storage;
         set_file_size_max(commit_log::LOG_BYTES_MAX + (64 << 10));
         let (mut acknowledged, mut failures, mut lifted_at) = (Vec::new(), 0, None);
+        let mut failures_with_space = 0;
         for batch in 0..2000 {
             if failures >= 3 && lifted_at.is_none() {
                 set_file_size_max(libc::RLIM_INFINITY);
@@ -713,11 +712,12 @@ mod tests {
                     failures += 1;
                     if lifted_at.is_some() {
                         // An attempt to open again that failed waits before the next.
+                        failures_with_space += 1;
                         std::thread::sleep(REOPEN_BACKOFF);
                     }
                 }
             }
-            if lifted_at.is_some_and(|n| acknowledged.len() >= n + 20) {
+            if lifted_at.is_some_and(|n| acknowledged.len() >= n + 20) || failures_with_space > 3 {
                 break;
             }
         }
@@ -728,7 +728,7 @@ mod tests {
         let closed = s.close(1);
         assert!(closed.is_ok(), "the storage works again: {closed:?}");
         drop(s);
-        let s = open(2).unwrap().storage;
+        let s = open(dir, DurabilityMode::Sync, 2).storage;
         let missing: Vec<&String> = acknowledged.iter().filter(|k| read_object(&s, k).is_none()).collect();
         assert!(missing.is_empty(), "lost after the restart: {missing:?}");
         println!("recovered: {} acknowledged, {failures} failed", acknowledged.len());
@@ -741,15 +741,8 @@ mod tests {
             full_child(Path::new(&dir));
         }
         let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::a_full_disk_fails_commits_until_space_returns_and_loses_no_acknowledged_write",
-                "--nocapture",
-            ])
-            .env(FULL_DIR, dir.path())
-            .output()
-            .unwrap();
+        let test = "a_full_disk_fails_commits_until_space_returns_and_loses_no_acknowledged_write";
+        let child = in_child(test, FULL_DIR, dir.path());
         let (stdout, stderr) = (String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
         assert!(child.status.success() && stdout.contains("recovered: "), "{stdout}\n{stderr}");
     }
@@ -757,24 +750,21 @@ mod tests {
     #[test]
     fn a_node_restarted_in_buffered_mode_replays_what_sync_mode_logged() {
         let dir = crashed();
-        let buffered =
-            Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Buffered, 2)
-                .unwrap();
+        let buffered = open(dir.path(), DurabilityMode::Buffered, 2);
         assert_eq!(buffered.report.objects, 4 * BATCHES as u64);
     }
 
     #[test]
     fn a_new_database_beside_an_old_commit_log_replays_none_of_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.redb");
-        let open = |epoch| Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, epoch).unwrap();
+        let open = |epoch| open(dir.path(), DurabilityMode::Sync, epoch);
         let mut s = open(1).storage;
         for i in 0..10 {
             s.run(vec![coordinate(&format!("k{i}"))], false, 1, &mut |_, _| {});
         }
         s.close(1).unwrap();
         drop(s);
-        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(dir.path().join("db.redb")).unwrap();
         let fresh = open(2);
         assert_eq!(fresh.report.objects, 0);
         drop(fresh);
@@ -784,9 +774,7 @@ mod tests {
     #[test]
     fn a_reader_sees_every_committed_batch_and_runs_row_reads_only() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Storage::open(&dir.path().join("db.redb"), 16, StoreLimits::default(), DurabilityMode::Sync, 1)
-            .unwrap()
-            .storage;
+        let mut s = open(dir.path(), DurabilityMode::Sync, 1).storage;
         let reader = s.reader();
         let read = |k: &str| StoreOp::Read { key: k.as_bytes().to_vec() };
         assert_eq!(reader.run(vec![read("a")], 1).0, vec![Ok(StoreOutcome::State(None))]);
@@ -805,8 +793,7 @@ mod tests {
     #[test]
     fn batches_survive_reopen_and_rebuild_the_same_trees() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.redb");
-        let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 1).unwrap();
+        let o = open(dir.path(), DurabilityMode::Sync, 1);
         assert!(o.report.fresh);
         let mut s = o.storage;
         let out = s.run((0..50).map(|i| coordinate(&format!("k{i}"))).collect(), false, 1, &mut |_, _| {});
@@ -822,7 +809,7 @@ mod tests {
         s.run(vec![StoreOp::SaveMembers { members: Vec::new() }], true, 1, &mut |_, _| {});
         let roots: Vec<u128> = (0..16).map(|p| s.state().tree(p).unwrap().root()).collect();
         drop(s);
-        let o = Storage::open(&path, 16, StoreLimits::default(), DurabilityMode::Sync, 2).unwrap();
+        let o = open(dir.path(), DurabilityMode::Sync, 2);
         assert!(!o.report.fresh);
         assert_eq!(o.report.objects, 50);
         assert_eq!((0..16).map(|p| o.storage.state().tree(p).unwrap().root()).collect::<Vec<_>>(), roots);
