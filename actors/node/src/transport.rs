@@ -77,6 +77,11 @@ impl Shared {
         self.next_conn
     }
 
+    /// The connection `id`, while it is open.
+    fn live(&self, id: Option<&ConnId>) -> Option<LinkSender> {
+        id.and_then(|id| self.conns.get(id)).filter(|l| !l.is_closed()).cloned()
+    }
+
     fn stage(&self, id: StageId) -> Option<Recipient<Deliver>> {
         self.stages.iter().find(|(s, _)| *s == id).map(|(_, r)| r.clone())
     }
@@ -243,15 +248,24 @@ impl Handler<SetStages> for TransportActor {
 }
 
 impl TransportActor {
+    /// [`write`] `msg` on `link`; the transport sends nothing else until a full outbox
+    /// takes it.
+    fn write_on(&self, link: LinkSender, msg: Message, node: Option<NodeId>, ctx: &mut Context<Self>) {
+        if let Some(wait) = write(link, msg, node, self.shared.clone()) {
+            ctx.wait(actix::fut::wrap_future(wait));
+        }
+    }
+
+    /// Send on the connection the node at `addr` shares with this one: the one it dialled
+    /// when its id sorts first, else this node's own, dialled first if need be.
     fn send_to_addr(&mut self, addr: SocketAddr, node: Option<NodeId>, msg: Message, ctx: &mut Context<Self>) {
         let existing = {
             let s = self.shared.borrow();
-            s.pool.get(&addr).and_then(|id| s.conns.get(id)).filter(|l| !l.is_closed()).cloned()
+            let theirs = node.as_ref().filter(|n| self.me.as_ref().is_some_and(|me| me > *n));
+            theirs.and_then(|n| s.live(s.accepted.get(n))).or_else(|| s.live(s.pool.get(&addr)))
         };
         if let Some(link) = existing {
-            if let Some(wait) = write(link, msg, node, self.shared.clone()) {
-                ctx.wait(actix::fut::wrap_future(wait));
-            }
+            self.write_on(link, msg, node, ctx);
             return;
         }
         {
@@ -332,25 +346,13 @@ impl Handler<Outgoing> for TransportActor {
             Outgoing::Send { to, msg } => match to {
                 Dest::Conn(id) => {
                     let link = self.shared.borrow().conns.get(&id).cloned();
-                    if let Some(wait) = link.and_then(|l| write(l, msg, None, self.shared.clone())) {
-                        ctx.wait(actix::fut::wrap_future(wait));
+                    if let Some(link) = link {
+                        self.write_on(link, msg, None, ctx);
                     }
                 }
                 Dest::Node(node) => {
                     if self.is_blocked(&node) {
                         return;
-                    }
-                    if self.me.as_ref().is_some_and(|me| *me > node) {
-                        let link = {
-                            let s = self.shared.borrow();
-                            s.accepted.get(&node).and_then(|id| s.conns.get(id)).filter(|l| !l.is_closed()).cloned()
-                        };
-                        if let Some(link) = link {
-                            if let Some(wait) = write(link, msg, Some(node), self.shared.clone()) {
-                                ctx.wait(actix::fut::wrap_future(wait));
-                            }
-                            return;
-                        }
                     }
                     match self.book.get(&node).copied() {
                         Some(addr) => self.send_to_addr(addr, Some(node), msg, ctx),
