@@ -153,7 +153,7 @@ async fn start_and_wait(
     // Storage: the redb worker thread and the group-commit front; row reads run on this
     // thread in read snapshots.
     let reader = storage.reader();
-    let worker = StorageWorker::start(storage, metrics.clone())
+    let worker = StorageWorker::start(storage, metrics.clone(), config.storage.commit_batch_max as usize)
         .map_err(|e| StartError::Other(format!("cannot start the storage thread: {e}")))?;
     let flush = (config.storage.durability == Durability::Buffered)
         .then(|| Duration::from_millis(config.storage.flush_interval_ms));

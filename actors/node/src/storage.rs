@@ -1,15 +1,16 @@
 //! The storage stage: [`StorageWorker`] runs on its own thread (redb blocks; it parks while
-//! idle) and executes batches with [`ringkv_storage::Storage`]; [`StorageFront`] collects
-//! the operations that arrive while a batch is running, and those the tasks ready now
-//! produce, and sends them as the next batch, so concurrent durable writes share one commit
-//! (group commit). A caller hears back only after the batch holding its operation
-//! committed. In `buffered` mode a timer makes commits durable every
-//! `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.) A
-//! coordinated write's outcome is also sent `ahead`, once computed and before its batch
+//! idle) and executes batches with [`ringkv_storage::Storage`]. [`StorageFront`] hands it
+//! the operations the tasks ready now produce, as one job, without waiting for the batch
+//! before to finish; the worker joins every job queued while it was busy into its next
+//! batch, so concurrent durable writes share one commit (group commit) and the worker never
+//! waits for the node's thread between two batches. A caller hears back only after the
+//! batch holding its operation committed. In `buffered` mode a timer makes commits durable
+//! every `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.)
+//! A coordinated write's outcome is also sent `ahead`, once computed and before its batch
 //! commits, to whoever asked for it.
 
-use std::collections::VecDeque;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -34,19 +35,23 @@ pub struct StoreRequest {
     pub ahead: Option<Ahead>,
 }
 
+/// One operation on its way to the worker: the request and where its outcome goes.
+struct Queued {
+    request: StoreRequest,
+    reply: Reply,
+}
+
 /// The redb side: a thread of its own (redb blocks) taking jobs in order from a channel,
 /// parked while there is none.
 pub struct StorageWorker {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Operations sent to the thread and not yet answered.
+    queued: Arc<AtomicUsize>,
 }
 
 enum Job {
-    Batch {
-        ops: Vec<StoreOp>,
-        durable: bool,
-        aheads: Vec<Option<Ahead>>,
-        reply: oneshot::Sender<Vec<Result<StoreOutcome, StoreError>>>,
-    },
+    /// Operations to run; the worker joins queued batches into one commit.
+    Batch(Vec<Queued>),
     /// Make buffered commits durable.
     Flush,
     /// A clean stop: flush and mark the store closed.
@@ -65,25 +70,68 @@ impl Drop for ExitOnPanic {
     }
 }
 
+/// Take `first` and the batches queued behind it, up to `batch_max` operations in all; a
+/// job that is not a batch, or a batch that would pass the bound, is left in `held` for
+/// after this one.
+fn gather(
+    first: Vec<Queued>,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    batch_max: usize,
+    held: &mut Option<Job>,
+) -> Vec<Queued> {
+    let mut batch = first;
+    while batch.len() < batch_max {
+        match rx.try_recv() {
+            Ok(Job::Batch(next)) if batch.len() + next.len() <= batch_max => batch.extend(next),
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 impl StorageWorker {
-    /// Start the thread; each batch's size and commit time go to `metrics`.
-    pub fn start(mut storage: Storage, metrics: NodeMetrics) -> std::io::Result<StorageWorker> {
+    /// Start the thread, committing at most `batch_max` operations at once; each batch's
+    /// size and commit time go to `metrics`.
+    pub fn start(mut storage: Storage, metrics: NodeMetrics, batch_max: usize) -> std::io::Result<StorageWorker> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let answered = queued.clone();
+        let batch_max = batch_max.max(1);
         std::thread::Builder::new().name("ringkv-storage".into()).spawn(move || {
             let _guard = ExitOnPanic;
-            while let Some(job) = rx.blocking_recv() {
+            let mut held = None;
+            while let Some(job) = held.take().or_else(|| rx.blocking_recv()) {
                 match job {
-                    Job::Batch { ops, durable, mut aheads, reply } => {
+                    Job::Batch(first) => {
+                        let batch = gather(first, &mut rx, batch_max, &mut held);
+                        let n = batch.len();
+                        let mut ops = Vec::with_capacity(n);
+                        let mut aheads = Vec::with_capacity(n);
+                        let mut replies = Vec::with_capacity(n);
+                        let mut durable = false;
+                        for Queued { request, reply } in batch {
+                            ops.push(request.op);
+                            durable |= request.durable;
+                            aheads.push(request.ahead);
+                            replies.push(reply);
+                        }
                         let mut send_ahead = |k: usize, outcome: &StoreOutcome| {
                             if let Some(tx) = aheads.get_mut(k).and_then(Option::take) {
                                 let _ = tx.send(outcome.clone());
                             }
                         };
-                        let (n, started) = (ops.len(), std::time::Instant::now());
+                        let started = std::time::Instant::now();
                         let outcomes = storage.run(ops, durable, now().wall_ms, &mut send_ahead);
                         metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                         metrics.commit_ops.observe(n as f64);
-                        let _ = reply.send(outcomes);
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(outcome);
+                        }
+                        answered.fetch_sub(n, Ordering::Relaxed);
                     }
                     Job::Flush => {
                         if let Err(e) = storage.flush() {
@@ -96,34 +144,18 @@ impl StorageWorker {
                 }
             }
         })?;
-        Ok(StorageWorker { jobs })
-    }
-
-    /// Run a batch; the outcomes once it committed.
-    async fn run(
-        &self,
-        ops: Vec<StoreOp>,
-        durable: bool,
-        aheads: Vec<Option<Ahead>>,
-    ) -> Vec<Result<StoreOutcome, StoreError>> {
-        let n = ops.len();
-        let (reply, rx) = oneshot::channel();
-        let sent = self.jobs.send(Job::Batch { ops, durable, aheads, reply }).is_ok();
-        match rx.await {
-            Ok(outcomes) if sent => outcomes,
-            _ => (0..n).map(|_| Err(StoreError::Io("storage worker gone".into()))).collect(),
-        }
+        Ok(StorageWorker { jobs, queued })
     }
 }
 
-/// Operations waiting for the next batch at most; more are refused as overloaded.
+/// Operations waiting for the storage thread at most; more are refused as overloaded.
 const PENDING_MAX: usize = 64 * 1024;
 
-/// The front of the storage stage: group commit.
+/// The front of the storage stage: collects the operations of the tasks ready now and hands
+/// them to the worker as one job.
 pub struct StorageFront {
-    worker: Rc<StorageWorker>,
-    pending: VecDeque<(StoreOp, bool, Option<Ahead>, Reply)>,
-    busy: bool,
+    worker: StorageWorker,
+    pending: Vec<Queued>,
     kick_scheduled: bool,
     batch_max: usize,
     flush_interval: Option<Duration>,
@@ -131,43 +163,22 @@ pub struct StorageFront {
 
 impl StorageFront {
     pub fn new(worker: StorageWorker, batch_max: usize, flush_interval: Option<Duration>) -> Self {
-        StorageFront {
-            worker: Rc::new(worker),
-            pending: VecDeque::new(),
-            busy: false,
-            kick_scheduled: false,
-            batch_max: batch_max.max(1),
-            flush_interval,
-        }
+        StorageFront { worker, pending: Vec::new(), kick_scheduled: false, batch_max: batch_max.max(1), flush_interval }
     }
 
-    fn kick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.pending.is_empty() {
-            return;
+    /// Hand everything pending to the worker, in jobs of at most `batch_max` operations.
+    fn kick(&mut self) {
+        while !self.pending.is_empty() {
+            let rest = self.pending.split_off(self.pending.len().min(self.batch_max));
+            let job = std::mem::replace(&mut self.pending, rest);
+            let n = job.len();
+            self.worker.queued.fetch_add(n, Ordering::Relaxed);
+            // A worker gone drops the job, and with it the replies: their callers hear that
+            // storage stopped.
+            if self.worker.jobs.send(Job::Batch(job)).is_err() {
+                self.worker.queued.fetch_sub(n, Ordering::Relaxed);
+            }
         }
-        self.busy = true;
-        let n = self.pending.len().min(self.batch_max);
-        let mut ops = Vec::with_capacity(n);
-        let mut aheads = Vec::with_capacity(n);
-        let mut replies = Vec::with_capacity(n);
-        let mut durable = false;
-        for (op, d, ahead, tx) in self.pending.drain(..n) {
-            ops.push(op);
-            durable |= d;
-            aheads.push(ahead);
-            replies.push(tx);
-        }
-        let worker = self.worker.clone();
-        async move { worker.run(ops, durable, aheads).await }
-            .into_actor(self)
-            .map(move |outcomes, act, ctx| {
-                for (tx, out) in replies.into_iter().zip(outcomes) {
-                    let _ = tx.send(out);
-                }
-                act.busy = false;
-                act.kick(ctx);
-            })
-            .spawn(ctx);
     }
 }
 
@@ -187,18 +198,18 @@ impl Actor for StorageFront {
 impl Handler<StoreRequest> for StorageFront {
     type Result = ResponseFuture<Result<StoreOutcome, StoreError>>;
 
-    fn handle(&mut self, req: StoreRequest, ctx: &mut Context<Self>) -> Self::Result {
-        if self.pending.len() >= PENDING_MAX {
+    fn handle(&mut self, request: StoreRequest, ctx: &mut Context<Self>) -> Self::Result {
+        if self.pending.len() + self.worker.queued.load(Ordering::Relaxed) >= PENDING_MAX {
             return Box::pin(async { Err(StoreError::Io("storage overloaded".into())) });
         }
-        let (tx, rx) = oneshot::channel();
-        self.pending.push_back((req.op, req.durable, req.ahead, tx));
-        // The batch leaves once every task ready now has run: what they store joins it.
-        if !self.busy && !self.kick_scheduled {
+        let (reply, rx) = oneshot::channel();
+        self.pending.push(Queued { request, reply });
+        // The job leaves once every task ready now has run: what they store joins it.
+        if !self.kick_scheduled {
             self.kick_scheduled = true;
-            ctx.spawn(actix::fut::wrap_future::<_, Self>(tokio::task::yield_now()).map(|_, act, ctx| {
+            ctx.spawn(actix::fut::wrap_future::<_, Self>(tokio::task::yield_now()).map(|_, act, _| {
                 act.kick_scheduled = false;
-                act.kick(ctx);
+                act.kick();
             }));
         }
         Box::pin(async move { rx.await.unwrap_or_else(|_| Err(StoreError::Io("storage stopped".into()))) })
@@ -213,7 +224,8 @@ pub struct Drain;
 impl Handler<Drain> for StorageFront {
     type Result = ResponseFuture<Result<(), String>>;
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        // The close (a durable commit) queues behind every batch already sent to the worker.
+        // The close (a durable commit) queues behind every batch, the pending one included.
+        self.kick();
         let (reply, rx) = oneshot::channel();
         let sent = self.worker.jobs.send(Job::Close { reply }).is_ok();
         Box::pin(async move {
@@ -222,5 +234,70 @@ impl Handler<Drain> for StorageFront {
                 _ => Err("storage worker gone".into()),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(keys: &[u8]) -> Job {
+        Job::Batch(
+            keys.iter()
+                .map(|&k| Queued {
+                    request: StoreRequest { op: StoreOp::Read { key: vec![k] }, durable: false, ahead: None },
+                    reply: oneshot::channel().0,
+                })
+                .collect(),
+        )
+    }
+
+    fn keys(batch: &[Queued]) -> Vec<u8> {
+        batch
+            .iter()
+            .map(|q| match &q.request.op {
+                StoreOp::Read { key } => key[0],
+                _ => unreachable!("the tests queue reads only"),
+            })
+            .collect()
+    }
+
+    fn first(job: Job) -> Vec<Queued> {
+        match job {
+            Job::Batch(b) => b,
+            _ => panic!("not a batch"),
+        }
+    }
+
+    /// Batches queued while the worker was busy join the next commit, in order, up to the
+    /// bound; a batch that would pass it waits for the commit after.
+    #[test]
+    fn queued_batches_join_one_commit_up_to_the_bound() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for job in [batch(&[1, 2]), batch(&[3]), batch(&[4, 5, 6]), batch(&[7])] {
+            tx.send(job).unwrap_or_else(|_| panic!("channel open"));
+        }
+        let mut held = None;
+        let head = first(rx.try_recv().unwrap_or_else(|_| panic!("queued")));
+        assert_eq!(keys(&gather(head, &mut rx, 5, &mut held)), [1, 2, 3]);
+        let next = first(held.take().expect("the batch past the bound is held"));
+        assert_eq!(keys(&gather(next, &mut rx, 5, &mut held)), [4, 5, 6, 7]);
+        assert!(held.is_none() && rx.try_recv().is_err());
+    }
+
+    /// A flush or close queued between batches ends the gathering and runs after the
+    /// batches before it, before the ones after it.
+    #[test]
+    fn a_flush_between_batches_keeps_its_place() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for job in [batch(&[1]), Job::Flush, batch(&[2])] {
+            tx.send(job).unwrap_or_else(|_| panic!("channel open"));
+        }
+        let mut held = None;
+        let head = first(rx.try_recv().unwrap_or_else(|_| panic!("queued")));
+        assert_eq!(keys(&gather(head, &mut rx, 64, &mut held)), [1]);
+        assert!(matches!(held.take(), Some(Job::Flush)));
+        let next = first(rx.try_recv().unwrap_or_else(|_| panic!("queued")));
+        assert_eq!(keys(&gather(next, &mut rx, 64, &mut held)), [2]);
     }
 }
