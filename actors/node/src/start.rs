@@ -157,7 +157,7 @@ async fn start_and_wait(
         .map_err(|e| StartError::Other(format!("cannot start the storage thread: {e}")))?;
     let flush = (config.storage.durability == Durability::Buffered)
         .then(|| Duration::from_millis(config.storage.flush_interval_ms));
-    let storage = StorageFront::new(worker, config.storage.commit_batch_max as usize, flush).start();
+    let storage = StorageFront::new(worker, flush).start();
     let transport = TransportActor::new(endpoint.clone(), creds, settings.frame_bytes_max, metrics.clone()).start();
 
     // Every stage's context first, so every stage knows every other's address.

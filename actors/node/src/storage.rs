@@ -47,6 +47,9 @@ pub struct StorageWorker {
     jobs: mpsc::UnboundedSender<Job>,
     /// Operations sent to the thread and not yet answered.
     queued: Arc<AtomicUsize>,
+    /// Most operations in one commit: the front's jobs hold no more, and the thread joins
+    /// queued jobs up to it.
+    batch_max: usize,
 }
 
 enum Job {
@@ -144,7 +147,7 @@ impl StorageWorker {
                 }
             }
         })?;
-        Ok(StorageWorker { jobs, queued })
+        Ok(StorageWorker { jobs, queued, batch_max })
     }
 }
 
@@ -157,19 +160,18 @@ pub struct StorageFront {
     worker: StorageWorker,
     pending: Vec<Queued>,
     kick_scheduled: bool,
-    batch_max: usize,
     flush_interval: Option<Duration>,
 }
 
 impl StorageFront {
-    pub fn new(worker: StorageWorker, batch_max: usize, flush_interval: Option<Duration>) -> Self {
-        StorageFront { worker, pending: Vec::new(), kick_scheduled: false, batch_max: batch_max.max(1), flush_interval }
+    pub fn new(worker: StorageWorker, flush_interval: Option<Duration>) -> Self {
+        StorageFront { worker, pending: Vec::new(), kick_scheduled: false, flush_interval }
     }
 
     /// Hand everything pending to the worker, in jobs of at most `batch_max` operations.
     fn kick(&mut self) {
         while !self.pending.is_empty() {
-            let rest = self.pending.split_off(self.pending.len().min(self.batch_max));
+            let rest = self.pending.split_off(self.pending.len().min(self.worker.batch_max));
             let job = std::mem::replace(&mut self.pending, rest);
             let n = job.len();
             self.worker.queued.fetch_add(n, Ordering::Relaxed);

@@ -143,8 +143,9 @@ fn header(name: LogName, sequence: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
     out
 }
 
-/// One record, ready to write.
-pub fn encode_record(name: LogName, sequence: u64, payload: &[u8]) -> Vec<u8> {
+/// One record, ready to write (the tests' way to lay out logs by hand).
+#[cfg(test)]
+fn encode_record(name: LogName, sequence: u64, payload: &[u8]) -> Vec<u8> {
     let mut out = header(name, sequence, payload).to_vec();
     out.extend_from_slice(payload);
     out

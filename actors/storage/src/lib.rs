@@ -62,8 +62,8 @@ pub struct WriteEngine<'t> {
 }
 
 impl<'t> WriteEngine<'t> {
-    pub fn new(txn: &'t WriteTransaction) -> Result<Self, EngineError> {
-        Ok(WriteEngine::logging(txn, None))
+    pub fn new(txn: &'t WriteTransaction) -> Self {
+        WriteEngine::logging(txn, None)
     }
 
     /// An engine that also writes its changes down in `record` (cleared first), if any.
@@ -329,8 +329,7 @@ impl Parts {
         let (log, replay) = CommitLog::open(&log_path, log_name, mode == DurabilityMode::Sync)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let (state, report) = {
-            let mut engine = WriteEngine::new(&txn)
-                .map_err(|e| format!("{}: {e} (a data directory of an older ringkv cannot be read)", path.display()))?;
+            let mut engine = WriteEngine::new(&txn);
             replay_into(&mut engine, &replay).map_err(|e| {
                 format!("{}: {e}; move the data directory aside to rejoin as a new node", log_path.display())
             })?;
