@@ -2,8 +2,8 @@
 //! which acknowledges a transaction once its log record is flushed; this is the same idea
 //! beside redb. A batch's row changes (the puts and deletes the core made through
 //! [`crate::WriteEngine`]) are appended to this file as one record and flushed with one
-//! fdatasync, while redb commits the batch without syncing: one sequential page per batch
-//! instead of a dozen scattered ones.
+//! fdatasync, while redb commits the batch later, with the batches logged after it, without
+//! syncing: one sequential page per batch instead of a dozen scattered ones.
 //!
 //! Records belong to one database and one generation. The database's log id is random,
 //! chosen when redb is created and kept in it, and secret: a log left by another database
@@ -181,9 +181,6 @@ pub struct CommitLog {
     name: LogName,
     sequence: u64,
     offset: u64,
-    /// Where the last record appended since the last restart begins, while it may still
-    /// be taken back.
-    last: Option<u64>,
 }
 
 impl CommitLog {
@@ -212,7 +209,7 @@ impl CommitLog {
         }
         let offset = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
         let sequence = payloads.len() as u64;
-        Ok((Some(CommitLog { file, name, sequence, offset, last: None }), payloads))
+        Ok((Some(CommitLog { file, name, sequence, offset }), payloads))
     }
 
     /// Whether a payload of `len` bytes still fits before [`LOG_BYTES_MAX`].
@@ -230,23 +227,8 @@ impl CommitLog {
         record.bytes[..HEADER_BYTES].copy_from_slice(&header);
         self.file.write_all_at(&record.bytes, self.offset)?;
         self.file.sync_data()?;
-        self.last = Some(self.offset);
         self.offset += record.bytes.len() as u64;
         self.sequence += 1;
-        Ok(())
-    }
-
-    /// Take the last record back (its batch failed after all): its magic is overwritten and
-    /// flushed, so no replay reaches it, and the next append takes its place.
-    pub fn retract_last(&mut self) -> io::Result<()> {
-        let (Some(offset), Some(sequence)) = (self.last, self.sequence.checked_sub(1)) else {
-            return Err(io::Error::other("no record to take back"));
-        };
-        self.file.write_all_at(&[0u8; 4], offset)?;
-        self.file.sync_data()?;
-        self.offset = offset;
-        self.sequence = sequence;
-        self.last = None;
         Ok(())
     }
 
@@ -256,7 +238,6 @@ impl CommitLog {
         self.name.generation = generation;
         self.sequence = 0;
         self.offset = 0;
-        self.last = None;
     }
 }
 
@@ -320,21 +301,6 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX, "appends never grow the file");
         let (none, replay) = CommitLog::open(&dir.path().join("absent.log"), name(1), false).unwrap();
         assert!(none.is_none() && replay.is_empty());
-    }
-
-    #[test]
-    fn a_retracted_record_replays_nothing_and_the_next_append_takes_its_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("commit.log");
-        let mut log = CommitLog::open(&path, name(1), true).unwrap().0.unwrap();
-        log.append(&mut record(1)).unwrap();
-        log.append(&mut record(2)).unwrap();
-        log.retract_last().unwrap();
-        assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1)]);
-        log.append(&mut record(3)).unwrap();
-        assert_eq!(CommitLog::open(&path, name(1), true).unwrap().1, vec![payload(1), payload(3)]);
-        log.restart(2);
-        assert!(log.retract_last().is_err(), "nothing to take back after a restart");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! operations in one transaction each (the group commit the node's storage stage feeds),
 //! durably when asked or when the node is in `sync` mode, and applies the in-memory
 //! changes only after the commit succeeded. No actix here: the node hosts it on a thread.
-//! In `sync` mode a batch is durable once its [`commit_log`] record is flushed; redb then
-//! commits it without syncing, and syncs only at checkpoints.
+//! In `sync` mode a batch is durable once its [`commit_log`] record is flushed; redb commits
+//! it later, together with the batches logged after it ([`overlay`] holds their rows for
+//! readers meanwhile), without syncing, and syncs only at checkpoints.
 
 pub mod commit_log;
+pub mod overlay;
 
 use std::cell::OnceCell;
 use std::hash::{BuildHasher, Hasher};
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use commit_log::{CommitLog, LogName, Record};
+use overlay::{Overlaid, Overlay};
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
@@ -42,7 +45,7 @@ const LOG_NAME: Def = TableDefinition::new("commit_log");
 const LOG_NAME_KEY: &[u8] = b"name";
 
 fn index(table: Table) -> usize {
-    Table::ALL.iter().position(|t| *t == table).unwrap_or(0)
+    overlay::table_byte(table) as usize
 }
 
 fn def(table: Table) -> Def {
@@ -205,20 +208,33 @@ pub struct Storage {
     broken: bool,
     /// Opening again failed: batches fail at once until then (it rebuilds every tree).
     reopen_not_before: Option<std::time::Instant>,
+    /// In `sync` mode, the write transaction holding the batches logged since redb's last
+    /// commit (their rows are in the shared [`Overlay`] for readers), and how many.
+    txn: Option<WriteTransaction>,
+    unsettled_batches: usize,
 }
+
+/// Logged batches redb commits together at most ([`Storage::settle`]): one redb commit per
+/// this many group commits of the log, or sooner when their rows take
+/// [`UNSETTLED_BYTES_MAX`], which bounds the overlay's memory.
+pub const UNSETTLED_BATCHES_MAX: usize = 256;
+pub const UNSETTLED_BYTES_MAX: usize = 4 << 20;
 
 /// How long after a failed attempt to open the database again the next one waits.
 const REOPEN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The database, and the read snapshot (a read transaction and the tables opened in it)
-/// that readers share until the next commit: the writer drops the snapshot once a commit
-/// succeeded and before anyone hears of that commit, so a read that starts after a
-/// write's acknowledgement always sees the write, and no snapshot outlives a commit to pin
-/// pages the commit freed. No database while the writer opens it again after a failure.
+/// The database, the read snapshot (a read transaction and the tables opened in it) that
+/// readers share until the next commit, and the rows of the batches logged since that
+/// commit: the writer adds a logged batch's rows to the overlay before anyone hears of the
+/// batch, and drops the snapshot and clears the overlay together once redb committed them,
+/// so a read that starts after a write's acknowledgement always sees the write, and no
+/// snapshot outlives a commit to pin pages the commit freed. No database while the writer
+/// opens it again after a failure.
 #[derive(Default)]
 struct Open {
     db: Option<Arc<Database>>,
     snapshot: Option<ReadEngine>,
+    overlay: Overlay,
 }
 
 type Shared = Arc<Mutex<Open>>;
@@ -240,7 +256,8 @@ impl Reader {
     /// The outcomes, and the operations the writer must run after (quarantines of rows
     /// found unreadable).
     pub fn run(&self, ops: Vec<StoreOp>, now_wall_ms: u64) -> (Vec<Result<StoreOutcome, StoreError>>, Vec<StoreOp>) {
-        let mut open = lock(&self.shared);
+        let mut guard = lock(&self.shared);
+        let open = &mut *guard;
         let failed = |e: String| (ops.iter().map(|_| Err(StoreError::Io(e.clone()))).collect(), Vec::new());
         let engine = match (open.snapshot.take(), &open.db) {
             (Some(engine), _) => engine,
@@ -250,7 +267,12 @@ impl Reader {
             },
             (None, None) => return failed("the storage is being opened again after a failed commit".into()),
         };
-        let run = self.reader.run(open.snapshot.insert(engine), ops, now_wall_ms);
+        let snapshot = open.snapshot.insert(engine);
+        let run = if open.overlay.is_empty() {
+            self.reader.run(snapshot, ops, now_wall_ms)
+        } else {
+            self.reader.run(&mut Overlaid { base: &*snapshot, overlay: &open.overlay }, ops, now_wall_ms)
+        };
         (run.outcomes, run.pending.quarantine)
     }
 }
@@ -379,7 +401,7 @@ impl Storage {
     ) -> Result<Opened, String> {
         let Parts { db, state, report, saved, log, log_name } = Parts::open(path, q, limits, mode, fresh_epoch)?;
         let storage = Storage {
-            shared: Arc::new(Mutex::new(Open { db: Some(Arc::new(db)), snapshot: None })),
+            shared: Arc::new(Mutex::new(Open { db: Some(Arc::new(db)), snapshot: None, overlay: Overlay::default() })),
             state,
             mode,
             log,
@@ -391,6 +413,8 @@ impl Storage {
             broken: false,
             reopen_not_before: None,
             record: Record::default(),
+            txn: None,
+            unsettled_batches: 0,
         };
         Ok(Opened { storage, saved, report })
     }
@@ -403,6 +427,8 @@ impl Storage {
         if self.reopen_not_before.is_some_and(|t| now < t) {
             return Err("the storage failed and is not open yet".into());
         }
+        self.txn = None;
+        self.unsettled_batches = 0;
         *lock(&self.shared) = Open::default();
         self.log = None;
         let parts = Parts::open(&self.path, self.q, self.limits, self.mode, self.fresh_epoch).map_err(|e| {
@@ -453,11 +479,18 @@ impl Storage {
     ) -> Vec<Result<StoreOutcome, StoreError>> {
         let n = ops.len();
         let failed = |e: String| (0..n).map(|_| Err(StoreError::Io(e.clone()))).collect();
+        let read_only = ops.iter().all(StoreOp::is_read_only);
+        // A read transaction sees redb's commits only.
+        if read_only && !self.broken {
+            if let Err(e) = self.settle() {
+                return failed(e);
+            }
+        }
         let db = match self.db() {
             Ok(db) => db,
             Err(e) => return failed(e),
         };
-        if ops.iter().all(StoreOp::is_read_only) {
+        if read_only {
             let run = match db.begin_read() {
                 Ok(txn) => self.state.run(&mut ReadEngine::new(txn), ops, now_wall_ms),
                 Err(e) => return failed(e.to_string()),
@@ -467,7 +500,7 @@ impl Storage {
             }
             return run.outcomes;
         }
-        let txn = match db.begin_write() {
+        let txn = match self.txn.take().map_or_else(|| db.begin_write(), Ok) {
             Ok(t) => t,
             Err(e) => {
                 self.broken = true;
@@ -495,54 +528,91 @@ impl Storage {
         }
         // Durable once logged (a batch that changed nothing needs no record); a batch the
         // log cannot take commits durably in redb, which starts the log over.
-        let (logged, appended) = match (&mut self.log, record) {
+        let logged = match (&mut self.log, record) {
             (Some(log), Some(mut record)) => {
                 let len = record.payload().len();
                 let logged = if len == 0 {
-                    (true, false)
+                    Some(Vec::new())
                 } else if !log.fits(len) {
-                    (false, false)
+                    None
                 } else if let Err(e) = log.append(&mut record) {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
-                    (false, false)
+                    None
                 } else {
-                    (true, true)
+                    // The record was just written from these changes, so they decode.
+                    commit_log::decode_changes(record.payload())
                 };
                 self.record = record;
                 logged
             }
-            _ => (false, false),
+            _ => None,
         };
-        let checkpoint = !logged && (durable || self.mode == DurabilityMode::Sync);
-        if let Err(e) = self.commit(txn, checkpoint) {
-            tracing::error!(error = %e, "storage commit failed");
-            // The batch failed: its record must not replay at the next start.
-            if let Some(log) = self.log.as_mut().filter(|_| appended) {
-                if let Err(e) = log.retract_last() {
-                    tracing::error!(error = %e, "a failed batch's commit log record could not be taken back: a restart may apply it");
+        if let Some(changes) = logged {
+            // Durable in the log: redb commits it with the next batches, and readers see
+            // its rows in the overlay until then.
+            self.txn = Some(txn);
+            self.unsettled_batches = self.unsettled_batches.saturating_add(1);
+            let overlay_bytes = {
+                let mut open = lock(&self.shared);
+                open.overlay.extend(changes);
+                open.overlay.bytes()
+            };
+            self.state.commit(&run.pending);
+            if self.unsettled_batches >= UNSETTLED_BATCHES_MAX || overlay_bytes >= UNSETTLED_BYTES_MAX {
+                if let Err(e) = self.settle() {
+                    // Nothing is lost: the next batch opens the database again and replays the log.
+                    tracing::error!(error = %e, "storage commit of logged batches failed");
                 }
             }
-            self.state.abandon();
-            return failed(e);
+        } else {
+            let checkpoint = durable || self.mode == DurabilityMode::Sync;
+            if let Err(e) = self.commit(txn, checkpoint) {
+                tracing::error!(error = %e, "storage commit failed");
+                self.state.abandon();
+                return failed(e);
+            }
+            self.committed();
+            self.state.commit(&run.pending);
         }
-        lock(&self.shared).snapshot = None;
-        self.state.commit(&run.pending);
         if run.pending.quarantined > 0 {
             tracing::warn!(rows = run.pending.quarantined, "unreadable rows quarantined; anti-entropy refills them");
         }
         run.outcomes
     }
 
-    /// Make every buffered commit durable.
+    /// Make every buffered commit durable (and the logged batches committed in redb).
     pub fn flush(&mut self) -> Result<(), String> {
-        let txn = match self.db()?.begin_write() {
+        let db = self.db()?;
+        let txn = match self.txn.take().map_or_else(|| db.begin_write(), Ok) {
             Ok(txn) => txn,
             Err(e) => {
                 self.broken = true;
                 return Err(e.to_string());
             }
         };
-        self.commit(txn, true)
+        self.commit(txn, true)?;
+        self.committed();
+        Ok(())
+    }
+
+    /// Commit the logged batches waiting in the open write transaction, if any (without
+    /// syncing: the log holds them). A failure loses nothing: the storage is broken, and
+    /// opening it again replays the log; readers see the overlay until then.
+    pub fn settle(&mut self) -> Result<(), String> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
+        self.commit(txn, false)?;
+        self.committed();
+        Ok(())
+    }
+
+    /// Redb committed everything: readers start from a new snapshot, with no overlay.
+    fn committed(&mut self) {
+        self.unsettled_batches = 0;
+        let mut open = lock(&self.shared);
+        open.snapshot = None;
+        open.overlay.clear();
     }
 
     /// Commit `txn`: durably when `checkpoint`, naming the log's next generation, which then
@@ -787,6 +857,47 @@ mod tests {
         assert!(follow.is_empty());
         let (refused, _) = reader.run(vec![StoreOp::Tree { tree: ringkv::store::TreeId::default_of(0) }], 1);
         assert!(refused[0].is_err());
+    }
+
+    /// Whether redb's last commit holds `key`'s row (what a fresh read transaction sees).
+    fn committed_in_redb(s: &Storage, key: &str) -> bool {
+        let db = lock(&s.shared).db.clone().unwrap();
+        let mut engine = ReadEngine::new(db.begin_read().unwrap());
+        let run = s.state().reader().run(&mut engine, vec![StoreOp::Read { key: key.as_bytes().to_vec() }], 1);
+        matches!(run.outcomes[..], [Ok(StoreOutcome::State(Some(_)))])
+    }
+
+    #[test]
+    fn logged_batches_wait_for_one_redb_commit_and_readers_see_them_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), DurabilityMode::Sync, 1).storage;
+        s.flush().unwrap();
+        for i in 0..UNSETTLED_BATCHES_MAX - 1 {
+            s.run(vec![coordinate(&format!("k{i}"))], false, 1, &mut |_, _| {});
+        }
+        assert!(!committed_in_redb(&s, "k0"), "logged, not yet committed in redb");
+        assert!(read_object(&s, "k0").is_some(), "a reader sees it all the same");
+        let context = read_object(&s, "k1").unwrap().context();
+        s.run(vec![write("k1", context, None)], false, 1, &mut |_, _| {});
+        assert!(committed_in_redb(&s, "k0"), "the batch that reached the bound committed them all");
+        assert!(read_object(&s, "k1").unwrap().is_deleted());
+        s.run(vec![coordinate("late")], false, 1, &mut |_, _| {});
+        let page = StoreOp::Page {
+            tree: ringkv::store::TreeId::default_of(ringkv::store::partition_of(b"late", 16)),
+            leaves: None,
+            after: None,
+            bytes_max: 1 << 20,
+        };
+        let out = s.run(vec![page], false, 1, &mut |_, _| {});
+        assert!(
+            matches!(&out[0], Ok(StoreOutcome::Page { objects, .. }) if objects.iter().any(|(k, _)| k == b"late")),
+            "a read batch on the writer commits what waits first: {out:?}"
+        );
+        assert!(committed_in_redb(&s, "late"));
+        s.run(vec![coordinate("unsettled")], false, 1, &mut |_, _| {});
+        drop(s);
+        let s = open(dir.path(), DurabilityMode::Sync, 2).storage;
+        assert!(read_object(&s, "unsettled").is_some(), "replayed from the log");
     }
 
     #[test]

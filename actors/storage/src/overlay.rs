@@ -1,0 +1,235 @@
+//! The rows of acknowledged batches that redb has not committed yet. In `sync` mode a batch
+//! is durable once its [`crate::commit_log`] record is flushed; redb commits the batches of
+//! several records in one transaction (fewer commits, each one cheaper per row), and until it
+//! does, readers on other threads see those rows here, over redb's last commit. This is the
+//! memtable of a log-structured store, bounded by the number of batches the writer lets wait.
+
+use std::collections::BTreeMap;
+
+use ringkv::store::{Engine, EngineError, Table};
+
+use crate::commit_log::Change;
+
+/// Row changes since redb's last commit: a value, or None for a row deleted since.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    rows: BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+pub(crate) fn table_byte(table: Table) -> u8 {
+    Table::ALL.iter().position(|t| *t == table).unwrap_or(0) as u8
+}
+
+impl Overlay {
+    /// Take in one batch's changes, in order (a later change of a row replaces an earlier one).
+    pub fn extend(&mut self, changes: Vec<Change>) {
+        for Change { table, key, value } in changes {
+            self.bytes = self.bytes.saturating_add(key.len() + value.as_ref().map_or(0, Vec::len));
+            self.rows.insert((table, key), value);
+        }
+    }
+
+    /// Redb committed every change held here.
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.bytes = 0;
+    }
+
+    /// Bytes of keys and values taken in since the last clear (rows changed twice count twice).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The row's change: Some(None) when it was deleted, None when it did not change.
+    fn get(&self, table: Table, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.rows.get(&(table_byte(table), key.to_vec())).map(Option::as_deref)
+    }
+
+    /// The changes of rows with `from <= key < to`, in key order.
+    fn range<'a>(
+        &'a self,
+        table: Table,
+        from: &[u8],
+        to: Option<&'a [u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
+        let t = table_byte(table);
+        self.rows
+            .range((t, from.to_vec())..)
+            .take_while(move |((rt, k), _)| *rt == t && to.is_none_or(|to| k.as_slice() < to))
+            .map(|((_, k), v)| (k.as_slice(), v.as_deref()))
+    }
+}
+
+/// A read-only engine: `base` (a snapshot of redb's last commit) with `overlay` over it.
+pub struct Overlaid<'a, E> {
+    pub base: &'a E,
+    pub overlay: &'a Overlay,
+}
+
+impl<E: Engine> Engine for Overlaid<'_, E> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        match self.overlay.get(table, key) {
+            Some(changed) => Ok(changed.map(<[u8]>::to_vec)),
+            None => self.base.get(table, key),
+        }
+    }
+    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        if to.is_some_and(|to| to <= from) {
+            return Ok(());
+        }
+        let mut changes = self.overlay.range(table, from, to).peekable();
+        let mut stopped = false;
+        // Each base row: first the changed rows before it, then the row itself unless it changed.
+        self.base.scan(table, from, to, &mut |key, value| {
+            while let Some((k, v)) = changes.next_if(|(k, _)| *k <= key) {
+                let same = k == key;
+                if let Some(v) = v {
+                    if !visit(k, v) {
+                        stopped = true;
+                        return false;
+                    }
+                }
+                if same {
+                    return true;
+                }
+            }
+            if !visit(key, value) {
+                stopped = true;
+                return false;
+            }
+            true
+        })?;
+        if !stopped {
+            for (k, v) in changes {
+                if let Some(v) = v {
+                    if !visit(k, v) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A base of rows in one table, for the overlaid engine to read through.
+    struct Base(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl Engine for Base {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+            Ok(if table == Table::Objects { self.0.get(key).cloned() } else { None })
+        }
+        fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+            unreachable!()
+        }
+        fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+            unreachable!()
+        }
+        fn scan(
+            &self,
+            table: Table,
+            from: &[u8],
+            to: Option<&[u8]>,
+            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), EngineError> {
+            if table != Table::Objects {
+                return Ok(());
+            }
+            for (k, v) in self.0.range(from.to_vec()..) {
+                if to.is_some_and(|to| k.as_slice() >= to) || !visit(k, v) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn change(table: Table, key: u8, value: Option<u8>) -> Change {
+        Change { table: table_byte(table), key: vec![key], value: value.map(|v| vec![v]) }
+    }
+
+    fn scanned(e: &dyn Engine, from: u8, to: Option<u8>, limit: usize) -> Vec<(u8, u8)> {
+        let mut out = Vec::new();
+        let to = to.map(|t| [t]);
+        e.scan(Table::Objects, &[from], to.as_ref().map(|t| &t[..]), &mut |k, v| {
+            out.push((k[0], v[0]));
+            out.len() < limit
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn changed_rows_hide_the_base_and_deleted_rows_read_as_absent() {
+        let base = Base([(vec![1], vec![10]), (vec![2], vec![20]), (vec![3], vec![30])].into());
+        let mut overlay = Overlay::default();
+        overlay.extend(vec![
+            change(Table::Objects, 2, Some(21)),
+            change(Table::Objects, 3, None),
+            change(Table::Hints, 1, Some(99)),
+            change(Table::Objects, 4, Some(40)),
+        ]);
+        let e = Overlaid { base: &base, overlay: &overlay };
+        let get = |k: u8| e.get(Table::Objects, &[k]).unwrap().map(|v| v[0]);
+        assert_eq!((get(1), get(2), get(3), get(4), get(5)), (Some(10), Some(21), None, Some(40), None));
+        assert_eq!(e.get(Table::Hints, &[1]).unwrap(), Some(vec![99]), "each table apart");
+        assert_eq!(scanned(&e, 0, None, 100), vec![(1, 10), (2, 21), (4, 40)]);
+        assert!(!e.writable());
+        overlay.clear();
+        assert!(overlay.is_empty() && overlay.bytes() == 0);
+    }
+
+    proptest! {
+        /// Reading through the overlay is reading the base with the changes applied.
+        #[test]
+        fn reads_through_the_overlay_match_the_changes_applied(
+            base in proptest::collection::btree_map(0u8..32, any::<u8>(), 0..16),
+            changes in proptest::collection::vec((0u8..32, proptest::option::of(any::<u8>())), 0..24),
+            from in 0u8..32,
+            to in proptest::option::of(0u8..34),
+            limit in 1usize..40,
+        ) {
+            let mut applied = base.clone();
+            let mut overlay = Overlay::default();
+            for (k, v) in &changes {
+                match v {
+                    Some(v) => applied.insert(*k, *v),
+                    None => applied.remove(k),
+                };
+            }
+            overlay.extend(changes.iter().map(|(k, v)| change(Table::Objects, *k, *v)).collect());
+            let base = Base(base.into_iter().map(|(k, v)| (vec![k], vec![v])).collect());
+            let applied = Base(applied.into_iter().map(|(k, v)| (vec![k], vec![v])).collect());
+            let e = Overlaid { base: &base, overlay: &overlay };
+            prop_assert_eq!(scanned(&e, from, to, limit), scanned(&applied, from, to, limit));
+            for k in 0u8..34 {
+                prop_assert_eq!(e.get(Table::Objects, &[k]).unwrap(), applied.get(Table::Objects, &[k]).unwrap());
+            }
+        }
+    }
+}
