@@ -1,9 +1,10 @@
 //! The commit log: the write-ahead log of `sync` mode. Dynamo's nodes stored through BDB,
 //! which acknowledges a transaction once its log record is flushed; this is the same idea
 //! beside redb. A batch's row changes (the puts and deletes the core made through
-//! [`crate::WriteEngine`]) are appended to this file as one record and flushed with one
-//! fdatasync, while redb commits the batch later, with the batches logged after it, without
-//! syncing: one sequential page per batch instead of a dozen scattered ones.
+//! [`crate::WriteEngine`]) are appended to this file as one record, written through to the
+//! disk by one direct, synchronous write, while redb commits the batch later, with the
+//! batches logged after it, without syncing: one sequential write per batch instead of a
+//! dozen scattered pages and their flushes.
 //!
 //! Records belong to one database and one generation. The database's log id is random,
 //! chosen when redb is created and kept in it, and secret: a log left by another database
@@ -25,7 +26,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 const MAGIC: [u8; 4] = *b"RKL1";
@@ -175,9 +176,29 @@ pub fn scan(log: &[u8], name: LogName) -> Vec<&[u8]> {
     payloads
 }
 
+/// The unit of direct writes: the log is written in whole blocks at block offsets.
+const BLOCK_BYTES: usize = 4096;
+
+/// How the log reaches the disk: one direct, synchronous write per record (O_DIRECT and
+/// O_DSYNC: no page cache, no separate flush call; about a third less CPU than a write and
+/// an fdatasync), or, where the file system refuses direct I/O (tmpfs), a write and an
+/// fdatasync.
+enum Sink {
+    Direct {
+        file: File,
+        /// The bytes of the log's last, partly written block (before `offset`): a direct
+        /// write rewrites the whole block, and these bytes again as they were, so a torn
+        /// write cannot damage an acknowledged record.
+        tail: Vec<u8>,
+        /// Room for one write, aligned to a block in memory as direct I/O needs.
+        buffer: Vec<u8>,
+    },
+    Buffered(File),
+}
+
 /// The open log file of one node, positioned after the last record of its generation.
 pub struct CommitLog {
-    file: File,
+    sink: Sink,
     name: LogName,
     sequence: u64,
     offset: u64,
@@ -189,6 +210,16 @@ impl CommitLog {
     /// the log `name`'s records, to replay. The log continues after them until the next
     /// [`CommitLog::restart`].
     pub fn open(path: &Path, name: LogName, create: bool) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
+        CommitLog::open_with(path, name, create, true)
+    }
+
+    /// [`CommitLog::open`], writing directly when `direct` and the file system allows it.
+    fn open_with(
+        path: &Path,
+        name: LogName,
+        create: bool,
+        direct: bool,
+    ) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
         let mut file = match OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok((None, Vec::new())),
@@ -207,9 +238,26 @@ impl CommitLog {
                 File::open(dir)?.sync_all()?;
             }
         }
-        let offset = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
+        let offset: u64 = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
         let sequence = payloads.len() as u64;
-        Ok((Some(CommitLog { file, name, sequence, offset }), payloads))
+        let direct = match direct {
+            true => OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path),
+            false => Err(io::Error::other("not asked")),
+        };
+        let sink = match direct {
+            Ok(file) => {
+                let block = (offset as usize) & !(BLOCK_BYTES - 1);
+                let tail = bytes.get(block..offset as usize).unwrap_or_default().to_vec();
+                Sink::Direct { file, tail, buffer: Vec::new() }
+            }
+            Err(_) => Sink::Buffered(file),
+        };
+        Ok((Some(CommitLog { sink, name, sequence, offset }), payloads))
+    }
+
+    /// Whether records go to the disk by direct writes.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.sink, Sink::Direct { .. })
     }
 
     /// Whether a payload of `len` bytes still fits before [`LOG_BYTES_MAX`].
@@ -225,8 +273,28 @@ impl CommitLog {
         }
         let header = header(self.name, self.sequence, record.payload());
         record.bytes[..HEADER_BYTES].copy_from_slice(&header);
-        self.file.write_all_at(&record.bytes, self.offset)?;
-        self.file.sync_data()?;
+        match &mut self.sink {
+            Sink::Buffered(file) => {
+                file.write_all_at(&record.bytes, self.offset)?;
+                file.sync_data()?;
+            }
+            Sink::Direct { file, tail, buffer } => {
+                // The last block again, then the record, then zeros to the block's end.
+                let block = self.offset - tail.len() as u64;
+                let len = tail.len() + record.bytes.len();
+                let padded = len.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+                buffer.clear();
+                buffer.resize(padded + BLOCK_BYTES, 0);
+                let start = buffer.as_ptr().align_offset(BLOCK_BYTES).min(BLOCK_BYTES);
+                let out = &mut buffer[start..start + padded];
+                out[..tail.len()].copy_from_slice(tail);
+                out[tail.len()..len].copy_from_slice(&record.bytes);
+                file.write_all_at(out, block)?;
+                let last = len & !(BLOCK_BYTES - 1);
+                tail.clear();
+                tail.extend_from_slice(&out[last..len]);
+            }
+        }
         self.offset += record.bytes.len() as u64;
         self.sequence += 1;
         Ok(())
@@ -238,6 +306,9 @@ impl CommitLog {
         self.name.generation = generation;
         self.sequence = 0;
         self.offset = 0;
+        if let Sink::Direct { tail, .. } = &mut self.sink {
+            tail.clear();
+        }
     }
 }
 
@@ -301,6 +372,39 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX, "appends never grow the file");
         let (none, replay) = CommitLog::open(&dir.path().join("absent.log"), name(1), false).unwrap();
         assert!(none.is_none() && replay.is_empty());
+    }
+
+    #[test]
+    fn direct_writes_leave_the_same_log_as_buffered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().join("direct.log"), dir.path().join("buffered.log")];
+        let mut logs =
+            [true, false].map(|direct| CommitLog::open_with(&paths[usize::from(!direct)], name(3), true, direct));
+        let [Ok((Some(direct), _)), Ok((Some(buffered), _))] = &mut logs else { panic!("opened") };
+        assert!(direct.is_direct(), "this file system takes direct writes");
+        assert!(!buffered.is_direct());
+        // Records smaller and larger than a block, crossing block ends; a reopen mid-block.
+        let sizes = [10usize, 5000, 3, 4060, 4096, 9000, 1, 70];
+        let record = |n: usize| {
+            let mut r = Record::default();
+            r.push_put(1, &n.to_le_bytes(), &vec![n as u8; n]);
+            r
+        };
+        for (k, &n) in sizes.iter().enumerate() {
+            if k == 4 {
+                *direct = CommitLog::open_with(&paths[0], name(3), true, true).unwrap().0.unwrap();
+            }
+            direct.append(&mut record(n)).unwrap();
+            buffered.append(&mut record(n)).unwrap();
+        }
+        let expected: Vec<Vec<u8>> = sizes.iter().map(|&n| record(n).payload().to_vec()).collect();
+        for path in &paths {
+            assert_eq!(CommitLog::open(path, name(3), true).unwrap().1, expected, "{}", path.display());
+        }
+        assert_eq!(std::fs::read(&paths[0]).unwrap(), std::fs::read(&paths[1]).unwrap());
+        direct.restart(4);
+        direct.append(&mut record(7)).unwrap();
+        assert_eq!(CommitLog::open(&paths[0], name(4), true).unwrap().1, vec![record(7).payload().to_vec()]);
     }
 
     #[test]
