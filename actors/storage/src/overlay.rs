@@ -5,15 +5,16 @@
 //! memtable of a log-structured store, bounded by the number of batches the writer lets wait.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use ringkv::store::{Engine, EngineError, Table};
 
 use crate::commit_log::Change;
 
-/// Row changes since redb's last commit: a value, or None for a row deleted since.
+/// Row changes since redb's last commit, by table: a value, or None for a row deleted since.
 #[derive(Debug, Default)]
 pub struct Overlay {
-    rows: BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>>,
+    tables: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Table::ALL.len()],
     bytes: usize,
 }
 
@@ -26,13 +27,16 @@ impl Overlay {
     pub fn extend(&mut self, changes: Vec<Change>) {
         for Change { table, key, value } in changes {
             self.bytes = self.bytes.saturating_add(key.len() + value.as_ref().map_or(0, Vec::len));
-            self.rows.insert((table, key), value);
+            // The writer numbers tables by Table::ALL, so every change has its table.
+            if let Some(rows) = self.tables.get_mut(usize::from(table)) {
+                rows.insert(key, value);
+            }
         }
     }
 
     /// Redb committed every change held here.
     pub fn clear(&mut self) {
-        self.rows.clear();
+        self.tables.iter_mut().for_each(BTreeMap::clear);
         self.bytes = 0;
     }
 
@@ -42,12 +46,12 @@ impl Overlay {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.tables.iter().all(BTreeMap::is_empty)
     }
 
     /// The row's change: Some(None) when it was deleted, None when it did not change.
     fn get(&self, table: Table, key: &[u8]) -> Option<Option<&[u8]>> {
-        self.rows.get(&(table_byte(table), key.to_vec())).map(Option::as_deref)
+        self.rows(table).get(key).map(Option::as_deref)
     }
 
     /// The changes of rows with `from <= key < to`, in key order.
@@ -57,11 +61,13 @@ impl Overlay {
         from: &[u8],
         to: Option<&'a [u8]>,
     ) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a {
-        let t = table_byte(table);
-        self.rows
-            .range((t, from.to_vec())..)
-            .take_while(move |((rt, k), _)| *rt == t && to.is_none_or(|to| k.as_slice() < to))
-            .map(|((_, k), v)| (k.as_slice(), v.as_deref()))
+        // An empty range when `to <= from` (a range whose end comes first would panic).
+        let end = to.map_or(Bound::Unbounded, |to| Bound::Excluded(to.max(from)));
+        self.rows(table).range::<[u8], _>((Bound::Included(from), end)).map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
+    fn rows(&self, table: Table) -> &BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+        &self.tables[usize::from(table_byte(table)) % Table::ALL.len()]
     }
 }
 
