@@ -262,7 +262,8 @@ pub struct ClusterConfig {
 pub enum Durability {
     /// A write is on disk before it is acknowledged.
     Sync,
-    /// Writes are flushed every `flush_interval_ms`; a crash may lose the last interval.
+    /// Writes are flushed every `flush_interval_ms`; a crash of the machine (not of the
+    /// process alone) may lose the last interval.
     Buffered,
 }
 

@@ -105,7 +105,7 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     if config.storage.durability == Durability::Buffered {
         tracing::warn!(
             flush_interval_ms = config.storage.flush_interval_ms,
-            "storage.durability = \"buffered\": acknowledged writes of the last interval can be lost in a crash"
+            "storage.durability = \"buffered\": acknowledged writes of the last interval can be lost if the machine crashes"
         );
     }
     tracing::info!(

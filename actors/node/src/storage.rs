@@ -4,7 +4,7 @@
 //! before to finish; the worker joins every job queued while it was busy into its next
 //! batch, so concurrent durable writes share one commit (group commit) and the worker never
 //! waits for the node's thread between two batches. A caller hears back only after the
-//! batch holding its operation committed. In `buffered` mode a timer makes commits durable
+//! batch holding its operation was logged. In `buffered` mode a timer flushes the commit log
 //! every `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.)
 //! A coordinated write's outcome is also sent `ahead`, once computed and before its batch
 //! commits, to whoever asked for it.
@@ -55,7 +55,7 @@ pub struct StorageWorker {
 enum Job {
     /// Operations to run; the worker joins queued batches into one commit.
     Batch(Vec<Queued>),
-    /// Make buffered commits durable.
+    /// Flush the commit log (`buffered` mode's timer).
     Flush,
     /// A clean stop: flush and mark the store closed.
     Close { reply: oneshot::Sender<Result<(), String>> },

@@ -181,8 +181,9 @@ const BLOCK_BYTES: usize = 4096;
 
 /// How the log reaches the disk: one direct, synchronous write per record (O_DIRECT and
 /// O_DSYNC: no page cache, no separate flush call; about a third less CPU than a write and
-/// an fdatasync), or, where the file system refuses direct I/O (tmpfs), a write and an
-/// fdatasync.
+/// an fdatasync), or a write to the page cache, then an fdatasync when the record must be
+/// durable (a synced log where the file system refuses direct I/O, such as tmpfs) or when
+/// asked ([`CommitLog::sync`]).
 enum Sink {
     Direct {
         file: File,
@@ -193,7 +194,11 @@ enum Sink {
         /// Room for one write, aligned to a block in memory as direct I/O needs.
         buffer: Vec<u8>,
     },
-    Buffered(File),
+    Buffered {
+        file: File,
+        /// Every record is synced.
+        synced: bool,
+    },
 }
 
 /// The open log file of one node, positioned after the last record of its generation.
@@ -206,30 +211,17 @@ pub struct CommitLog {
 
 impl CommitLog {
     /// Open the log at `path` (created, and filled with zeros up to [`LOG_BYTES_MAX`] so that
-    /// appends never change its size, when `create` and it is shorter), and the payloads of
-    /// the log `name`'s records, to replay. The log continues after them until the next
-    /// [`CommitLog::restart`].
-    pub fn open(path: &Path, name: LogName, create: bool) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
-        CommitLog::open_with(path, name, create, true)
-    }
-
-    /// [`CommitLog::open`], writing directly when `direct` and the file system allows it.
-    fn open_with(
-        path: &Path,
-        name: LogName,
-        create: bool,
-        direct: bool,
-    ) -> io::Result<(Option<CommitLog>, Vec<Vec<u8>>)> {
-        let mut file = match OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok((None, Vec::new())),
-            Err(e) => return Err(e),
-        };
+    /// appends never change its size, when it is shorter), and the payloads of the log
+    /// `name`'s records, to replay. The log continues after them until the next
+    /// [`CommitLog::restart`]. A `synced` log writes every record through to the disk (by
+    /// direct writes where the file system allows them); another one syncs when asked.
+    pub fn open(path: &Path, name: LogName, synced: bool) -> io::Result<(CommitLog, Vec<Vec<u8>>)> {
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         // Records are appended only below LOG_BYTES_MAX.
         let mut bytes = Vec::new();
         (&mut file).take(LOG_BYTES_MAX).read_to_end(&mut bytes)?;
         let payloads: Vec<Vec<u8>> = scan(&bytes, name).into_iter().map(<[u8]>::to_vec).collect();
-        if create && (bytes.len() as u64) < LOG_BYTES_MAX {
+        if (bytes.len() as u64) < LOG_BYTES_MAX {
             let zeros = vec![0u8; (LOG_BYTES_MAX as usize).saturating_sub(bytes.len())];
             file.write_all_at(&zeros, bytes.len() as u64)?;
             file.sync_all()?;
@@ -240,7 +232,7 @@ impl CommitLog {
         }
         let offset: u64 = payloads.iter().map(|p| (HEADER_BYTES + p.len()) as u64).sum();
         let sequence = payloads.len() as u64;
-        let direct = match direct {
+        let direct = match synced {
             true => OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path),
             false => Err(io::Error::other("not asked")),
         };
@@ -250,9 +242,17 @@ impl CommitLog {
                 let tail = bytes.get(block..offset as usize).unwrap_or_default().to_vec();
                 Sink::Direct { file, tail, buffer: Vec::new() }
             }
-            Err(_) => Sink::Buffered(file),
+            Err(_) => Sink::Buffered { file, synced },
         };
-        Ok((Some(CommitLog { sink, name, sequence, offset }), payloads))
+        Ok((CommitLog { sink, name, sequence, offset }, payloads))
+    }
+
+    /// Make every appended record durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        match &mut self.sink {
+            Sink::Direct { .. } => Ok(()),
+            Sink::Buffered { file, .. } => file.sync_data(),
+        }
     }
 
     /// Whether records go to the disk by direct writes.
@@ -265,8 +265,10 @@ impl CommitLog {
         self.offset.saturating_add((HEADER_BYTES + len) as u64) <= LOG_BYTES_MAX
     }
 
-    /// Append one record and flush it: once this returns Ok, a crash replays its payload.
-    pub fn append(&mut self, record: &mut Record) -> io::Result<()> {
+    /// Append one record, and flush it when the log is synced or `durable`: once this
+    /// returns Ok, a crash of the process replays its payload, and a crash of the machine
+    /// does too if it was flushed (or a later [`CommitLog::sync`] returned).
+    pub fn append(&mut self, record: &mut Record, durable: bool) -> io::Result<()> {
         let payload_len = record.payload().len();
         if !self.fits(payload_len) {
             return Err(io::Error::other("the record does not fit in the commit log"));
@@ -274,9 +276,11 @@ impl CommitLog {
         let header = header(self.name, self.sequence, record.payload());
         record.bytes[..HEADER_BYTES].copy_from_slice(&header);
         match &mut self.sink {
-            Sink::Buffered(file) => {
+            Sink::Buffered { file, synced } => {
                 file.write_all_at(&record.bytes, self.offset)?;
-                file.sync_data()?;
+                if *synced || durable {
+                    file.sync_data()?;
+                }
             }
             Sink::Direct { file, tail, buffer } => {
                 // The last block again, then the record, then zeros to the block's end.
@@ -350,37 +354,33 @@ mod tests {
     fn appends_replay_until_a_restart_and_a_restarted_log_hides_the_old_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("commit.log");
-        let (log, replay) = CommitLog::open(&path, name(7), true).unwrap();
+        let (mut log, replay) = CommitLog::open(&path, name(7), true).unwrap();
         assert!(replay.is_empty());
-        let mut log = log.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX);
         for i in 0..3 {
-            log.append(&mut record(i)).unwrap();
+            log.append(&mut record(i), true).unwrap();
         }
         drop(log);
         let replay = |n: LogName| CommitLog::open(&path, n, true).unwrap().1;
         assert_eq!(replay(name(7)), (0..3).map(payload).collect::<Vec<_>>());
         assert!(replay(name(8)).is_empty(), "another generation replays nothing");
         assert!(replay(LogName { id: 1, generation: 7 }).is_empty(), "another database's log replays nothing");
-        let mut log = CommitLog::open(&path, name(7), true).unwrap().0.unwrap();
-        log.append(&mut record(3)).unwrap();
+        let mut log = CommitLog::open(&path, name(7), true).unwrap().0;
+        log.append(&mut record(3), true).unwrap();
         log.restart(8);
-        log.append(&mut record(9)).unwrap();
+        log.append(&mut record(9), true).unwrap();
         drop(log);
         assert_eq!(replay(name(8)), vec![payload(9)]);
         assert!(replay(name(7)).is_empty(), "overwritten from the start");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_BYTES_MAX, "appends never grow the file");
-        let (none, replay) = CommitLog::open(&dir.path().join("absent.log"), name(1), false).unwrap();
-        assert!(none.is_none() && replay.is_empty());
     }
 
     #[test]
     fn direct_writes_leave_the_same_log_as_buffered_ones() {
         let dir = tempfile::tempdir().unwrap();
         let paths = [dir.path().join("direct.log"), dir.path().join("buffered.log")];
-        let mut logs =
-            [true, false].map(|direct| CommitLog::open_with(&paths[usize::from(!direct)], name(3), true, direct));
-        let [Ok((Some(direct), _)), Ok((Some(buffered), _))] = &mut logs else { panic!("opened") };
+        let mut logs = [true, false].map(|synced| CommitLog::open(&paths[usize::from(!synced)], name(3), synced));
+        let [Ok((direct, _)), Ok((buffered, _))] = &mut logs else { panic!("opened") };
         assert!(direct.is_direct(), "this file system takes direct writes");
         assert!(!buffered.is_direct());
         // Records smaller and larger than a block, crossing block ends; a reopen mid-block.
@@ -392,18 +392,19 @@ mod tests {
         };
         for (k, &n) in sizes.iter().enumerate() {
             if k == 4 {
-                *direct = CommitLog::open_with(&paths[0], name(3), true, true).unwrap().0.unwrap();
+                *direct = CommitLog::open(&paths[0], name(3), true).unwrap().0;
             }
-            direct.append(&mut record(n)).unwrap();
-            buffered.append(&mut record(n)).unwrap();
+            direct.append(&mut record(n), true).unwrap();
+            buffered.append(&mut record(n), k % 2 == 0).unwrap();
         }
+        buffered.sync().unwrap();
         let expected: Vec<Vec<u8>> = sizes.iter().map(|&n| record(n).payload().to_vec()).collect();
         for path in &paths {
             assert_eq!(CommitLog::open(path, name(3), true).unwrap().1, expected, "{}", path.display());
         }
         assert_eq!(std::fs::read(&paths[0]).unwrap(), std::fs::read(&paths[1]).unwrap());
         direct.restart(4);
-        direct.append(&mut record(7)).unwrap();
+        direct.append(&mut record(7), true).unwrap();
         assert_eq!(CommitLog::open(&paths[0], name(4), true).unwrap().1, vec![record(7).payload().to_vec()]);
     }
 
@@ -421,11 +422,11 @@ mod tests {
     #[test]
     fn a_record_past_the_capacity_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = CommitLog::open(&dir.path().join("commit.log"), name(0), true).unwrap().0.unwrap();
+        let mut log = CommitLog::open(&dir.path().join("commit.log"), name(0), true).unwrap().0;
         let mut big = Record::default();
         big.push_put(0, b"k", &vec![1u8; LOG_BYTES_MAX as usize]);
         assert!(!log.fits(big.payload().len()));
-        assert!(log.append(&mut big).is_err());
+        assert!(log.append(&mut big, true).is_err());
         let fits = LOG_BYTES_MAX as usize - HEADER_BYTES;
         assert!(log.fits(fits) && !log.fits(fits + 1), "a record may end exactly at the capacity");
     }

@@ -1,12 +1,14 @@
 //! ringkv's storage engine binding: the core's store layout ([`ringkv::store`]) on redb, one
 //! file per node. This crate only moves bytes: [`WriteEngine`] and [`ReadEngine`] give the
 //! core the ordered tables of one redb transaction, and [`Storage`] runs batches of
-//! operations in one transaction each (the group commit the node's storage stage feeds),
-//! durably when asked or when the node is in `sync` mode, and applies the in-memory
-//! changes only after the commit succeeded. No actix here: the node hosts it on a thread.
-//! In `sync` mode a batch is durable once its [`commit_log`] record is flushed; redb commits
-//! it later, together with the batches logged after it ([`overlay`] holds their rows for
-//! readers meanwhile), without syncing, and syncs only at checkpoints.
+//! operations (the group commit the node's storage stage feeds), and applies the in-memory
+//! changes only once a batch is logged. No actix here: the node hosts it on a thread.
+//! A batch is acknowledged once its [`commit_log`] record is written: flushed to the disk
+//! in `sync` mode and for a batch asked to be durable, left to the page cache otherwise
+//! (`buffered` mode, where a process crash loses nothing and the log is flushed every
+//! `storage.flush_interval_ms`, as Cassandra's periodic commit log sync). Redb commits the
+//! logged batches later, together ([`overlay`] holds their rows for readers meanwhile),
+//! without syncing, and syncs only at checkpoints (when the log fills, and at a clean stop).
 
 pub mod commit_log;
 pub mod overlay;
@@ -192,7 +194,7 @@ pub struct Storage {
     shared: Shared,
     state: StoreState,
     mode: DurabilityMode,
-    /// `sync` mode's commit log; None in `buffered` mode.
+    /// The commit log (None only while the database is opened again).
     log: Option<CommitLog>,
     /// The log redb's last durable commit named.
     log_name: LogName,
@@ -208,8 +210,8 @@ pub struct Storage {
     broken: bool,
     /// Opening again failed: batches fail at once until then (it rebuilds every tree).
     reopen_not_before: Option<std::time::Instant>,
-    /// In `sync` mode, the write transaction holding the batches logged since redb's last
-    /// commit (their rows are in the shared [`Overlay`] for readers), and how many.
+    /// The write transaction holding the batches logged since redb's last commit (their
+    /// rows are in the shared [`Overlay`] for readers), and how many.
     txn: Option<WriteTransaction>,
     unsettled_batches: usize,
 }
@@ -348,7 +350,7 @@ impl Parts {
         txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
         let log_name = read_log_name(&txn).map_err(|e| format!("{}: {e}", path.display()))?;
         let log_path = path.with_extension("commit-log");
-        let (log, replay) = CommitLog::open(&log_path, log_name, mode == DurabilityMode::Sync)
+        let (mut log, replay) = CommitLog::open(&log_path, log_name, mode == DurabilityMode::Sync)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let (state, report) = {
             let mut engine = WriteEngine::new(&txn);
@@ -367,11 +369,8 @@ impl Parts {
         };
         let log_name = next_generation(&txn, log_name).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        // In `buffered` mode a log left by `sync` mode was replayed above and is stale now.
-        let log = log.filter(|_| mode == DurabilityMode::Sync).map(|mut log| {
-            log.restart(log_name.generation);
-            log
-        });
+        log.restart(log_name.generation);
+        let log = Some(log);
         let saved = {
             let read = db.begin_read().map_err(|e| e.to_string())?;
             let engine = ReadEngine::new(read);
@@ -463,9 +462,10 @@ impl Storage {
         &self.state
     }
 
-    /// Run a batch in one transaction: a read transaction when every operation only reads,
-    /// else a write transaction committed durably when `durable` or in `sync` mode. The
-    /// in-memory state changes only after the commit. Unreadable rows that a read batch met
+    /// Run a batch: in a read transaction when every operation only reads, else in the
+    /// write transaction of the logged batches, its record appended to the commit log
+    /// (flushed when `durable` or in `sync` mode), or, when the log cannot take it, committed
+    /// durably in redb. The in-memory state changes only once it is logged or committed. Unreadable rows that a read batch met
     /// are quarantined right after, in a write transaction of their own. `ahead` hears each
     /// coordinated write (by its index in `ops`) once computed, before the commit
     /// ([`ringkv::stage::Input::Ahead`]); a commit that then fails retires the store's
@@ -535,7 +535,7 @@ impl Storage {
                     Some(Vec::new())
                 } else if !log.fits(len) {
                     None
-                } else if let Err(e) = log.append(&mut record) {
+                } else if let Err(e) = log.append(&mut record, durable || self.mode == DurabilityMode::Sync) {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
                     None
                 } else {
@@ -565,7 +565,8 @@ impl Storage {
                 }
             }
         } else {
-            let checkpoint = durable || self.mode == DurabilityMode::Sync;
+            // A batch the log could not take is made durable in redb, which starts the log over.
+            let checkpoint = durable || self.mode == DurabilityMode::Sync || self.log.is_some();
             if let Err(e) = self.commit(txn, checkpoint) {
                 tracing::error!(error = %e, "storage commit failed");
                 self.state.abandon();
@@ -580,8 +581,20 @@ impl Storage {
         run.outcomes
     }
 
-    /// Make every buffered commit durable (and the logged batches committed in redb).
+    /// Make every acknowledged batch durable: `buffered` mode's periodic flush. The commit
+    /// log is synced (a checkpoint when that fails, or when there is no log).
     pub fn flush(&mut self) -> Result<(), String> {
+        if let Some(log) = &mut self.log {
+            match log.sync() {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!(error = %e, "commit log sync failed: checkpointing instead"),
+            }
+        }
+        self.checkpoint()
+    }
+
+    /// Commit everything durably in redb (the logged batches too), and start the log over.
+    pub fn checkpoint(&mut self) -> Result<(), String> {
         let db = self.db()?;
         let txn = match self.txn.take().map_or_else(|| db.begin_write(), Ok) {
             Ok(txn) => txn,
@@ -652,7 +665,7 @@ impl Storage {
     /// log starts over).
     pub fn close(&mut self, now_wall_ms: u64) -> Result<(), String> {
         match self.run(vec![StoreOp::Close], true, now_wall_ms, &mut |_, _| {}).pop() {
-            Some(Ok(_)) => self.flush(),
+            Some(Ok(_)) => self.checkpoint(),
             Some(Err(e)) => Err(e.to_string()),
             None => Err("no outcome".into()),
         }
@@ -701,8 +714,8 @@ mod tests {
     /// nothing, as a crash would: redb's non-durable commits are lost with the process, and
     /// only what the commit log flushed can bring them back. 4 values of 16 KB a batch fill
     /// the log past its capacity on the way, so the run also checkpoints.
-    fn crash_child(dir: &Path) -> ! {
-        let mut s = open(dir, DurabilityMode::Sync, 1).storage;
+    fn crash_child(dir: &Path, mode: DurabilityMode) -> ! {
+        let mut s = open(dir, mode, 1).storage;
         for batch in 0..BATCHES {
             let mut ops: Vec<StoreOp> =
                 (0..4).map(|i| write(&format!("k{batch}-{i}"), VersionVector::new(), Some(vec![i; 16_000]))).collect();
@@ -717,22 +730,42 @@ mod tests {
         std::process::exit(0)
     }
 
-    /// A data directory after [`crash_child`] ran in it.
-    fn crashed() -> tempfile::TempDir {
+    /// A data directory after [`crash_child`] ran in it (in the mode `test` asks for).
+    fn crashed_in(test: &str, var: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let child = in_child("acknowledged_batches_survive_a_crash_through_the_commit_log", CRASH_DIR, dir.path());
+        let child = in_child(test, var, dir.path());
         let stdout = String::from_utf8_lossy(&child.stdout);
         assert_eq!(stdout.lines().filter(|l| l.starts_with("acknowledged ")).count(), BATCHES, "{stdout}");
         dir
     }
 
+    fn crashed() -> tempfile::TempDir {
+        crashed_in("acknowledged_batches_survive_a_crash_through_the_commit_log", CRASH_DIR)
+    }
+
     #[test]
     fn acknowledged_batches_survive_a_crash_through_the_commit_log() {
         if let Some(dir) = std::env::var_os(CRASH_DIR) {
-            crash_child(Path::new(&dir));
+            crash_child(Path::new(&dir), DurabilityMode::Sync);
         }
-        let dir = crashed();
-        let o = open(dir.path(), DurabilityMode::Sync, 2);
+        assert_every_batch_is_there(crashed(), DurabilityMode::Sync);
+    }
+
+    const BUFFERED_CRASH_DIR: &str = "RINGKV_STORAGE_BUFFERED_CRASH_DIR";
+
+    /// `buffered` mode flushes nothing per batch, but its records are in the page cache
+    /// when the process dies, so a crash of the process alone loses no acknowledged batch.
+    #[test]
+    fn buffered_mode_loses_no_acknowledged_batch_when_the_process_dies() {
+        if let Some(dir) = std::env::var_os(BUFFERED_CRASH_DIR) {
+            crash_child(Path::new(&dir), DurabilityMode::Buffered);
+        }
+        let test = "buffered_mode_loses_no_acknowledged_batch_when_the_process_dies";
+        assert_every_batch_is_there(crashed_in(test, BUFFERED_CRASH_DIR), DurabilityMode::Buffered);
+    }
+
+    fn assert_every_batch_is_there(dir: tempfile::TempDir, mode: DurabilityMode) {
+        let o = open(dir.path(), mode, 2);
         assert_eq!(o.report.objects, 4 * BATCHES as u64, "every acknowledged write is there");
         for batch in 0..BATCHES {
             for i in 0..4u8 {
@@ -871,7 +904,7 @@ mod tests {
     fn logged_batches_wait_for_one_redb_commit_and_readers_see_them_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path(), DurabilityMode::Sync, 1).storage;
-        s.flush().unwrap();
+        s.checkpoint().unwrap();
         for i in 0..UNSETTLED_BATCHES_MAX - 1 {
             s.run(vec![coordinate(&format!("k{i}"))], false, 1, &mut |_, _| {});
         }
