@@ -274,7 +274,7 @@ pub struct StorageConfig {
     pub durability: Durability,
     #[serde(default = "flush_default")]
     pub flush_interval_ms: u64,
-    /// Most writes committed in one transaction (group commit).
+    /// Most operations in one commit log record (group commit).
     #[serde(default = "batch_default")]
     pub commit_batch_max: u32,
     /// A tombstone is reaped once every replica holds it and it is older than this.

@@ -1,8 +1,8 @@
-//! The rows of acknowledged batches that redb has not committed yet. In `sync` mode a batch
-//! is durable once its [`crate::commit_log`] record is flushed; redb commits the batches of
-//! several records in one transaction (fewer commits, each one cheaper per row), and until it
-//! does, readers on other threads see those rows here, over redb's last commit. This is the
-//! memtable of a log-structured store, bounded by the number of batches the writer lets wait.
+//! The rows of acknowledged batches that redb has not committed yet. A batch is acknowledged
+//! once its [`crate::commit_log`] record is written; redb commits the batches of several
+//! records in one transaction (fewer commits, each one cheaper per row), and until it does,
+//! readers on other threads see those rows here, over redb's last commit. This is the
+//! memtable of a log-structured store, bounded by the batches and bytes the writer lets wait.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -18,6 +18,10 @@ pub struct Overlay {
     bytes: usize,
 }
 
+/// What one change costs in memory beyond its key and value, about: the map's slot and the
+/// two buffers' headers and allocation rounding.
+pub const ENTRY_BYTES: usize = 64;
+
 pub(crate) fn table_byte(table: Table) -> u8 {
     Table::ALL.iter().position(|t| *t == table).unwrap_or(0) as u8
 }
@@ -26,7 +30,8 @@ impl Overlay {
     /// Take in one batch's changes, in order (a later change of a row replaces an earlier one).
     pub fn extend(&mut self, changes: Vec<Change>) {
         for Change { table, key, value } in changes {
-            self.bytes = self.bytes.saturating_add(key.len() + value.as_ref().map_or(0, Vec::len));
+            let bytes = ENTRY_BYTES + key.len() + value.as_ref().map_or(0, Vec::len);
+            self.bytes = self.bytes.saturating_add(bytes);
             // The writer numbers tables by Table::ALL, so every change has its table.
             if let Some(rows) = self.tables.get_mut(usize::from(table)) {
                 rows.insert(key, value);
@@ -40,7 +45,8 @@ impl Overlay {
         self.bytes = 0;
     }
 
-    /// Bytes of keys and values taken in since the last clear (rows changed twice count twice).
+    /// Bytes taken in since the last clear: keys, values and [`ENTRY_BYTES`] a change (rows
+    /// changed twice count twice).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -206,35 +212,100 @@ mod tests {
         assert_eq!(e.get(Table::Hints, &[1]).unwrap(), Some(vec![99]), "each table apart");
         assert_eq!(scanned(&e, 0, None, 100), vec![(1, 10), (2, 21), (4, 40)]);
         assert!(!e.writable());
+        assert_eq!(overlay.bytes(), 4 * ENTRY_BYTES + 4 + 3);
         overlay.clear();
         assert!(overlay.is_empty() && overlay.bytes() == 0);
     }
 
+    /// Rows of two tables, keys of up to 3 bytes from a small alphabet (so some keys are
+    /// prefixes of others).
+    type Rows = BTreeMap<(u8, Vec<u8>), Vec<u8>>;
+
+    /// A base of rows of any table.
+    struct Multi(Rows);
+
+    impl Engine for Multi {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+            Ok(self.0.get(&(table_byte(table), key.to_vec())).cloned())
+        }
+        fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+            unreachable!()
+        }
+        fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+            unreachable!()
+        }
+        fn scan(
+            &self,
+            table: Table,
+            from: &[u8],
+            to: Option<&[u8]>,
+            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), EngineError> {
+            let t = table_byte(table);
+            for ((rt, k), v) in self.0.range((t, from.to_vec())..) {
+                if *rt != t || to.is_some_and(|to| k.as_slice() >= to) || !visit(k, v) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(0u8..3, 0..3)
+    }
+
+    fn table() -> impl Strategy<Value = Table> {
+        prop_oneof![Just(Table::Objects), Just(Table::Hints)]
+    }
+
+    fn scan_all(e: &dyn Engine, table: Table, from: &[u8], to: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        e.scan(table, from, to, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            out.len() < limit
+        })
+        .unwrap();
+        out
+    }
+
     proptest! {
-        /// Reading through the overlay is reading the base with the changes applied.
+        /// Reading through the overlay is reading the base with the changes applied, in
+        /// order, over several batches and tables.
         #[test]
         fn reads_through_the_overlay_match_the_changes_applied(
-            base in proptest::collection::btree_map(0u8..32, any::<u8>(), 0..16),
-            changes in proptest::collection::vec((0u8..32, proptest::option::of(any::<u8>())), 0..24),
-            from in 0u8..32,
-            to in proptest::option::of(0u8..34),
+            base in proptest::collection::btree_map((prop_oneof![Just(0u8), Just(1u8)], key()), any::<u8>().prop_map(|v| vec![v]), 0..16),
+            batches in proptest::collection::vec(
+                proptest::collection::vec((table(), key(), proptest::option::of(any::<u8>())), 0..8), 0..4),
+            scan_table in table(),
+            from in key(),
+            to in proptest::option::of(key()),
             limit in 1usize..40,
         ) {
-            let mut applied = base.clone();
+            let mut applied: Rows = base.clone();
             let mut overlay = Overlay::default();
-            for (k, v) in &changes {
-                match v {
-                    Some(v) => applied.insert(*k, *v),
-                    None => applied.remove(k),
-                };
+            for batch in &batches {
+                let mut changes = Vec::new();
+                for (t, k, v) in batch {
+                    let row = (table_byte(*t), k.clone());
+                    match v {
+                        Some(v) => applied.insert(row, vec![*v]),
+                        None => applied.remove(&row),
+                    };
+                    changes.push(Change { table: table_byte(*t), key: k.clone(), value: v.map(|v| vec![v]) });
+                }
+                overlay.extend(changes);
             }
-            overlay.extend(changes.iter().map(|(k, v)| change(Table::Objects, *k, *v)).collect());
-            let base = Base(base.into_iter().map(|(k, v)| (vec![k], vec![v])).collect());
-            let applied = Base(applied.into_iter().map(|(k, v)| (vec![k], vec![v])).collect());
+            let (base, applied) = (Multi(base), Multi(applied));
             let e = Overlaid { base: &base, overlay: &overlay };
-            prop_assert_eq!(scanned(&e, from, to, limit), scanned(&applied, from, to, limit));
-            for k in 0u8..34 {
-                prop_assert_eq!(e.get(Table::Objects, &[k]).unwrap(), applied.get(Table::Objects, &[k]).unwrap());
+            prop_assert_eq!(
+                scan_all(&e, scan_table, &from, to.as_deref(), limit),
+                scan_all(&applied, scan_table, &from, to.as_deref(), limit)
+            );
+            for t in [Table::Objects, Table::Hints] {
+                for k in [vec![], vec![0], vec![1, 2], vec![2, 2], vec![0, 1, 2]] {
+                    prop_assert_eq!(e.get(t, &k).unwrap(), applied.get(t, &k).unwrap());
+                }
             }
         }
     }
