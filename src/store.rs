@@ -446,14 +446,17 @@ fn checksum(format: u8, body: &[u8]) -> Option<Vec<u8>> {
 
 /// Encode a row value: a format byte, a checksum of the body, the MessagePack body.
 pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    let body = rmp_serde::to_vec(value).map_err(|e| StoreError::Io(format!("cannot encode a row: {e}")))?;
-    let sum = crc32fast::hash(&body).to_le_bytes();
-    let mut out = Vec::with_capacity(1 + sum.len() + body.len());
-    out.push(ROW_FORMAT);
-    out.extend_from_slice(&sum);
-    out.extend_from_slice(&body);
+    // The format byte and room for the checksum, then the body encoded in place.
+    let mut out = Vec::with_capacity(ROW_BYTES_GUESS);
+    out.extend_from_slice(&[ROW_FORMAT, 0, 0, 0, 0]);
+    rmp_serde::encode::write(&mut out, value).map_err(|e| StoreError::Io(format!("cannot encode a row: {e}")))?;
+    let sum = crc32fast::hash(&out[5..]).to_le_bytes();
+    out[1..5].copy_from_slice(&sum);
     Ok(out)
 }
+
+/// Room a row's encoding starts with (most rows fit; a longer one grows as it goes).
+const ROW_BYTES_GUESS: usize = 512;
 
 /// Decode a row value written by [`seal`]; an error names what is wrong.
 pub fn unseal<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {

@@ -453,9 +453,14 @@ pub fn batch_bytes_bound<K: AsRef<[u8]>>(entries: &[(K, Object)]) -> u64 {
     entries.iter().map(|(k, o)| (k.as_ref().len() + o.size_bytes()) as u64).sum()
 }
 
+/// Room a frame's encoding starts with.
+const FRAME_BYTES_GUESS: usize = 512;
+
 /// Encode one message as a frame.
 pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, WireError> {
-    let mut out = vec![PROTOCOL_VERSION, 0, 0, 0, 0];
+    // Room most frames fit in, so that encoding does not grow the buffer step by step.
+    let mut out = Vec::with_capacity(FRAME_BYTES_GUESS);
+    out.extend_from_slice(&[PROTOCOL_VERSION, 0, 0, 0, 0]);
     rmp_serde::encode::write(&mut out, msg).map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = out.len() - FRAME_HEADER_BYTES;
     let len32 = u32::try_from(len).map_err(|_| WireError::TooLarge { len, max: u32::MAX as usize })?;
