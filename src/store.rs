@@ -79,6 +79,9 @@ impl Table {
 #[error("{0}")]
 pub struct EngineError(pub String);
 
+/// What a scan calls with each row (key, value) in order; it returns false to stop.
+pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
+
 /// One transaction of an ordered key-value engine: the only thing a storage backend
 /// implements. Reads see the transaction's own writes.
 pub trait Engine {
@@ -87,17 +90,49 @@ pub trait Engine {
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError>;
     /// Visit rows with `from <= key < to` (no upper bound when `to` is None) in key order
     /// until `visit` returns false.
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError>;
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError>;
     /// False for a read-only transaction: writes fail and quarantine waits for a later
     /// write batch.
     fn writable(&self) -> bool {
         true
+    }
+}
+
+/// The reads of one transaction: what a read-only transaction (a snapshot) implements;
+/// [`ReadOnly`] makes it an [`Engine`].
+pub trait EngineReads {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+    /// As [`Engine::scan`].
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError>;
+}
+
+impl<E: EngineReads + ?Sized> EngineReads for &E {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        (**self).get(table, key)
+    }
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
+        (**self).scan(table, from, to, visit)
+    }
+}
+
+/// A read-only transaction as an [`Engine`]: its writes fail.
+pub struct ReadOnly<E>(pub E);
+
+impl<E: EngineReads> Engine for ReadOnly<E> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        self.0.get(table, key)
+    }
+    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
+        Err(EngineError("read-only transaction".into()))
+    }
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
+        self.0.scan(table, from, to, visit)
+    }
+    fn writable(&self) -> bool {
+        false
     }
 }
 
@@ -626,7 +661,7 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
-    pub fn run<E: Engine>(&self, engine: &mut E, ops: Vec<StoreOp>, now_wall_ms: u64) -> BatchRun {
+    pub fn run<E: EngineReads>(&self, engine: E, ops: Vec<StoreOp>, now_wall_ms: u64) -> BatchRun {
         if let Some(op) = ops.iter().find(|op| !op.reads_rows_only()) {
             let e = StoreError::Io(format!("a reader runs row reads only, not {op:?}"));
             return BatchRun {
@@ -635,7 +670,7 @@ impl StoreReader {
                 failed: Some(e),
             };
         }
-        self.state.run(engine, ops, now_wall_ms)
+        self.state.run(&mut ReadOnly(engine), ops, now_wall_ms)
     }
 }
 
@@ -816,7 +851,7 @@ impl StoreState {
     }
 
     /// A list saved under `key` in the meta table (empty when none was saved).
-    fn load_list<T: for<'de> Deserialize<'de>>(engine: &dyn Engine, key: &[u8]) -> Result<Vec<T>, StoreError> {
+    fn load_list<T: for<'de> Deserialize<'de>>(engine: &dyn EngineReads, key: &[u8]) -> Result<Vec<T>, StoreError> {
         match engine.get(Table::Meta, key)? {
             None => Ok(Vec::new()),
             Some(bytes) => {
@@ -827,17 +862,17 @@ impl StoreState {
 
     /// The saved namespaces. Each is validated again where it is merged
     /// ([`namespace::Namespaces::merge`]).
-    pub fn load_namespaces(engine: &dyn Engine) -> Result<Vec<namespace::Namespace>, StoreError> {
+    pub fn load_namespaces(engine: &dyn EngineReads) -> Result<Vec<namespace::Namespace>, StoreError> {
         Self::load_list(engine, META_NAMESPACES)
     }
 
     /// What a node starts from: its saved member table and namespaces.
-    pub fn load_saved(engine: &dyn Engine) -> Result<Saved, StoreError> {
+    pub fn load_saved(engine: &dyn EngineReads) -> Result<Saved, StoreError> {
         Ok(Saved { members: Self::load_members(engine)?, namespaces: Self::load_namespaces(engine)? })
     }
 
     /// The saved member table.
-    pub fn load_members(engine: &dyn Engine) -> Result<Vec<Member>, StoreError> {
+    pub fn load_members(engine: &dyn EngineReads) -> Result<Vec<Member>, StoreError> {
         Self::load_list(engine, META_MEMBERS)
     }
 
@@ -1761,7 +1796,7 @@ impl MemEngine {
         table: Table,
         from: &[u8],
         to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        visit: Visit<'_>,
     ) {
         for ((t, k), v) in rows.range((table, from.to_vec())..) {
             if *t != table || to.is_some_and(|to| k.as_slice() >= to) {
@@ -1774,29 +1809,14 @@ impl MemEngine {
     }
 }
 
-/// A read-only view: writes fail.
-impl Engine for MemEngine {
+/// A snapshot: [`ReadOnly`] reads through it, [`MemEngine::begin`] writes.
+impl EngineReads for MemEngine {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self.rows.get(&(table, key.to_vec())).cloned())
     }
-    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         MemEngine::scan_rows(&self.rows, table, from, to, visit);
         Ok(())
-    }
-    fn writable(&self) -> bool {
-        false
     }
 }
 
@@ -1847,13 +1867,7 @@ impl Engine for MemTxn<'_> {
         self.undo.push((k, old));
         Ok(())
     }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         MemEngine::scan_rows(&self.engine.rows, table, from, to, visit);
         Ok(())
     }
@@ -2293,7 +2307,7 @@ mod tests {
                 StoreOp::ReapCheck { key: b"k".to_vec(), digest: o.digest() },
             ]
         };
-        let by_reader = reader.run(&mut s.engine.clone(), ops(), 0);
+        let by_reader = reader.run(&s.engine, ops(), 0);
         assert!(by_reader.failed.is_none());
         assert_eq!(by_reader.outcomes, s.clone().run_batch(ops()));
         assert!(
@@ -2305,7 +2319,7 @@ mod tests {
             StoreOp::Tree { tree: TreeId::default_of(0) },
             StoreOp::Write { key: b"x".to_vec(), object: o.clone(), hint: None },
         ] {
-            let run = reader.run(&mut s.engine, vec![op], 0);
+            let run = reader.run(&s.engine, vec![op], 0);
             assert!(run.failed.is_some() && run.outcomes.iter().all(Result::is_err));
         }
         assert_eq!(s.engine, before);
@@ -2313,7 +2327,7 @@ mod tests {
         let mut bytes = s.engine.get(Table::Objects, &row_key(b"k")).unwrap().unwrap();
         bytes[0] ^= 0x55;
         s.engine.poke(Table::Objects, &row_key(b"k"), bytes);
-        let run = reader.run(&mut s.engine, vec![StoreOp::Read { key: b"k".to_vec() }], 0);
+        let run = reader.run(&s.engine, vec![StoreOp::Read { key: b"k".to_vec() }], 0);
         assert!(matches!(&run.outcomes[0], Err(StoreError::Corrupt { .. })));
         assert!(matches!(&run.pending.quarantine[..], [StoreOp::Quarantine { table: Table::Objects, .. }]));
     }
@@ -2364,7 +2378,7 @@ mod tests {
         let mut s = store();
         coordinate(&mut s, b"k", &VersionVector::new(), b"v", None);
         s.engine.poke(Table::Objects, &row_key(b"k"), vec![1, 2, 3]);
-        let run = s.state.run(&mut s.engine.clone(), vec![StoreOp::Read { key: b"k".to_vec() }], 0);
+        let run = s.state.run(&mut ReadOnly(&s.engine), vec![StoreOp::Read { key: b"k".to_vec() }], 0);
         assert!(matches!(run.outcomes[0], Err(StoreError::Corrupt { .. })));
         assert_eq!(run.pending.quarantine.len(), 1);
         for op in run.pending.quarantine {

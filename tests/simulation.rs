@@ -57,8 +57,8 @@ use ringkv::node::{LocalNode, NodeSettings};
 use ringkv::ring::NodeId;
 use ringkv::stage::{Dest, Effect, Input, Now, Origin, StageId};
 use ringkv::store::{
-    decode_hint_row, decode_object_row, unseal, Engine, EngineError, MemEngine, MemStore, MemTxn, ReapedRow,
-    StoreError, StoreOp, StoreOutcome, StoreState, Table, TreeId,
+    decode_hint_row, decode_object_row, unseal, Engine, EngineError, MemEngine, MemStore, MemTxn, ReadOnly, ReapedRow,
+    StoreError, StoreOp, StoreOutcome, StoreState, Table, TreeId, Visit,
 };
 use ringkv::version::{Dot, Object, VersionVector};
 use ringkv::wire::{AeMessage, Bytes, ClientRequest, ClientResponse, ErrorKind, Message, ReplicaRequest};
@@ -148,13 +148,7 @@ impl Engine for FaultyTxn<'_> {
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
         self.txn.delete(table, key)
     }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         self.txn.scan(table, from, to, visit)
     }
 }
@@ -920,7 +914,7 @@ impl Sim {
         }
         let now = self.now();
         let store = &mut self.nodes[i].store;
-        let mut run = store.state.reader().run(&mut store.engine, vec![op], now.wall_ms);
+        let mut run = store.state.reader().run(&store.engine, vec![op], now.wall_ms);
         for op in std::mem::take(&mut run.pending.quarantine) {
             self.enqueue(i, None, op, false);
         }
@@ -1085,7 +1079,7 @@ impl Sim {
             let (outcomes, failed) = if read_only {
                 // Reads run on the committed engine, with no transaction to commit.
                 let store = &mut self.nodes[i].store;
-                let run = store.state.run(&mut store.engine, ops.clone(), now.wall_ms);
+                let run = store.state.run(&mut ReadOnly(&store.engine), ops.clone(), now.wall_ms);
                 if run.failed.is_none() {
                     store.state.commit(&run.pending);
                 }

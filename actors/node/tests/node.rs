@@ -354,8 +354,10 @@ fn a_routing_client_follows_the_ring_when_a_node_joins_mid_run() {
     // N=2 over 3 nodes, then a 4th joins while one routed client runs: answers tell the
     // new ring epoch and the client learns the ring again at once, well before its
     // 10-second refresh, so requests keep reaching a replica of their key. Updates are
-    // read-modify-write (workload f): 8 seconds of blind updates pile more siblings on the
-    // busiest of 200 keys than the store takes, once the cluster is fast enough.
+    // read-modify-write (workload f): 16 seconds of blind updates pile more siblings on the
+    // busiest of 200 keys than the store takes, once the cluster is fast enough. The run is
+    // long beside the moments the ring takes to settle after the join (longer on a loaded
+    // machine), so that the requests sent meanwhile stay a small part of it.
     let mut c = Cluster::new(4, 2, 1, 1, "");
     for i in 0..3 {
         c.start(i);
@@ -366,7 +368,7 @@ fn a_routing_client_follows_the_ring_when_a_node_joins_mid_run() {
         let out = Command::new(&*CLI)
             .arg("--config")
             .arg(&config)
-            .args(["--json", "bench", "--workload", "f", "--keys", "200", "--duration", "8", "--clients", "2"])
+            .args(["--json", "bench", "--workload", "f", "--keys", "200", "--duration", "16", "--clients", "2"])
             .output()
             .unwrap();
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or(serde_json::Value::Null)

@@ -26,8 +26,8 @@ use redb::{
 };
 use ringkv::config::Durability as DurabilityMode;
 use ringkv::store::{
-    Engine, EngineError, OpenReport, Saved, StoreError, StoreLimits, StoreOp, StoreOutcome, StoreReader, StoreState,
-    Table,
+    Engine, EngineError, EngineReads, OpenReport, ReadOnly, Saved, StoreError, StoreLimits, StoreOp, StoreOutcome,
+    StoreReader, StoreState, Table, Visit,
 };
 
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -98,7 +98,7 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     from: &[u8],
     to: Option<&[u8]>,
-    visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    visit: Visit<'_>,
 ) -> Result<(), EngineError> {
     let range = match to {
         Some(to) if to <= from => return Ok(()),
@@ -132,19 +132,13 @@ impl Engine for WriteEngine<'_> {
         }
         Ok(())
     }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         scan_table(self.t(table)?, from, to, visit)
     }
 }
 
-/// The tables of one redb read transaction, each opened when first used: a snapshot,
-/// writes refused.
+/// The tables of one redb read transaction, each opened when first used: a snapshot
+/// ([`ReadOnly`] makes it an [`Engine`] whose writes fail).
 pub struct ReadEngine {
     txn: ReadTransaction,
     tables: [OnceCell<ReadOnlyTable<&'static [u8], &'static [u8]>>; 6],
@@ -165,27 +159,12 @@ impl ReadEngine {
     }
 }
 
-impl Engine for ReadEngine {
+impl EngineReads for ReadEngine {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self.t(table)?.get(key).map_err(err)?.map(|g| g.value().to_vec()))
     }
-    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         scan_table(self.t(table)?, from, to, visit)
-    }
-    fn writable(&self) -> bool {
-        false
     }
 }
 
@@ -270,11 +249,11 @@ impl Reader {
             },
             (None, None) => return failed("the storage is being opened again after a failed commit".into()),
         };
-        let snapshot = open.snapshot.insert(engine);
+        let snapshot = &*open.snapshot.insert(engine);
         let run = if open.overlay.is_empty() {
             self.reader.run(snapshot, ops, now_wall_ms)
         } else {
-            self.reader.run(&mut Overlaid { base: &*snapshot, overlay: &open.overlay }, ops, now_wall_ms)
+            self.reader.run(Overlaid { base: snapshot, overlay: &open.overlay }, ops, now_wall_ms)
         };
         (run.outcomes, run.pending.quarantine)
     }
@@ -498,7 +477,7 @@ impl Storage {
         };
         if read_only {
             let run = match db.begin_read() {
-                Ok(txn) => self.state.run(&mut ReadEngine::new(txn), ops, now_wall_ms),
+                Ok(txn) => self.state.run(&mut ReadOnly(ReadEngine::new(txn)), ops, now_wall_ms),
                 Err(e) => return failed(e.to_string()),
             };
             if !run.pending.quarantine.is_empty() {
@@ -901,8 +880,8 @@ mod tests {
     /// Whether redb's last commit holds `key`'s row (what a fresh read transaction sees).
     fn committed_in_redb(s: &Storage, key: &str) -> bool {
         let db = lock(&s.shared).db.clone().unwrap();
-        let mut engine = ReadEngine::new(db.begin_read().unwrap());
-        let run = s.state().reader().run(&mut engine, vec![StoreOp::Read { key: key.as_bytes().to_vec() }], 1);
+        let engine = ReadEngine::new(db.begin_read().unwrap());
+        let run = s.state().reader().run(&engine, vec![StoreOp::Read { key: key.as_bytes().to_vec() }], 1);
         matches!(run.outcomes[..], [Ok(StoreOutcome::State(Some(_)))])
     }
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use ringkv::store::{Engine, EngineError, Table};
+use ringkv::store::{EngineError, EngineReads, Table, Visit};
 
 use crate::commit_log::Change;
 
@@ -77,32 +77,20 @@ impl Overlay {
     }
 }
 
-/// A read-only engine: `base` (a snapshot of redb's last commit) with `overlay` over it.
+/// A snapshot: `base` (a snapshot of redb's last commit) with `overlay` over it.
 pub struct Overlaid<'a, E> {
     pub base: &'a E,
     pub overlay: &'a Overlay,
 }
 
-impl<E: Engine> Engine for Overlaid<'_, E> {
+impl<E: EngineReads> EngineReads for Overlaid<'_, E> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         match self.overlay.get(table, key) {
             Some(changed) => Ok(changed.map(<[u8]>::to_vec)),
             None => self.base.get(table, key),
         }
     }
-    fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
-        Err(EngineError("read-only transaction".into()))
-    }
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
+    fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         if to.is_some_and(|to| to <= from) {
             return Ok(());
         }
@@ -139,9 +127,6 @@ impl<E: Engine> Engine for Overlaid<'_, E> {
         }
         Ok(())
     }
-    fn writable(&self) -> bool {
-        false
-    }
 }
 
 #[cfg(test)]
@@ -149,98 +134,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A base of rows in one table, for the overlaid engine to read through.
-    struct Base(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl Engine for Base {
-        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-            Ok(if table == Table::Objects { self.0.get(key).cloned() } else { None })
-        }
-        fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-            unreachable!()
-        }
-        fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
-            unreachable!()
-        }
-        fn scan(
-            &self,
-            table: Table,
-            from: &[u8],
-            to: Option<&[u8]>,
-            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-        ) -> Result<(), EngineError> {
-            if table != Table::Objects {
-                return Ok(());
-            }
-            for (k, v) in self.0.range(from.to_vec()..) {
-                if to.is_some_and(|to| k.as_slice() >= to) || !visit(k, v) {
-                    break;
-                }
-            }
-            Ok(())
-        }
-    }
-
-    fn change(table: Table, key: u8, value: Option<u8>) -> Change {
-        Change { table: table_byte(table), key: vec![key], value: value.map(|v| vec![v]) }
-    }
-
-    fn scanned(e: &dyn Engine, from: u8, to: Option<u8>, limit: usize) -> Vec<(u8, u8)> {
-        let mut out = Vec::new();
-        let to = to.map(|t| [t]);
-        e.scan(Table::Objects, &[from], to.as_ref().map(|t| &t[..]), &mut |k, v| {
-            out.push((k[0], v[0]));
-            out.len() < limit
-        })
-        .unwrap();
-        out
-    }
-
-    #[test]
-    fn changed_rows_hide_the_base_and_deleted_rows_read_as_absent() {
-        let base = Base([(vec![1], vec![10]), (vec![2], vec![20]), (vec![3], vec![30])].into());
-        let mut overlay = Overlay::default();
-        overlay.extend(vec![
-            change(Table::Objects, 2, Some(21)),
-            change(Table::Objects, 3, None),
-            change(Table::Hints, 1, Some(99)),
-            change(Table::Objects, 4, Some(40)),
-        ]);
-        let e = Overlaid { base: &base, overlay: &overlay };
-        let get = |k: u8| e.get(Table::Objects, &[k]).unwrap().map(|v| v[0]);
-        assert_eq!((get(1), get(2), get(3), get(4), get(5)), (Some(10), Some(21), None, Some(40), None));
-        assert_eq!(e.get(Table::Hints, &[1]).unwrap(), Some(vec![99]), "each table apart");
-        assert_eq!(scanned(&e, 0, None, 100), vec![(1, 10), (2, 21), (4, 40)]);
-        assert!(!e.writable());
-        assert_eq!(overlay.bytes(), 4 * ENTRY_BYTES + 4 + 3);
-        overlay.clear();
-        assert!(overlay.is_empty() && overlay.bytes() == 0);
-    }
-
-    /// Rows of two tables, keys of up to 3 bytes from a small alphabet (so some keys are
-    /// prefixes of others).
+    /// Rows of any table, by (table, key).
     type Rows = BTreeMap<(u8, Vec<u8>), Vec<u8>>;
 
-    /// A base of rows of any table.
-    struct Multi(Rows);
+    /// A base for the overlaid reads: rows in memory.
+    struct Base(Rows);
 
-    impl Engine for Multi {
+    impl EngineReads for Base {
         fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
             Ok(self.0.get(&(table_byte(table), key.to_vec())).cloned())
         }
-        fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
-            unreachable!()
-        }
-        fn delete(&mut self, _: Table, _: &[u8]) -> Result<(), EngineError> {
-            unreachable!()
-        }
-        fn scan(
-            &self,
-            table: Table,
-            from: &[u8],
-            to: Option<&[u8]>,
-            visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-        ) -> Result<(), EngineError> {
+        fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
             let t = table_byte(table);
             for ((rt, k), v) in self.0.range((t, from.to_vec())..) {
                 if *rt != t || to.is_some_and(|to| k.as_slice() >= to) || !visit(k, v) {
@@ -251,15 +155,13 @@ mod tests {
         }
     }
 
-    fn key() -> impl Strategy<Value = Vec<u8>> {
-        proptest::collection::vec(0u8..3, 0..3)
-    }
-
-    fn table() -> impl Strategy<Value = Table> {
-        prop_oneof![Just(Table::Objects), Just(Table::Hints)]
-    }
-
-    fn scan_all(e: &dyn Engine, table: Table, from: &[u8], to: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn scanned(
+        e: &dyn EngineReads,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
         e.scan(table, from, to, &mut |k, v| {
             out.push((k.to_vec(), v.to_vec()));
@@ -269,9 +171,47 @@ mod tests {
         out
     }
 
+    fn change(table: Table, key: &[u8], value: Option<u8>) -> Change {
+        Change { table: table_byte(table), key: key.to_vec(), value: value.map(|v| vec![v]) }
+    }
+
+    #[test]
+    fn changed_rows_hide_the_base_and_deleted_rows_read_as_absent() {
+        let objects = table_byte(Table::Objects);
+        let base = Base(
+            [((objects, vec![1]), vec![10]), ((objects, vec![2]), vec![20]), ((objects, vec![3]), vec![30])].into(),
+        );
+        let mut overlay = Overlay::default();
+        overlay.extend(vec![
+            change(Table::Objects, &[2], Some(21)),
+            change(Table::Objects, &[3], None),
+            change(Table::Hints, &[1], Some(99)),
+            change(Table::Objects, &[4], Some(40)),
+        ]);
+        let e = Overlaid { base: &base, overlay: &overlay };
+        let get = |k: u8| e.get(Table::Objects, &[k]).unwrap().map(|v| v[0]);
+        assert_eq!((get(1), get(2), get(3), get(4), get(5)), (Some(10), Some(21), None, Some(40), None));
+        assert_eq!(e.get(Table::Hints, &[1]).unwrap(), Some(vec![99]), "each table apart");
+        let rows: Vec<(u8, u8)> =
+            scanned(&e, Table::Objects, &[0], None, 100).iter().map(|(k, v)| (k[0], v[0])).collect();
+        assert_eq!(rows, vec![(1, 10), (2, 21), (4, 40)]);
+        assert_eq!(overlay.bytes(), 4 * ENTRY_BYTES + 4 + 3);
+        overlay.clear();
+        assert!(overlay.is_empty() && overlay.bytes() == 0);
+    }
+
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(0u8..3, 0..3)
+    }
+
+    fn table() -> impl Strategy<Value = Table> {
+        prop_oneof![Just(Table::Objects), Just(Table::Hints)]
+    }
+
     proptest! {
         /// Reading through the overlay is reading the base with the changes applied, in
-        /// order, over several batches and tables.
+        /// order, over several batches and tables; keys of up to 3 bytes from a small
+        /// alphabet, so some are prefixes of others.
         #[test]
         fn reads_through_the_overlay_match_the_changes_applied(
             base in proptest::collection::btree_map((prop_oneof![Just(0u8), Just(1u8)], key()), any::<u8>().prop_map(|v| vec![v]), 0..16),
@@ -285,22 +225,20 @@ mod tests {
             let mut applied: Rows = base.clone();
             let mut overlay = Overlay::default();
             for batch in &batches {
-                let mut changes = Vec::new();
                 for (t, k, v) in batch {
                     let row = (table_byte(*t), k.clone());
                     match v {
                         Some(v) => applied.insert(row, vec![*v]),
                         None => applied.remove(&row),
                     };
-                    changes.push(Change { table: table_byte(*t), key: k.clone(), value: v.map(|v| vec![v]) });
                 }
-                overlay.extend(changes);
+                overlay.extend(batch.iter().map(|(t, k, v)| change(*t, k, *v)).collect());
             }
-            let (base, applied) = (Multi(base), Multi(applied));
+            let (base, applied) = (Base(base), Base(applied));
             let e = Overlaid { base: &base, overlay: &overlay };
             prop_assert_eq!(
-                scan_all(&e, scan_table, &from, to.as_deref(), limit),
-                scan_all(&applied, scan_table, &from, to.as_deref(), limit)
+                scanned(&e, scan_table, &from, to.as_deref(), limit),
+                scanned(&applied, scan_table, &from, to.as_deref(), limit)
             );
             for t in [Table::Objects, Table::Hints] {
                 for k in [vec![], vec![0], vec![1, 2], vec![2, 2], vec![0, 1, 2]] {
