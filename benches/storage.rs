@@ -1,6 +1,7 @@
-//! Criterion benches of the storage batch path: the core's store on redb, one transaction
-//! per batch, as the node's storage stage runs it (group commit). Shows what a commit costs
-//! and how batching shares it, for durable (`sync`) and buffered commits, and what a read
+//! Criterion benches of the storage batch path: the core's store on redb as the node's
+//! storage stage runs it (group commit: one commit-log record a batch, redb committing many
+//! batches at once). Shows what a batch costs and how batching shares it, for `sync` (a
+//! synchronous log write a batch) and `buffered` (the page cache) logs, and what a read
 //! costs. Run: `cargo bench -p ringkv-storage --bench storage`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
