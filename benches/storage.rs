@@ -38,6 +38,9 @@ fn writes(c: &mut Criterion) {
     for mode in [Durability::Sync, Durability::Buffered] {
         let (_dir, mut s) = open(mode);
         let mut i = 0u64;
+        // Each write supersedes the key's last one, so every write changes its row.
+        let mut objects: Vec<Object> = (0..KEYS).map(object).collect();
+        let mut written = 0u64;
         for batch in [1u64, 8, 64] {
             g.throughput(Throughput::Elements(batch));
             g.bench_with_input(BenchmarkId::new(format!("{mode:?}").to_lowercase(), batch), &batch, |b, &n| {
@@ -45,7 +48,11 @@ fn writes(c: &mut Criterion) {
                     let ops = (0..n)
                         .map(|_| {
                             i = (i + 7919) % KEYS;
-                            StoreOp::Write { key: key(i), object: object(i + KEYS), hint: None }
+                            written += 1;
+                            let o = &mut objects[i as usize];
+                            let context = o.context();
+                            o.update(&context, Actor(7), Some(vec![b'y'; 100]), written, 10);
+                            StoreOp::Write { key: key(i), object: o.clone(), hint: None }
                         })
                         .collect();
                     black_box(s.run(ops, false, 1, &mut |_, _| {}))
