@@ -227,6 +227,8 @@ pub struct CommitLog {
     direct: Option<Direct>,
     /// Every record is flushed before `append` returns.
     synced: bool,
+    /// Records were written since the last flush.
+    unsynced: bool,
     /// Tests: the next flush fails (after the write reached the file).
     #[cfg(test)]
     fail_next_flush: bool,
@@ -276,6 +278,7 @@ impl CommitLog {
             file,
             direct,
             synced,
+            unsynced: false,
             #[cfg(test)]
             fail_next_flush: false,
             name,
@@ -285,12 +288,18 @@ impl CommitLog {
         Ok((log, payloads))
     }
 
-    /// Make every appended record durable.
+    /// Make every appended record durable (nothing to do when none waits).
     pub fn sync(&mut self) -> io::Result<()> {
-        match self.direct {
-            Some(_) => Ok(()),
-            None => self.file.sync_data(),
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
         }
+        Ok(())
+    }
+
+    /// Whether records were written since the last flush.
+    pub fn is_unsynced(&self) -> bool {
+        self.unsynced
     }
 
     /// Whether records go to the disk by direct writes.
@@ -304,8 +313,10 @@ impl CommitLog {
         if std::mem::take(&mut self.fail_next_flush) {
             return Err(io::Error::other("injected flush failure"));
         }
+        self.unsynced = true;
         if self.synced || durable {
             self.file.sync_data()?;
+            self.unsynced = false;
         }
         Ok(())
     }
@@ -337,8 +348,10 @@ impl CommitLog {
             written = self.write_buffered(&record.bytes, durable);
         }
         if let Err(e) = written {
-            // The record may be on the disk all the same; its batch fails, so it must not
-            // replay. Best effort: a record whose magic cannot be erased either may replay.
+            // The record may be on the disk all the same, and its batch now depends on the
+            // caller's fallback (a durable redb commit): if that fails too, the batch fails,
+            // so the record must not replay. Best effort: a record whose magic cannot be
+            // erased may replay.
             let _ = self.file.write_all_at(&[0u8; 4], self.offset).and_then(|()| self.file.sync_data());
             return Err(e);
         }

@@ -8,7 +8,8 @@
 //! (`buffered` mode, where a process crash loses nothing and the log is flushed every
 //! `storage.flush_interval_ms`, as Cassandra's periodic commit log sync). Redb commits the
 //! logged batches later, together ([`overlay`] holds their rows for readers meanwhile),
-//! without syncing, and syncs only at checkpoints (when the log fills, and at a clean stop).
+//! without syncing, and syncs only at checkpoints (when the log fills or fails to take a
+//! batch, and at a clean stop).
 
 pub mod commit_log;
 pub mod overlay;
@@ -517,7 +518,12 @@ impl Storage {
             (Some(log), Some(mut record)) => {
                 let len = record.payload().len();
                 let logged = if len == 0 {
-                    Some(Vec::new())
+                    // Nothing to log, but a durable batch (a handoff's merge, whose sender
+                    // drops its copy on the answer) still needs what it holds on the disk.
+                    match durable {
+                        true => log.sync().ok().map(|()| Vec::new()),
+                        false => Some(Vec::new()),
+                    }
                 } else if !log.fits(len) {
                     None
                 } else if let Err(e) = log.append(&mut record, durable || self.mode == DurabilityMode::Sync) {
@@ -695,7 +701,7 @@ mod tests {
     const BATCHES: usize = 150;
 
     /// In a child process (this test run again with [`CRASH_DIR`] set): acknowledged batches
-    /// in `sync` mode, some deleting what earlier ones wrote, then an exit that closes
+    /// in `mode`, some deleting what earlier ones wrote, then an exit that closes
     /// nothing, as a crash would: redb's non-durable commits are lost with the process, and
     /// only what the commit log flushed can bring them back. 4 values of 16 KB a batch fill
     /// the log past its capacity on the way, so the run also checkpoints.
@@ -917,6 +923,28 @@ mod tests {
         drop(s);
         let s = open(dir.path(), DurabilityMode::Sync, 2).storage;
         assert!(read_object(&s, "unsettled").is_some(), "replayed from the log");
+    }
+
+    /// Buffered mode flushes the log only for durable batches, and for a durable batch that
+    /// changes nothing too: what it answers for (a merge a handoff's sender then drops) may
+    /// sit in records a non-durable batch wrote.
+    #[test]
+    fn buffered_mode_flushes_the_log_for_every_durable_batch_and_only_for_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), DurabilityMode::Buffered, 1).storage;
+        let unsynced = |s: &Storage| s.log.as_ref().unwrap().is_unsynced();
+        let object = coordinated(&mut s, "k");
+        s.flush().unwrap();
+        assert!(!unsynced(&s));
+        let write = || StoreOp::Write { key: b"r".to_vec(), object: object.clone(), hint: None };
+        let out = s.run(vec![write()], false, 1, &mut |_, _| {});
+        assert_eq!(out, vec![Ok(StoreOutcome::Written { changed: true })]);
+        assert!(unsynced(&s), "a replica's write waits for the flush timer");
+        let out = s.run(vec![write()], true, 1, &mut |_, _| {});
+        assert_eq!(out, vec![Ok(StoreOutcome::Written { changed: false })]);
+        assert!(!unsynced(&s), "a durable batch that changed nothing flushed what it answers for");
+        s.run(vec![coordinate("d")], true, 1, &mut |_, _| {});
+        assert!(!unsynced(&s), "a durable batch is flushed before its answer");
     }
 
     /// Coordinate a write of `key` and return the object written.
