@@ -266,7 +266,7 @@ struct Parts {
     state: StoreState,
     report: OpenReport,
     saved: Saved,
-    log: Option<CommitLog>,
+    log: CommitLog,
     log_name: LogName,
 }
 
@@ -351,7 +351,6 @@ impl Parts {
         let log_name = next_generation(&txn, log_name).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         log.restart(log_name.generation);
-        let log = Some(log);
         let saved = {
             let read = db.begin_read().map_err(|e| e.to_string())?;
             let engine = ReadEngine::new(read);
@@ -380,6 +379,7 @@ impl Storage {
         fresh_epoch: u64,
     ) -> Result<Opened, String> {
         let Parts { db, state, report, saved, log, log_name } = Parts::open(path, q, limits, mode, fresh_epoch)?;
+        let log = Some(log);
         let storage = Storage {
             shared: Arc::new(Mutex::new(Open { db: Some(Arc::new(db)), snapshot: None, overlay: Overlay::default() })),
             state,
@@ -422,7 +422,7 @@ impl Storage {
         })?;
         tracing::warn!(objects = parts.report.objects, "storage opened again after a failed commit");
         self.state = parts.state;
-        self.log = parts.log;
+        self.log = Some(parts.log);
         self.log_name = parts.log_name;
         lock(&self.shared).db = Some(Arc::new(parts.db));
         self.broken = false;
@@ -451,11 +451,11 @@ impl Storage {
     /// Run a batch: in a read transaction when every operation only reads, else in the
     /// write transaction of the logged batches, its record appended to the commit log
     /// (flushed when `durable` or in `sync` mode), or, when the log cannot take it, committed
-    /// durably in redb. The in-memory state changes only once it is logged or committed. Unreadable rows that a read batch met
-    /// are quarantined right after, in a write transaction of their own. `ahead` hears each
-    /// coordinated write (by its index in `ops`) once computed, before the commit
-    /// ([`ringkv::stage::Input::Ahead`]); a commit that then fails retires the store's
-    /// actors ([`StoreState::abandon`]).
+    /// durably in redb. The in-memory state changes only once it is logged or committed.
+    /// Unreadable rows that a read batch met are quarantined right after, in a write
+    /// transaction of their own. `ahead` hears each coordinated write (by its index in
+    /// `ops`) once computed, before the commit ([`ringkv::stage::Input::Ahead`]); a commit
+    /// that then fails retires the store's actors ([`StoreState::abandon`]).
     pub fn run(
         &mut self,
         ops: Vec<StoreOp>,
@@ -486,12 +486,9 @@ impl Storage {
             }
             return run.outcomes;
         }
-        let txn = match self.txn.take().map_or_else(|| db.begin_write(), Ok) {
+        let txn = match self.write_txn(&db) {
             Ok(t) => t,
-            Err(e) => {
-                self.broken = true;
-                return failed(e.to_string());
-            }
+            Err(e) => return failed(e),
         };
         let (run, record) = {
             let record = self.log.is_some().then(|| std::mem::take(&mut self.record));
@@ -526,7 +523,7 @@ impl Storage {
                     }
                 } else if !log.fits(len) {
                     None
-                } else if let Err(e) = log.append(&mut record, durable || self.mode == DurabilityMode::Sync) {
+                } else if let Err(e) = log.append(&mut record, durable) {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
                     None
                 } else {
@@ -587,13 +584,7 @@ impl Storage {
     /// Commit everything durably in redb (the logged batches too), and start the log over.
     pub fn checkpoint(&mut self) -> Result<(), String> {
         let db = self.db()?;
-        let txn = match self.txn.take().map_or_else(|| db.begin_write(), Ok) {
-            Ok(txn) => txn,
-            Err(e) => {
-                self.broken = true;
-                return Err(e.to_string());
-            }
-        };
+        let txn = self.write_txn(&db)?;
         self.commit(txn, true)?;
         self.committed();
         Ok(())
@@ -609,6 +600,15 @@ impl Storage {
         self.commit(txn, false)?;
         self.committed();
         Ok(())
+    }
+
+    /// The write transaction of the logged batches, or a new one when none waits. A
+    /// failure leaves the storage broken until it is opened again.
+    fn write_txn(&mut self, db: &Database) -> Result<WriteTransaction, String> {
+        self.txn.take().map_or_else(|| db.begin_write(), Ok).map_err(|e| {
+            self.broken = true;
+            e.to_string()
+        })
     }
 
     /// Redb committed everything: readers start from a new snapshot, with no overlay.
@@ -703,7 +703,7 @@ mod tests {
     /// In a child process (this test run again with [`CRASH_DIR`] set): acknowledged batches
     /// in `mode`, some deleting what earlier ones wrote, then an exit that closes
     /// nothing, as a crash would: redb's non-durable commits are lost with the process, and
-    /// only what the commit log flushed can bring them back. 4 values of 16 KB a batch fill
+    /// only what the commit log holds can bring them back. 4 values of 16 KB a batch fill
     /// the log past its capacity on the way, so the run also checkpoints.
     fn crash_child(dir: &Path, mode: DurabilityMode) -> ! {
         let mut s = open(dir, mode, 1).storage;
