@@ -21,6 +21,11 @@ const BATCH_OPS_BUCKETS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.
 /// Labels of the open-connections gauge: the peer's role.
 pub type RoleLabels = [(&'static str, &'static str); 1];
 
+/// Bucket bounds of the disk timings, in seconds: a synchronous write of a commit log
+/// record takes from tens of microseconds (a fast disk) to milliseconds.
+const DISK_BUCKETS_S: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
 /// What the shell measures. Clones share the same figures (each metric is reference-counted).
 #[derive(Clone, Debug)]
 pub struct NodeMetrics {
@@ -28,6 +33,10 @@ pub struct NodeMetrics {
     pub commit_ops: Histogram,
     /// How long each batch took to commit.
     pub commit_seconds: Histogram,
+    /// How long each append of a commit log record took, its flush included.
+    pub log_append_seconds: Histogram,
+    /// How long each redb commit (of logged batches, or a checkpoint) took.
+    pub redb_commit_seconds: Histogram,
     /// How long each row read took (run by the stage actors in read snapshots).
     pub read_seconds: Histogram,
     /// Connections open now, by the peer's role (node, read, write, admin).
@@ -39,6 +48,8 @@ impl Default for NodeMetrics {
         NodeMetrics {
             commit_ops: Histogram::new(BATCH_OPS_BUCKETS),
             commit_seconds: Histogram::new(LATENCY_BUCKETS_S.iter().copied()),
+            log_append_seconds: Histogram::new(DISK_BUCKETS_S.iter().copied()),
+            redb_commit_seconds: Histogram::new(DISK_BUCKETS_S.iter().copied()),
             read_seconds: Histogram::new(LATENCY_BUCKETS_S.iter().copied()),
             connections: Family::default(),
         }
@@ -61,6 +72,16 @@ impl NodeMetrics {
             "ringkv_storage_commit_duration_seconds",
             "How long each storage batch took to commit",
             self.commit_seconds.clone(),
+        );
+        registry.register(
+            "ringkv_storage_log_append_duration_seconds",
+            "How long each append of a commit log record took, its flush included (in sync mode, the device's write)",
+            self.log_append_seconds.clone(),
+        );
+        registry.register(
+            "ringkv_storage_redb_commit_duration_seconds",
+            "How long each redb commit took (of the batches logged since the last, or a checkpoint)",
+            self.redb_commit_seconds.clone(),
         );
         registry.register(
             "ringkv_storage_read_duration_seconds",
@@ -162,6 +183,7 @@ mod tests {
         report.histogram("ringkv_request_duration_seconds", "Durations", &[("op", "put")], &h);
         let shell = NodeMetrics::default();
         shell.commit_ops.observe(3.0);
+        shell.log_append_seconds.observe(0.0004);
         shell.connection("admin", 1);
         let text = render(report, &shell);
         for line in [
@@ -171,6 +193,8 @@ mod tests {
             "ringkv_request_duration_seconds_bucket{op=\"put\",le=\"0.0025\"} 1",
             "ringkv_request_duration_seconds_count{op=\"put\"} 1",
             "ringkv_storage_commit_batch_ops_sum 3.0",
+            "ringkv_storage_log_append_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "ringkv_storage_redb_commit_duration_seconds_count 0",
             "ringkv_connections{role=\"admin\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");

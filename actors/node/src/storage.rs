@@ -73,6 +73,17 @@ impl Drop for ExitOnPanic {
     }
 }
 
+/// The disk work of the storage's last batches, into the metrics.
+fn observe_timings(storage: &mut Storage, metrics: &NodeMetrics) {
+    let timings = storage.take_timings();
+    for took in timings.log_appends {
+        metrics.log_append_seconds.observe(took.as_secs_f64());
+    }
+    for took in timings.redb_commits {
+        metrics.redb_commit_seconds.observe(took.as_secs_f64());
+    }
+}
+
 /// Take `first` and the batches queued behind it, up to `batch_max` operations in all; a
 /// job that is not a batch, or a batch that would pass the bound, is left in `held` for
 /// after this one.
@@ -131,6 +142,7 @@ impl StorageWorker {
                         let outcomes = storage.run(ops, durable, now().wall_ms, &mut send_ahead);
                         metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                         metrics.commit_ops.observe(n as f64);
+                        observe_timings(&mut storage, &metrics);
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(outcome);
                         }
@@ -140,6 +152,7 @@ impl StorageWorker {
                         if let Err(e) = storage.flush() {
                             tracing::error!(error = %e, "storage flush failed");
                         }
+                        observe_timings(&mut storage, &metrics);
                     }
                     Job::Close { reply } => {
                         let _ = reply.send(storage.close(now().wall_ms));

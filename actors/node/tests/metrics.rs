@@ -153,6 +153,10 @@ fn metrics_move_by_a_known_workload() {
         let batches = d(i, "ringkv_storage_commit_batch_ops_count", &[]);
         assert!(batches >= 1.0, "commits on {id}");
         assert_eq!(d(i, "ringkv_storage_commit_duration_seconds_count", &[]), batches, "one latency per commit");
+        // At most one log append per commit (reads and empty batches append none); the
+        // worker counts a batch just before its append, so the window may cut between them.
+        let appends = d(i, "ringkv_storage_log_append_duration_seconds_count", &[]);
+        assert!(appends >= 1.0 && appends <= batches + 1.0, "log appends on {id}: {appends} for {batches} commits");
         assert!(d(i, "ringkv_storage_read_duration_seconds_count", &[]) >= 20.0, "row reads on {id}");
         assert!(now.get("ringkv_connections", &["role=\"node\""]) >= 1.0, "peer connections of {id}");
         assert_eq!(now.get("ringkv_members", &["state=\"up\""]), 3.0);

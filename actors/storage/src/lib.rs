@@ -18,6 +18,7 @@ use std::cell::OnceCell;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use commit_log::{CommitLog, LogName, Record};
 use overlay::{Overlaid, Overlay};
@@ -189,11 +190,34 @@ pub struct Storage {
     /// the next batch does first.
     broken: bool,
     /// Opening again failed: batches fail at once until then (it rebuilds every tree).
-    reopen_not_before: Option<std::time::Instant>,
+    reopen_not_before: Option<Instant>,
     /// The write transaction holding the batches logged since redb's last commit (their
     /// rows are in the shared [`Overlay`] for readers), and how many.
     txn: Option<WriteTransaction>,
     unsettled_batches: usize,
+    /// What the last batches' disk work took, until the caller takes it.
+    timings: Timings,
+}
+
+/// How long the disk work of the batches run since the last [`Storage::take_timings`] took,
+/// for metrics: it tells the device's share of a commit from the CPU's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// Each append of a commit log record, its flush included (`sync`: the device's write).
+    pub log_appends: Vec<Duration>,
+    /// Each redb commit of logged batches ([`Storage::settle`]) and each checkpoint.
+    pub redb_commits: Vec<Duration>,
+}
+
+/// Timings kept at most of each kind until taken (more are not noted).
+const TIMINGS_MAX: usize = 1024;
+
+impl Timings {
+    fn note(list: &mut Vec<Duration>, took: Duration) {
+        if list.len() < TIMINGS_MAX {
+            list.push(took);
+        }
+    }
 }
 
 /// Logged batches redb commits together at most ([`Storage::settle`]): one redb commit per
@@ -395,6 +419,7 @@ impl Storage {
             record: Record::default(),
             txn: None,
             unsettled_batches: 0,
+            timings: Timings::default(),
         };
         Ok(Opened { storage, saved, report })
     }
@@ -403,7 +428,7 @@ impl Storage {
     /// commit, then the commit log (every acknowledged batch since). Readers fail until it
     /// is open.
     fn reopen(&mut self) -> Result<(), String> {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if self.reopen_not_before.is_some_and(|t| now < t) {
             return Err("the storage failed and is not open yet".into());
         }
@@ -523,7 +548,12 @@ impl Storage {
                     }
                 } else if !log.fits(len) {
                     None
-                } else if let Err(e) = log.append(&mut record, durable) {
+                } else if let Err(e) = {
+                    let started = Instant::now();
+                    let appended = log.append(&mut record, durable);
+                    Timings::note(&mut self.timings.log_appends, started.elapsed());
+                    appended
+                } {
                     tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
                     None
                 } else {
@@ -621,7 +651,19 @@ impl Storage {
 
     /// Commit `txn`: durably when `checkpoint`, naming the log's next generation, which then
     /// starts over. A failure leaves the storage broken until it is opened again.
-    fn commit(&mut self, mut txn: WriteTransaction, checkpoint: bool) -> Result<(), String> {
+    fn commit(&mut self, txn: WriteTransaction, checkpoint: bool) -> Result<(), String> {
+        let started = Instant::now();
+        let committed = self.commit_untimed(txn, checkpoint);
+        Timings::note(&mut self.timings.redb_commits, started.elapsed());
+        committed
+    }
+
+    /// The disk work of the batches run since the last call ([`Timings`]).
+    pub fn take_timings(&mut self) -> Timings {
+        std::mem::take(&mut self.timings)
+    }
+
+    fn commit_untimed(&mut self, mut txn: WriteTransaction, checkpoint: bool) -> Result<(), String> {
         let name = self.log_name;
         let committed = (|| {
             let next = checkpoint.then(|| next_generation(&txn, name)).transpose().map_err(|e| e.0)?;
@@ -881,6 +923,30 @@ mod tests {
         assert!(follow.is_empty());
         let (refused, _) = reader.run(vec![StoreOp::Tree { tree: ringkv::store::TreeId::default_of(0) }], 1);
         assert!(refused[0].is_err());
+    }
+
+    /// The metrics hear of each batch's disk work once: one log append per logged batch,
+    /// one redb commit per settle or checkpoint; taking them starts the count over.
+    #[test]
+    fn each_log_append_and_redb_commit_is_timed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), DurabilityMode::Sync, 1).storage;
+        s.checkpoint().unwrap();
+        s.take_timings();
+        for i in 0..3 {
+            s.run(vec![coordinate(&format!("k{i}"))], false, 1, &mut |_, _| {});
+        }
+        let read = s.run(vec![StoreOp::Read { key: b"k0".to_vec() }], false, 1, &mut |_, _| {});
+        assert!(matches!(read[..], [Ok(StoreOutcome::State(Some(_)))]));
+        let timed = s.take_timings();
+        // The read-only batch settled the three logged ones first.
+        assert_eq!((timed.log_appends.len(), timed.redb_commits.len()), (3, 1));
+        s.settle().unwrap();
+        assert_eq!(s.take_timings(), Timings::default(), "nothing waited: no commit");
+        s.checkpoint().unwrap();
+        let timed = s.take_timings();
+        assert_eq!((timed.log_appends.len(), timed.redb_commits.len()), (0, 1));
+        assert!(timed.redb_commits.iter().all(|d| *d > Duration::ZERO));
     }
 
     /// Whether redb's last commit holds `key`'s row (what a fresh read transaction sees).
