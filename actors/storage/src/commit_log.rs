@@ -315,8 +315,7 @@ impl CommitLog {
         }
         self.unsynced = true;
         if self.synced || durable {
-            self.file.sync_data()?;
-            self.unsynced = false;
+            self.sync()?;
         }
         Ok(())
     }

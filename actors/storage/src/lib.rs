@@ -123,14 +123,14 @@ impl Engine for WriteEngine<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
         self.t_mut(table)?.insert(key, value).map_err(err)?;
         if let Some(log) = &mut self.log {
-            log.push_put(index(table) as u8, key, value);
+            log.push_put(overlay::table_byte(table), key, value);
         }
         Ok(())
     }
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError> {
         self.t_mut(table)?.remove(key).map_err(err)?;
         if let Some(log) = &mut self.log {
-            log.push_delete(index(table) as u8, key);
+            log.push_delete(overlay::table_byte(table), key);
         }
         Ok(())
     }
@@ -548,18 +548,19 @@ impl Storage {
                     }
                 } else if !log.fits(len) {
                     None
-                } else if let Err(e) = {
+                } else {
                     let started = Instant::now();
                     let appended = log.append(&mut record, durable);
                     Timings::note(&mut self.timings.log_appends, started.elapsed());
-                    appended
-                } {
-                    tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
-                    None
-                } else {
-                    // The record was just written from these changes, so they decode; if
-                    // they did not, the batch would commit durably below (safe, if slow).
-                    commit_log::decode_changes(record.payload())
+                    match appended {
+                        Err(e) => {
+                            tracing::warn!(error = %e, "commit log append failed: the batch commits durably in redb");
+                            None
+                        }
+                        // The record was just written from these changes, so they decode; if
+                        // they did not, the batch would commit durably below (safe, if slow).
+                        Ok(()) => commit_log::decode_changes(record.payload()),
+                    }
                 };
                 self.record = record;
                 logged
