@@ -175,13 +175,33 @@ async fn send_as(creds: &Credentials, addr: SocketAddr, msgs: Vec<Message>) -> V
         link.send(&m).await.unwrap();
     }
     let mut answers = Vec::new();
+    // One deadline for all the answers: the node's own requests keep arriving meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while answers.len() < n {
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(m)) => answers.push(m),
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) if is_answer(&m) => answers.push(m),
+            // The node's own requests to the node we speak as (a failure detector's ping on
+            // this connection, say) are not answers to ours.
+            Ok(Some(_)) => {}
             _ => break,
         }
     }
     answers
+}
+
+/// Whether a message answers a request (rather than being a request of its own).
+fn is_answer(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::ClientReply { .. }
+            | Message::ReplicaReply { .. }
+            | Message::GossipReply { .. }
+            | Message::HandoffAck { .. }
+            | Message::ReapReply { .. }
+            | Message::Pong { .. }
+            | Message::Error { .. }
+            | Message::Refused { .. }
+    )
 }
 
 /// A forged table: n2 at another address with a higher incarnation, a weight-0 record and one
