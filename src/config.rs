@@ -321,6 +321,11 @@ pub struct CoordinatorConfig {
     /// Client requests in flight on this node; more are refused as overloaded.
     #[serde(default = "inflight_default")]
     pub max_inflight: u32,
+    /// The share of gets, in percent, that read every replica and repair any stale one
+    /// (the paper's read of all N); the others read R replicas, this node first, and
+    /// repair only those (as Cassandra does). 100 reads every replica on every get.
+    #[serde(default = "read_repair_percent_default")]
+    pub read_repair_percent: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,6 +470,9 @@ fn replica_timeout_default() -> u64 {
 }
 fn inflight_default() -> u32 {
     2048
+}
+fn read_repair_percent_default() -> u8 {
+    10
 }
 fn handoff_interval_default() -> u64 {
     5000
@@ -621,6 +629,10 @@ impl Config {
         positive("coordinator.request_timeout_ms", self.coordinator.request_timeout_ms)?;
         positive("coordinator.replica_timeout_ms", self.coordinator.replica_timeout_ms)?;
         positive("coordinator.max_inflight", self.coordinator.max_inflight as u64)?;
+        if self.coordinator.read_repair_percent > 100 {
+            let p = self.coordinator.read_repair_percent;
+            return Err(ConfigError::new("coordinator.read_repair_percent", format!("{p} is not in 0..=100")));
+        }
         positive("handoff.interval_ms", self.handoff.interval_ms)?;
         positive("handoff.batch_keys", self.handoff.batch_keys as u64)?;
         positive("handoff.batch_bytes", self.handoff.batch_bytes)?;
@@ -760,6 +772,7 @@ secret = "change-me"
         assert_eq!(e.key, "cluster.partitions");
         assert_eq!(err_key(&with("[storage]\ndurability = \"sometimes\"")), "storage.durability");
         assert_eq!(err_key(&with("[handoff]\nmax_inflight = -1")), "handoff.max_inflight");
+        assert_eq!(err_key(&with("[coordinator]\nread_repair_percent = 0.5")), "coordinator.read_repair_percent");
     }
 
     #[test]
@@ -785,6 +798,7 @@ secret = "change-me"
                 "cluster.write_quorum",
             ),
             (with("[gossip]\ninterval_ms = 0"), "gossip.interval_ms"),
+            (with("[coordinator]\nread_repair_percent = 101"), "coordinator.read_repair_percent"),
             (with("[handoff]\ninterval_ms = 0"), "handoff.interval_ms"),
             (with("[anti_entropy]\ninterval_ms = 0"), "anti_entropy.interval_ms"),
             (with("[limits]\nmax_value_bytes = 0"), "limits.max_value_bytes"),

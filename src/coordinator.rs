@@ -8,9 +8,14 @@
 //! the same way. No node ever fills two slots, so W acknowledgements are W distinct copies.
 //! A get reads one replica in full (this node when it is one) and the others by digest,
 //! as Cassandra's digest reads do: a digest equal to a full answer's counts without its
-//! object, and a replica whose digest differs is read in full. The get replies once R
-//! replicas' states are known, with every concurrent value merged, then waits briefly for
-//! the other replicas and sends the merged state to any that were stale (read repair).
+//! object, and a replica whose digest differs is read in full. Most gets read R replicas
+//! (this node first, then in preference order); a share of them
+//! (`coordinator.read_repair_percent`) reads all N, as the paper's coordinator does, and a
+//! replica that fails or is late is replaced by one not yet read before any fallback. The
+//! get replies once R replicas' states are known, with every concurrent value merged, then
+//! waits briefly for the other replicas it read and sends the merged state to any that
+//! were stale (read repair). Replicas a get did not read are left to the next full read and
+//! to anti-entropy.
 //! A put is coordinated on a replica: that replica applies the write under a new version
 //! (so it must hold the key's state) and the result goes to the other targets; the client
 //! hears back after W acknowledgements, the coordinating replica's own included, and that
@@ -203,6 +208,8 @@ pub struct Request {
     pub key: Vec<u8>,
     pub op: Operation,
     pub timeouts: Timeouts,
+    /// For a get: read every target (and repair any stale one), not only R of them.
+    pub read_all: bool,
 }
 
 /// Timing of one request.
@@ -290,6 +297,8 @@ pub struct Coordinator {
     pub fastest: Option<NodeId>,
     /// Read repairs sent: replicas that answered a get with an older state.
     pub repairs: u64,
+    /// A get reads every target, not only R of them.
+    read_all: bool,
 }
 
 impl Coordinator {
@@ -302,7 +311,7 @@ impl Coordinator {
         plan: &PreferenceList,
         reachable: impl Fn(&str) -> bool,
     ) -> Coordinator {
-        let Request { key, op, timeouts } = request;
+        let Request { key, op, timeouts, read_all } = request;
         let mut spare: VecDeque<NodeId> = plan.fallbacks.iter().filter(|f| reachable(f)).cloned().collect();
         let mut slots = Vec::with_capacity(plan.primaries.len());
         let mut missing = Vec::new();
@@ -330,6 +339,7 @@ impl Coordinator {
             outbox: VecDeque::new(),
             fastest: None,
             repairs: 0,
+            read_all,
         };
         c.start(now_ms);
         c
@@ -354,12 +364,16 @@ impl Coordinator {
         match forwarded {
             None => {
                 // One replica is read in full, this node when it holds a slot (a local read),
-                // the others by digest.
+                // the others by digest: R replicas, or every one. The rest stay idle, first
+                // in line to stand in for one that fails or is late.
                 let first = self.slots.iter().position(|s| s.node == self.me).unwrap_or(0);
                 if first < self.slots.len() {
                     self.send_read(first, now_ms);
                 }
-                for i in (0..self.slots.len()).filter(|&i| i != first) {
+                let reads = if self.read_all { self.slots.len() } else { self.quorum() };
+                let others: Vec<usize> =
+                    (0..self.slots.len()).filter(|&i| i != first).take(reads.saturating_sub(1)).collect();
+                for i in others {
                     self.send_read(i, now_ms);
                 }
             }
@@ -663,10 +677,15 @@ impl Coordinator {
 
     /// Slot `i` failed or is late: send its work to the next chosen target or spare node.
     fn stand_in(&mut self, i: usize, now_ms: u64) {
-        if self.phase == Phase::Forwarding {
-            // Forward to the next chosen target before any fallback.
+        let get = matches!(self.op, Operation::Get { .. });
+        if self.phase == Phase::Forwarding || (get && matches!(self.phase, Phase::Started | Phase::Replied)) {
+            // Forward to, or read, the next chosen target before any fallback.
             if let Some(j) = self.slots.iter().position(|s| s.state == SlotState::Idle) {
-                self.send_forward(j, now_ms);
+                if get {
+                    self.send_read(j, now_ms);
+                } else {
+                    self.send_forward(j, now_ms);
+                }
                 return;
             }
         }
@@ -871,6 +890,8 @@ pub struct CoordinatorSettings {
     /// (`sync` mode, where every replica's write is durable). In `buffered` mode this node is
     /// the put's one durable writer and replicates only after its commit.
     pub replicate_ahead: bool,
+    /// The share of gets, in percent, that read every replica rather than R of them.
+    pub read_repair_percent: u8,
 }
 
 struct Entry {
@@ -913,6 +934,8 @@ pub struct CoordinatorStage {
     forwarded_in: u64,
     /// Read repairs sent.
     read_repairs: u64,
+    /// Gets started, to pick the evenly spread share that reads every replica.
+    gets: u64,
 }
 
 /// A client answer's result, as the figures label it.
@@ -982,6 +1005,7 @@ impl CoordinatorStage {
             durations: BTreeMap::new(),
             forwarded_in: 0,
             read_repairs: 0,
+            gets: 0,
         }
     }
 
@@ -1044,18 +1068,32 @@ impl CoordinatorStage {
             deadline_ms: now.mono_ms.saturating_add(self.settings.request_timeout_ms),
             replica_ms: self.settings.replica_timeout_ms,
         };
+        let read_all = matches!(op, Operation::Get { .. }) && self.read_all_next();
         let id = self.ids.issue();
         let span = tracing::debug_span!("request", id, key = %String::from_utf8_lossy(&key));
         let core = {
             let _e = span.enter();
             tracing::debug!(?op, "start");
             let down = &self.down;
-            Coordinator::new(now.mono_ms, self.settings.me.clone(), Request { key, op, timeouts }, &plan, |n| {
-                down.is_up(n)
-            })
+            Coordinator::new(
+                now.mono_ms,
+                self.settings.me.clone(),
+                Request { key, op, timeouts, read_all },
+                &plan,
+                |n| down.is_up(n),
+            )
         };
         self.requests.insert(id, Entry { core, waiter, started_ms: now.mono_ms, span, deadline: None });
         self.pump(now, id);
+    }
+
+    /// Whether the next get reads every replica: `read_repair_percent` of gets, evenly
+    /// spread (the gets whose count crosses the next whole share).
+    fn read_all_next(&mut self) -> bool {
+        let p = u64::from(self.settings.read_repair_percent.min(100));
+        let n = self.gets;
+        self.gets = n.wrapping_add(1) % 100;
+        (n + 1) * p / 100 > n * p / 100
     }
 
     /// A client's key in namespace `ns` (None: the default one): the limits its requests
@@ -1349,8 +1387,12 @@ mod tests {
     }
 
     fn start(me: &str, op: Operation, down: &[&str]) -> Coordinator {
+        start_reading(me, op, down, true)
+    }
+
+    fn start_reading(me: &str, op: Operation, down: &[&str], read_all: bool) -> Coordinator {
         let down = ids(down);
-        let request = Request { key: b"k".to_vec(), op, timeouts: T };
+        let request = Request { key: b"k".to_vec(), op, timeouts: T, read_all };
         Coordinator::new(0, me.into(), request, &plan(), |n| !down.iter().any(|d| d == n))
     }
 
@@ -1368,8 +1410,14 @@ mod tests {
         c
     }
 
+    /// A get on a that reads every replica.
     fn get(r: usize, down: &[&str]) -> Coordinator {
         start("a", Operation::Get { r }, down)
+    }
+
+    /// A get on a that reads R replicas.
+    fn get_r(r: usize, down: &[&str]) -> Coordinator {
+        start_reading("a", Operation::Get { r }, down, false)
     }
 
     fn replies(actions: &[Action]) -> Vec<ClientResponse> {
@@ -1667,6 +1715,91 @@ mod tests {
         assert_eq!(replies(&drain(&mut c)), vec![ClientResponse::Values { values: vec![], context: None }]);
     }
 
+    /// Most gets read R replicas, this node first: the others are not asked, and the get
+    /// ends once those R answered.
+    #[test]
+    fn a_get_reads_r_replicas_this_node_first() {
+        let o = obj(1, b"x");
+        let mut c = get_r(2, &[]);
+        assert_eq!(reads(&drain(&mut c)), vec![("a".into(), true), ("b".into(), false)]);
+        c.handle_reply(1, "a", read(Some(o.clone())));
+        c.handle_reply(2, "b", digest(Some(&o)));
+        let out = drain(&mut c);
+        assert!(matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values.len() == 1));
+        assert!(reads(&out).is_empty(), "c is not read: {out:?}");
+        assert!(c.is_finished());
+        // Off the list, this node reads the first R targets: the first in full.
+        let mut c = start_reading("z", Operation::Get { r: 2 }, &[], false);
+        assert_eq!(reads(&drain(&mut c)), vec![("a".into(), true), ("b".into(), false)]);
+        // R = N reads every replica anyway; a down primary's fallback is read last.
+        let mut c = get_r(3, &["b"]);
+        assert_eq!(reads(&drain(&mut c)), vec![("a".into(), true), ("c".into(), false), ("d".into(), false)]);
+    }
+
+    /// A replica read that fails or is late is taken over by a target not read yet before
+    /// any fallback; a stale replica among those read is repaired.
+    #[test]
+    fn an_unread_target_stands_in_before_a_fallback() {
+        let (x, y) = (obj(1, b"x"), obj(2, b"y"));
+        let mut c = get_r(2, &[]);
+        drain(&mut c);
+        c.handle_failure(1, "b");
+        assert_eq!(reads(&drain(&mut c)), vec![("c".into(), false)]);
+        c.handle_reply(2, "a", read(Some(x.clone())));
+        c.handle_reply(3, "c", digest(Some(&y)));
+        assert_eq!(reads(&drain(&mut c)), vec![("c".into(), true)]);
+        c.handle_reply(4, "c", read(Some(y.clone())));
+        let out = drain(&mut c);
+        assert!(matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values.len() == 2));
+        // a and c each missed the other's write: both repaired; b, failed, is not.
+        assert_eq!(sends(&out), vec![("a".into(), None), ("c".into(), None)]);
+        assert!(c.is_finished());
+        // Late: c takes over, and b's late answer still counts.
+        let mut c = get_r(2, &[]);
+        drain(&mut c);
+        c.handle_reply(1, "a", read(Some(x.clone())));
+        c.handle_timeout(100);
+        let out = drain(&mut c);
+        assert_eq!(reads(&out), vec![("c".into(), false)]);
+        assert!(out.contains(&Action::Suspect("b".into())));
+        c.handle_reply(101, "b", digest(Some(&x)));
+        assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Values { .. }]));
+        // With every target read, a late one is replaced by a fallback.
+        let mut c = get_r(3, &[]);
+        drain(&mut c);
+        c.handle_failure(1, "c");
+        assert_eq!(reads(&drain(&mut c)), vec![("d".into(), false)]);
+    }
+
+    /// `read_repair_percent` of gets read every replica, evenly spread.
+    #[test]
+    fn read_repair_percent_of_gets_read_every_replica() {
+        for (percent, every) in [(0u8, 0usize), (10, 10), (25, 25), (100, 100)] {
+            let mut stage = CoordinatorStage::new(CoordinatorSettings {
+                me: "a".into(),
+                limits: RequestLimits {
+                    replicas: 3,
+                    read_quorum: 2,
+                    write_quorum: 2,
+                    key_bytes_max: 64,
+                    value_bytes_max: 64,
+                },
+                request_timeout_ms: 1000,
+                replica_timeout_ms: 100,
+                requests_max: 16,
+                replicate_ahead: true,
+                read_repair_percent: percent,
+            });
+            let picks: Vec<bool> = (0..300).map(|_| stage.read_all_next()).collect();
+            for chunk in picks.chunks(100) {
+                assert_eq!(chunk.iter().filter(|&&p| p).count(), every, "percent {percent}");
+            }
+            if percent == 10 {
+                assert!(picks[..20].iter().enumerate().all(|(i, &p)| p == (i % 10 == 9)), "spread: {picks:?}");
+            }
+        }
+    }
+
     /// A replica whose digest differs is read in full before it counts, and repaired when stale.
     #[test]
     fn a_differing_digest_is_read_in_full_then_merged_and_repaired() {
@@ -1791,7 +1924,7 @@ mod tests {
         // z is not a target but coordinates a forwarded put; it is also a fallback of the key.
         let plan = PreferenceList { primaries: ids(&["a", "b", "c"]), fallbacks: ids(&["d", "z"]) };
         let op = Operation::Put { w: 2, context: VersionVector::new(), value: Some(b"v".to_vec()), forwarded: true };
-        let request = Request { key: b"k".to_vec(), op, timeouts: T };
+        let request = Request { key: b"k".to_vec(), op, timeouts: T, read_all: true };
         let mut c = Coordinator::new(0, "z".into(), request, &plan, |_| true);
         assert_eq!(sends(&drain(&mut c)), vec![("z".into(), None)]);
         c.handle_reply(1, "z", coordinated(&obj(1, b"v")));
@@ -1879,7 +2012,7 @@ mod tests {
     fn a_late_replica_that_answers_failed_is_not_stood_in_for_twice() {
         let plan = PreferenceList { primaries: ids(&["a", "b", "c"]), fallbacks: ids(&["d", "e", "f"]) };
         let op = Operation::Put { w: 3, context: VersionVector::new(), value: Some(b"v".to_vec()), forwarded: false };
-        let request = Request { key: b"k".to_vec(), op, timeouts: T };
+        let request = Request { key: b"k".to_vec(), op, timeouts: T, read_all: true };
         let mut c = Coordinator::new(0, "a".into(), request, &plan, |_| true);
         drain(&mut c);
         c.handle_reply(1, "a", coordinated(&obj(1, b"v")));

@@ -83,6 +83,7 @@ impl NodeSettings {
                 request_timeout_ms: c.coordinator.request_timeout_ms,
                 replica_timeout_ms: c.coordinator.replica_timeout_ms,
                 requests_max: c.coordinator.max_inflight as usize,
+                read_repair_percent: c.coordinator.read_repair_percent,
                 replicate_ahead: c.storage.durability == crate::config::Durability::Sync,
             },
             replica: ReplicaSettings { me: me.clone(), limits, fault_injection: c.testing.fault_injection },
