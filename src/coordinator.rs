@@ -31,6 +31,7 @@
 //! holds every live request in a table keyed by request id with one timer index, runs the
 //! requests' replica operations for this node on local storage, and sends the others.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -740,11 +741,15 @@ impl Coordinator {
     }
 
     fn merged(&self) -> Option<Object> {
-        self.slots
-            .iter()
-            .filter(|s| s.state == SlotState::Answered)
-            .filter_map(|s| s.object.as_ref())
-            .fold(None, |acc: Option<Object>, o| Some(acc.map_or_else(|| o.clone(), |a| a.merge(o))))
+        self.merged_view().map(Cow::into_owned)
+    }
+
+    /// The answered replicas' states merged: the one full answer itself when there is only
+    /// one (the usual get: one replica read in full, the others by matching digests).
+    fn merged_view(&self) -> Option<Cow<'_, Object>> {
+        let mut full = self.slots.iter().filter(|s| s.state == SlotState::Answered).filter_map(|s| s.object.as_ref());
+        let first = full.next()?;
+        Some(full.fold(Cow::Borrowed(first), |acc, o| Cow::Owned(acc.merge(o))))
     }
 
     /// A get's answers changed: read in full every replica whose digest no full answer
@@ -770,17 +775,20 @@ impl Coordinator {
         // Every answered slot now has a known state (digest answers left match a full one).
         let states_known = if known.is_empty() { 0 } else { self.answered() };
         if self.phase == Phase::Started && states_known >= self.quorum() {
-            let merged = self.merged();
             let lww = class_of(&self.key).resolution == Resolution::Lww;
-            let response = match &merged {
-                Some(o) if lww => ClientResponse::Values {
-                    values: newest(o.siblings()).and_then(|s| s.value.clone()).map(Bytes::from).into_iter().collect(),
-                    context: (!o.clock().is_empty()).then(|| o.context().encode_context_from(self.fastest.as_deref())),
-                },
-                Some(o) => ClientResponse::Values {
-                    values: o.values().map(|v| Bytes::from(v.to_vec())).collect(),
-                    context: (!o.clock().is_empty()).then(|| o.context().encode_context_from(self.fastest.as_deref())),
-                },
+            let response = match self.merged_view() {
+                Some(o) => {
+                    let context =
+                        (!o.clock().is_empty()).then(|| o.clock().encode_context_from(self.fastest.as_deref()));
+                    let values: Vec<Bytes> = match (lww, o) {
+                        (true, o) => {
+                            newest(o.siblings()).and_then(|s| s.value.clone()).map(Bytes::from).into_iter().collect()
+                        }
+                        (false, Cow::Borrowed(o)) => o.values().map(|v| Bytes::from(v.to_vec())).collect(),
+                        (false, Cow::Owned(o)) => o.into_values().map(Bytes::from).collect(),
+                    };
+                    ClientResponse::Values { values, context }
+                }
                 None => ClientResponse::Values { values: Vec::new(), context: None },
             };
             self.reply(response);

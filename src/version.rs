@@ -300,6 +300,11 @@ impl Object {
         self.siblings.iter().filter_map(|s| s.value.as_deref())
     }
 
+    /// The live values, taken out (tombstones left out), in dot order.
+    pub fn into_values(self) -> impl Iterator<Item = Vec<u8>> {
+        self.siblings.into_iter().filter_map(|s| s.value)
+    }
+
     /// True when nothing but tombstones (or nothing at all) is left: the key reads as missing.
     pub fn is_deleted(&self) -> bool {
         self.siblings.iter().all(Sibling::is_tombstone)
@@ -479,6 +484,18 @@ mod tests {
         o.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, 10);
         o.update(&VersionVector::new(), A, Some(b"y".to_vec()), 2, 10);
         assert_eq!(vals(&o), vec![b"x".as_slice(), b"y"]);
+    }
+
+    /// Taking the values out gives what reading them gives: live values in dot order.
+    #[test]
+    fn into_values_takes_the_live_values_in_order() {
+        let mut o = Object::new();
+        o.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, 10);
+        o.update(&VersionVector::new(), B, None, 2, 10);
+        o.update(&VersionVector::new(), A, Some(b"y".to_vec()), 3, 10);
+        let read: Vec<Vec<u8>> = o.values().map(<[u8]>::to_vec).collect();
+        assert_eq!(read, vec![b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(o.into_values().collect::<Vec<_>>(), read);
     }
 
     #[test]
