@@ -754,7 +754,7 @@ impl Coordinator {
 
     /// A get's answers changed: read in full every replica whose digest no full answer
     /// accounts for (or one, when no full answer is in hand or coming), then reply once R
-    /// replicas' states are known, and repair once every replica answered.
+    /// replicas' states are known, and repair once every replica it read answered.
     fn after_read(&mut self, now_ms: u64) {
         if !matches!(self.op, Operation::Get { .. }) || !matches!(self.phase, Phase::Started | Phase::Replied) {
             return;
@@ -2052,5 +2052,140 @@ mod tests {
         let forwards: Vec<&Action> =
             out.iter().filter(|a| matches!(a, Action::Send { request: ReplicaRequest::Forward { .. }, .. })).collect();
         assert!(forwards.is_empty(), "b is still coordinating the put: {out:?}");
+    }
+
+    /// A get of R = 2 on a with five primaries and no fallback, reading R of them.
+    fn get_r_of_five() -> Coordinator {
+        let plan = PreferenceList { primaries: ids(&["a", "b", "c", "d", "e"]), fallbacks: vec![] };
+        let request = Request { key: b"k".to_vec(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
+        Coordinator::new(0, "a".into(), request, &plan, |_| true)
+    }
+
+    fn failed() -> ReplicaReply {
+        ReplicaReply::Failed { kind: ErrorKind::Internal, message: "disk".into() }
+    }
+
+    /// A get reading R replicas gives up only once every target was tried: a failure, a
+    /// late replica, a late one that then fails or answers Failed each leave an unread
+    /// target to read, and the get replies with R known states.
+    #[test]
+    fn a_get_of_r_fails_only_once_every_unread_target_was_tried() {
+        let o = obj(1, b"x");
+        let mut c = get_r_of_five();
+        assert_eq!(reads(&drain(&mut c)), vec![("a".into(), true), ("b".into(), false)]);
+        c.handle_reply(1, "b", failed());
+        assert_eq!(reads(&drain(&mut c)), vec![("c".into(), false)]);
+        // a (since 0) is late: d takes over in full; c (since 1) not yet.
+        c.handle_timeout(100);
+        let out = drain(&mut c);
+        assert_eq!(reads(&out), vec![("d".into(), true)]);
+        c.handle_timeout(101);
+        assert_eq!(reads(&drain(&mut c)), vec![("e".into(), false)]);
+        // The late ones fail: their stand-ins are already out, nothing fails the get.
+        c.handle_reply(102, "a", failed());
+        c.handle_failure(103, "c");
+        assert!(replies(&drain(&mut c)).is_empty());
+        assert_eq!(c.poll_timeout(), Some(200));
+        c.handle_reply(104, "d", read(Some(o.clone())));
+        assert!(replies(&drain(&mut c)).is_empty(), "one state known of R = 2");
+        c.handle_reply(105, "e", digest(Some(&o)));
+        let out = drain(&mut c);
+        assert!(matches!(&replies(&out)[..], [ClientResponse::Values { values, .. }] if values.len() == 1), "{out:?}");
+        assert!(c.is_finished() && c.poll_timeout().is_none());
+        // With every target and spare used, the get fails as soon as R cannot be reached.
+        let mut c = get_r(2, &["d", "e"]);
+        drain(&mut c);
+        c.handle_failure(1, "b");
+        assert_eq!(reads(&drain(&mut c)), vec![("c".into(), false)]);
+        assert!(replies(&drain(&mut c)).is_empty());
+        c.handle_failure(2, "c");
+        assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Error { kind: ErrorKind::Unavailable, .. }]));
+        assert!(c.is_finished());
+    }
+
+    /// After the reply, a stand-in that fails is replaced by an unread target, which the get
+    /// then waits for (and repairs if stale) before it ends; it never hangs past its deadline.
+    #[test]
+    fn after_the_reply_an_unread_target_stands_in_and_the_get_still_ends() {
+        let (x, y) = (obj(1, b"x"), obj(2, b"y"));
+        let mut c = get_r_of_five();
+        drain(&mut c);
+        c.handle_reply(1, "a", read(Some(x.clone())));
+        c.handle_timeout(100);
+        assert_eq!(reads(&drain(&mut c)), vec![("c".into(), false)]);
+        c.handle_reply(101, "b", digest(Some(&x)));
+        assert!(matches!(&replies(&drain(&mut c))[..], [ClientResponse::Values { .. }]));
+        assert!(!c.is_finished(), "c is still read");
+        c.handle_failure(102, "c");
+        assert_eq!(reads(&drain(&mut c)), vec![("d".into(), false)]);
+        c.handle_reply(103, "d", digest(Some(&y)));
+        assert_eq!(reads(&drain(&mut c)), vec![("d".into(), true)]);
+        c.handle_reply(104, "d", read(Some(y.clone())));
+        // a, b and d hold one write each side: all three get the merged state; e, unread, not.
+        assert_eq!(sends(&drain(&mut c)), vec![("a".into(), None), ("b".into(), None), ("d".into(), None)]);
+        assert!(c.is_finished());
+        // A stand-in that never answers ends at the deadline.
+        let mut c = get_r_of_five();
+        drain(&mut c);
+        c.handle_reply(1, "a", read(Some(x.clone())));
+        c.handle_timeout(100);
+        c.handle_reply(101, "b", digest(Some(&x)));
+        drain(&mut c);
+        let mut t = 101;
+        for _ in 0..16 {
+            let Some(next) = c.poll_timeout() else { break };
+            assert!(next > t || next == T.deadline_ms, "timer moves on: {next} after {t}");
+            t = next;
+            c.handle_timeout(t);
+            drain(&mut c);
+        }
+        assert!(t <= T.deadline_ms && c.is_finished());
+    }
+
+    /// A get's reply from one full answer or from several merged, under last-write-wins and
+    /// for a tombstone-only state: the newest value (or none) and the merged clock.
+    #[test]
+    fn get_replies_from_one_or_several_full_answers_in_every_resolution() {
+        let lww = crate::namespace::prefix_of("t", 3, Resolution::Lww).unwrap();
+        let lww_key = [lww.as_slice(), b"k"].concat();
+        let (x, y) = (obj(1, b"x"), {
+            let mut o = Object::new();
+            o.update(&VersionVector::new(), Actor(2), Some(b"y".to_vec()), 20, 10);
+            o
+        });
+        let mut tomb = Object::new();
+        tomb.update(&VersionVector::new(), Actor(3), None, 5, 10);
+        let values = |out: &[Action]| match &replies(out)[..] {
+            [ClientResponse::Values { values, context }] => {
+                (values.iter().map(|v| v.to_vec()).collect::<Vec<_>>(), context.clone())
+            }
+            other => panic!("{other:?}"),
+        };
+        let ctx = |o: &Object| Some(o.clock().encode_context_from(Some("a")));
+        for (key, several) in [(b"k".to_vec(), vec![b"x".to_vec(), b"y".to_vec()]), (lww_key, vec![b"y".to_vec()])] {
+            // One full answer, a matching digest.
+            let request = Request { key: key.clone(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
+            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
+            drain(&mut c);
+            c.handle_reply(1, "a", read(Some(y.clone())));
+            c.handle_reply(2, "b", digest(Some(&y)));
+            assert_eq!(values(&drain(&mut c)), (vec![b"y".to_vec()], ctx(&y)));
+            // Two full answers merged.
+            let request = Request { key: key.clone(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
+            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
+            drain(&mut c);
+            c.handle_reply(1, "a", read(Some(x.clone())));
+            c.handle_reply(2, "b", digest(Some(&y)));
+            drain(&mut c);
+            c.handle_reply(3, "b", read(Some(y.clone())));
+            assert_eq!(values(&drain(&mut c)), (several, ctx(&x.merge(&y))));
+            // A tombstone alone, and merged with nothing.
+            let request = Request { key, op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
+            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
+            drain(&mut c);
+            c.handle_reply(1, "a", read(Some(tomb.clone())));
+            c.handle_reply(2, "b", read(None));
+            assert_eq!(values(&drain(&mut c)), (vec![], ctx(&tomb)));
+        }
     }
 }
