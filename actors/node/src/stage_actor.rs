@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use ringkv::admission::WaitSamples;
-use ringkv::stage::{subscribers, Effect, Input, Stage, StageId};
+use ringkv::stage::{subscribers, Effect, Input, Now, Stage, StageId};
 use ringkv::store::{StoreError, StoreOp, StoreOutcome};
 use ringkv_storage::Reader;
 
@@ -62,8 +62,8 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
 
     /// A network message waited `waited` in the mailbox: a sample for admission, handed on
     /// in batches.
-    fn note_queued(&mut self, waited: Duration, ctx: &mut Context<Self>) {
-        let now_ms = now().mono_ms;
+    fn note_queued(&mut self, t: Now, waited: Duration, ctx: &mut Context<Self>) {
+        let now_ms = t.mono_ms;
         self.queued.queue(now_ms, u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
         if let Some(sig) = self.queued.take_due(now_ms) {
             if let Some(r) = self.routes.stage(StageId::Admission) {
@@ -73,11 +73,17 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     }
 
     fn input(&mut self, input: Input, ctx: &mut Context<Self>) {
+        self.input_at(now(), input, ctx);
+    }
+
+    /// Hand `input` to the stage at `t`, and carry out what follows. One turn of this actor
+    /// reads the clock once: row reads run and their results go in at the same `t`.
+    fn input_at(&mut self, t: Now, input: Input, ctx: &mut Context<Self>) {
         let name = self.stage.id().name();
         let span = tracing::trace_span!("stage", stage = name);
         let _e = span.enter();
-        self.stage.handle(now(), input);
-        self.pump(ctx);
+        self.stage.handle(t, input);
+        self.pump_at(t, ctx);
     }
 
     /// Send `msg` to `to`, waiting (and holding this actor's next input) only when its
@@ -99,24 +105,28 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.pump_at(now(), ctx);
+    }
+
+    fn pump_at(&mut self, t: Now, ctx: &mut Context<Self>) {
         // Results of row reads, run on this thread as they come: handed in once the stage
         // has no effect left, so the stage sees them as it would a storage result.
         let mut read = VecDeque::new();
         loop {
             while let Some(effect) = self.stage.poll_effect() {
-                self.carry(effect, &mut read, ctx);
+                self.carry(t, effect, &mut read, ctx);
             }
             let Some(input) = read.pop_front() else { break };
-            self.stage.handle(now(), input);
+            self.stage.handle(t, input);
         }
-        self.arm(ctx);
+        self.arm(t, ctx);
     }
 
-    fn carry(&mut self, effect: Effect, read: &mut VecDeque<Input>, ctx: &mut Context<Self>) {
+    fn carry(&mut self, t: Now, effect: Effect, read: &mut VecDeque<Input>, ctx: &mut Context<Self>) {
         match effect {
             Effect::Store { token, op, .. } if op.reads_rows_only() => {
                 let started = std::time::Instant::now();
-                let (mut outcomes, follow) = self.routes.reader.run(vec![op], now().wall_ms);
+                let (mut outcomes, follow) = self.routes.reader.run(vec![op], t.wall_ms);
                 self.routes.metrics.read_seconds.observe(started.elapsed().as_secs_f64());
                 let result = outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())));
                 read.push_back(Input::Stored { token, result });
@@ -164,7 +174,7 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
     }
 
     /// Keep one timer, at the stage's next timeout.
-    fn arm(&mut self, ctx: &mut Context<Self>) {
+    fn arm(&mut self, t: Now, ctx: &mut Context<Self>) {
         let Some(at) = self.stage.poll_timeout() else {
             if let Some((_, h)) = self.timer.take() {
                 ctx.cancel_future(h);
@@ -177,7 +187,7 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
         if let Some((_, h)) = self.timer.take() {
             ctx.cancel_future(h);
         }
-        let wait = Duration::from_millis(at.saturating_sub(now().mono_ms));
+        let wait = Duration::from_millis(at.saturating_sub(t.mono_ms));
         let h = ctx.run_later(wait, |act, ctx| {
             act.timer = None;
             act.input(Input::Tick { random: rand::random() }, ctx);
@@ -199,10 +209,11 @@ impl<S: Stage + Unpin + 'static> Handler<Deliver> for StageActor<S> {
     type Result = ();
 
     fn handle(&mut self, Deliver(input, queued_at): Deliver, ctx: &mut Context<Self>) {
+        let t = now();
         if let Some(at) = queued_at {
-            self.note_queued(at.elapsed(), ctx);
+            self.note_queued(t, at.elapsed(), ctx);
         }
-        self.input(input, ctx);
+        self.input_at(t, input, ctx);
     }
 }
 
