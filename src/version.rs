@@ -166,21 +166,30 @@ impl VersionVector {
     /// The opaque context a client carries: a format byte and MessagePack of
     /// (actor, counter) pairs, in base64 (URL-safe, unpadded).
     pub fn encode_context(&self) -> String {
-        let pairs: Vec<(u64, u64)> = self.entries.iter().map(|(a, e)| (a.0, e.counter)).collect();
-        let mut bytes = vec![CONTEXT_FORMAT];
-        // Encoding a Vec of integer pairs into a Vec cannot fail.
-        bytes.extend(rmp_serde::to_vec(&pairs).unwrap_or_default());
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        self.encode_context_from(None)
     }
 
     /// [`encode_context`](Self::encode_context), naming the replica that answered the read
     /// fastest: that node coordinates the write back (the paper's section 6.4), which a
     /// client learns from the context (`CLOCK.NODE`; base64url has no '.').
     pub fn encode_context_from(&self, fastest: Option<&str>) -> String {
-        match fastest {
-            Some(node) => format!("{}.{node}", self.encode_context()),
-            None => self.encode_context(),
+        // The MessagePack of a list of (actor, counter) pairs, written as rmp_serde writes
+        // one (each integer in its shortest form); writes to a Vec cannot fail.
+        let mut bytes = Vec::with_capacity(6 + self.entries.len() * 20);
+        bytes.push(CONTEXT_FORMAT);
+        let _ = rmp::encode::write_array_len(&mut bytes, self.entries.len() as u32);
+        for (a, e) in &self.entries {
+            let _ = rmp::encode::write_array_len(&mut bytes, 2);
+            let _ = rmp::encode::write_uint(&mut bytes, a.0);
+            let _ = rmp::encode::write_uint(&mut bytes, e.counter);
         }
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4 + fastest.map_or(0, |n| n.len() + 1));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&bytes, &mut out);
+        if let Some(node) = fastest {
+            out.push('.');
+            out.push_str(node);
+        }
+        out
     }
 
     /// Parse a context produced by [`encode_context`](Self::encode_context) or
@@ -751,6 +760,29 @@ mod tests {
             let back: Object = rmp_serde::from_slice(&bytes).unwrap();
             prop_assert_eq!(back.digest(), o.digest());
             prop_assert_eq!(back, o);
+        }
+
+        /// Contexts are written as they always were (rmp_serde's MessagePack of a list of
+        /// pairs), so contexts clients hold stay valid, and they read back.
+        #[test]
+        fn contexts_are_encoded_as_before(
+            pairs in proptest::collection::btree_map(any::<u64>(), 1..=COUNTER_MAX, 0..12),
+            fastest in proptest::option::of("[a-z0-9]{1,8}"),
+        ) {
+            let mut vv = VersionVector::new();
+            for (&a, &c) in &pairs {
+                vv.witness(Actor(a), c, 5);
+            }
+            let list: Vec<(u64, u64)> = pairs.iter().map(|(&a, &c)| (a, c)).collect();
+            let mut bytes = vec![CONTEXT_FORMAT];
+            bytes.extend(rmp_serde::to_vec(&list).unwrap());
+            let mut before = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            if let Some(n) = &fastest {
+                before = format!("{before}.{n}");
+            }
+            prop_assert_eq!(vv.encode_context_from(fastest.as_deref()), before);
+            let back = VersionVector::decode_context(&vv.encode_context(), 5).unwrap();
+            prop_assert_eq!(back.encode_context(), vv.encode_context());
         }
 
         #[test]
