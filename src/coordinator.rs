@@ -942,7 +942,7 @@ pub struct CoordinatorStage {
     forwarded_in: u64,
     /// Read repairs sent.
     read_repairs: u64,
-    /// Gets started, to pick the evenly spread share that reads every replica.
+    /// Gets started, modulo 100: picks the evenly spread share that reads every replica.
     gets: u64,
 }
 
@@ -2163,26 +2163,27 @@ mod tests {
         };
         let ctx = |o: &Object| Some(o.clock().encode_context_from(Some("a")));
         for (key, several) in [(b"k".to_vec(), vec![b"x".to_vec(), b"y".to_vec()]), (lww_key, vec![b"y".to_vec()])] {
+            // A get of `key` on a that reads R = 2 replicas, its reads sent.
+            let get = || {
+                let request = Request { key: key.clone(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
+                let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
+                drain(&mut c);
+                c
+            };
             // One full answer, a matching digest.
-            let request = Request { key: key.clone(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
-            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
-            drain(&mut c);
+            let mut c = get();
             c.handle_reply(1, "a", read(Some(y.clone())));
             c.handle_reply(2, "b", digest(Some(&y)));
             assert_eq!(values(&drain(&mut c)), (vec![b"y".to_vec()], ctx(&y)));
             // Two full answers merged.
-            let request = Request { key: key.clone(), op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
-            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
-            drain(&mut c);
+            let mut c = get();
             c.handle_reply(1, "a", read(Some(x.clone())));
             c.handle_reply(2, "b", digest(Some(&y)));
             drain(&mut c);
             c.handle_reply(3, "b", read(Some(y.clone())));
             assert_eq!(values(&drain(&mut c)), (several, ctx(&x.merge(&y))));
             // A tombstone alone, and merged with nothing.
-            let request = Request { key, op: Operation::Get { r: 2 }, timeouts: T, read_all: false };
-            let mut c = Coordinator::new(0, "a".into(), request, &plan(), |_| true);
-            drain(&mut c);
+            let mut c = get();
             c.handle_reply(1, "a", read(Some(tomb.clone())));
             c.handle_reply(2, "b", read(None));
             assert_eq!(values(&drain(&mut c)), (vec![], ctx(&tomb)));
