@@ -84,5 +84,44 @@ fn reads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, writes, reads);
+/// Row reads as a node's stage actors run them ([`ringkv_storage::Reader`]): of keys holding
+/// about ten siblings (what ratio.sh's blind workload a leaves), from redb and from the rows
+/// of logged batches still in memory (the overlay).
+fn row_reads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage/row_reads_10_siblings");
+    let (_dir, mut s) = open(Durability::Sync);
+    // Nine more writes a key (ten siblings), each under its own actor and seeing none of the
+    // others, committed in redb; then one more for the first keys, whose rows the overlay holds.
+    const OVERLAID: u64 = 1000;
+    for round in 0..10u64 {
+        let keys = if round < 9 { KEYS } else { OVERLAID };
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(100) {
+            let ops = chunk
+                .iter()
+                .map(|&i| {
+                    let mut o = Object::new();
+                    o.update(&VersionVector::new(), Actor(round + 10), Some(vec![b'z'; 100]), round, 10);
+                    StoreOp::Write { key: key(i), object: o, hint: None }
+                })
+                .collect();
+            s.run(ops, false, 1, &mut |_, _| {});
+        }
+        if round == 8 {
+            s.settle().expect("settle");
+        }
+    }
+    let reader = s.reader();
+    for (place, from, to) in [("overlay", 0, OVERLAID), ("redb", OVERLAID, KEYS)] {
+        let mut i = 0u64;
+        g.bench_function(place, |b| {
+            b.iter(|| {
+                i = (i + 7919) % (to - from);
+                black_box(reader.run(vec![StoreOp::Read { key: key(from + i) }], 1))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, writes, reads, row_reads);
 criterion_main!(benches);

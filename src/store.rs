@@ -82,10 +82,19 @@ pub struct EngineError(pub String);
 /// What a scan calls with each row (key, value) in order; it returns false to stop.
 pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
 
+/// What [`Engine::read`] hands a row's bytes to (None: no row).
+pub type Read<'a> = &'a mut dyn FnMut(Option<&[u8]>);
+
 /// One transaction of an ordered key-value engine: the only thing a storage backend
 /// implements. Reads see the transaction's own writes.
 pub trait Engine {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+    /// Hand the row's bytes (None: no row) to `read`, lent rather than copied out where the
+    /// engine can: rows are decoded straight from the engine's pages.
+    fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
+        read(self.get(table, key)?.as_deref());
+        Ok(())
+    }
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError>;
     fn delete(&mut self, table: Table, key: &[u8]) -> Result<(), EngineError>;
     /// Visit rows with `from <= key < to` (no upper bound when `to` is None) in key order
@@ -102,6 +111,11 @@ pub trait Engine {
 /// [`ReadOnly`] makes it an [`Engine`].
 pub trait EngineReads {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+    /// As [`Engine::read`].
+    fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
+        read(self.get(table, key)?.as_deref());
+        Ok(())
+    }
     /// As [`Engine::scan`].
     fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError>;
 }
@@ -109,6 +123,9 @@ pub trait EngineReads {
 impl<E: EngineReads + ?Sized> EngineReads for &E {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         (**self).get(table, key)
+    }
+    fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
+        (**self).read(table, key, read)
     }
     fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         (**self).scan(table, from, to, visit)
@@ -121,6 +138,9 @@ pub struct ReadOnly<E>(pub E);
 impl<E: EngineReads> Engine for ReadOnly<E> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         self.0.get(table, key)
+    }
+    fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
+        self.0.read(table, key, read)
     }
     fn put(&mut self, _: Table, _: &[u8], _: &[u8]) -> Result<(), EngineError> {
         Err(EngineError("read-only transaction".into()))
@@ -1216,25 +1236,30 @@ impl<E: Engine> Exec<'_, E> {
             #[serde(default)]
             stored_digest: Option<u128>,
         }
-        let rk = object_row_key(key, self.q());
-        Ok(match self.engine.get(Table::Objects, &rk)? {
-            None => Some(None),
-            Some(bytes) => match unseal::<RowDigest>(&bytes) {
-                Ok(RowDigest { stored_digest: Some(d), .. }) => Some(Some(d.to_be_bytes())),
-                _ => None,
-            },
-        })
+        let mut peeked = None;
+        self.engine.read(Table::Objects, &object_row_key(key, self.q()), &mut |bytes| {
+            peeked = match bytes.map(unseal::<RowDigest>) {
+                None => Some(None),
+                Some(Ok(RowDigest { stored_digest: Some(d), .. })) => Some(Some(d.to_be_bytes())),
+                Some(_) => None,
+            }
+        })?;
+        Ok(peeked)
+    }
+
+    /// The row `rk` of `table`, decoded by `decode` straight from the engine's bytes (None: no
+    /// row); a row that does not decode is quarantined ([`Exec::corrupt`]), never read as absent.
+    fn decoded<T>(&mut self, table: Table, rk: &[u8], decode: fn(&[u8]) -> Result<T, String>) -> Run<Option<T>> {
+        let mut decoded = Ok(None);
+        self.engine.read(table, rk, &mut |bytes| decoded = bytes.map(decode).transpose())?;
+        match decoded {
+            Ok(row) => Ok(row),
+            Err(detail) => Err(self.corrupt(table, rk, detail)?),
+        }
     }
 
     fn owned(&mut self, key: &[u8]) -> Run<Option<ObjectRow>> {
-        let rk = object_row_key(key, self.q());
-        match self.engine.get(Table::Objects, &rk)? {
-            None => Ok(None),
-            Some(bytes) => match decode_object_row(&bytes) {
-                Ok(row) => Ok(Some(row)),
-                Err(detail) => Err(self.corrupt(Table::Objects, &rk, detail)?),
-            },
-        }
+        self.decoded(Table::Objects, &object_row_key(key, self.q()), decode_object_row)
     }
 
     /// Write the row of `object` (coordinated by `actor` in `generation`) in place of a row
@@ -1272,14 +1297,7 @@ impl<E: Engine> Exec<'_, E> {
     }
 
     fn hint(&mut self, key: &[u8], intended: &str) -> Run<Option<HintRow>> {
-        let rk = hint_row_key(key, intended);
-        match self.engine.get(Table::Hints, &rk)? {
-            None => Ok(None),
-            Some(bytes) => match decode_hint_row(&bytes) {
-                Ok(row) => Ok(Some(row)),
-                Err(detail) => Err(self.corrupt(Table::Hints, &rk, detail)?),
-            },
-        }
+        self.decoded(Table::Hints, &hint_row_key(key, intended), decode_hint_row)
     }
 
     /// Every hinted copy of `key`, by intended node.
@@ -1314,16 +1332,9 @@ impl<E: Engine> Exec<'_, E> {
     }
 
     fn reaped(&mut self, key: &[u8]) -> Run<Option<ReapedRow>> {
-        let rk = object_row_key(key, self.q());
-        match self.engine.get(Table::Reaped, &rk)? {
-            None => Ok(None),
-            Some(bytes) => match decode_reaped_row(&bytes) {
-                Ok(row) => Ok(Some(row)),
-                // Never read as absent: the operation fails and the record is quarantined
-                // (a retry then proceeds without it).
-                Err(detail) => Err(self.corrupt(Table::Reaped, &rk, detail)?),
-            },
-        }
+        // A record that does not decode fails the operation and is quarantined (a retry then
+        // proceeds without it).
+        self.decoded(Table::Reaped, &object_row_key(key, self.q()), decode_reaped_row)
     }
 
     /// Merge `incoming` into the owned copy of `key`, first dropping what a reaped
