@@ -372,9 +372,7 @@ impl Coordinator {
                     self.send_read(first, now_ms);
                 }
                 let reads = if self.read_all { self.slots.len() } else { self.quorum() };
-                let others: Vec<usize> =
-                    (0..self.slots.len()).filter(|&i| i != first).take(reads.saturating_sub(1)).collect();
-                for i in others {
+                for i in (0..self.slots.len()).filter(|&i| i != first).take(reads.saturating_sub(1)) {
                     self.send_read(i, now_ms);
                 }
             }
