@@ -117,6 +117,17 @@ impl<'t> WriteEngine<'t> {
     }
 }
 
+/// Lend the row `key` of `t` (None: no row) to `read`, from redb's page: the one body of
+/// both redb engines' [`Engine::read`].
+fn read_row<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    key: &[u8],
+    read: Read<'_>,
+) -> Result<(), EngineError> {
+    read(t.get(key).map_err(err)?.as_ref().map(|g| g.value()));
+    Ok(())
+}
+
 fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     from: &[u8],
@@ -142,8 +153,7 @@ impl Engine for WriteEngine<'_> {
         Ok(self.t(table)?.get(key).map_err(err)?.map(|g| g.value().to_vec()))
     }
     fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
-        read(self.t(table)?.get(key).map_err(err)?.as_ref().map(|g| g.value()));
-        Ok(())
+        read_row(self.t(table)?, key, read)
     }
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
         self.t_mut(table)?.insert(key, value).map_err(err)?;
@@ -191,8 +201,7 @@ impl EngineReads for ReadEngine {
         Ok(self.t(table)?.get(key).map_err(err)?.map(|g| g.value().to_vec()))
     }
     fn read(&self, table: Table, key: &[u8], read: Read<'_>) -> Result<(), EngineError> {
-        read(self.t(table)?.get(key).map_err(err)?.as_ref().map(|g| g.value()));
-        Ok(())
+        read_row(self.t(table)?, key, read)
     }
     fn scan(&self, table: Table, from: &[u8], to: Option<&[u8]>, visit: Visit<'_>) -> Result<(), EngineError> {
         scan_table(self.t(table)?, from, to, visit)
