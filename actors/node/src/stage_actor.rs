@@ -18,13 +18,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use ringkv::admission::WaitSamples;
 use ringkv::stage::{subscribers, Effect, Input, Now, Stage, StageId};
-use ringkv::store::{StoreError, StoreOp, StoreOutcome};
+use ringkv::store::{StoreError, StoreOp};
 use ringkv_storage::Reader;
 
 use crate::clock::now;
 pub use crate::mailbox::Deliver;
 use crate::metrics::NodeMetrics;
-use crate::storage::{StorageFront, StoreRequest};
+use crate::storage::{Reply, StorageFront, StoreRequest};
 use crate::transport::{Outgoing, TransportActor};
 
 /// Where a stage's effects go: every stage's mailbox, the transport, storage (row reads
@@ -131,35 +131,17 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
                 let result = outcomes.pop().unwrap_or_else(|| Err(StoreError::Io("no outcome".into())));
                 read.push_back(Input::Stored { token, result });
                 for op in follow {
-                    self.routes.storage.do_send(StoreRequest { op, durable: false, ahead: None });
+                    self.routes.storage.do_send(StoreRequest { op, durable: false, reply: Reply::none() });
                 }
             }
             Effect::Send { to, msg } => {
                 Self::deliver_bounded(&self.routes.transport, Outgoing::Send { to, msg }, ctx);
             }
             Effect::Store { token, op, durable } => {
-                let storage = self.routes.storage.clone();
                 // A coordinated write's outcome comes back ahead of its commit as well.
-                let ahead = match op {
-                    StoreOp::Coordinate { .. } => {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        ctx.spawn(rx.into_actor(self).map(move |outcome, act, ctx| {
-                            if let Ok(outcome) = outcome {
-                                act.input(Input::Ahead { token, outcome }, ctx);
-                            }
-                        }));
-                        Some(tx)
-                    }
-                    _ => None,
-                };
-                let fut = storage.send(StoreRequest { op, durable, ahead });
-                ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                    let result: Result<StoreOutcome, StoreError> = match res {
-                        Ok(r) => r,
-                        Err(e) => Err(StoreError::Io(format!("storage stage gone: {e}"))),
-                    };
-                    act.input(Input::Stored { token, result }, ctx);
-                }));
+                let ahead = matches!(op, StoreOp::Coordinate { .. });
+                let reply = Reply::to(ctx.address().recipient(), token, ahead);
+                Self::deliver_bounded(&self.routes.storage, StoreRequest { op, durable, reply }, ctx);
             }
             Effect::Signal(sig) => {
                 for &to in subscribers(&sig) {

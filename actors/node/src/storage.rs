@@ -3,43 +3,86 @@
 //! the operations the tasks ready now produce, as one job, without waiting for the batch
 //! before to finish; the worker joins every job queued while it was busy into its next
 //! batch, so concurrent durable writes share one commit (group commit) and the worker never
-//! waits for the node's thread between two batches. A caller hears back only after the
-//! batch holding its operation was logged. In `buffered` mode a timer flushes the commit log
-//! every `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.)
-//! A coordinated write's outcome is also sent `ahead`, once computed and before its batch
-//! commits, to whoever asked for it.
+//! waits for the node's thread between two batches. A stage hears back only after the
+//! batch holding its operation was logged: the worker puts the outcome straight into the
+//! stage's mailbox ([`Input::Stored`]), so the node's thread is woken once per batch and
+//! stage, not once per operation. In `buffered` mode a timer flushes the commit log every
+//! `storage.flush_interval_ms`. (Row reads do not come here: stage actors run them.) A
+//! coordinated write's outcome also goes in ahead ([`Input::Ahead`]), once computed and
+//! before its batch commits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use ringkv::stage::Input;
 use ringkv::store::{StoreError, StoreOp, StoreOutcome};
 use ringkv_storage::Storage;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::now;
+use crate::mailbox::Deliver;
 use crate::metrics::NodeMetrics;
 
-type Reply = oneshot::Sender<Result<StoreOutcome, StoreError>>;
-/// Where a coordinated write's outcome goes ahead of its commit.
-pub type Ahead = oneshot::Sender<StoreOutcome>;
+/// Where a storage operation's outcome goes: the stage that asked, under its token. A
+/// reply dropped unanswered (the worker gone, the node stopping) tells the stage that
+/// storage stopped, so no stage waits forever.
+pub struct Reply {
+    to: Option<Recipient<Deliver>>,
+    token: u64,
+    /// The stage wants a coordinated write's outcome ahead of the commit as well.
+    ahead: bool,
+}
+
+impl Reply {
+    /// The outcome of operation `token` goes to `to` (and ahead of the commit too, with
+    /// `ahead`).
+    pub fn to(to: Recipient<Deliver>, token: u64, ahead: bool) -> Reply {
+        Reply { to: Some(to), token, ahead }
+    }
+
+    /// Nobody waits for this operation's outcome.
+    pub fn none() -> Reply {
+        Reply { to: None, token: 0, ahead: false }
+    }
+
+    /// Put the outcome in the stage's mailbox. Sent whatever the mailbox holds: there are
+    /// no more outcomes than operations the stage queued, and those are bounded.
+    fn send(mut self, result: Result<StoreOutcome, StoreError>) {
+        if let Some(to) = self.to.take() {
+            to.do_send(Deliver(Input::Stored { token: self.token, result }, None));
+        }
+    }
+
+    /// A coordinated write's outcome, before its commit, when the stage asked for it.
+    fn send_ahead(&mut self, outcome: &StoreOutcome) {
+        if let (true, Some(to)) = (std::mem::take(&mut self.ahead), self.to.as_ref()) {
+            to.do_send(Deliver(Input::Ahead { token: self.token, outcome: outcome.clone() }, None));
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            let result = Err(StoreError::Io("storage stopped".into()));
+            to.do_send(Deliver(Input::Stored { token: self.token, result }, None));
+        }
+    }
+}
 
 /// Run one storage operation; durably when `durable`, whatever the node's mode.
 #[derive(Message)]
-#[rtype(result = "Result<StoreOutcome, StoreError>")]
+#[rtype(result = "()")]
 pub struct StoreRequest {
     pub op: StoreOp,
     pub durable: bool,
-    /// Hears a coordinated write's outcome before the commit.
-    pub ahead: Option<Ahead>,
+    pub reply: Reply,
 }
 
-/// One operation on its way to the worker: the request and where its outcome goes.
-struct Queued {
-    request: StoreRequest,
-    reply: Reply,
-}
+/// One operation on its way to the worker, with where its outcome goes.
+type Queued = StoreRequest;
 
 /// The redb side: a thread of its own (redb blocks) taking jobs in order from a channel,
 /// parked while there is none.
@@ -124,18 +167,16 @@ impl StorageWorker {
                         let batch = gather(first, &mut rx, batch_max, &mut held);
                         let n = batch.len();
                         let mut ops = Vec::with_capacity(n);
-                        let mut aheads = Vec::with_capacity(n);
                         let mut replies = Vec::with_capacity(n);
                         let mut durable = false;
-                        for Queued { request, reply } in batch {
-                            ops.push(request.op);
-                            durable |= request.durable;
-                            aheads.push(request.ahead);
+                        for StoreRequest { op, durable: d, reply } in batch {
+                            ops.push(op);
+                            durable |= d;
                             replies.push(reply);
                         }
                         let mut send_ahead = |k: usize, outcome: &StoreOutcome| {
-                            if let Some(tx) = aheads.get_mut(k).and_then(Option::take) {
-                                let _ = tx.send(outcome.clone());
+                            if let Some(reply) = replies.get_mut(k) {
+                                reply.send_ahead(outcome);
                             }
                         };
                         let started = std::time::Instant::now();
@@ -144,7 +185,7 @@ impl StorageWorker {
                         metrics.commit_ops.observe(n as f64);
                         observe_timings(&mut storage, &metrics);
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                            let _ = reply.send(outcome);
+                            reply.send(outcome);
                         }
                         answered.fetch_sub(n, Ordering::Relaxed);
                     }
@@ -188,7 +229,7 @@ impl StorageFront {
             let job = std::mem::replace(&mut self.pending, rest);
             let n = job.len();
             self.worker.queued.fetch_add(n, Ordering::Relaxed);
-            // A worker gone drops the job, and with it the replies: their callers hear that
+            // A worker gone drops the job, and with it the replies: their stages hear that
             // storage stopped.
             if self.worker.jobs.send(Job::Batch(job)).is_err() {
                 self.worker.queued.fetch_sub(n, Ordering::Relaxed);
@@ -211,14 +252,13 @@ impl Actor for StorageFront {
 }
 
 impl Handler<StoreRequest> for StorageFront {
-    type Result = ResponseFuture<Result<StoreOutcome, StoreError>>;
+    type Result = ();
 
-    fn handle(&mut self, request: StoreRequest, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, request: StoreRequest, ctx: &mut Context<Self>) {
         if self.pending.len() + self.worker.queued.load(Ordering::Relaxed) >= PENDING_MAX {
-            return Box::pin(async { Err(StoreError::Io("storage overloaded".into())) });
+            return request.reply.send(Err(StoreError::Io("storage overloaded".into())));
         }
-        let (reply, rx) = oneshot::channel();
-        self.pending.push(Queued { request, reply });
+        self.pending.push(request);
         // The job leaves once every task ready now has run: what they store joins it.
         if !self.kick_scheduled {
             self.kick_scheduled = true;
@@ -227,7 +267,6 @@ impl Handler<StoreRequest> for StorageFront {
                 act.kick();
             }));
         }
-        Box::pin(async move { rx.await.unwrap_or_else(|_| Err(StoreError::Io("storage stopped".into()))) })
     }
 }
 
@@ -259,10 +298,7 @@ mod tests {
     fn batch(keys: &[u8]) -> Job {
         Job::Batch(
             keys.iter()
-                .map(|&k| Queued {
-                    request: StoreRequest { op: StoreOp::Read { key: vec![k] }, durable: false, ahead: None },
-                    reply: oneshot::channel().0,
-                })
+                .map(|&k| StoreRequest { op: StoreOp::Read { key: vec![k] }, durable: false, reply: Reply::none() })
                 .collect(),
         )
     }
@@ -270,7 +306,7 @@ mod tests {
     fn keys(batch: &[Queued]) -> Vec<u8> {
         batch
             .iter()
-            .map(|q| match &q.request.op {
+            .map(|q| match &q.op {
                 StoreOp::Read { key } => key[0],
                 _ => unreachable!("the tests queue reads only"),
             })
@@ -282,6 +318,78 @@ mod tests {
             Job::Batch(b) => b,
             _ => panic!("not a batch"),
         }
+    }
+
+    /// Records what a stage would be handed.
+    struct Inbox(Arc<std::sync::Mutex<Vec<Input>>>);
+
+    impl Actor for Inbox {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Deliver> for Inbox {
+        type Result = ();
+        fn handle(&mut self, Deliver(input, _): Deliver, _: &mut Context<Self>) {
+            self.0.lock().unwrap().push(input);
+        }
+    }
+
+    /// Wait (boundedly) until `seen` holds `n` inputs.
+    async fn inputs(seen: &Arc<std::sync::Mutex<Vec<Input>>>, n: usize) -> Vec<Input> {
+        for _ in 0..500 {
+            if seen.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::mem::take(&mut *seen.lock().unwrap())
+    }
+
+    /// The worker puts each outcome in the asking stage's mailbox under its token: a
+    /// coordinated write's outcome ahead of its commit first, then its `Stored`; an
+    /// operation whose reply is dropped unanswered (storage gone) still tells its stage.
+    #[test]
+    fn outcomes_go_to_the_stage_that_asked_and_a_dropped_reply_says_storage_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Storage::open(
+            &dir.path().join("db.redb"),
+            16,
+            ringkv::store::StoreLimits::default(),
+            ringkv::config::Durability::Sync,
+            1,
+        )
+        .unwrap();
+        System::new().block_on(async move {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let stage = Inbox(seen.clone()).start().recipient::<Deliver>();
+            let worker = StorageWorker::start(opened.storage, NodeMetrics::default(), 64).unwrap();
+            let front = StorageFront::new(worker, None).start();
+            let op = StoreOp::Coordinate {
+                key: b"k".to_vec(),
+                context: Default::default(),
+                value: Some(b"v".to_vec()),
+                hint: None,
+                now_wall_ms: 1,
+            };
+            front.do_send(StoreRequest { op, durable: true, reply: Reply::to(stage.clone(), 7, true) });
+            let got = inputs(&seen, 2).await;
+            assert!(
+                matches!(
+                    got.as_slice(),
+                    [
+                        Input::Ahead { token: 7, outcome: StoreOutcome::Coordinated(Ok(_)) },
+                        Input::Stored { token: 7, result: Ok(StoreOutcome::Coordinated(Ok(_))) }
+                    ]
+                ),
+                "{got:?}"
+            );
+            drop(Reply::to(stage, 8, false));
+            let got = inputs(&seen, 1).await;
+            assert!(
+                matches!(got.as_slice(), [Input::Stored { token: 8, result: Err(StoreError::Io(m)) }] if m == "storage stopped"),
+                "{got:?}"
+            );
+        });
     }
 
     /// Batches queued while the worker was busy join the next commit, in order, up to the
