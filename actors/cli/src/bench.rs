@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng;
@@ -141,7 +142,7 @@ async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool)
             }
         }
     });
-    let errors = futures::future::join_all(loaders).await.into_iter().sum();
+    let errors = loaders.collect::<FuturesUnordered<_>>().fold(0, |sum, e| async move { sum + e }).await;
     bar.finish_and_clear();
     lines.end();
     errors
@@ -239,7 +240,8 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
             (hist, errors, done)
         }
     });
-    let results = futures::future::join_all(runs).await;
+    // Polled as they wake (not all of them on every wake, as join_all does below 30).
+    let results: Vec<_> = runs.collect::<FuturesUnordered<_>>().collect().await;
     let elapsed = started.elapsed().as_secs_f64();
     // Nodes the requests went to.
     let nodes = match (&args.pin, args.nodes.len()) {
