@@ -267,6 +267,18 @@ impl LocalNode {
         }
     }
 
+    /// Tick the stages whose timers are not due, or not set. A shell may fire a timer early
+    /// (the node keeps a timer that fires before a stage's next timeout rather than set it
+    /// again), so a stage acts on a tick only for what is due by then; the simulation calls
+    /// this to hold the stages to that.
+    pub fn tick_early(&mut self, now: Now, random: &mut dyn FnMut() -> u64) {
+        for id in StageId::ALL {
+            if self.stages.get(id).poll_timeout().is_none_or(|t| t > now.mono_ms) {
+                self.input(now, id, Input::Tick { random: random() });
+            }
+        }
+    }
+
     /// The earliest timer of any stage.
     pub fn poll_timeout(&self) -> Option<u64> {
         StageId::ALL.iter().filter_map(|id| self.stages.get(*id).poll_timeout()).min()
