@@ -155,26 +155,47 @@ impl<S: Stage + Unpin + 'static> StageActor<S> {
         }
     }
 
-    /// Keep one timer, at the stage's next timeout.
+    /// Keep one timer, at or before the stage's next timeout ([`timer_change`]).
     fn arm(&mut self, t: Now, ctx: &mut Context<Self>) {
-        let Some(at) = self.stage.poll_timeout() else {
-            if let Some((_, h)) = self.timer.take() {
-                ctx.cancel_future(h);
-            }
-            return;
+        let armed = self.timer.as_ref().map(|(at, _)| *at);
+        let at = match timer_change(armed, self.stage.poll_timeout()) {
+            TimerChange::Keep => return,
+            TimerChange::Cancel => None,
+            TimerChange::Arm(at) => Some(at),
         };
-        if self.timer.as_ref().is_some_and(|(t, _)| *t == at) {
-            return;
-        }
         if let Some((_, h)) = self.timer.take() {
             ctx.cancel_future(h);
         }
+        let Some(at) = at else { return };
         let wait = Duration::from_millis(at.saturating_sub(t.mono_ms));
         let h = ctx.run_later(wait, |act, ctx| {
             act.timer = None;
             act.input(Input::Tick { random: rand::random() }, ctx);
         });
         self.timer = Some((at, h));
+    }
+}
+
+/// What becomes of a stage actor's one timer, set for `armed`, when the stage next wants a
+/// tick at `next`.
+#[derive(Debug, PartialEq, Eq)]
+enum TimerChange {
+    Keep,
+    Cancel,
+    Arm(u64),
+}
+
+/// A timer set to fire no later than the stage's next timeout is kept. A stage's tick does
+/// nothing before its deadlines, so an early one costs one tick; re-arming whenever the next
+/// timeout moves later (the coordinator's does with nearly every request it finishes) would
+/// cost a timer per request. A timer that would fire late is set again, and one the stage no
+/// longer wants is cancelled: the tick is never late.
+fn timer_change(armed: Option<u64>, next: Option<u64>) -> TimerChange {
+    match (armed, next) {
+        (None, None) => TimerChange::Keep,
+        (Some(_), None) => TimerChange::Cancel,
+        (Some(a), Some(n)) if a <= n => TimerChange::Keep,
+        (_, Some(n)) => TimerChange::Arm(n),
     }
 }
 
@@ -231,5 +252,41 @@ impl<S: Stage + Unpin + 'static, R: 'static> Handler<Peek<S, R>> for StageActor<
         // Reading may not produce effects, but carry out any there are.
         self.pump(ctx);
         MessageResult(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over every pair of small times (and none): the timer after the change fires no later
+    /// than the stage's next timeout, exists only while the stage wants a tick, and is
+    /// changed only when it would be late or unwanted.
+    #[test]
+    fn the_timer_is_kept_while_early_enough_and_never_left_late() {
+        let times = || std::iter::once(None).chain((0..6).map(Some));
+        for armed in times() {
+            for next in times() {
+                let change = timer_change(armed, next);
+                let after = match change {
+                    TimerChange::Keep => armed,
+                    TimerChange::Cancel => None,
+                    TimerChange::Arm(at) => Some(at),
+                };
+                assert_eq!(after.is_some(), next.is_some(), "{armed:?} {next:?}: {change:?}");
+                if let (Some(a), Some(n)) = (after, next) {
+                    assert!(a <= n, "{armed:?} {next:?}: fires late at {a}");
+                }
+                let keepable = match (armed, next) {
+                    (Some(a), Some(n)) => a <= n,
+                    (None, None) => true,
+                    _ => false,
+                };
+                assert_eq!(change == TimerChange::Keep, keepable, "{armed:?} {next:?}: {change:?}");
+            }
+        }
+        // The coordinator's case: its next timeout moves later as requests finish.
+        assert_eq!(timer_change(Some(100), Some(250)), TimerChange::Keep);
+        assert_eq!(timer_change(Some(250), Some(100)), TimerChange::Arm(100));
     }
 }
