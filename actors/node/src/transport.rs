@@ -164,14 +164,19 @@ fn serve(
                 }
                 None
             }
-            Ok(stage) => stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r.clone()),
+            Ok(stage) => stages.iter().find(|(s, _)| *s == stage).map(|(_, r)| r),
         };
-        let input = Input::Message { from: origin.clone(), msg };
+        // Queued here; only a full mailbox needs the stage's address in the future to wait on.
+        let full = target.and_then(|r| {
+            let input = Input::Message { from: origin.clone(), msg };
+            match r.try_send(Deliver(input, Some(Instant::now()))) {
+                Err(SendError::Full(deliver)) => Some((r.clone(), deliver)),
+                _ => None,
+            }
+        });
         async move {
-            if let Some(r) = target {
-                if let Err(SendError::Full(input)) = r.try_send(Deliver(input, Some(Instant::now()))) {
-                    let _ = r.send(input).await;
-                }
+            if let Some((r, deliver)) = full {
+                let _ = r.send(deliver).await;
             }
         }
     }));
