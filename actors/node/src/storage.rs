@@ -47,9 +47,14 @@ impl Reply {
         Reply { to: None, token: 0, ahead: false }
     }
 
-    /// Put the outcome in the stage's mailbox. Sent whatever the mailbox holds: there are
-    /// no more outcomes than operations the stage queued, and those are bounded.
+    /// Put the outcome in the stage's mailbox.
     fn send(mut self, result: Result<StoreOutcome, StoreError>) {
+        self.stored(result);
+    }
+
+    /// The operation's `Input::Stored`, once: sent whatever the mailbox holds (there are no
+    /// more outcomes than operations the stage queued, and those are bounded).
+    fn stored(&mut self, result: Result<StoreOutcome, StoreError>) {
         if let Some(to) = self.to.take() {
             to.do_send(Deliver(Input::Stored { token: self.token, result }, None));
         }
@@ -65,9 +70,8 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if let Some(to) = self.to.take() {
-            let result = Err(StoreError::Io("storage stopped".into()));
-            to.do_send(Deliver(Input::Stored { token: self.token, result }, None));
+        if self.to.is_some() {
+            self.stored(Err(StoreError::Io("storage stopped".into())));
         }
     }
 }
@@ -80,9 +84,6 @@ pub struct StoreRequest {
     pub durable: bool,
     pub reply: Reply,
 }
-
-/// One operation on its way to the worker, with where its outcome goes.
-type Queued = StoreRequest;
 
 /// The redb side: a thread of its own (redb blocks) taking jobs in order from a channel,
 /// parked while there is none.
@@ -97,7 +98,7 @@ pub struct StorageWorker {
 
 enum Job {
     /// Operations to run; the worker joins queued batches into one commit.
-    Batch(Vec<Queued>),
+    Batch(Vec<StoreRequest>),
     /// Flush the commit log (`buffered` mode's timer).
     Flush,
     /// A clean stop: flush and mark the store closed.
@@ -131,11 +132,11 @@ fn observe_timings(storage: &mut Storage, metrics: &NodeMetrics) {
 /// job that is not a batch, or a batch that would pass the bound, is left in `held` for
 /// after this one.
 fn gather(
-    first: Vec<Queued>,
+    first: Vec<StoreRequest>,
     rx: &mut mpsc::UnboundedReceiver<Job>,
     batch_max: usize,
     held: &mut Option<Job>,
-) -> Vec<Queued> {
+) -> Vec<StoreRequest> {
     let mut batch = first;
     while batch.len() < batch_max {
         match rx.try_recv() {
@@ -212,7 +213,7 @@ const PENDING_MAX: usize = 64 * 1024;
 /// them to the worker as one job.
 pub struct StorageFront {
     worker: StorageWorker,
-    pending: Vec<Queued>,
+    pending: Vec<StoreRequest>,
     kick_scheduled: bool,
     flush_interval: Option<Duration>,
 }
@@ -303,7 +304,7 @@ mod tests {
         )
     }
 
-    fn keys(batch: &[Queued]) -> Vec<u8> {
+    fn keys(batch: &[StoreRequest]) -> Vec<u8> {
         batch
             .iter()
             .map(|q| match &q.op {
@@ -313,7 +314,7 @@ mod tests {
             .collect()
     }
 
-    fn first(job: Job) -> Vec<Queued> {
+    fn first(job: Job) -> Vec<StoreRequest> {
         match job {
             Job::Batch(b) => b,
             _ => panic!("not a batch"),
