@@ -260,11 +260,7 @@ impl LocalNode {
 
     /// Tick every stage whose timer is due.
     pub fn tick(&mut self, now: Now, random: &mut dyn FnMut() -> u64) {
-        for id in StageId::ALL {
-            if self.stages.get(id).poll_timeout().is_some_and(|t| t <= now.mono_ms) {
-                self.input(now, id, Input::Tick { random: random() });
-            }
-        }
+        self.tick_where(now, random, true);
     }
 
     /// Tick the stages whose timers are not due, or not set. A shell may fire a timer early
@@ -272,8 +268,13 @@ impl LocalNode {
     /// again), so a stage acts on a tick only for what is due by then; the simulation calls
     /// this to hold the stages to that.
     pub fn tick_early(&mut self, now: Now, random: &mut dyn FnMut() -> u64) {
+        self.tick_where(now, random, false);
+    }
+
+    /// Tick every stage whose timer is due (`due`), or every other stage (`!due`).
+    fn tick_where(&mut self, now: Now, random: &mut dyn FnMut() -> u64, due: bool) {
         for id in StageId::ALL {
-            if self.stages.get(id).poll_timeout().is_none_or(|t| t > now.mono_ms) {
+            if self.stages.get(id).poll_timeout().is_some_and(|t| t <= now.mono_ms) == due {
                 self.input(now, id, Input::Tick { random: random() });
             }
         }
