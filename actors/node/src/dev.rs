@@ -9,6 +9,8 @@ use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -28,14 +30,45 @@ fn fail(message: &str) {
     ringkv_console::print_error("ringkv-node dev", message);
 }
 
-/// A free loopback UDP port (QUIC listens on UDP).
-fn free_port() -> std::io::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+/// The lowest port [`free_loopback_port`] hands out.
+const LOOPBACK_PORT_MIN: u32 = 10_000;
+
+/// The first port of the kernel's ephemeral range (what a bind to port 0 hands out).
+pub fn ephemeral_port_min() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
+        .unwrap_or(32_768)
 }
 
-/// A free loopback TCP port (for a node's metrics listener).
-fn free_tcp_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// How many ports this process has handed out; the next pick starts after them.
+static LOOPBACK_PORTS_TAKEN: AtomicU32 = AtomicU32::new(0);
+
+/// Where this process's picks start, chosen at random once.
+static LOOPBACK_PORT_OFFSET: OnceLock<u32> = OnceLock::new();
+
+/// A loopback port that is free for both UDP (a node's QUIC listener) and TCP (its metrics
+/// listener), from below the kernel's ephemeral range, and never the same one twice in this
+/// process. A port found by binding to port 0 and letting go is an ephemeral one: until the
+/// node binds it, the kernel may hand it to any other socket bound to port 0 (a client's,
+/// say), and the node then cannot listen. Below the ephemeral range only an explicit bind
+/// takes a port.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    let high = ephemeral_port_min().min(u32::from(u16::MAX));
+    let Some(span) = high.checked_sub(LOOPBACK_PORT_MIN).filter(|s| *s >= 1000) else {
+        // No room below the ephemeral range: an ephemeral port it is.
+        return Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port());
+    };
+    let offset = *LOOPBACK_PORT_OFFSET.get_or_init(|| rand::random::<u32>() % span);
+    for _ in 0..span {
+        let taken = LOOPBACK_PORTS_TAKEN.fetch_add(1, Ordering::Relaxed);
+        let candidate = LOOPBACK_PORT_MIN + offset.wrapping_add(taken) % span;
+        let Ok(port) = u16::try_from(candidate) else { continue };
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free loopback port"))
 }
 
 /// How a dev cluster authenticates.
@@ -204,32 +237,18 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         fail("cannot find this program's path");
         return 5;
     };
-    let mut ports = Vec::new();
-    for _ in 0..nodes {
-        match free_port() {
-            Ok(p) if !ports.contains(&p) => ports.push(p),
-            _ => {
-                fail("no free loopback port");
-                return 5;
-            }
-        }
-    }
-    let mut metrics_ports = Vec::new();
-    for _ in 0..nodes {
-        match free_tcp_port() {
-            Ok(p) if !metrics_ports.contains(&p) => metrics_ports.push(p),
-            _ => {
-                fail("no free loopback port");
-                return 5;
-            }
-        }
-    }
+    let picked: std::io::Result<Vec<u16>> = (0..nodes.saturating_mul(2)).map(|_| free_loopback_port()).collect();
+    let Ok(picked) = picked else {
+        fail("no free loopback port");
+        return 5;
+    };
+    let (ports, metrics_ports) = picked.split_at(picked.len() / 2);
     let auth = if secret_only {
         DevAuth::Secret(format!("dev-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()))
     } else {
         let admin = dir.join("admin.toml");
         let made = make_certs(&dir, nodes)
-            .and_then(|()| std::fs::write(&admin, admin_file_text(&ports)).map_err(|e| e.to_string()));
+            .and_then(|()| std::fs::write(&admin, admin_file_text(ports)).map_err(|e| e.to_string()));
         if let Err(e) = made {
             fail(&format!("cannot make the cluster's certificates in {}: {e}", dir.display()));
             return 5;
@@ -254,7 +273,7 @@ pub fn run(nodes: u32, dir: Option<PathBuf>, durability: &str, secret_only: bool
         let cfg = dir.join(format!("n{i}.toml"));
         let log = dir.join(format!("n{i}.log"));
         let written = std::fs::File::create(&cfg).and_then(|mut f| {
-            f.write_all(config_text(i, nodes, &ports, &metrics_ports, &dir, &auth, durability).as_bytes())
+            f.write_all(config_text(i, nodes, ports, metrics_ports, &dir, &auth, durability).as_bytes())
         });
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log);
         let (Ok(()), Ok(log_file)) = (written, log_file) else {

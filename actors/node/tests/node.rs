@@ -399,3 +399,18 @@ fn a_routing_client_follows_the_ring_when_a_node_joins_mid_run() {
     // the join to nodes that no longer replicate their keys.
     assert!(seen.1 * 20 < ops, "{} of {ops} requests reached a node off the key's preference list", seen.1);
 }
+
+/// The harness's node ports come from below the kernel's ephemeral range, so a client's
+/// socket bound to port 0 can never take one between its pick and its node's start (which
+/// failed a CI run: "cannot listen on 127.0.0.1:48161 ... Address already in use"), and no
+/// port is handed out twice in one test process.
+#[test]
+fn harness_ports_are_below_the_ephemeral_range_and_never_repeat() {
+    let ephemeral = ringkv_node::dev::ephemeral_port_min();
+    let ports: Vec<u16> = (0..200).map(|_| common::free_port()).collect();
+    for p in &ports {
+        assert!(u32::from(*p) < ephemeral, "port {p} is in the ephemeral range from {ephemeral}");
+    }
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+}

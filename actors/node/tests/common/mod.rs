@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -61,12 +60,10 @@ fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A loopback port for a node, from below the kernel's ephemeral range (see
+/// [`ringkv_node::dev::free_loopback_port`]).
+pub fn free_port() -> u16 {
+    ringkv_node::dev::free_loopback_port().expect("a free loopback port")
 }
 
 impl Cluster {
@@ -96,7 +93,7 @@ impl Cluster {
                 id,
                 port: *port,
                 child: None,
-                metrics_port: free_tcp_port(),
+                metrics_port: free_port(),
             };
             c.nodes.push(node);
         }
