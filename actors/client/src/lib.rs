@@ -41,8 +41,13 @@ pub use ringkv_transport::{Credentials, NetError};
 use tokio::sync::oneshot;
 
 /// How long a request may wait for its answer (the node answers within its own request
-/// timeout; this bounds a node that vanished).
+/// timeout; this bounds a node that vanished). A request fails with [`NetError::Timeout`]
+/// at most [`TIMEOUT_SWEEP_INTERVAL`] after it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a connection fails the requests that waited longer than [`REQUEST_TIMEOUT`]
+/// (one sweep per connection, instead of a timer per request).
+pub const TIMEOUT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What went wrong, and which kind of failure it is (the CLI's exit statuses).
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +102,28 @@ pub struct Read {
     pub context: Option<String>,
 }
 
-type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<ClientResponse>>>>;
+/// A request waiting for its answer: when it times out, and where its answer goes.
+struct Pending {
+    deadline: Instant,
+    tx: oneshot::Sender<Result<ClientResponse, NetError>>,
+}
+
+type Waiting = Arc<Mutex<HashMap<u64, Pending>>>;
+
+/// Fail every request of `waiting` whose deadline is past `now` with [`NetError::Timeout`];
+/// the others wait on.
+fn expire(waiting: &Mutex<HashMap<u64, Pending>>, now: Instant) {
+    let expired: Vec<Pending> = match waiting.lock() {
+        Ok(mut m) => {
+            let ids: Vec<u64> = m.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| m.remove(&id)).collect()
+        }
+        Err(_) => return,
+    };
+    for p in expired {
+        let _ = p.tx.send(Err(NetError::Timeout));
+    }
+}
 
 struct Inner {
     _endpoint: quinn::Endpoint,
@@ -166,9 +192,9 @@ impl Connector {
                 Message::Error { id, kind, message } => (id, ClientResponse::Error { kind, message }),
                 _ => return std::future::ready(()),
             };
-            let tx = w.lock().ok().and_then(|mut m| m.remove(&id));
-            if let Some(tx) = tx {
-                let _ = tx.send(response);
+            let pending = w.lock().ok().and_then(|mut m| m.remove(&id));
+            if let Some(p) = pending {
+                let _ = p.tx.send(Ok(response));
             }
             std::future::ready(())
         });
@@ -178,6 +204,23 @@ impl Connector {
             reader.await;
             if let Ok(mut m) = w.lock() {
                 m.clear();
+            }
+        });
+        // Requests that waited too long fail, swept once a second while the connection
+        // lives (the reader's end above empties the map and lets go of the last strong
+        // reference but the connection's own).
+        let swept = Arc::downgrade(&waiting);
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TIMEOUT_SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = watched.closed() => break,
+                    _ = tick.tick() => {}
+                }
+                let Some(waiting) = swept.upgrade() else { break };
+                expire(&waiting, Instant::now());
             }
         });
         let link = link_writer(conn, frame_max);
@@ -207,16 +250,15 @@ impl Connection {
             return Err(NetError::Lost("the connection is closed".into()));
         }
         if let Ok(mut m) = self.inner.waiting.lock() {
-            m.insert(id, tx);
+            m.insert(id, Pending { deadline: Instant::now() + REQUEST_TIMEOUT, tx });
         }
         // However this request ends (answered, failed, timed out, or the caller gave up),
         // its entry goes.
         let _forget = Forget { waiting: &self.inner.waiting, id };
         self.inner.link.send(&Message::Client { id, request }).await?;
-        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(NetError::Lost("the connection closed before the answer".into())),
-            Err(_) => Err(NetError::Timeout),
+        match rx.await {
+            Ok(answer) => answer,
+            Err(_) => Err(NetError::Lost("the connection closed before the answer".into())),
         }
     }
 
@@ -434,7 +476,7 @@ impl Client {
         };
         let targets = self.reachable_first(targets);
         let mut request = Some(request);
-        let mut last = NetError::Connect("no node".into(), "the cluster has no reachable member".into());
+        let mut last = None;
         for addr in targets {
             let conn = match self.connection(addr).await {
                 Ok(c) => c,
@@ -443,7 +485,7 @@ impl Client {
                         u.insert(addr, Instant::now());
                     }
                     self.stale();
-                    last = e;
+                    last = Some(e);
                     continue;
                 }
             };
@@ -452,7 +494,7 @@ impl Client {
             match conn.request(attempt).await {
                 Err(e) if e.is_unreachable() && retry_after_send => {
                     self.stale();
-                    last = e;
+                    last = Some(e);
                 }
                 other => {
                     // The node knows a newer ring than the view it was chosen by: learn it (at
@@ -465,7 +507,7 @@ impl Client {
                 }
             }
         }
-        Err(last)
+        Err(last.unwrap_or_else(|| NetError::Connect("no node".into(), "the cluster has no reachable member".into())))
     }
 
     /// Where a key's request goes, in order: the `fastest` replica when it is in the key's
@@ -695,6 +737,9 @@ fn reachable_first(
     now: Instant,
 ) -> Vec<SocketAddr> {
     unreachable.retain(|_, at| now.saturating_duration_since(*at) < UNREACHABLE_FOR);
+    if unreachable.is_empty() {
+        return targets;
+    }
     let (late, ok): (Vec<SocketAddr>, Vec<SocketAddr>) = targets.into_iter().partition(|a| unreachable.contains_key(a));
     ok.into_iter().chain(late).collect()
 }
@@ -702,6 +747,30 @@ fn reachable_first(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep fails exactly the requests whose deadline has passed, with a timeout, and
+    /// leaves the others waiting for their answers.
+    #[test]
+    fn a_sweep_times_out_only_the_requests_past_their_deadline() {
+        let now = Instant::now();
+        let waiting = Mutex::new(HashMap::new());
+        let mut receivers = Vec::new();
+        for (id, deadline) in [(1, now - Duration::from_secs(1)), (2, now), (3, now + Duration::from_secs(1))] {
+            let (tx, rx) = oneshot::channel();
+            waiting.lock().unwrap().insert(id, Pending { deadline, tx });
+            receivers.push((id, rx));
+        }
+        expire(&waiting, now);
+        let left: Vec<u64> = waiting.lock().unwrap().keys().copied().collect();
+        assert_eq!(left, vec![3]);
+        for (id, mut rx) in receivers {
+            match rx.try_recv() {
+                Ok(Err(NetError::Timeout)) => assert!(id < 3, "request {id} timed out early"),
+                Err(oneshot::error::TryRecvError::Empty) => assert_eq!(id, 3, "request {id} was not timed out"),
+                other => panic!("request {id}: unexpected {other:?}"),
+            }
+        }
+    }
 
     /// Sixteen requests that all find no connection to a node open one between them (they
     /// opened sixteen, and the node refused some, which sent the client's traffic elsewhere).
