@@ -11,6 +11,7 @@
 //! terminal a progress line on standard error shows what is done; standard output gets only
 //! the result, and with `--progress-json` a JSON line of progress each second before it.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,50 +121,110 @@ impl JsonProgress {
 
 /// Write every key once, `PRELOAD_DEPTH` writes in flight per client. The number of
 /// failed writes.
-async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool) -> u64 {
+async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool) -> Failures {
     let next = Arc::new(AtomicU64::new(0));
     let bar = progress(Some(keys), "preloading", json_lines);
     let lines = JsonProgress::start(json_lines, "preload", &bar);
     let loaders = clients.iter().flat_map(|client| (0..PRELOAD_DEPTH).map(move |_| client)).map(|client| {
         let (next, value, bar) = (next.clone(), value.clone(), bar.clone());
         async move {
-            let mut errors = 0u64;
+            let mut failures = Failures::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= keys {
-                    return errors;
+                    return failures;
                 }
                 let req =
                     ClientRequest::Put { key: key(i), context: None, value: Some(value.clone()), w: None, ns: None };
-                if !matches!(client.request(req).await, Ok(ClientResponse::Written { .. })) {
-                    errors += 1;
+                match client.request(req).await {
+                    Ok(ClientResponse::Written { .. }) => {}
+                    other => failures.record(failure(other), 1),
                 }
                 bar.inc(1);
             }
         }
     });
-    let errors = loaders.collect::<FuturesUnordered<_>>().fold(0, |sum, e| async move { sum + e }).await;
+    let failures = loaders
+        .collect::<FuturesUnordered<_>>()
+        .fold(Failures::default(), |mut all, f| async move {
+            all.add(f);
+            all
+        })
+        .await;
     bar.finish_and_clear();
     lines.end();
-    errors
+    failures
 }
 
-/// One operation; whether it succeeded.
-async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> bool {
+/// Distinct failure descriptions a run tells apart; further ones are counted together.
+const ERROR_KINDS_MAX: usize = 16;
+
+/// What failed operations failed with: a count per description, for `error_kinds`.
+#[derive(Default)]
+struct Failures {
+    counts: BTreeMap<String, u64>,
+}
+
+impl Failures {
+    /// Count `n` failures described as `what`.
+    fn record(&mut self, what: String, n: u64) {
+        let key = if self.counts.len() < ERROR_KINDS_MAX || self.counts.contains_key(&what) {
+            what
+        } else {
+            "(other errors)".to_string()
+        };
+        let count = self.counts.entry(key).or_insert(0);
+        *count = count.saturating_add(n);
+    }
+
+    fn add(&mut self, other: Failures) {
+        for (what, n) in other.counts {
+            self.record(what, n);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.values().fold(0u64, |t, n| t.saturating_add(*n))
+    }
+
+    /// The descriptions, most frequent first, each with its count.
+    fn summary(&self) -> String {
+        let mut by_count: Vec<(&String, &u64)> = self.counts.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        by_count.iter().map(|(what, n)| format!("{n} x {what}")).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// Why an answer is not the one an operation wanted.
+fn failure(answer: Result<ClientResponse, ringkv_client::NetError>) -> String {
+    match answer {
+        Err(e) => e.to_string(),
+        Ok(ClientResponse::Error { kind, message }) => format!("{kind:?}: {message}"),
+        Ok(_) => "an answer of the wrong kind".to_string(),
+    }
+}
+
+/// One operation; what it failed with, if it did.
+async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> Result<(), String> {
     let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None, ns: None });
     let put = |k: Bytes, context: Option<String>| {
         client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None, ns: None })
     };
+    let written = |answer| match answer {
+        Ok(ClientResponse::Written { .. }) => Ok(()),
+        other => Err(failure(other)),
+    };
     match mix {
         Mix::Blind { read_share } | Mix::ReadModifyWrite { read_share } if rng.gen_bool(read_share) => {
-            matches!(get(k).await, Ok(ClientResponse::Values { .. }))
-        }
-        Mix::Blind { .. } => matches!(put(k, None).await, Ok(ClientResponse::Written { .. })),
-        Mix::ReadModifyWrite { .. } => match get(k.clone()).await {
-            Ok(ClientResponse::Values { context, .. }) => {
-                matches!(put(k, context).await, Ok(ClientResponse::Written { .. }))
+            match get(k).await {
+                Ok(ClientResponse::Values { .. }) => Ok(()),
+                other => Err(failure(other)),
             }
-            _ => false,
+        }
+        Mix::Blind { .. } => written(put(k, None).await),
+        Mix::ReadModifyWrite { .. } => match get(k.clone()).await {
+            Ok(ClientResponse::Values { context, .. }) => written(put(k, context).await),
+            other => Err(failure(other)),
         },
     }
 }
@@ -206,9 +267,12 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
 
     let preload_started = Instant::now();
     if !args.no_preload {
-        let errors = preload(&clients, args.keys, &value, args.progress_json).await;
-        if errors > 0 {
-            return Err(Failure::new(exit::UNAVAILABLE, format!("{errors} preload writes failed")));
+        let failures = preload(&clients, args.keys, &value, args.progress_json).await;
+        if failures.total() > 0 {
+            return Err(Failure::new(
+                exit::UNAVAILABLE,
+                format!("{} preload writes failed: {}", failures.total(), failures.summary()),
+            ));
         }
     }
     let preload_s = preload_started.elapsed().as_secs_f64();
@@ -223,7 +287,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         let (budget, value, bar) = (budget.clone(), value.clone(), bar.clone());
         async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
-            let (mut errors, mut done) = (0u64, 0u64);
+            let (mut failures, mut done) = (Failures::default(), 0u64);
             let mut rng = rand::thread_rng();
             while budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok() {
                 if duration.is_some_and(|d| started.elapsed() >= d) {
@@ -231,13 +295,15 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
                 }
                 let k = key(rng.gen_range(0..args.keys));
                 let t = Instant::now();
-                let ok = operation(client, mix, k, &value, &mut rng).await;
+                let outcome = operation(client, mix, k, &value, &mut rng).await;
                 hist.saturating_record((t.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX));
-                errors += u64::from(!ok);
+                if let Err(what) = outcome {
+                    failures.record(what, 1);
+                }
                 done += 1;
                 bar.inc(1);
             }
-            (hist, errors, done)
+            (hist, failures, done)
         }
     });
     // Polled as they wake (not all of them on every wake, as join_all does below 30).
@@ -252,12 +318,13 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     bar.finish_and_clear();
     lines.end();
     let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
-    let (mut errors, mut ops) = (0, 0);
-    for (h, e, n) in results {
+    let (mut failures, mut ops) = (Failures::default(), 0u64);
+    for (h, f, n) in results {
         let _ = hist.add(h);
-        errors += e;
-        ops += n;
+        failures.add(f);
+        ops = ops.saturating_add(n);
     }
+    let errors = failures.total();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let doc = json!({
         "workload": args.workload, "ops": ops, "errors": errors, "clients": args.clients,
@@ -265,6 +332,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         "routing": routing, "nodes": nodes, "ops_per_sec": ops as f64 / elapsed.max(1e-9), "duration_s": elapsed,
         "preload_s": preload_s,
         "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0},
+        "error_kinds": failures.counts,
     });
     let human = format!(
         "workload {} | {} ops, {} errors, {} clients ({}), {} keys | {:.0} ops/s | p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
@@ -279,5 +347,34 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         ms(0.99),
         ms(0.999)
     );
+    let human = if errors > 0 { format!("{human}\nerrors: {}", failures.summary()) } else { human };
     Ok(Outcome { doc, human, status: if errors > 0 { exit::UNAVAILABLE } else { exit::OK } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failures are counted per description, at most `ERROR_KINDS_MAX` descriptions (the
+    /// rest together), and merged runs add up.
+    #[test]
+    fn failures_are_counted_by_description_within_a_bound() {
+        let mut one = Failures::default();
+        for i in 0..ERROR_KINDS_MAX + 5 {
+            one.record(format!("cause {i:02}"), 2);
+        }
+        one.record("cause 00".to_string(), 1);
+        assert_eq!(one.counts.len(), ERROR_KINDS_MAX + 1);
+        assert_eq!(one.counts["cause 00"], 3);
+        assert_eq!(one.counts["(other errors)"], 10);
+        assert_eq!(one.total(), 2 * (ERROR_KINDS_MAX as u64 + 5) + 1);
+        let mut all = Failures::default();
+        all.record("cause 00".to_string(), 4);
+        all.add(one);
+        assert_eq!(all.counts["cause 00"], 7);
+        assert_eq!(all.total(), 2 * (ERROR_KINDS_MAX as u64 + 5) + 5);
+        // Merged in order, "(other errors)" first: cause 15 no longer fits beside it.
+        assert_eq!(all.counts.len(), ERROR_KINDS_MAX);
+        assert!(all.summary().starts_with("12 x (other errors); 7 x cause 00; 2 x cause 01"), "{}", all.summary());
+    }
 }

@@ -286,6 +286,7 @@ fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
         doc
     };
     let doc = bench(&[]);
+    assert_eq!(doc["error_kinds"], serde_json::json!({}), "no failures, none described: {doc}");
     assert_eq!(doc["routing"], "routed");
     assert!(doc["nodes"].as_u64().unwrap_or(0) > 1, "routed requests reach several nodes: {doc}");
     // Counters reach status within a second.
@@ -413,4 +414,37 @@ fn harness_ports_are_below_the_ephemeral_range_and_never_repeat() {
     }
     let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
     assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+}
+
+/// `ringkv bench` says what its failed operations failed with: `error_kinds` counts them by
+/// description (they add up to `errors`), the human line lists them, and a failed preload
+/// names its cause. Here every put is refused for a value over the cluster's limit.
+#[test]
+fn bench_reports_what_its_failed_operations_failed_with() {
+    let mut c = Cluster::new(3, 3, 2, 2, "[limits]\nmax_value_bytes = 64\n");
+    c.start_all();
+    c.wait_settled(&[0, 1, 2], Duration::from_secs(30));
+    let run = ["bench", "--workload", "a", "--keys", "50", "--ops", "200", "--clients", "2", "--value-size", "100"];
+    let (code, doc) = c.json(0, &[&run[..], &["--no-preload"]].concat());
+    assert_eq!(code, 3, "failed operations exit 3 (unavailable): {doc}");
+    let errors = doc["errors"].as_u64().unwrap_or(0);
+    assert!(errors > 0 && errors < 200, "the puts fail, the gets do not: {doc}");
+    let kinds = doc["error_kinds"].as_object().cloned().unwrap_or_default();
+    assert_eq!(kinds.len(), 1, "one cause: {doc}");
+    let (what, count) = kinds.iter().next().map(|(k, v)| (k.clone(), v.as_u64())).unwrap_or_default();
+    assert!(what.starts_with("BadRequest"), "the refusal's kind and message: {what}");
+    assert_eq!(count, Some(errors), "the kinds add up to the errors: {doc}");
+    let human = std::process::Command::new(&*CLI)
+        .arg("--config")
+        .arg(&c.nodes[0].config)
+        .args(run)
+        .arg("--no-preload")
+        .output()
+        .expect("the CLI runs");
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("errors: ") && text.contains("x BadRequest"), "{text}");
+    let preloaded = c.cli(0, &run);
+    let stderr = String::from_utf8_lossy(&preloaded.stderr);
+    assert_eq!(preloaded.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("50 preload writes failed: 50 x BadRequest"), "{stderr}");
 }
