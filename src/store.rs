@@ -1351,21 +1351,27 @@ impl<E: Engine> Exec<'_, E> {
             Err(Fault::Op(StoreError::Corrupt { .. })) if self.engine.writable() => None,
             Err(e) => return Err(e),
         };
-        let mut incoming = incoming.clone();
-        if let Some(r) = self.reaped(key)? {
-            incoming = incoming.merge(&Object::from_clock(r.clock.clone()));
-            if current.is_none() && incoming.siblings().is_empty() {
-                return Ok(Merged::Reaped(r));
+        // The incoming state as it is, or taken together with a reaped record of the key
+        // (only then copied).
+        let with_reaped = match self.reaped(key)? {
+            Some(r) => {
+                let taken = incoming.merge(&Object::from_clock(r.clock.clone()));
+                if current.is_none() && taken.siblings().is_empty() {
+                    return Ok(Merged::Reaped(r));
+                }
+                Some(taken)
             }
-        }
+            None => None,
+        };
+        let incoming = with_reaped.as_ref().unwrap_or(incoming);
         let (actor, generation, old) = match &current {
             Some(row) => (row.actor, row.generation, Some(&row.object)),
             None => (None, 0, None),
         };
         let old_digest = current.as_ref().map(ObjectRow::digest);
         let merged = match old {
-            Some(o) => o.merge(&incoming),
-            None => incoming,
+            Some(o) => o.merge(incoming),
+            None => incoming.clone(),
         };
         if old == Some(&merged) {
             return Ok(Merged::Unchanged);
