@@ -6,12 +6,12 @@ that B is cheaper than A needs runs of both taken close together, many times. Ea
 runs A and B once each (the order alternates between rounds). Each run:
 - starts a fresh 3-node `ringkv-node dev` cluster from that build's binaries (loopback only,
   in a temporary directory);
-- runs `ringkv bench` with that build's CLI: 16 clients, 100-byte values, preload
-  included, as ../shared/bench/ratio.sh does;
+- runs `ringkv bench` with that build's CLI: 16 clients by default, 100-byte values,
+  1000 keys preloaded first;
 - reads the nodes' CPU time (from /proc) and the bench's own CPU time.
 
-Per run it prints throughput, p99, and node and client CPU per request (preload
-included, as ratio.sh counts it). At the end come each build's medians, and in how many
+Per run it prints throughput, p99, and node and client CPU per request (the preload's
+writes counted as requests too). At the end come each build's medians, and in how many
 rounds B used less CPU than A.
 
 Usage, from the project root:

@@ -85,8 +85,9 @@ fn reads(c: &mut Criterion) {
 }
 
 /// Row reads as a node's stage actors run them ([`ringkv_storage::Reader`]): of keys holding
-/// about ten siblings (what ratio.sh's blind workload a leaves), from redb and from the rows
-/// of logged batches still in memory (the overlay).
+/// about ten siblings (what `ringkv bench --workload a` leaves: ten blind writes per key
+/// over 1000 keys in 20000 operations), from redb and from the rows of logged batches
+/// still in memory (the overlay).
 fn row_reads(c: &mut Criterion) {
     let mut g = c.benchmark_group("storage/row_reads_10_siblings");
     let (_dir, mut s) = open(Durability::Sync);
