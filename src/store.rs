@@ -32,6 +32,7 @@
 //! operation's outcome plus the in-memory changes ([`Pending`]) to apply with
 //! [`StoreState::commit`] once, and only if, the engine committed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use md5::{Digest, Md5};
@@ -1353,25 +1354,24 @@ impl<E: Engine> Exec<'_, E> {
         };
         // The incoming state as it is, or taken together with a reaped record of the key
         // (only then copied).
-        let with_reaped = match self.reaped(key)? {
+        let incoming = match self.reaped(key)? {
             Some(r) => {
                 let taken = incoming.merge(&Object::from_clock(r.clock.clone()));
                 if current.is_none() && taken.siblings().is_empty() {
                     return Ok(Merged::Reaped(r));
                 }
-                Some(taken)
+                Cow::Owned(taken)
             }
-            None => None,
+            None => Cow::Borrowed(incoming),
         };
-        let incoming = with_reaped.as_ref().unwrap_or(incoming);
         let (actor, generation, old) = match &current {
             Some(row) => (row.actor, row.generation, Some(&row.object)),
             None => (None, 0, None),
         };
         let old_digest = current.as_ref().map(ObjectRow::digest);
         let merged = match old {
-            Some(o) => o.merge(incoming),
-            None => incoming.clone(),
+            Some(o) => o.merge(&incoming),
+            None => incoming.into_owned(),
         };
         if old == Some(&merged) {
             return Ok(Merged::Unchanged);

@@ -119,8 +119,8 @@ impl JsonProgress {
     }
 }
 
-/// Write every key once, `PRELOAD_DEPTH` writes in flight per client. The number of
-/// failed writes.
+/// Write every key once, `PRELOAD_DEPTH` writes in flight per client. What the failed
+/// writes failed with.
 async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool) -> Failures {
     let next = Arc::new(AtomicU64::new(0));
     let bar = progress(Some(keys), "preloading", json_lines);
