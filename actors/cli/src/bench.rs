@@ -136,9 +136,8 @@ async fn preload(clients: &[Client], keys: u64, value: &Bytes, json_lines: bool)
                 }
                 let req =
                     ClientRequest::Put { key: key(i), context: None, value: Some(value.clone()), w: None, ns: None };
-                match client.request(req).await {
-                    Ok(ClientResponse::Written { .. }) => {}
-                    other => failures.record(failure(other), 1),
+                if let Err(what) = written(client.request(req).await) {
+                    failures.record(what, 1);
                 }
                 bar.inc(1);
             }
@@ -204,15 +203,19 @@ fn failure(answer: Result<ClientResponse, ringkv_client::NetError>) -> String {
     }
 }
 
+/// A put's answer: written, or what it failed with.
+fn written(answer: Result<ClientResponse, ringkv_client::NetError>) -> Result<(), String> {
+    match answer {
+        Ok(ClientResponse::Written { .. }) => Ok(()),
+        other => Err(failure(other)),
+    }
+}
+
 /// One operation; what it failed with, if it did.
 async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> Result<(), String> {
     let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None, ns: None });
     let put = |k: Bytes, context: Option<String>| {
         client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None, ns: None })
-    };
-    let written = |answer| match answer {
-        Ok(ClientResponse::Written { .. }) => Ok(()),
-        other => Err(failure(other)),
     };
     match mix {
         Mix::Blind { read_share } | Mix::ReadModifyWrite { read_share } if rng.gen_bool(read_share) => {
@@ -268,10 +271,11 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     let preload_started = Instant::now();
     if !args.no_preload {
         let failures = preload(&clients, args.keys, &value, args.progress_json).await;
-        if failures.total() > 0 {
+        let failed = failures.total();
+        if failed > 0 {
             return Err(Failure::new(
                 exit::UNAVAILABLE,
-                format!("{} preload writes failed: {}", failures.total(), failures.summary()),
+                format!("{failed} preload writes failed: {}", failures.summary()),
             ));
         }
     }
