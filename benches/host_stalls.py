@@ -11,7 +11,7 @@ This measures it without ringkv, in four phases of equal length:
 - spin: one spinning process per CPU, each noting every gap of more than 2 ms between two
   looks at the clock (a gap is time the process did not run);
 - synced: synced direct writes of 4 KiB (O_DIRECT|O_DSYNC, as ringkv's commit log in `sync`
-  mode) from three threads, beside the same spinners;
+  mode) from `--writers` threads (three by default), beside the same spinners;
 - cached: as many writes a second, paced, to the page cache only: the same work for the
   guest's CPUs and scheduler, none for the disk;
 - spin again.
@@ -22,8 +22,9 @@ phase, and the longest.
 Usage, from the project root:
     benches/host_stalls.py [--seconds 3] [--writers 3] [--dir DIR]
 It writes only in a temporary directory (under DIR: by default the system's, where
-ringkv's dev clusters keep their data), which it removes. The file system must take direct
-I/O (tmpfs does not).
+ringkv's dev clusters keep their data), which it removes. DIR must be on the disk under
+test: tmpfs takes direct writes on recent kernels but keeps them in memory, and there
+`synced` and `cached` come out alike.
 """
 
 import argparse
@@ -51,11 +52,17 @@ def spin(seconds, queue):
     queue.put(gaps)
 
 
-def write(path, seconds, counts, rate=None):
-    """Writes of one block, round a file, until `seconds` passed: synced and direct, or,
-    with `rate` (writes a second), to the page cache at that pace."""
+def prefill(path):
+    """A file of FILE_BYTES on the disk, so that the phases only overwrite it."""
     with open(path, "wb") as f:
         f.write(b"\0" * FILE_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write(path, seconds, counts, rate=None):
+    """Writes of one block, round the file at `path` (prefilled), until `seconds` passed:
+    synced and direct, or, with `rate` (writes a second), to the page cache at that pace."""
     flags = os.O_WRONLY | (0 if rate else os.O_DIRECT | os.O_DSYNC)
     fd = os.open(path, flags)
     block = mmap.mmap(-1, BLOCK_BYTES)  # page-aligned, as direct I/O needs
@@ -77,14 +84,13 @@ def write(path, seconds, counts, rate=None):
     counts.append(n)
 
 
-def phase(name, seconds, writers, directory, rate=None):
-    """One phase; returns the writes a second it reached."""
+def phase(name, seconds, files, rate=None):
+    """One phase, a writer thread per file of `files`; returns the writes a second it reached."""
     queue = multiprocessing.Queue()
     spinners = [multiprocessing.Process(target=spin, args=(seconds, queue)) for _ in range(os.cpu_count() or 1)]
     counts = []
     threads = [
-        threading.Thread(target=write, args=(os.path.join(directory, f"w{i}"), seconds, counts, rate))
-        for i in range(writers)
+        threading.Thread(target=write, args=(path, seconds, counts, rate)) for path in files
     ]
     for p in spinners:
         p.start()
@@ -97,11 +103,12 @@ def phase(name, seconds, writers, directory, rate=None):
         t.join()
     stalled = sum(gaps) / (seconds * len(spinners))
     longest = max(gaps, default=0.0)
+    writes_per_s = sum(counts) / seconds
     line = f"{name:6s} {len(spinners)} spinners"
-    if writers:
-        line += f", {sum(counts) / seconds:.0f} {'paced page-cache' if rate else 'synced direct'} writes/s"
+    if files:
+        line += f", {writes_per_s:.0f} {'paced page-cache' if rate else 'synced direct'} writes/s"
     print(f"{line}: {len(gaps)} gaps > {GAP_S * 1e3:.0f} ms, {100 * stalled:.1f}% of the time, longest {longest * 1e3:.1f} ms")
-    return sum(counts) / seconds
+    return writes_per_s
 
 
 def main():
@@ -113,14 +120,17 @@ def main():
     if not (0 < args.seconds <= 600) or not (0 < args.writers <= 64):
         parser.error("--seconds must be in (0, 600] and --writers in 1..64")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        files = [os.path.join(directory, f"w{i}") for i in range(args.writers)]
+        for path in files:
+            prefill(path)
         try:
-            write(os.path.join(directory, "probe"), 0.01, [])
+            write(files[0], 0.01, [])
         except OSError as e:
             raise SystemExit(f"no synced direct writes in {directory}: {e} (choose another file system with --dir)")
-        phase("spin", args.seconds, 0, directory)
-        synced = phase("synced", args.seconds, args.writers, directory)
-        phase("cached", args.seconds, args.writers, directory, rate=max(synced, 1.0) / args.writers)
-        phase("spin", args.seconds, 0, directory)
+        phase("spin", args.seconds, [])
+        synced = phase("synced", args.seconds, files)
+        phase("cached", args.seconds, files, rate=max(synced, 1.0) / args.writers)
+        phase("spin", args.seconds, [])
 
 
 if __name__ == "__main__":
