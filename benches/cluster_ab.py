@@ -8,10 +8,13 @@ runs A and B once each (the order alternates between rounds). Each run:
   in a temporary directory);
 - runs `ringkv bench` with that build's CLI: 16 clients by default, 100-byte values,
   1000 keys preloaded first;
-- reads the nodes' CPU time (from /proc) and the bench's own CPU time.
+- reads the nodes' CPU time (from /proc) and the bench's own CPU time;
+- counts the nodes' context switches (all their threads) and the UDP datagrams sent on the
+  machine (/proc/net/snmp: every process's, so keep other UDP traffic off the machine).
 
-Per run it prints throughput, p99, and node and client CPU per request (the preload's
-writes counted as requests too). At the end come each build's medians, and in how many
+Per run it prints throughput, p99, node and client CPU, datagrams and the nodes' context
+switches, all per request (the preload's writes counted as requests too): a change that
+costs less CPU usually shows why in one of the last two. At the end come each build's medians, and in how many
 rounds B used less CPU than A.
 
 Usage, from the project root:
@@ -61,6 +64,28 @@ def cpu_seconds(pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pids):
+    """Voluntary plus involuntary context switches of these processes, all their threads."""
+    switches = 0
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
+            except OSError:
+                continue  # a thread that ended meanwhile
+    return switches
+
+
+def udp_datagrams_sent():
+    """UDP datagrams sent on this machine so far (OutDatagrams of /proc/net/snmp)."""
+    with open("/proc/net/snmp") as f:
+        udp = [line.split() for line in f if line.startswith("Udp:")]
+    return int(udp[1][udp[0].index("OutDatagrams")])
+
+
 def children_cpu_seconds():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -84,12 +109,15 @@ def run_once(bin_dir, args):
                 sys.exit(f"the cluster of {bin_dir} did not start; see its log")
             pids = node_pids(dev_dir)
             nodes_before, client_before = cpu_seconds(pids), children_cpu_seconds()
+            switches_before, datagrams_before = context_switches(pids), udp_datagrams_sent()
             bench = subprocess.run(
                 [cli, "--config", config, "--json", "bench", "--workload", args.workload,
                  "--clients", str(args.clients), "--ops", str(args.ops), "--value-size", "100"],
                 capture_output=True,
             )
             nodes_s, client_s = cpu_seconds(pids) - nodes_before, children_cpu_seconds() - client_before
+            switches = context_switches(pids) - switches_before
+            datagrams = udp_datagrams_sent() - datagrams_before
         finally:
             dev.send_signal(signal.SIGINT)
             try:
@@ -105,6 +133,8 @@ def run_once(bin_dir, args):
         "errors": doc.get("errors", "?"),
         "node_us": nodes_s * 1e6 / requests,
         "client_us": client_s * 1e6 / requests,
+        "datagrams": datagrams / requests,
+        "switches": switches / requests,
     }
 
 
@@ -129,11 +159,15 @@ def main():
             x = run_once(args.dir_a if name == "A" else args.dir_b, args)
             runs[name].append(x)
             print(f"round {r + 1} {name}: {x['ops_per_sec']:.0f} ops/s, p99 {x['p99_ms']:.2f} ms, "
-                  f"node {x['node_us']:.1f} us/op, client {x['client_us']:.1f} us/op, errors {x['errors']}", flush=True)
+                  f"node {x['node_us']:.1f} us/op, client {x['client_us']:.1f} us/op, "
+                  f"datagrams {x['datagrams']:.2f}/op, node switches {x['switches']:.2f}/op, errors {x['errors']}",
+                  flush=True)
     for name, xs in runs.items():
-        med = {k: statistics.median(x[k] for x in xs) for k in ("ops_per_sec", "p99_ms", "node_us", "client_us")}
+        keys = ("ops_per_sec", "p99_ms", "node_us", "client_us", "datagrams", "switches")
+        med = {k: statistics.median(x[k] for x in xs) for k in keys}
         print(f"{name} medians over {len(xs)} runs: {med['ops_per_sec']:.0f} ops/s, p99 {med['p99_ms']:.2f} ms, "
-              f"node {med['node_us']:.1f} us/op, client {med['client_us']:.1f} us/op")
+              f"node {med['node_us']:.1f} us/op, client {med['client_us']:.1f} us/op, "
+              f"datagrams {med['datagrams']:.2f}/op, node switches {med['switches']:.2f}/op")
     pairs = list(zip(runs["A"], runs["B"]))
     for k, what in (("node_us", "node CPU"), ("client_us", "client CPU")):
         print(f"B used less {what} than A in {sum(b[k] < a[k] for a, b in pairs)} of {len(pairs)} rounds")
