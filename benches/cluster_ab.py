@@ -138,6 +138,16 @@ def run_once(bin_dir, args):
     }
 
 
+MEASURES = ("ops_per_sec", "p99_ms", "node_us", "client_us", "datagrams", "switches")
+
+
+def figures(x):
+    """One run's measures (or their medians), as a line shows them."""
+    return (f"{x['ops_per_sec']:.0f} ops/s, p99 {x['p99_ms']:.2f} ms, node {x['node_us']:.1f} us/op, "
+            f"client {x['client_us']:.1f} us/op, datagrams {x['datagrams']:.2f}/op, "
+            f"node switches {x['switches']:.2f}/op")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir_a")
@@ -158,16 +168,10 @@ def main():
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
             x = run_once(args.dir_a if name == "A" else args.dir_b, args)
             runs[name].append(x)
-            print(f"round {r + 1} {name}: {x['ops_per_sec']:.0f} ops/s, p99 {x['p99_ms']:.2f} ms, "
-                  f"node {x['node_us']:.1f} us/op, client {x['client_us']:.1f} us/op, "
-                  f"datagrams {x['datagrams']:.2f}/op, node switches {x['switches']:.2f}/op, errors {x['errors']}",
-                  flush=True)
+            print(f"round {r + 1} {name}: {figures(x)}, errors {x['errors']}", flush=True)
     for name, xs in runs.items():
-        keys = ("ops_per_sec", "p99_ms", "node_us", "client_us", "datagrams", "switches")
-        med = {k: statistics.median(x[k] for x in xs) for k in keys}
-        print(f"{name} medians over {len(xs)} runs: {med['ops_per_sec']:.0f} ops/s, p99 {med['p99_ms']:.2f} ms, "
-              f"node {med['node_us']:.1f} us/op, client {med['client_us']:.1f} us/op, "
-              f"datagrams {med['datagrams']:.2f}/op, node switches {med['switches']:.2f}/op")
+        med = {k: statistics.median(x[k] for x in xs) for k in MEASURES}
+        print(f"{name} medians over {len(xs)} runs: {figures(med)}")
     pairs = list(zip(runs["A"], runs["B"]))
     for k, what in (("node_us", "node CPU"), ("client_us", "client CPU")):
         print(f"B used less {what} than A in {sum(b[k] < a[k] for a, b in pairs)} of {len(pairs)} rounds")
