@@ -7,7 +7,8 @@
 //! [`ringkv_client::Client`] (each request goes to a node of its key's preference list, one
 //! connection per node); `--pin ADDR` sends everything to one node and `--nodes` spreads the
 //! clients over the nodes listed (server-driven coordination, for comparison). The run ends after `--ops` operations, or after
-//! `--duration` seconds when given. Latencies go into an HDR histogram (microseconds); on a
+//! `--duration` seconds when given. Latencies go into an HDR histogram (microseconds) per kind
+//! of operation (read, update, read-modify-write: YCSB's report), and together; on a
 //! terminal a progress line on standard error shows what is done; standard output gets only
 //! the result, and with `--progress-json` a JSON line of progress each second before it.
 
@@ -211,24 +212,116 @@ fn written(answer: Result<ClientResponse, ringkv_client::NetError>) -> Result<()
     }
 }
 
-/// One operation; what it failed with, if it did.
-async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> Result<(), String> {
+/// The kinds of operation a workload mixes, as YCSB reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// A get.
+    Read,
+    /// A put without a context.
+    Update,
+    /// A get, then a put with the context it returned (timed together).
+    ReadModifyWrite,
+}
+
+impl Op {
+    const ALL: [Op; 3] = [Op::Read, Op::Update, Op::ReadModifyWrite];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Update => "update",
+            Op::ReadModifyWrite => "read_modify_write",
+        }
+    }
+}
+
+/// A latency histogram per kind of operation (microseconds), in [`Op::ALL`]'s order.
+struct Latencies([Histogram<u64>; 3]);
+
+impl Latencies {
+    fn new() -> Latencies {
+        let h = || Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+        Latencies([h(), h(), h()])
+    }
+
+    fn record(&mut self, op: Op, took: Duration) {
+        self.0[op as usize].saturating_record((took.as_micros() as u64).clamp(1, LATENCY_US_MAX));
+    }
+
+    fn add(&mut self, other: &Latencies) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            // Same bounds on both sides: adding cannot fail.
+            let _ = mine.add(theirs);
+        }
+    }
+
+    /// Every operation's latencies together.
+    fn all(&self) -> Histogram<u64> {
+        let mut all = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+        for h in &self.0 {
+            let _ = all.add(h);
+        }
+        all
+    }
+
+    /// `{"read": {"ops", "p50", "p99", "p999", "max"}, ...}` in milliseconds, for the kinds
+    /// that ran.
+    fn by_op(&self) -> serde_json::Value {
+        let kinds = Op::ALL.iter().zip(&self.0).filter(|(_, h)| !h.is_empty());
+        let doc: serde_json::Map<String, serde_json::Value> = kinds
+            .map(|(op, h)| {
+                let mut summary = summary_ms(h);
+                summary["ops"] = json!(h.len());
+                (op.name().to_string(), summary)
+            })
+            .collect();
+        serde_json::Value::Object(doc)
+    }
+
+    /// `read p50 0.412 ms, p99 1.930 ms | update ...`: the kinds that ran, when more than one did.
+    fn human(&self) -> Option<String> {
+        let kinds: Vec<_> = Op::ALL.iter().zip(&self.0).filter(|(_, h)| !h.is_empty()).collect();
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        (kinds.len() > 1).then(|| {
+            kinds
+                .iter()
+                .map(|(op, h)| {
+                    format!("{} {} ops, p50 {:.3} ms, p99 {:.3} ms", op.name(), h.len(), ms(h, 0.5), ms(h, 0.99))
+                })
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+    }
+}
+
+/// `{"p50", "p99", "p999", "max"}` of a histogram of microseconds, in milliseconds.
+fn summary_ms(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0})
+}
+
+/// One operation: which kind it was, and what it failed with, if it did.
+async fn operation(client: &Client, mix: Mix, k: Bytes, value: &Bytes, rng: &mut impl Rng) -> (Op, Result<(), String>) {
     let get = |k: Bytes| client.request(ClientRequest::Get { key: k, r: None, ns: None });
     let put = |k: Bytes, context: Option<String>| {
         client.request(ClientRequest::Put { key: k, context, value: Some(value.clone()), w: None, ns: None })
     };
     match mix {
         Mix::Blind { read_share } | Mix::ReadModifyWrite { read_share } if rng.gen_bool(read_share) => {
-            match get(k).await {
+            let read = match get(k).await {
                 Ok(ClientResponse::Values { .. }) => Ok(()),
                 other => Err(failure(other)),
-            }
+            };
+            (Op::Read, read)
         }
-        Mix::Blind { .. } => written(put(k, None).await),
-        Mix::ReadModifyWrite { .. } => match get(k.clone()).await {
-            Ok(ClientResponse::Values { context, .. }) => written(put(k, context).await),
-            other => Err(failure(other)),
-        },
+        Mix::Blind { .. } => (Op::Update, written(put(k, None).await)),
+        Mix::ReadModifyWrite { .. } => {
+            let done = match get(k.clone()).await {
+                Ok(ClientResponse::Values { context, .. }) => written(put(k, context).await),
+                other => Err(failure(other)),
+            };
+            (Op::ReadModifyWrite, done)
+        }
     }
 }
 
@@ -290,7 +383,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     let runs = clients.iter().map(|client| {
         let (budget, value, bar) = (budget.clone(), value.clone(), bar.clone());
         async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+            let mut latencies = Latencies::new();
             let (mut failures, mut done) = (Failures::default(), 0u64);
             let mut rng = rand::thread_rng();
             while budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok() {
@@ -299,15 +392,15 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
                 }
                 let k = key(rng.gen_range(0..args.keys));
                 let t = Instant::now();
-                let outcome = operation(client, mix, k, &value, &mut rng).await;
-                hist.saturating_record((t.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX));
+                let (op, outcome) = operation(client, mix, k, &value, &mut rng).await;
+                latencies.record(op, t.elapsed());
                 if let Err(what) = outcome {
                     failures.record(what, 1);
                 }
                 done += 1;
                 bar.inc(1);
             }
-            (hist, failures, done)
+            (latencies, failures, done)
         }
     });
     // Polled as they wake (not all of them on every wake, as join_all does below 30).
@@ -321,21 +414,22 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     };
     bar.finish_and_clear();
     lines.end();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+    let mut latencies = Latencies::new();
     let (mut failures, mut ops) = (Failures::default(), 0u64);
-    for (h, f, n) in results {
-        let _ = hist.add(h);
+    for (l, f, n) in results {
+        latencies.add(&l);
         failures.add(f);
         ops = ops.saturating_add(n);
     }
     let errors = failures.total();
+    let hist = latencies.all();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let doc = json!({
         "workload": args.workload, "ops": ops, "errors": errors, "clients": args.clients,
         "value_size": args.value_size, "keys": if args.no_preload { 0 } else { args.keys }, "key_space": args.keys,
         "routing": routing, "nodes": nodes, "ops_per_sec": ops as f64 / elapsed.max(1e-9), "duration_s": elapsed,
         "preload_s": preload_s,
-        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0},
+        "latency_ms": summary_ms(&hist), "latency_ms_by_op": latencies.by_op(),
         "error_kinds": failures.counts,
     });
     let human = format!(
@@ -351,6 +445,10 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
         ms(0.99),
         ms(0.999)
     );
+    let human = match latencies.human() {
+        Some(by_op) => format!("{human}\n{by_op}"),
+        None => human,
+    };
     let human = if errors > 0 { format!("{human}\nerrors: {}", failures.summary()) } else { human };
     Ok(Outcome { doc, human, status: if errors > 0 { exit::UNAVAILABLE } else { exit::OK } })
 }
@@ -358,6 +456,40 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Latencies are kept per kind of operation: the summary names the kinds that ran, with
+    /// their counts and quantiles, all of them together make the overall figures, and the
+    /// human line lists them only when there are several.
+    #[test]
+    fn latencies_are_reported_by_kind_of_operation() {
+        let mut one = Latencies::new();
+        for ms in 1..=100 {
+            one.record(Op::Read, Duration::from_millis(ms));
+        }
+        one.record(Op::Update, Duration::from_millis(500));
+        let by_op = one.by_op();
+        assert_eq!(
+            by_op.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["read".into(), "update".into()])
+        );
+        assert_eq!(by_op["read"]["ops"], 100);
+        assert_eq!(by_op["update"]["ops"], 1);
+        assert!((by_op["read"]["p50"].as_f64().unwrap_or(0.0) - 50.0).abs() < 0.1, "{by_op}");
+        assert!((by_op["update"]["max"].as_f64().unwrap_or(0.0) - 500.0).abs() < 0.5, "{by_op}");
+        let human = one.human().unwrap_or_default();
+        assert!(human.starts_with("read 100 ops, p50 ") && human.contains(" | update 1 ops, "), "{human}");
+
+        let mut merged = Latencies::new();
+        merged.record(Op::ReadModifyWrite, Duration::from_millis(7));
+        merged.add(&one);
+        assert_eq!(merged.all().len(), 102);
+        assert_eq!(merged.by_op()["read_modify_write"]["ops"], 1);
+
+        let mut reads_only = Latencies::new();
+        reads_only.record(Op::Read, Duration::from_micros(300));
+        assert_eq!(reads_only.human(), None, "one kind: the overall line says it all");
+        assert_eq!(reads_only.by_op().as_object().map(|o| o.len()), Some(1));
+    }
 
     /// Failures are counted per description, at most `ERROR_KINDS_MAX` descriptions (the
     /// rest together), and merged runs add up.

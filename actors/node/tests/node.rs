@@ -289,6 +289,12 @@ fn a_routing_client_reaches_a_replica_directly_and_a_pinned_one_is_forwarded() {
     assert_eq!(doc["error_kinds"], serde_json::json!({}), "no failures, none described: {doc}");
     assert_eq!(doc["routing"], "routed");
     assert!(doc["nodes"].as_u64().unwrap_or(0) > 1, "routed requests reach several nodes: {doc}");
+    // Workload a's latencies by kind of operation: reads and blind updates, all counted.
+    let by_op = doc["latency_ms_by_op"].as_object().cloned().unwrap_or_default();
+    assert_eq!(by_op.keys().collect::<Vec<_>>(), ["read", "update"], "{doc}");
+    let counted: u64 = by_op.values().map(|kind| kind["ops"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(Some(counted), doc["ops"].as_u64(), "every operation in one kind: {doc}");
+    assert!(by_op.values().all(|kind| kind["p99"].as_f64().unwrap_or(0.0) > 0.0), "{doc}");
     // Counters reach status within a second.
     let mut seen = (0, 0);
     assert!(
