@@ -1070,6 +1070,7 @@ impl Sim {
         // stage ahead of the commit (as the node's storage thread does), whether it then
         // commits or not.
         let mut computed: Vec<(usize, StoreOutcome)> = Vec::new();
+        let mut sent_ahead: Vec<usize> = Vec::new();
         let mut committed = false;
         let mut made_durable = false;
         let mut crash = false;
@@ -1109,6 +1110,9 @@ impl Sim {
                         })
                         .collect();
                 }
+                // What goes ahead of the commit: the store says which (not a write numbered
+                // under a generation the batch itself saves).
+                sent_ahead = run.ahead().map(|(k, _)| k).collect();
                 let mut commit_failed = false;
                 if run.failed.is_some() {
                     drop(txn);
@@ -1128,9 +1132,10 @@ impl Sim {
                     txn.txn.commit();
                     store.state.commit(&run.pending);
                     committed = true;
+                    let must_be_durable = run.must_be_durable();
                     follow_ups = run.pending.quarantine;
                     // A durable commit persists every commit before it (as redb's does).
-                    made_durable = !self.buffered || batch.iter().any(|(_, _, durable)| *durable);
+                    made_durable = !self.buffered || batch.iter().any(|(_, _, durable)| *durable) || must_be_durable;
                 }
                 if commit_failed {
                     let e = StoreError::Io("commit failed".into());
@@ -1167,7 +1172,7 @@ impl Sim {
             self.note_destroyed();
         }
         if !computed.is_empty() {
-            for (j, outcome) in computed {
+            for (j, outcome) in computed.into_iter().filter(|(j, _)| sent_ahead.contains(j)) {
                 let Some((stage, token)) = batch[run_index[j]].0 else { continue };
                 if let Some(node) = self.nodes[i].node.as_mut() {
                     node.input(now, stage, Input::Ahead { token, outcome });
@@ -2196,6 +2201,12 @@ fn seeds_that_once_failed_pass() {
         (142, harsh_leave, "a leaving node's coordinator stored a hint after the node counted itself left"),
         (108, harsh_leave, "no node knew the namespaces any more, and their trees were never exchanged"),
         (1649, NORMAL, "a buffered seed's nodes ran sync mode's rules"),
+        (
+            451,
+            Scenario { txn_fail: Some(0.2), batch_crash: Some(0.02), ..NORMAL },
+            "a write numbered under a generation not yet on disk went ahead of its commit, which failed; \
+             after a crash the restart began the same generation and issued its dot again",
+        ),
     ] {
         if let Err(e) = run_seed(seed, scenario, false) {
             panic!("seed {seed} ({defect}) fails again: {e}");

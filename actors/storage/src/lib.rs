@@ -568,11 +568,11 @@ impl Storage {
             self.broken = true;
             return run.outcomes;
         }
-        for (k, outcome) in run.outcomes.iter().enumerate() {
-            if let Ok(o @ StoreOutcome::Coordinated(Ok(_))) = outcome {
-                ahead(k, o);
-            }
+        for (k, outcome) in run.ahead() {
+            ahead(k, outcome);
         }
+        // A batch that saves a new generation is durable before it is acknowledged.
+        let durable = durable || run.must_be_durable();
         // Durable once logged (a batch that changed nothing needs no record); a batch the
         // log cannot take commits durably in redb, which starts the log over.
         let logged = match (&mut self.log, record) {
