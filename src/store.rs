@@ -721,8 +721,14 @@ impl BatchRun {
     /// commit, so that no dot leaves the node under a generation a restart could begin again.
     pub fn ahead(&self) -> impl Iterator<Item = (usize, &StoreOutcome)> {
         let allowed = self.failed.is_none() && !self.pending.saves_generation();
-        self.outcomes.iter().enumerate().filter_map(move |(k, outcome)| match outcome {
-            Ok(o @ StoreOutcome::Coordinated(Ok(_))) if allowed => Some((k, o)),
+        self.coordinated().filter(move |_| allowed)
+    }
+
+    /// Every write the batch coordinated (by index in the batch), whether or not it may go
+    /// ahead of the commit.
+    pub fn coordinated(&self) -> impl Iterator<Item = (usize, &StoreOutcome)> {
+        self.outcomes.iter().enumerate().filter_map(|(k, outcome)| match outcome {
+            Ok(o @ StoreOutcome::Coordinated(Ok(_))) => Some((k, o)),
             _ => None,
         })
     }
@@ -2115,9 +2121,8 @@ mod tests {
         // Buffered durability: a write is acknowledged (and replicated to `peer`) but the
         // crash loses it here, with the actor counter. Without a new generation, the next
         // blind write on the rolled-back row would reuse the lost write's dot.
-        let open = open_started;
         let mut s = store();
-        let (state, bumped) = open(&mut s.engine);
+        let (state, bumped) = open_started(&mut s.engine);
         assert!(!bumped, "a first start is clean");
         s.state = state;
         coordinate(&mut s, b"k", &VersionVector::new(), b"flushed", None);
@@ -2126,7 +2131,7 @@ mod tests {
         let peer = lost.clone();
         // The crash: back to the last flush, and the store was never closed.
         s.engine = flushed;
-        let (state, bumped) = open(&mut s.engine);
+        let (state, bumped) = open_started(&mut s.engine);
         s.state = state;
         let after = coordinate(&mut s, b"k", &VersionVector::new(), b"after", None);
         let merged = peer.merge(&after);
@@ -2137,8 +2142,8 @@ mod tests {
         // A clean stop needs no new generation; any other stop does (in sync mode too, as a
         // write may have gone to other replicas ahead of its commit).
         s.run(StoreOp::Close).unwrap();
-        assert!(!open(&mut s.engine).1);
-        assert!(open(&mut s.engine).1);
+        assert!(!open_started(&mut s.engine).1);
+        assert!(open_started(&mut s.engine).1);
     }
 
     #[test]

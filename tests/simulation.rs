@@ -1098,17 +1098,7 @@ impl Sim {
                 let mut txn = FaultyTxn { txn: store.engine.begin(), fail_puts };
                 let run = store.state.run(&mut txn, ops.clone(), now.wall_ms);
                 if run.failed.is_none() {
-                    computed = ops
-                        .iter()
-                        .zip(&run.outcomes)
-                        .enumerate()
-                        .filter_map(|(k, (op, outcome))| match (op, outcome) {
-                            (StoreOp::Coordinate { .. }, Ok(o @ StoreOutcome::Coordinated(Ok(_)))) => {
-                                Some((k, o.clone()))
-                            }
-                            _ => None,
-                        })
-                        .collect();
+                    computed = run.coordinated().map(|(k, o)| (k, o.clone())).collect();
                 }
                 // What goes ahead of the commit: the store says which (not a write numbered
                 // under a generation the batch itself saves).

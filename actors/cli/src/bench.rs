@@ -235,13 +235,22 @@ impl Op {
     }
 }
 
+/// An empty histogram of latencies in microseconds, up to [`LATENCY_US_MAX`].
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+/// Quantile `q` of a histogram of microseconds, in milliseconds.
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
 /// A latency histogram per kind of operation (microseconds), in [`Op::ALL`]'s order.
 struct Latencies([Histogram<u64>; 3]);
 
 impl Latencies {
     fn new() -> Latencies {
-        let h = || Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
-        Latencies([h(), h(), h()])
+        Latencies([histogram(), histogram(), histogram()])
     }
 
     fn record(&mut self, op: Op, took: Duration) {
@@ -257,18 +266,23 @@ impl Latencies {
 
     /// Every operation's latencies together.
     fn all(&self) -> Histogram<u64> {
-        let mut all = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+        let mut all = histogram();
         for h in &self.0 {
             let _ = all.add(h);
         }
         all
     }
 
+    /// The kinds that ran, each with its histogram.
+    fn ran(&self) -> impl Iterator<Item = (Op, &Histogram<u64>)> {
+        Op::ALL.into_iter().zip(&self.0).filter(|(_, h)| !h.is_empty())
+    }
+
     /// `{"read": {"ops", "p50", "p99", "p999", "max"}, ...}` in milliseconds, for the kinds
     /// that ran.
     fn by_op(&self) -> serde_json::Value {
-        let kinds = Op::ALL.iter().zip(&self.0).filter(|(_, h)| !h.is_empty());
-        let doc: serde_json::Map<String, serde_json::Value> = kinds
+        let doc: serde_json::Map<String, serde_json::Value> = self
+            .ran()
             .map(|(op, h)| {
                 let mut summary = summary_ms(h);
                 summary["ops"] = json!(h.len());
@@ -280,13 +294,11 @@ impl Latencies {
 
     /// `read p50 0.412 ms, p99 1.930 ms | update ...`: the kinds that ran, when more than one did.
     fn human(&self) -> Option<String> {
-        let kinds: Vec<_> = Op::ALL.iter().zip(&self.0).filter(|(_, h)| !h.is_empty()).collect();
-        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        (kinds.len() > 1).then(|| {
-            kinds
-                .iter()
+        (self.ran().count() > 1).then(|| {
+            self.ran()
                 .map(|(op, h)| {
-                    format!("{} {} ops, p50 {:.3} ms, p99 {:.3} ms", op.name(), h.len(), ms(h, 0.5), ms(h, 0.99))
+                    let (p50, p99) = (quantile_ms(h, 0.5), quantile_ms(h, 0.99));
+                    format!("{} {} ops, p50 {p50:.3} ms, p99 {p99:.3} ms", op.name(), h.len())
                 })
                 .collect::<Vec<_>>()
                 .join(" | ")
@@ -296,7 +308,7 @@ impl Latencies {
 
 /// `{"p50", "p99", "p999", "max"}` of a histogram of microseconds, in milliseconds.
 fn summary_ms(h: &Histogram<u64>) -> serde_json::Value {
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| quantile_ms(h, q);
     json!({"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0})
 }
 
@@ -423,7 +435,7 @@ pub async fn run(args: BenchArgs, addr: SocketAddr, creds: &Credentials, frame_m
     }
     let errors = failures.total();
     let hist = latencies.all();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| quantile_ms(&hist, q);
     let doc = json!({
         "workload": args.workload, "ops": ops, "errors": errors, "clients": args.clients,
         "value_size": args.value_size, "keys": if args.no_preload { 0 } else { args.keys }, "key_space": args.keys,
